@@ -1,0 +1,5 @@
+"""Thin Lightning callbacks over the framework-free core."""
+
+from lightning_nograd.callbacks.eval_mode_auditor import EvalModeAuditor
+
+__all__ = ["EvalModeAuditor"]

@@ -1,0 +1,118 @@
+"""What every lightning-nograd callback shares: argument checks, findings, fault isolation."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import warnings
+from collections.abc import Callable
+from typing import Any, Concatenate, ParamSpec, TypeVar
+
+from lightning_nograd.callbacks._lightning import CallbackBase, Trainer
+from lightning_nograd.callbacks.loggers import MetricSink
+from lightning_nograd.core.arguments import check_choice
+from lightning_nograd.core.findings import ON_VIOLATION_CHOICES, Finding, FindingLog, OnViolation
+from lightning_nograd.core.report import Report
+from lightning_nograd.errors import NoGradError, NoGradWarning
+
+log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+C = TypeVar("C", bound="NoGradCallback")
+
+
+def guarded(check: str) -> Callable[[Callable[Concatenate[C, P], R]], Callable[Concatenate[C, P], R | None]]:
+    """Run a hook body as part of ``check``; an internal failure switches that check off.
+
+    ``NoGradError`` (the user asked to stop) passes through; anything else becomes one warning
+    and the run goes on without that check.
+    """
+
+    def decorate(method: Callable[Concatenate[C, P], R]) -> Callable[Concatenate[C, P], R | None]:
+        @functools.wraps(method)
+        def wrapper(self: C, *args: P.args, **kwargs: P.kwargs) -> R | None:
+            if check in self.switched_off:
+                return None
+            try:
+                return method(self, *args, **kwargs)
+            except NoGradError:
+                raise
+            except Exception as err:
+                self.switch_off(check, err)
+                return None
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
+
+
+class NoGradCallback(CallbackBase):
+    """Base of the lightning-nograd callbacks.
+
+    Args:
+        on_violation: ``"warn"``, ``"fix"`` or ``"error"``.
+
+    Raises:
+        ValueError: ``on_violation`` is not one of the allowed values.
+    """
+
+    warning_category: type[NoGradWarning] = NoGradWarning
+
+    def __init__(self, on_violation: OnViolation = "warn") -> None:
+        super().__init__()
+        self.on_violation: OnViolation = check_choice("on_violation", on_violation, ON_VIOLATION_CHOICES)  # type: ignore[assignment]
+        self.report = Report()
+        self.switched_off: set[str] = set()
+        self._findings = FindingLog(self.on_violation, self.warning_category)
+        self._findings.listeners.append(self._on_new_finding)
+        self._sink = MetricSink()
+
+    def _on_new_finding(self, finding: Finding) -> None:
+        self.report.findings.append(finding)
+
+    def share(self, report: Report, sink: MetricSink) -> None:
+        """Use ``report`` and ``sink`` shared with sibling callbacks (used by ``NoGradAuditor``)."""
+        self.report = report
+        self._sink = sink
+
+    def add_finding(self, finding: Finding) -> bool:
+        """Report ``finding`` under this callback's ``on_violation``; returns whether it was new."""
+        return self._findings.add(finding)
+
+    def set_rank_zero(self, trainer: Trainer) -> None:
+        """Only rank zero prints warnings; every rank records findings."""
+        self._findings.may_warn = bool(getattr(trainer, "is_global_zero", True))
+
+    def switch_off(self, check: str, err: BaseException) -> None:
+        """Turn ``check`` off after an internal failure, warning once."""
+        if check in self.switched_off:
+            return
+        self.switched_off.add(check)
+        try:
+            self.release(check)
+        except Exception as release_err:
+            log.debug("releasing check %s failed", check, exc_info=release_err)
+        if self._findings.may_warn:
+            warnings.warn(
+                f"[lightning-nograd] internal error in {type(self).__name__} check `{check}`: "
+                f"{type(err).__name__}: {err}. That check is switched off; the run goes on. "
+                "Please report this with the traceback from the debug log.",
+                NoGradWarning,
+                stacklevel=3,
+            )
+        log.debug("check %s failed", check, exc_info=err)
+
+    def release(self, check: str | None = None) -> None:
+        """Remove the hooks of ``check`` (all checks when ``None``) and drop model references.
+
+        Safe to call at any time, any number of times.
+        """
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"warned": self._findings.state()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        warned = state_dict.get("warned", [])
+        if isinstance(warned, list):
+            self._findings.load_state(warned)

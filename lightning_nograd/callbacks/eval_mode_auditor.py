@@ -1,0 +1,472 @@
+"""EvalModeAuditor: validation, test and predict run with every module in eval mode, gradients off."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from torch import nn
+from typing_extensions import override
+
+from lightning_nograd.callbacks._base import NoGradCallback, guarded
+from lightning_nograd.callbacks._lightning import LightningModule, Trainer, forget_lightning_module, is_sanity_checking
+from lightning_nograd.callbacks.loggers import reduce_max
+from lightning_nograd.core.findings import Finding, OnViolation, common_ancestor, display_name
+from lightning_nograd.core.graph import MIB, GraphEvent, GraphProbe, tally_tensors, tensor_attributes
+from lightning_nograd.core.modes import ModeProbe, mode_sensitive_descendants
+from lightning_nograd.core.patterns import NamePatterns
+from lightning_nograd.core.stack import calling_hook
+
+_LOOPS = {"val": "validation", "test": "test", "predict": "predict"}
+EVAL_HOOK_NAMES = frozenset(
+    name
+    for loop in _LOOPS.values()
+    for name in (
+        f"{loop}_step",
+        f"on_{loop}_start",
+        f"on_{loop}_end",
+        f"on_{loop}_epoch_start",
+        f"on_{loop}_epoch_end",
+        f"on_{loop}_batch_start",
+        f"on_{loop}_batch_end",
+        f"on_{loop}_model_eval",
+    )
+)
+AUDIT_KINDS = frozenset(
+    {"train_mode", "grad_enabled", "graph_in_outputs", "graph_in_attribute", "growing_collection", "grad_replay_oom"}
+)
+
+
+class EvalModeAuditor(NoGradCallback):
+    """Audits, and on request enforces, eval mode and disabled gradients in validation, test, predict.
+
+    Checks every validation (sanity check included), test and predict batch for:
+
+    * a module whose forward runs in train mode (dropout and batch norm active while evaluating);
+    * a module whose forward records an autograd graph (gradients enabled, e.g. under
+      ``torch.enable_grad()`` or a library function decorated with it);
+    * tensors attached to an autograd graph returned from the step or kept in attributes of the
+      LightningModule, and such collections that keep growing across epochs.
+
+    A correct model costs one pass over a cached module list per batch: no module hooks are
+    installed, so fused inference kernels (``nn.TransformerEncoderLayer``) stay on.
+
+    Logged metrics (every validation and test epoch, not the sanity check):
+        ``nograd/{stage}/violations``: distinct violations found in the epoch (0 when clean).
+
+    Args:
+        on_violation: ``"warn"`` warns once per distinct finding; ``"fix"`` also puts offending
+            modules in eval mode before their forward runs, for the rest of the stage (Lightning
+            restores modes afterwards), other findings are warned; ``"error"`` raises
+            :class:`~lightning_nograd.NoGradError` at the first violation.
+        allow_train_mode: regular expressions (full match on ``named_modules()`` paths) of modules
+            that legitimately stay in train mode, e.g. MC dropout. Their submodules are allowed too.
+        allow_grad: regular expressions of modules that legitimately record a graph while
+            evaluating (saliency maps, forces from a physics model).
+
+    Raises:
+        ValueError: ``on_violation`` is not ``"warn"``, ``"fix"`` or ``"error"``, or a pattern is
+            not a valid regular expression.
+        TypeError: an allow-list is not a list of strings.
+
+    Example:
+        >>> from lightning.pytorch import Trainer
+        >>> trainer = Trainer(callbacks=[EvalModeAuditor(allow_train_mode=[r"mc_dropout"])])
+    """
+
+    def __init__(
+        self,
+        on_violation: OnViolation = "warn",
+        allow_train_mode: Iterable[str] = (),
+        allow_grad: Iterable[str] = (),
+    ) -> None:
+        super().__init__(on_violation)
+        self.allow_train_mode = NamePatterns("allow_train_mode", allow_train_mode)
+        self.allow_grad = NamePatterns("allow_grad", allow_grad)
+        self._stage: str | None = None
+        self._step_hook = ""
+        self._batch_idx: int | None = None
+        self._epoch = 0
+        self._root_type = "LightningModule"
+        self._pl_module: nn.Module | None = None
+        self._modes: ModeProbe | None = None
+        self._graph: GraphProbe | None = None
+        self._fixed_by_stage: dict[str, set[str]] = {}
+        self._collections_at_epoch_start: dict[str, int] = {}
+        self._collections_at_last_epoch_end: dict[tuple[str, str], tuple[int, int]] = {}
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            on_violation=self.on_violation,
+            allow_train_mode=self.allow_train_mode.patterns,
+            allow_grad=self.allow_grad.patterns,
+        )
+
+    # -- Lightning hooks: translate trainer events into probe calls ------------------------------
+
+    @override
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._begin_stage(trainer, pl_module, "val")
+
+    @override
+    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._begin_stage(trainer, pl_module, "test")
+
+    @override
+    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._begin_stage(trainer, pl_module, "predict")
+
+    @override
+    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._begin_epoch(trainer, pl_module)
+
+    @override
+    def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._begin_epoch(trainer, pl_module)
+
+    @override
+    def on_predict_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._begin_epoch(trainer, pl_module)
+
+    @override
+    def on_validation_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        self._begin_batch(batch_idx)
+
+    @override
+    def on_test_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        self._begin_batch(batch_idx)
+
+    @override
+    def on_predict_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        self._begin_batch(batch_idx)
+
+    @override
+    def on_validation_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._end_batch(outputs)
+
+    @override
+    def on_test_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._end_batch(outputs)
+
+    @override
+    def on_predict_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._end_batch(outputs)
+
+    @override
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._end_epoch(pl_module)
+
+    @override
+    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._end_epoch(pl_module)
+
+    @override
+    def on_predict_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._end_epoch(pl_module)
+
+    @override
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._end_stage(trainer)
+
+    @override
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._end_stage(trainer)
+
+    @override
+    def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._end_stage(trainer)
+
+    @override
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self.release()
+
+    @override
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self.release()
+        forget_lightning_module(self)
+
+    # -- stage, epoch and batch bookkeeping -----------------------------------------------------
+
+    def _begin_stage(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self.release()
+        self.set_rank_zero(trainer)
+        self._stage = stage
+        self._step_hook = f"{_LOOPS[stage]}_step"
+        self._epoch = int(trainer.current_epoch)
+        self._root_type = type(pl_module).__name__
+        self._pl_module = pl_module
+        self._findings.start_epoch(stage)
+        self._start_mode_probe(pl_module)
+        self._start_graph_probe(pl_module)
+
+    @guarded("train_mode")
+    def _start_mode_probe(self, pl_module: nn.Module) -> None:
+        self._modes = ModeProbe(pl_module, self.allow_train_mode, self._on_train_forward, self.on_violation == "fix")
+        self._modes.keep_fixing(self._fixed_by_stage.get(self._stage_name(), set()))
+
+    @guarded("grad_enabled")
+    def _start_graph_probe(self, pl_module: nn.Module) -> None:
+        self._graph = GraphProbe(pl_module, EVAL_HOOK_NAMES, self._on_graph, self.allow_grad.matches)
+        self._graph.on_error = lambda err: self.switch_off("grad_enabled", err)
+        self._graph.start()
+
+    def _begin_epoch(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._epoch = int(trainer.current_epoch)
+        self._refresh_modes()
+        self._count_collections(pl_module)
+
+    @guarded("train_mode")
+    def _refresh_modes(self) -> None:
+        if self._modes is not None:
+            self._modes.refresh()
+
+    @guarded("growing_collection")
+    def _count_collections(self, pl_module: nn.Module) -> None:
+        self._collections_at_epoch_start = {
+            name: tally_tensors(value).tensors for name, value in tensor_attributes(pl_module)
+        }
+
+    def _begin_batch(self, batch_idx: int) -> None:
+        self._batch_idx = batch_idx
+        self._modes_before_batch()
+        self._graph_new_batch()
+
+    @guarded("train_mode")
+    def _modes_before_batch(self) -> None:
+        if self._modes is not None:
+            self._modes.before_batch()
+
+    @guarded("grad_enabled")
+    def _graph_new_batch(self) -> None:
+        if self._graph is not None:
+            self._graph.new_batch()
+
+    def _end_batch(self, outputs: Any) -> None:
+        self._modes_after_batch()
+        self._flush_graph_events()
+        self._check_outputs(outputs)
+
+    @guarded("train_mode")
+    def _modes_after_batch(self) -> None:
+        if self._modes is not None:
+            self._modes.after_batch()
+
+    def _end_epoch(self, pl_module: LightningModule) -> None:
+        self._batch_idx = None
+        self._flush_graph_events()
+        self._check_attributes(pl_module)
+
+    def _end_stage(self, trainer: Trainer) -> None:
+        self._flush_graph_events()
+        stage = self._stage
+        self.release()
+        if stage in ("val", "test") and not is_sanity_checking(trainer):
+            self._log_violations(trainer, stage)
+        self._stage = None
+
+    @guarded("metrics")
+    def _log_violations(self, trainer: Trainer, stage: str) -> None:
+        key = f"nograd/{stage}/violations"
+        count = reduce_max(trainer, float(self._findings.epoch_count(stage, AUDIT_KINDS)))
+        step = int(trainer.global_step)
+        self.report.record_epoch(stage, int(trainer.current_epoch), step, {key: count})
+        self._sink.emit(trainer, {key: count}, step)
+
+    @override
+    def release(self, check: str | None = None) -> None:
+        if check in (None, "train_mode") and self._modes is not None:
+            fixed = self._fixed_by_stage.setdefault(self._stage_name(), set())
+            fixed.update(self._modes.fixed_modules())
+            self._modes.close()
+            self._modes = None
+        if check in (None, "grad_enabled") and self._graph is not None:
+            self._graph.stop()
+            self._graph = None
+        if check is None:
+            self._pl_module = None
+
+    # -- findings -------------------------------------------------------------------------------
+
+    def _stage_name(self) -> str:
+        return self._stage or "val"
+
+    def _on_train_forward(self, path: str, module: nn.Module, confirmed: bool) -> None:
+        sensitive = [s for s in mode_sensitive_descendants(module, path) if not s.startswith(f"{path} (")]
+        detail = f"; layers that behave differently in train mode: {', '.join(sensitive[:5])}" if sensitive else ""
+        if len(sensitive) > 5:
+            detail += f" and {len(sensitive) - 5} more"
+        hook = (calling_hook(None, EVAL_HOOK_NAMES) if confirmed else None) or self._step_hook
+        if self.on_violation == "fix":
+            action = "; it was put in eval mode for the rest of the stage"
+            if not confirmed:
+                action = "; it is kept in eval mode from the next batch on"
+        else:
+            action = ""
+        what = "ran its forward in train mode" if confirmed else "was switched to train mode during the step"
+        self.add_finding(
+            Finding(
+                kind="train_mode",
+                subject=path,
+                stage=self._stage_name(),
+                hook=hook,
+                batch_idx=self._batch_idx,
+                epoch=self._epoch,
+                problem=(f"{display_name(path, self._root_type)} ({type(module).__name__}) {what}{detail}{action}"),
+                fix=(
+                    "remove the `.train()` call that runs during evaluation, or add the module to "
+                    "`allow_train_mode` if it must stay in train mode (e.g. MC dropout)."
+                ),
+                details={"mode_sensitive_layers": sensitive},
+            )
+        )
+
+    def _on_graph(self, event: GraphEvent) -> None:
+        if self.on_violation == "error":
+            self._graph_finding(event)
+
+    @guarded("grad_enabled")
+    def _flush_graph_events(self) -> None:
+        if self._graph is None:
+            return
+        by_hook: dict[str | None, list[GraphEvent]] = {}
+        for event in self._graph.batch_events():
+            by_hook.setdefault(event.hook, []).append(event)
+        self._graph.new_batch()
+        for hook, events in by_hook.items():
+            modules = sorted({e.module for e in events})
+            merged = GraphEvent(common_ancestor(modules), hook, sum(e.saved_bytes for e in events))
+            self._graph_finding(merged, modules)
+
+    def _graph_finding(self, event: GraphEvent, modules: list[str] | None = None) -> None:
+        name = display_name(event.module, self._root_type)
+        inner = [m for m in (modules or []) if m != event.module]
+        where = f" (in {', '.join(inner[:5])}{', ...' if len(inner) > 5 else ''})" if inner else ""
+        self.add_finding(
+            Finding(
+                kind="grad_enabled",
+                subject=event.module,
+                stage=self._stage_name(),
+                hook=event.hook or self._step_hook,
+                batch_idx=self._batch_idx,
+                epoch=self._epoch,
+                problem=(
+                    f"{name} ran with gradients enabled and recorded an autograd graph{where}: "
+                    f"{event.saved_bytes / MIB:.3f} MiB saved for backward in one batch"
+                ),
+                fix=(
+                    "remove the `torch.enable_grad()` (or `set_grad_enabled(True)`) around this code, "
+                    "or add the module to `allow_grad` if it needs gradients (saliency, physics)."
+                ),
+                details={"saved_mib": event.saved_bytes / MIB, "modules": modules or [event.module]},
+            )
+        )
+
+    @guarded("graph_in_outputs")
+    def _check_outputs(self, outputs: Any) -> None:
+        if outputs is None:
+            return
+        tally = tally_tensors(outputs)
+        if not tally.attached:
+            return
+        self.add_finding(
+            Finding(
+                kind="graph_in_outputs",
+                subject=f"{self._step_hook} outputs",
+                stage=self._stage_name(),
+                hook=self._step_hook,
+                batch_idx=self._batch_idx,
+                epoch=self._epoch,
+                problem=(
+                    f"`{self._step_hook}` returned {tally.attached} tensor(s) still attached to an autograd "
+                    f"graph ({tally.attached_mib:.3f} MiB), which keeps the whole graph alive"
+                ),
+                fix="return `.detach()`ed tensors and run the forward without gradients.",
+                details={"tensors": tally.attached, "mib": tally.attached_mib},
+            )
+        )
+
+    @guarded("graph_in_attribute")
+    def _check_attributes(self, pl_module: nn.Module) -> None:
+        stage = self._stage_name()
+        for name, value in tensor_attributes(pl_module):
+            tally = tally_tensors(value)
+            if tally.attached:
+                self.add_finding(
+                    Finding(
+                        kind="graph_in_attribute",
+                        subject=f"self.{name}",
+                        stage=stage,
+                        hook=f"on_{_LOOPS.get(stage, stage)}_epoch_end",
+                        batch_idx=None,
+                        epoch=self._epoch,
+                        problem=(
+                            f"`self.{name}` on the {self._root_type} holds {tally.attached} tensor(s) still "
+                            f"attached to an autograd graph ({tally.attached_mib:.3f} MiB), keeping their "
+                            "graphs alive"
+                        ),
+                        fix=f"store `.detach()`ed tensors in `self.{name}` (and clear it at epoch end).",
+                        details={"tensors": tally.attached, "mib": tally.attached_mib},
+                    )
+                )
+            self._check_growth(stage, name, tally.tensors, tally.nbytes, sorted(tally.devices))
+
+    @guarded("growing_collection")
+    def _check_growth(self, stage: str, name: str, tensors: int, nbytes: int, devices: list[str]) -> None:
+        at_start = self._collections_at_epoch_start.get(name, 0)
+        previous = self._collections_at_last_epoch_end.get((stage, name))
+        self._collections_at_last_epoch_end[(stage, name)] = (tensors, nbytes)
+        if previous is None or previous[0] == 0:
+            return
+        not_cleared = at_start >= previous[0]
+        grew = tensors - at_start > 1 or nbytes - previous[1] >= 2**20
+        if not (not_cleared and grew):
+            return
+        mib = nbytes / MIB
+        self.add_finding(
+            Finding(
+                kind="growing_collection",
+                subject=f"self.{name}",
+                stage=stage,
+                hook=f"on_{_LOOPS.get(stage, stage)}_epoch_end",
+                batch_idx=None,
+                epoch=self._epoch,
+                problem=(
+                    f"`self.{name}` keeps growing across epochs: it now holds {tensors} tensors "
+                    f"({mib:.3f} MiB on {', '.join(devices)}) and is never cleared"
+                ),
+                fix=f"call `self.{name}.clear()` at the end of `on_{_LOOPS.get(stage, stage)}_epoch_end`.",
+                details={"tensors": tensors, "mib": mib, "devices": devices},
+            )
+        )

@@ -1,0 +1,179 @@
+"""What a finding is, and the policy that turns a new finding into a warning or an error.
+
+Framework-free: the Lightning callbacks feed findings in and decide only whether this process
+may print (rank zero).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, get_args
+
+from lightning_nograd.errors import NoGradError, NoGradWarning
+
+OnViolation = Literal["warn", "fix", "error"]
+ON_VIOLATION_CHOICES: tuple[str, ...] = get_args(OnViolation)
+
+FindingKind = Literal[
+    "train_mode",
+    "grad_enabled",
+    "graph_in_outputs",
+    "graph_in_attribute",
+    "growing_collection",
+    "no_grad_module",
+    "param_without_grad",
+    "eval_mode_leak",
+    "eval_mode_at_start",
+    "stray_graph",
+    "inference_tensor",
+    "grad_replay_oom",
+]
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One distinct problem, named precisely enough to fix.
+
+    Args:
+        kind: what went wrong (see ``FindingKind``).
+        subject: the ``named_modules()`` / ``named_parameters()`` path or attribute name.
+        stage: ``"val"``, ``"test"``, ``"predict"`` or ``"train"``.
+        hook: the hook or step in which it happened, e.g. ``"validation_step"``.
+        batch_idx: first batch index at which it was seen (``None`` outside batches).
+        epoch: trainer epoch at which it was first seen.
+        problem: one sentence on what was observed.
+        fix: one sentence on how to fix it.
+        details: plain, JSON-serialisable extras (sizes, counts, parameter names).
+    """
+
+    kind: str
+    subject: str
+    stage: str
+    hook: str
+    batch_idx: int | None
+    epoch: int
+    problem: str
+    fix: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def key(self) -> tuple[str, str, str, str]:
+        """Identity of a finding: the same kind, subject, stage and hook is the same finding."""
+        return (self.kind, self.subject, self.stage, self.hook)
+
+    @property
+    def message(self) -> str:
+        """The full text of the warning or error."""
+        where = f"{_STAGE_WORDS.get(self.stage, self.stage)}, `{self.hook}`"
+        if self.batch_idx is not None:
+            where += f", first at batch {self.batch_idx}"
+        return f"[lightning-nograd] {self.problem} ({where}). Fix: {self.fix}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable form, message included."""
+        data = asdict(self)
+        data["message"] = self.message
+        return data
+
+
+_STAGE_WORDS = {
+    "val": "validation",
+    "test": "test",
+    "predict": "predict",
+    "train": "training",
+}
+
+
+def display_name(path: str, root_type: str = "LightningModule") -> str:
+    """The user-facing name of a module path; the root module has the empty path."""
+    return f"`{path}`" if path else f"the whole {root_type}"
+
+
+def common_ancestor(paths: list[str]) -> str:
+    """Deepest module path that contains every path in ``paths`` (``""`` is the root).
+
+    Example:
+        >>> common_ancestor(["net.0", "net.1", "net.3"])
+        'net'
+    """
+    if not paths:
+        return ""
+    split = [p.split(".") if p else [] for p in paths]
+    prefix: list[str] = []
+    for parts in zip(*split, strict=False):
+        if len(set(parts)) != 1:
+            break
+        prefix.append(parts[0])
+    if len(paths) == 1:
+        return paths[0]
+    return ".".join(prefix)
+
+
+class FindingLog:
+    """Collects findings, de-duplicates them per run and applies ``on_violation``.
+
+    Args:
+        on_violation: ``"warn"`` or ``"fix"`` warn once per distinct finding; ``"error"`` raises.
+        category: the warning class used for new findings.
+
+    Example:
+        >>> log = FindingLog("warn")
+        >>> f = Finding("train_mode", "head", "val", "validation_step", 0, 0, "p", "f")
+        >>> import warnings
+        >>> with warnings.catch_warnings(record=True) as seen:
+        ...     warnings.simplefilter("always")
+        ...     log.add(f); log.add(f)
+        True
+        False
+        >>> len(seen), len(log.findings)
+        (1, 1)
+    """
+
+    def __init__(self, on_violation: OnViolation = "warn", category: type[NoGradWarning] = NoGradWarning) -> None:
+        self.on_violation = on_violation
+        self.category = category
+        self.may_warn = True
+        self.findings: list[Finding] = []
+        self._seen: set[tuple[str, str, str, str]] = set()
+        self._epoch_keys: dict[str, set[tuple[str, str, str, str]]] = {}
+        self.listeners: list[Callable[[Finding], None]] = []
+
+    def add(self, finding: Finding, category: type[NoGradWarning] | None = None) -> bool:
+        """Record ``finding``; warn or raise when it is new. Returns whether it was new."""
+        self._epoch_keys.setdefault(finding.stage, set()).add(finding.key)
+        if finding.key in self._seen:
+            return False
+        self._seen.add(finding.key)
+        self.findings.append(finding)
+        for listener in self.listeners:
+            listener(finding)
+        if self.on_violation == "error":
+            raise NoGradError(finding.message)
+        if self.may_warn:
+            warnings.warn(finding.message, category or self.category, stacklevel=2)
+        return True
+
+    def start_epoch(self, stage: str) -> None:
+        """Start counting the distinct findings of a new epoch of ``stage``."""
+        self._epoch_keys[stage] = set()
+
+    def epoch_count(self, stage: str, kinds: frozenset[str] | None = None) -> int:
+        """Distinct findings of ``stage`` seen since :meth:`start_epoch` (optionally of some kinds)."""
+        keys = self._epoch_keys.get(stage, set())
+        return sum(1 for key in keys if kinds is None or key[0] in kinds)
+
+    def seen(self, key: tuple[str, str, str, str]) -> bool:
+        """Whether a finding with this key was already reported in this run."""
+        return key in self._seen
+
+    def state(self) -> list[list[str]]:
+        """Keys already warned, as plain lists (for checkpoints)."""
+        return [list(key) for key in sorted(self._seen)]
+
+    def load_state(self, keys: list[list[str]]) -> None:
+        """Restore warned keys so a resumed run does not warn again."""
+        for key in keys:
+            if len(key) == 4:
+                self._seen.add((key[0], key[1], key[2], key[3]))

@@ -1,0 +1,247 @@
+"""Detects autograd graphs built where none should be, and tensors that keep graphs alive.
+
+:class:`GraphProbe` installs ``torch.autograd.graph.saved_tensors_hooks`` for a whole evaluation
+stage. Autograd calls the pack hook only when it saves a tensor for backward, i.e. only when a
+graph is really being built, so a correct model pays nothing and no module hook is needed. When
+the hook does fire, the Python stack names the innermost module whose forward is running and the
+Lightning hook that called it.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_nograd.errors import NoGradError
+
+MIB = float(2**20)
+
+
+@dataclass
+class GraphEvent:
+    """A graph recorded while a probe was active: where, and how many bytes it saves for backward."""
+
+    module: str
+    hook: str | None
+    saved_bytes: int
+
+
+def storage_key(tensor: torch.Tensor) -> tuple[str, int]:
+    """Identity of the storage behind ``tensor`` (views of one storage share it)."""
+    storage = tensor.untyped_storage()
+    return (str(tensor.device), storage.data_ptr())
+
+
+def storage_bytes(tensor: torch.Tensor) -> int:
+    """Bytes of the whole storage behind ``tensor`` (not just the view)."""
+    return int(tensor.untyped_storage().nbytes())
+
+
+class GraphProbe:
+    """Reports every (module, hook) that records an autograd graph while the probe is active.
+
+    Args:
+        root: the model; modules are named by their ``named_modules()`` path in it.
+        hook_names: names of the functions that count as hooks (``validation_step``, ...).
+        on_graph: called once per batch for each (module, hook) that saved tensors for backward,
+            the first time it happens in that batch; may raise to stop the run.
+        is_allowed: modules for which building a graph is legitimate (saliency, physics).
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 2))
+        >>> events = []
+        >>> probe = GraphProbe(net, frozenset(), events.append, lambda name: False)
+        >>> probe.start()
+        >>> with torch.no_grad():
+        ...     _ = net(torch.ones(1, 2))
+        >>> _ = net(torch.ones(1, 2))
+        >>> probe.stop()
+        >>> [(e.module, e.saved_bytes > 0) for e in events]
+        [('0', True)]
+    """
+
+    def __init__(
+        self,
+        root: nn.Module,
+        hook_names: frozenset[str],
+        on_graph: Callable[[GraphEvent], None],
+        is_allowed: Callable[[str], bool],
+    ) -> None:
+        self.root = root
+        self.hook_names = hook_names
+        self.on_graph = on_graph
+        self.is_allowed = is_allowed
+        self.on_error: Callable[[BaseException], None] | None = None
+        self._names: dict[int, str] = {}
+        self._param_storages: set[tuple[str, int]] = set()
+        self._context: torch.autograd.graph.saved_tensors_hooks | None = None
+        self._batch_storages: set[tuple[str, int]] = set()
+        self._batch_events: dict[tuple[str, str | None], GraphEvent] = {}
+
+    @property
+    def active(self) -> bool:
+        """Whether the saved-tensor hooks are installed."""
+        return self._context is not None
+
+    def start(self) -> None:
+        """Name the modules and install the saved-tensor hooks (idempotent)."""
+        if self._context is not None:
+            return
+        self._names = {id(m): name for name, m in self.root.named_modules()}
+        self._param_storages = {
+            storage_key(t) for t in [*self.root.parameters(), *self.root.buffers()] if t.numel() > 0
+        }
+        self.new_batch()
+        context = torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack)
+        context.__enter__()
+        self._context = context
+
+    def stop(self) -> None:
+        """Remove the saved-tensor hooks and drop every reference to the model's tensors."""
+        context, self._context = self._context, None
+        if context is not None:
+            context.__exit__(None, None, None)
+        self._names = {}
+        self._param_storages = set()
+        self.new_batch()
+
+    def new_batch(self) -> None:
+        """Start counting saved bytes for a new batch."""
+        self._batch_storages = set()
+        self._batch_events = {}
+
+    def batch_events(self) -> list[GraphEvent]:
+        """Graphs recorded in the current batch, with their saved bytes so far."""
+        return list(self._batch_events.values())
+
+    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        try:
+            self._record(tensor)
+        except NoGradError:
+            raise
+        except Exception as err:  # a probe failure must not break the user's forward
+            if self.on_error is not None:
+                self.on_error(err)
+        return tensor.detach()
+
+    def _record(self, tensor: torch.Tensor) -> None:
+        key = storage_key(tensor)
+        if key in self._param_storages:
+            return
+        module, hook = self._locate(sys._getframe(2))
+        if module is None or self.is_allowed(module):
+            return
+        new_storage = key not in self._batch_storages
+        self._batch_storages.add(key)
+        event_key = (module, hook)
+        event = self._batch_events.get(event_key)
+        if event is None:
+            event = GraphEvent(module, hook, 0)
+            self._batch_events[event_key] = event
+            if new_storage:
+                event.saved_bytes += storage_bytes(tensor)
+            self.on_graph(event)
+        elif new_storage:
+            event.saved_bytes += storage_bytes(tensor)
+
+    def _locate(self, frame: FrameType | None) -> tuple[str | None, str | None]:
+        """The innermost known module whose forward is running, and the hook that called it."""
+        module: str | None = None
+        while frame is not None:
+            code_name = frame.f_code.co_name
+            if module is None and code_name == "_call_impl":
+                module = self._names.get(id(frame.f_locals.get("self")))
+            if code_name in self.hook_names:
+                return (module if module is not None else ""), code_name
+            frame = frame.f_back
+        return (module if module is not None else ""), None
+
+
+def _unpack(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
+@dataclass
+class TensorTally:
+    """Tensors found inside a value: how many, how many still attached to a graph, their size."""
+
+    tensors: int = 0
+    attached: int = 0
+    nbytes: int = 0
+    attached_bytes: int = 0
+    devices: frozenset[str] = frozenset()
+
+    @property
+    def mib(self) -> float:
+        """Size of all the tensors' storages in MiB (each storage counted once)."""
+        return self.nbytes / MIB
+
+    @property
+    def attached_mib(self) -> float:
+        """Size of the graph-attached tensors' storages in MiB."""
+        return self.attached_bytes / MIB
+
+
+CONTAINERS = (list, tuple, dict, set)
+
+
+def tally_tensors(value: Any, limit: int = 100_000) -> TensorTally:
+    """Count the tensors in ``value`` (nested lists, tuples, dicts, sets), at most ``limit`` items.
+
+    Example:
+        >>> t = torch.ones(4, requires_grad=True) * 2
+        >>> tally = tally_tensors({"a": [t, t.detach()]})
+        >>> tally.tensors, tally.attached
+        (2, 1)
+    """
+    tally = TensorTally()
+    seen: set[tuple[str, int]] = set()
+    devices: set[str] = set()
+    stack = [value]
+    visited = 0
+    while stack and visited < limit:
+        item = stack.pop()
+        visited += 1
+        if isinstance(item, torch.Tensor):
+            if isinstance(item, nn.Parameter):
+                continue
+            tally.tensors += 1
+            devices.add(item.device.type)
+            key = storage_key(item)
+            fresh = key not in seen
+            seen.add(key)
+            size = storage_bytes(item) if fresh else 0
+            tally.nbytes += size
+            if item.grad_fn is not None:
+                tally.attached += 1
+                tally.attached_bytes += size
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, CONTAINERS):
+            stack.extend(item)
+    tally.devices = frozenset(devices)
+    return tally
+
+
+_MODULE_INTERNALS = frozenset(
+    {"_parameters", "_buffers", "_modules", "_trainer", "_fabric", "_device_mesh", "_metric_attributes"}
+)
+
+
+def tensor_attributes(module: nn.Module) -> Iterable[tuple[str, Any]]:
+    """Plain attributes of ``module`` that hold tensors directly or in containers.
+
+    Parameters, buffers and submodules are not attributes in this sense (they live in
+    ``_parameters``, ``_buffers`` and ``_modules``).
+    """
+    for name, value in vars(module).items():
+        if name in _MODULE_INTERNALS or name.startswith("__"):
+            continue
+        if isinstance(value, torch.Tensor) or (isinstance(value, CONTAINERS) and value):
+            yield name, value

@@ -1,0 +1,175 @@
+"""Detects modules whose forward runs in train mode while the model should be evaluating.
+
+Cost model: a clean model (everything in eval mode) costs one pass over a cached module list per
+batch and no hooks at all, so fused inference paths (``nn.TransformerEncoderLayer``) stay on.
+Only when some module is found in train mode does a *global* forward pre-hook go in, for as long
+as it is needed; global hooks, unlike per-module hooks, do not switch off the fused paths.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from lightning_nograd.core.patterns import NamePatterns
+
+MODE_SENSITIVE_TYPES: tuple[type[nn.Module], ...] = (
+    nn.modules.dropout._DropoutNd,
+    nn.modules.batchnorm._NormBase,
+    nn.RNNBase,
+    nn.MultiheadAttention,
+    nn.TransformerEncoderLayer,
+    nn.TransformerDecoderLayer,
+)
+
+
+def mode_sensitive_descendants(module: nn.Module, prefix: str) -> list[str]:
+    """Paths of layers in ``module`` that are in train mode and behave differently there."""
+    found = []
+    for name, child in module.named_modules(prefix=prefix):
+        if child.training and isinstance(child, MODE_SENSITIVE_TYPES):
+            found.append(f"{name} ({type(child).__name__})")
+    return found
+
+
+class ModeProbe:
+    """Watches a module tree for forwards that run in train mode.
+
+    Args:
+        root: the module tree to watch (the LightningModule).
+        allowed: modules that legitimately stay in train mode (MC dropout); never reported.
+        on_train_forward: called with (topmost train-mode module path, module, confirmed) when a
+            forward in train mode starts (``confirmed=True``), or at the end of a batch for a module
+            that user code switched to train mode during the batch (``confirmed=False``: its
+            forward may have run before the switch); may raise to stop the run.
+        fix: put the offending module (and everything below it) in eval mode before its
+            forward runs.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 2), nn.Dropout()).eval()
+        >>> _ = net[1].train()
+        >>> seen = []
+        >>> probe = ModeProbe(net, NamePatterns("allow", ()), lambda p, m, c: seen.append(p), fix=True)
+        >>> probe.refresh(); probe.before_batch()
+        >>> _ = net(torch.ones(1, 2)); probe.after_batch()
+        >>> seen, net[1].training
+        (['1'], False)
+    """
+
+    def __init__(
+        self,
+        root: nn.Module,
+        allowed: NamePatterns,
+        on_train_forward: Callable[[str, nn.Module, bool], None],
+        fix: bool,
+    ) -> None:
+        self.root = root
+        self.allowed = allowed
+        self.on_train_forward = on_train_forward
+        self.fix = fix
+        self._modules: list[tuple[str, nn.Module, nn.Module | None]] = []
+        self._watch: dict[int, str] = {}
+        self._reported_this_epoch: set[str] = set()
+        self._fixed: dict[int, str] = {}
+        self._train_at_start: set[int] = set()
+        self._handle: RemovableHandle | None = None
+
+    def refresh(self) -> None:
+        """Re-read the module tree (at every stage and epoch start) and forget epoch state."""
+        by_name: dict[str, nn.Module] = {}
+        modules: list[tuple[str, nn.Module, nn.Module | None]] = []
+        for name, module in self.root.named_modules():
+            by_name[name] = module
+            if self.allowed.matches(name):
+                continue
+            parent = by_name.get(name.rsplit(".", 1)[0] if "." in name else "") if name else None
+            modules.append((name, module, parent))
+        self._modules = modules
+        self._reported_this_epoch = set()
+
+    def _train_mode_tops(self) -> dict[int, str]:
+        """Every non-allowed module in train mode, mapped to its topmost train-mode ancestor."""
+        top_of: dict[int, str] = {}
+        for name, module, parent in self._modules:
+            if not module.training:
+                continue
+            if parent is not None and id(parent) in top_of:
+                top_of[id(module)] = top_of[id(parent)]
+            else:
+                top_of[id(module)] = name
+        return top_of
+
+    def before_batch(self) -> None:
+        """Find train-mode modules and, if any need watching, install the global pre-hook."""
+        top_of = self._train_mode_tops()
+        self._train_at_start = set(top_of)
+        watch = {key: top for key, top in top_of.items() if top not in self._reported_this_epoch}
+        watch.update({k: v for k, v in self._fixed.items() if k not in watch})
+        self._watch = watch
+        if watch and self._handle is None:
+            self._handle = nn.modules.module.register_module_forward_pre_hook(self._pre_forward)
+        elif not watch:
+            self._remove_hook()
+
+    def after_batch(self) -> None:
+        """Remove the global pre-hook; report modules switched to train mode during the batch."""
+        self._remove_hook()
+        switched = {
+            top
+            for key, top in self._train_mode_tops().items()
+            if key not in self._train_at_start and top not in self._reported_this_epoch
+        }
+        for top in sorted(switched):
+            self._reported_this_epoch.add(top)
+            module = self.root.get_submodule(top) if top else self.root
+            self.on_train_forward(top, module, False)
+            if self.fix:
+                self._fixed[id(module)] = top
+
+    def close(self) -> None:
+        """Remove every hook and drop references to the model."""
+        self._remove_hook()
+        self._modules = []
+        self._watch = {}
+        self._fixed = {}
+        self._train_at_start = set()
+        self.root = nn.Module()
+
+    def fixed_modules(self) -> set[str]:
+        """Paths of the modules put in eval mode so far, to keep watching in the next stage run."""
+        return set(self._fixed.values())
+
+    def keep_fixing(self, paths: set[str]) -> None:
+        """Watch modules fixed in an earlier run of the same stage from the first batch on."""
+        for path in paths:
+            try:
+                module = self.root.get_submodule(path) if path else self.root
+            except AttributeError:
+                continue
+            self._fixed[id(module)] = path
+
+    def _remove_hook(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def _pre_forward(self, module: nn.Module, args: Any) -> None:
+        top = self._watch.get(id(module))
+        if top is None or not module.training:
+            return
+        top_module = self.root.get_submodule(top) if top else self.root
+        if top not in self._reported_this_epoch:
+            self._reported_this_epoch.add(top)
+            self.on_train_forward(top, top_module, True)
+        if self.fix:
+            top_module.train(False)
+            self._fixed[id(top_module)] = top
+
+
+def is_grad_recording() -> bool:
+    """Whether an operation run now would record an autograd graph (grad on, not inference mode)."""
+    return torch.is_grad_enabled() and not torch.is_inference_mode_enabled()

@@ -1,0 +1,67 @@
+"""Allow-lists of module names: regular expressions matched against ``named_modules()`` paths."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+
+class NamePatterns:
+    """A set of regular expressions; a path matches when it or one of its ancestors full-matches.
+
+    Allow-listing a module therefore allow-lists everything inside it; the root module has the
+    empty path, so ``""`` allow-lists the whole model.
+
+    Args:
+        argument: the constructor argument the patterns came from, for error messages.
+        patterns: regular expressions (``re.fullmatch``) over dotted module paths.
+
+    Raises:
+        TypeError: ``patterns`` is not an iterable of strings.
+        ValueError: a pattern is not a valid regular expression.
+
+    Example:
+        >>> allowed = NamePatterns("allow_train_mode", [r"encoder\\.mc_dropout"])
+        >>> allowed.matches("encoder.mc_dropout.p"), allowed.matches("decoder")
+        (True, False)
+    """
+
+    def __init__(self, argument: str, patterns: Iterable[str] | str | None) -> None:
+        if patterns is None:
+            patterns = ()
+        if isinstance(patterns, str):
+            patterns = (patterns,)
+        try:
+            items = list(patterns)
+        except TypeError:
+            raise TypeError(
+                f"Expected argument `{argument}` to be a list of regular-expression strings, "
+                f"but got {patterns!r} of type {type(patterns).__name__}."
+            ) from None
+        compiled = []
+        for item in items:
+            if not isinstance(item, str):
+                raise TypeError(
+                    f"Expected every entry of `{argument}` to be a regular-expression string, "
+                    f"but got {item!r} of type {type(item).__name__}."
+                )
+            try:
+                compiled.append(re.compile(item))
+            except re.error as err:
+                raise ValueError(
+                    f"Expected every entry of `{argument}` to be a valid regular expression, but got {item!r} ({err})."
+                ) from None
+        self.argument = argument
+        self.patterns: tuple[str, ...] = tuple(items)
+        self._compiled = tuple(compiled)
+
+    def __bool__(self) -> bool:
+        return bool(self._compiled)
+
+    def matches(self, path: str) -> bool:
+        """Whether ``path`` or any of its ancestors full-matches one of the patterns."""
+        if not self._compiled:
+            return False
+        parts = path.split(".") if path else []
+        candidates = ["", *(".".join(parts[: i + 1]) for i in range(len(parts)))]
+        return any(p.fullmatch(c) for p in self._compiled for c in candidates)

@@ -1,0 +1,89 @@
+"""The run report: every epoch's measurements and every finding, as plain data.
+
+Presentation (tables, files, loggers) lives elsewhere; this module only holds and serialises.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lightning_nograd.core.findings import Finding
+
+
+@dataclass
+class EpochRecord:
+    """Measurements of one epoch of one stage.
+
+    Args:
+        stage: ``"val"``, ``"test"``, ``"predict"`` or ``"train"``.
+        epoch: the trainer's ``current_epoch`` when the epoch ended.
+        global_step: the trainer's ``global_step`` (the step metrics were logged at).
+        metrics: metric key (as logged) to value.
+        details: JSON-serialisable extras (spreads, sample counts, reasons for skipping).
+    """
+
+    stage: str
+    epoch: int
+    global_step: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Report:
+    """Everything a run found and measured.
+
+    Example:
+        >>> report = Report()
+        >>> report.record_epoch("val", 0, 10, {"nograd/val/violations": 0.0})
+        >>> report.to_dict()["epochs"][0]["metrics"]
+        {'nograd/val/violations': 0.0}
+    """
+
+    findings: list[Finding] = field(default_factory=list)
+    epochs: list[EpochRecord] = field(default_factory=list)
+
+    def record_epoch(
+        self,
+        stage: str,
+        epoch: int,
+        global_step: int,
+        metrics: dict[str, float],
+        details: dict[str, Any] | None = None,
+    ) -> None:
+        """Add measurements; measurements of the same stage, epoch and step are merged."""
+        last = self.epochs[-1] if self.epochs else None
+        if last is not None and (last.stage, last.epoch, last.global_step) == (stage, epoch, global_step):
+            last.metrics.update(metrics)
+            last.details.update(details or {})
+            return
+        self.epochs.append(EpochRecord(stage, epoch, global_step, dict(metrics), dict(details or {})))
+
+    def findings_of(self, kinds: frozenset[str] | None = None) -> list[Finding]:
+        """Findings, optionally only those of some kinds."""
+        return [f for f in self.findings if kinds is None or f.kind in kinds]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable form of the whole report."""
+        return {
+            "findings": [f.to_dict() for f in self.findings],
+            "epochs": [
+                {
+                    "stage": e.stage,
+                    "epoch": e.epoch,
+                    "global_step": e.global_step,
+                    "metrics": dict(e.metrics),
+                    "details": dict(e.details),
+                }
+                for e in self.epochs
+            ],
+        }
+
+    def write_json(self, path: str | Path) -> None:
+        """Write :meth:`to_dict` to ``path`` as JSON (parents created)."""
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True))
