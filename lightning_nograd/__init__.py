@@ -1,11 +1,13 @@
 """lightning-nograd: cheap, correct validation and training that never silently stops learning."""
 
+from lightning_nograd.callbacks.backprop_guard import BackpropGuard
 from lightning_nograd.callbacks.eval_mode_auditor import EvalModeAuditor
 from lightning_nograd.errors import BrokenBackpropWarning, NoGradError, NoGradWarning
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BackpropGuard",
     "BrokenBackpropWarning",
     "EvalModeAuditor",
     "NoGradError",

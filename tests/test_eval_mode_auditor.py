@@ -134,7 +134,7 @@ def test_forward_with_gradients_enabled_is_named(
         message = str(grad[0].message)
         assert "the whole Regressor ran with gradients enabled" in message
         assert "backbone.0" in message and "head.1" in message
-        assert "MiB saved for backward" in message
+        assert "KiB saved for backward" in message
         assert "first at batch 0" in message
 
 

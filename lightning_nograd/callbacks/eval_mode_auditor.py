@@ -11,8 +11,8 @@ from typing_extensions import override
 from lightning_nograd.callbacks._base import NoGradCallback, guarded
 from lightning_nograd.callbacks._lightning import LightningModule, Trainer, forget_lightning_module, is_sanity_checking
 from lightning_nograd.callbacks.loggers import reduce_max
-from lightning_nograd.core.findings import Finding, OnViolation, common_ancestor, display_name
-from lightning_nograd.core.graph import MIB, GraphEvent, GraphProbe, tally_tensors, tensor_attributes
+from lightning_nograd.core.findings import Finding, OnViolation, display_name
+from lightning_nograd.core.graph import MIB, GraphEvent, GraphProbe, format_bytes, tally_tensors, tensor_attributes
 from lightning_nograd.core.modes import ModeProbe, mode_sensitive_descendants
 from lightning_nograd.core.patterns import NamePatterns
 from lightning_nograd.core.stack import calling_hook
@@ -360,14 +360,10 @@ class EvalModeAuditor(NoGradCallback):
     def _flush_graph_events(self) -> None:
         if self._graph is None:
             return
-        by_hook: dict[str | None, list[GraphEvent]] = {}
-        for event in self._graph.batch_events():
-            by_hook.setdefault(event.hook, []).append(event)
+        grouped = self._graph.grouped_events()
         self._graph.new_batch()
-        for hook, events in by_hook.items():
-            modules = sorted({e.module for e in events})
-            merged = GraphEvent(common_ancestor(modules), hook, sum(e.saved_bytes for e in events))
-            self._graph_finding(merged, modules)
+        for event, modules in grouped:
+            self._graph_finding(event, modules)
 
     def _graph_finding(self, event: GraphEvent, modules: list[str] | None = None) -> None:
         name = display_name(event.module, self._root_type)
@@ -383,7 +379,7 @@ class EvalModeAuditor(NoGradCallback):
                 epoch=self._epoch,
                 problem=(
                     f"{name} ran with gradients enabled and recorded an autograd graph{where}: "
-                    f"{event.saved_bytes / MIB:.3f} MiB saved for backward in one batch"
+                    f"{format_bytes(event.saved_bytes)} saved for backward in one batch"
                 ),
                 fix=(
                     "remove the `torch.enable_grad()` (or `set_grad_enabled(True)`) around this code, "

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_nograd.core.findings import common_ancestor
 from lightning_nograd.errors import NoGradError
 
 MIB = float(2**20)
@@ -30,6 +31,18 @@ class GraphEvent:
     module: str
     hook: str | None
     saved_bytes: int
+
+
+def format_bytes(nbytes: float) -> str:
+    """``1536`` -> ``"1.5 KiB"``; MiB from 1 MiB up.
+
+    Example:
+        >>> format_bytes(1536), format_bytes(3 * 2**20)
+        ('1.5 KiB', '3.00 MiB')
+    """
+    if nbytes < MIB:
+        return f"{nbytes / 1024:.1f} KiB"
+    return f"{nbytes / MIB:.2f} MiB"
 
 
 def storage_key(tensor: torch.Tensor) -> tuple[str, int]:
@@ -80,33 +93,32 @@ class GraphProbe:
         self.on_error: Callable[[BaseException], None] | None = None
         self._names: dict[int, str] = {}
         self._param_storages: set[tuple[str, int]] = set()
-        self._context: torch.autograd.graph.saved_tensors_hooks | None = None
+        self._active = False
         self._batch_storages: set[tuple[str, int]] = set()
         self._batch_events: dict[tuple[str, str | None], GraphEvent] = {}
 
     @property
     def active(self) -> bool:
-        """Whether the saved-tensor hooks are installed."""
-        return self._context is not None
+        """Whether the probe is receiving saved tensors."""
+        return self._active
 
     def start(self) -> None:
-        """Name the modules and install the saved-tensor hooks (idempotent)."""
-        if self._context is not None:
+        """Name the modules and start receiving saved tensors (idempotent)."""
+        if self._active:
             return
         self._names = {id(m): name for name, m in self.root.named_modules()}
         self._param_storages = {
             storage_key(t) for t in [*self.root.parameters(), *self.root.buffers()] if t.numel() > 0
         }
         self.new_batch()
-        context = torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack)
-        context.__enter__()
-        self._context = context
+        HUB.register(self)
+        self._active = True
 
     def stop(self) -> None:
-        """Remove the saved-tensor hooks and drop every reference to the model's tensors."""
-        context, self._context = self._context, None
-        if context is not None:
-            context.__exit__(None, None, None)
+        """Stop receiving saved tensors and drop every reference to the model's tensors."""
+        if self._active:
+            HUB.unregister(self)
+            self._active = False
         self._names = {}
         self._param_storages = set()
         self.new_batch()
@@ -120,21 +132,33 @@ class GraphProbe:
         """Graphs recorded in the current batch, with their saved bytes so far."""
         return list(self._batch_events.values())
 
-    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
+    def grouped_events(self) -> list[tuple[GraphEvent, list[str]]]:
+        """This batch's graphs, one per hook, named by the deepest module containing all of them."""
+        by_hook: dict[str | None, list[GraphEvent]] = {}
+        for event in self._batch_events.values():
+            by_hook.setdefault(event.hook, []).append(event)
+        grouped = []
+        for hook, events in by_hook.items():
+            modules = sorted({e.module for e in events})
+            total = sum(e.saved_bytes for e in events)
+            grouped.append((GraphEvent(common_ancestor(modules), hook, total), modules))
+        return grouped
+
+    def receive(self, tensor: torch.Tensor, frame: FrameType | None) -> None:
+        """Handle one tensor autograd is saving for backward; ``frame`` is the op's caller."""
         try:
-            self._record(tensor)
+            self._record(tensor, frame)
         except NoGradError:
             raise
         except Exception as err:  # a probe failure must not break the user's forward
             if self.on_error is not None:
                 self.on_error(err)
-        return tensor.detach()
 
-    def _record(self, tensor: torch.Tensor) -> None:
+    def _record(self, tensor: torch.Tensor, frame: FrameType | None) -> None:
         key = storage_key(tensor)
         if key in self._param_storages:
             return
-        module, hook = self._locate(sys._getframe(2))
+        module, hook = self._locate(frame)
         if module is None or self.is_allowed(module):
             return
         new_storage = key not in self._batch_storages
@@ -163,8 +187,45 @@ class GraphProbe:
         return (module if module is not None else ""), None
 
 
+class _SavedTensorsHub:
+    """Owns the one ``saved_tensors_hooks`` entry all probes share.
+
+    Autograd uses only the innermost pair of saved-tensor hooks, and the hooks form a stack that
+    must be popped in order; probes of different callbacks start and stop in any order, so they
+    register here instead and this hub pushes one entry while any probe is active.
+    """
+
+    def __init__(self) -> None:
+        self.probes: list[GraphProbe] = []
+        self._context: torch.autograd.graph.saved_tensors_hooks | None = None
+
+    def register(self, probe: GraphProbe) -> None:
+        if probe not in self.probes:
+            self.probes.append(probe)
+        if self._context is None:
+            context = torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack)
+            context.__enter__()
+            self._context = context
+
+    def unregister(self, probe: GraphProbe) -> None:
+        if probe in self.probes:
+            self.probes.remove(probe)
+        if not self.probes and self._context is not None:
+            context, self._context = self._context, None
+            context.__exit__(None, None, None)
+
+    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        frame = sys._getframe(1)
+        for probe in list(self.probes):
+            probe.receive(tensor, frame)
+        return tensor.detach()
+
+
 def _unpack(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
+
+
+HUB = _SavedTensorsHub()
 
 
 @dataclass

@@ -1,0 +1,493 @@
+"""BackpropGuard: catches training steps that silently stop a trainable part of the model learning."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+from typing_extensions import override
+
+from lightning_nograd.callbacks._base import NoGradCallback, guarded
+from lightning_nograd.callbacks._lightning import LightningModule, Trainer, forget_lightning_module
+from lightning_nograd.callbacks.loggers import reduce_max
+from lightning_nograd.core.arguments import check_int
+from lightning_nograd.core.backprop import (
+    GradModeProbe,
+    ParamIndex,
+    ancestors,
+    eval_mode_under_trainable,
+    inference_tensors,
+)
+from lightning_nograd.core.findings import Finding, OnViolation, display_name
+from lightning_nograd.core.graph import MIB, GraphEvent, GraphProbe, format_bytes
+from lightning_nograd.core.patterns import NamePatterns
+from lightning_nograd.errors import BrokenBackpropWarning
+
+OUTSIDE_STEP_HOOKS = frozenset(
+    {
+        "on_train_batch_end",
+        "on_train_epoch_end",
+        "on_train_epoch_start",
+        "on_train_batch_start",
+        "on_validation_start",
+        "on_validation_end",
+        "on_validation_epoch_start",
+        "on_validation_epoch_end",
+        "on_validation_model_train",
+        "on_before_zero_grad",
+    }
+)
+
+_COUNTS = {
+    "no_grad_modules": "nograd/train/no_grad_modules",
+    "params_without_grad": "nograd/train/params_without_grad",
+    "eval_mode_modules": "nograd/train/eval_mode_modules",
+}
+
+
+def _topmost_in(path: str, paths: set[str]) -> str:
+    """The outermost ancestor of ``path`` reached through modules that are all in ``paths``."""
+    top = path
+    for ancestor in reversed(ancestors(path)[:-1]):
+        if ancestor not in paths:
+            break
+        top = ancestor
+    return top
+
+
+class BackpropGuard(NoGradCallback):
+    """Catches training steps that silently cut gradients off, while they happen.
+
+    During ``trainer.fit`` (automatic and manual optimization, gradient accumulation, several
+    optimizers) it finds and names:
+
+    * ``no_grad_module``: a module with trainable parameters whose forward ran only with gradients
+      disabled within a training step, and the parameters that therefore will not learn;
+    * ``param_without_grad``: parameters that require grad, belong to the optimizer being stepped
+      and reach its step with no gradient (``grad is None``, or all-zero for ``zero_grad_steps``
+      consecutive steps); frozen parameters (``requires_grad=False``) are never a finding;
+    * ``eval_mode_leak``: modules in eval mode during training steps that were in train mode
+      earlier in the fit (a hook or callback called ``.eval()`` and forgot to switch back);
+    * ``eval_mode_at_start``: dropout / batch-norm layers in eval mode inside trainable blocks when
+      training starts (``from_pretrained`` models arrive in eval mode);
+    * ``stray_graph``: forwards outside the training step (``on_train_batch_end``,
+      ``on_train_epoch_end``, callbacks) that record an autograd graph no backward will use;
+    * ``inference_tensor``: buffers or tensor attributes created under ``torch.inference_mode``
+      (e.g. a rotary-embedding cache filled during ``trainer.validate``) held when training
+      starts, which would crash the next backward.
+
+    Correct models report nothing: frozen backbones, GANs with manual optimization, EMA teachers
+    updated without gradients, parameters in no optimizer, allow-listed modules.
+
+    Cost: no module hooks in a clean run; one pass over the module list per step and one pass
+    over the stepped optimizer's parameters. A global forward pre-hook is installed for a single
+    step only after parameters were found without gradients, to tell why.
+
+    Logged metrics (every training epoch):
+        ``nograd/train/no_grad_modules``, ``nograd/train/params_without_grad``,
+        ``nograd/train/eval_mode_modules``.
+
+    Args:
+        on_violation: ``"warn"`` (a :class:`~lightning_nograd.BrokenBackpropWarning` per finding),
+            ``"error"`` (:class:`~lightning_nograd.NoGradError` at the first one), or ``"fix"``:
+            modules whose eval mode leaked are put back in train mode; other findings are warned.
+        allow: regular expressions (full match on ``named_modules()`` paths) of modules never to
+            report; their submodules and parameters are allowed too.
+        zero_grad_steps: consecutive steps (at the start of each epoch) a gradient must be all
+            zero to count as missing when gradients are zeroed with ``set_to_none=False``.
+
+    Raises:
+        ValueError: bad ``on_violation``, malformed pattern, or ``zero_grad_steps < 1``.
+        TypeError: ``allow`` is not a list of strings or ``zero_grad_steps`` not an integer.
+
+    Example:
+        >>> from lightning.pytorch import Trainer
+        >>> trainer = Trainer(callbacks=[BackpropGuard(allow=[r"teacher"])])
+    """
+
+    warning_category = BrokenBackpropWarning
+
+    def __init__(self, on_violation: OnViolation = "warn", allow: Iterable[str] = (), zero_grad_steps: int = 3) -> None:
+        super().__init__(on_violation)
+        self.allow = NamePatterns("allow", allow)
+        self.zero_grad_steps = check_int("zero_grad_steps", zero_grad_steps, 1)
+        self._index: ParamIndex | None = None
+        self._modules: list[tuple[str, nn.Module]] = []
+        self._train_mode_seen: set[str] = set()
+        self._suspects: dict[int, str] = {}
+        self._probe: GradModeProbe | None = None
+        self._graph: GraphProbe | None = None
+        self._zero_streak: dict[int, int] = {}
+        self._batch_idx: int | None = None
+        self._epoch = 0
+        self._root_type = "LightningModule"
+        self._counts: dict[str, set[str]] = {key: set() for key in _COUNTS}
+        self._last_clean_check = "on_train_start"
+        self._pending_probe = False
+        self._steps_per_optimizer: dict[int, int] = {}
+        self._explained: set[int] = set()
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            on_violation=self.on_violation, allow=self.allow.patterns, zero_grad_steps=self.zero_grad_steps
+        )
+
+    # -- Lightning hooks -------------------------------------------------------------------------
+
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.set_rank_zero(trainer)
+        self._root_type = type(pl_module).__name__
+        self._epoch = int(trainer.current_epoch)
+        self._index_model(pl_module)
+        self._check_inference_tensors(pl_module, "on_train_start")
+        self._check_eval_mode_at_start(pl_module)
+
+    @override
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._epoch = int(trainer.current_epoch)
+        self._steps_per_optimizer = {}
+        self._explained = set()
+        self._counts = {key: set() for key in _COUNTS}
+        self._stop_stray_graph_probe()
+        if self._index is None:
+            self._index_model(pl_module)
+        self._check_inference_tensors(pl_module, "on_train_epoch_start")
+
+    @override
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        self._stop_stray_graph_probe()
+        self._batch_idx = batch_idx
+        self._check_modes("on_train_batch_start")
+        self._start_grad_mode_probe()
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        self._check_gradients(optimizer)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._finish_grad_mode_probe()
+        self._check_modes("training_step")
+        self._start_stray_graph_probe(pl_module)
+
+    @override
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._flush_stray_graphs()
+        self._log_counts(trainer)
+
+    @override
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._flush_stray_graphs()
+        self._stop_stray_graph_probe()
+
+    @override
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not trainer.sanity_checking and trainer.state.fn == "fit":
+            self._start_stray_graph_probe(pl_module)
+
+    @override
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._flush_stray_graphs()
+        self._report_unexplained_suspects()
+        self.release()
+
+    @override
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self.release()
+
+    @override
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self.release()
+        forget_lightning_module(self)
+
+    @override
+    def release(self, check: str | None = None) -> None:
+        if check in (None, "no_grad_module") and self._probe is not None:
+            self._probe.stop()
+            self._probe = None
+        if check in (None, "stray_graph"):
+            self._stop_stray_graph_probe()
+        if check is None:
+            self._index = None
+            self._modules = []
+            self._suspects = {}
+            self._zero_streak = {}
+
+    # -- set-up ----------------------------------------------------------------------------------
+
+    @guarded("index")
+    def _index_model(self, pl_module: nn.Module) -> None:
+        self._index = ParamIndex(pl_module)
+        self._modules = [(path, m) for path, m in pl_module.named_modules() if not self.allow.matches(path)]
+        self._train_mode_seen |= {path for path, m in self._modules if m.training}
+        self._last_clean_check = "on_train_start"
+
+    def _allowed_param(self, name: str) -> bool:
+        return self.allow.matches(name.rsplit(".", 1)[0] if "." in name else "")
+
+    def _finding(self, kind: str, subject: str, hook: str, problem: str, fix: str, **details: Any) -> None:
+        self.add_finding(
+            Finding(kind, subject, "train", hook, self._batch_idx, self._epoch, problem, fix, dict(details))
+        )
+
+    # -- inference tensors ----------------------------------------------------------------------
+
+    @guarded("inference_tensor")
+    def _check_inference_tensors(self, pl_module: nn.Module, hook: str) -> None:
+        for path, kind in inference_tensors(pl_module):
+            if self.allow.matches(path.split("[", 1)[0].rsplit(".", 1)[0] if "." in path else ""):
+                continue
+            self._finding(
+                "inference_tensor",
+                path,
+                hook,
+                f"the {kind} `{path}` was created under `torch.inference_mode` (e.g. during `trainer.validate`); "
+                "the next backward that uses it fails with 'Inference tensors cannot be saved for backward'",
+                "rebuild it when training starts (`self.x = self.x.clone()` outside inference mode), or run "
+                "evaluation with `Trainer(inference_mode=False)`.",
+            )
+
+    # -- modes -----------------------------------------------------------------------------------
+
+    @guarded("eval_mode_at_start")
+    def _check_eval_mode_at_start(self, pl_module: nn.Module) -> None:
+        for path, layers in eval_mode_under_trainable(pl_module):
+            if self.allow.matches(path):
+                continue
+            shown = ", ".join(layers[:5]) + (f" and {len(layers) - 5} more" if len(layers) > 5 else "")
+            self._finding(
+                "eval_mode_at_start",
+                path,
+                "on_train_start",
+                f"{display_name(path, self._root_type)} is in eval mode as training starts, with trainable "
+                f"parameters around layers that behave differently in train mode: {shown}",
+                "call `.train()` on it before `trainer.fit` (models loaded with `from_pretrained` arrive in eval "
+                "mode), or freeze its parameters if it is meant to stay fixed.",
+                layers=layers,
+            )
+
+    @guarded("eval_mode_leak")
+    def _check_modes(self, hook: str) -> None:
+        leaked: list[tuple[str, nn.Module]] = []
+        for path, module in self._modules:
+            if module.training:
+                self._train_mode_seen.add(path)
+            elif path in self._train_mode_seen:
+                leaked.append((path, module))
+        if not leaked:
+            self._last_clean_check = hook
+            return
+        leaked_paths = {path for path, _ in leaked}
+        tops = [(p, m) for p, m in leaked if not any(a in leaked_paths for a in ancestors(p)[:-1])]
+        where = "training_step" if hook == "training_step" else self._last_clean_check
+        if where == "on_train_batch_start":
+            where = "training_step"
+        elif where == "training_step":
+            where = "on_train_batch_end"
+        for path, module in tops:
+            self._counts["eval_mode_modules"].add(path)
+            fixed = "; it was put back in train mode" if self.on_violation == "fix" else ""
+            self._finding(
+                "eval_mode_leak",
+                path,
+                where,
+                f"{display_name(path, self._root_type)} ({type(module).__name__}) is in eval mode during training "
+                f"although it was in train mode earlier in the fit: something called `.eval()` and did not switch "
+                f"back{fixed}",
+                "call `.train()` again after the code that evaluates (or use `self.trainer.validate`-style hooks, "
+                "which restore modes).",
+            )
+        if self.on_violation == "fix":
+            for _path, module in leaked:
+                module.training = True
+        self._last_clean_check = hook
+
+    # -- gradients -------------------------------------------------------------------------------
+
+    @guarded("params_without_grad")
+    def _check_gradients(self, optimizer: torch.optim.Optimizer) -> None:
+        index = self._index
+        if index is None:
+            return
+        steps = self._steps_per_optimizer.get(id(optimizer), 0) + 1
+        self._steps_per_optimizer[id(optimizer)] = steps
+        check_zero = steps <= self.zero_grad_steps
+        missing: list[nn.Parameter] = []
+        zero_candidates: list[torch.Tensor] = []
+        zero_params: list[nn.Parameter] = []
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                if not param.requires_grad or id(param) not in index.names:
+                    continue
+                if param.grad is None:
+                    missing.append(param)
+                elif check_zero:
+                    zero_candidates.append(param.grad)
+                    zero_params.append(param)
+        if zero_candidates:
+            norms = torch._foreach_norm(zero_candidates)
+            zero = torch.stack([n.detach().float().cpu() for n in norms]) == 0
+            for param, is_zero in zip(zero_params, zero.tolist(), strict=True):
+                streak = self._zero_streak.get(id(param), 0) + 1 if is_zero else 0
+                self._zero_streak[id(param)] = streak
+                if streak >= self.zero_grad_steps:
+                    missing.append(param)
+        missing = [p for p in missing if not self._allowed_param(index.name(p))]
+        if not missing:
+            return
+        for param in missing:
+            self._counts["params_without_grad"].add(index.name(param))
+        if self.on_violation == "error":
+            self._report_params_without_grad(missing, "cause not yet known")
+            return
+        missing = [p for p in missing if id(p) not in self._explained]
+        new = [p for p in missing if id(p) not in self._suspects]
+        self._suspects.update({id(p): index.name(p) for p in missing})
+        if new and self._probe is None:
+            self._pending_probe = True
+
+    @guarded("no_grad_module")
+    def _start_grad_mode_probe(self) -> None:
+        if not self._pending_probe or self._index is None:
+            return
+        self._pending_probe = False
+        watch = {id(module): path for path, module in self._index.modules.items() if not self.allow.matches(path)}
+        self._probe = GradModeProbe(watch)
+        self._probe.start()
+
+    @guarded("no_grad_module")
+    def _finish_grad_mode_probe(self) -> None:
+        probe, self._probe = self._probe, None
+        index = self._index
+        if probe is None or index is None:
+            return
+        probe.stop()
+        no_grad = set(probe.ran_without_grad_only())
+        ran = probe.ran()
+        suspects = [index.params[key] for key in self._suspects if key in index.params]
+        self._explained |= set(self._suspects)
+        self._suspects = {}
+        by_cause: dict[str, list[nn.Parameter]] = {"detached": [], "unused": []}
+        for param in suspects:
+            owner = index.owner[id(param)]
+            if owner in no_grad:
+                continue
+            by_cause["detached" if owner in ran else "unused"].append(param)
+        no_grad_params = [p for p in suspects if index.owner[id(p)] in no_grad]
+        modules: dict[str, list[str]] = {}
+        for param in no_grad_params:
+            modules.setdefault(_topmost_in(index.owner[id(param)], no_grad), []).append(index.name(param))
+        for module, names in modules.items():
+            self._counts["no_grad_modules"].add(module)
+            shown = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+            self._finding(
+                "no_grad_module",
+                module,
+                "training_step",
+                f"{display_name(module, self._root_type)} has trainable parameters but its forward ran only "
+                f"with gradients disabled (`no_grad`, `inference_mode` or `set_grad_enabled(False)`): "
+                f"{shown} will not learn",
+                "remove the `torch.no_grad()` around it, or freeze it (`requires_grad_(False)`) if it is meant "
+                "to stay fixed.",
+                parameters=names,
+            )
+        for cause, params in by_cause.items():
+            if params:
+                self._report_params_without_grad(params, cause)
+
+    def _report_unexplained_suspects(self) -> None:
+        if self._index is None or not self._suspects:
+            return
+        params = [self._index.params[k] for k in self._suspects if k in self._index.params]
+        self._suspects = {}
+        self._report_params_without_grad(params, "cause not yet known")
+
+    def _report_params_without_grad(self, params: list[nn.Parameter], cause: str) -> None:
+        index = self._index
+        if index is None:
+            return
+        reasons = {
+            "detached": "its module ran with gradients on, so the graph was cut after it (`.detach()`, `.data`, "
+            "`.item()`, or a non-differentiable op such as `argmax`)",
+            "unused": "its module's forward did not run in the training step",
+            "cause not yet known": "no gradient reached it",
+        }
+        fixes = {
+            "detached": "remove the `.detach()` / `.data` on the way from this module to the loss.",
+            "unused": "use it in the loss, or freeze it (`requires_grad_(False)`) or leave it out of the optimizer.",
+            "cause not yet known": "check for `torch.no_grad()`, `.detach()` or an unused branch between this module "
+            "and the loss; freeze it if it is meant to stay fixed.",
+        }
+        for top, names in index.group(params).items():
+            shown = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+            self._finding(
+                "param_without_grad",
+                top,
+                "on_before_optimizer_step",
+                f"{len(names)} trainable parameter(s) of {display_name(top, self._root_type)} reached the optimizer "
+                f"step with no gradient ({shown}): {reasons[cause]}",
+                fixes[cause],
+                parameters=names,
+                cause=cause,
+            )
+
+    # -- stray graphs ----------------------------------------------------------------------------
+
+    @guarded("stray_graph")
+    def _start_stray_graph_probe(self, pl_module: nn.Module) -> None:
+        if self._graph is not None:
+            return
+        self._graph = GraphProbe(pl_module, OUTSIDE_STEP_HOOKS, self._on_stray_graph, self.allow.matches)
+        self._graph.on_error = lambda err: self.switch_off("stray_graph", err)
+        self._graph.start()
+
+    def _on_stray_graph(self, event: GraphEvent) -> None:
+        if self.on_violation == "error":
+            self._stray_finding(event)
+
+    @guarded("stray_graph")
+    def _flush_stray_graphs(self) -> None:
+        if self._graph is None:
+            return
+        grouped = self._graph.grouped_events()
+        self._graph.new_batch()
+        for event, modules in grouped:
+            self._stray_finding(event, modules)
+
+    def _stop_stray_graph_probe(self) -> None:
+        self._flush_stray_graphs()
+        graph, self._graph = self._graph, None
+        if graph is not None:
+            graph.stop()
+
+    def _stray_finding(self, event: GraphEvent, modules: list[str] | None = None) -> None:
+        hook = event.hook or "on_train_batch_end"
+        self._finding(
+            "stray_graph",
+            event.module,
+            hook,
+            f"{display_name(event.module, self._root_type)} ran a forward in `{hook}`, outside the training step, "
+            f"with gradients on: it recorded an autograd graph that no backward will use "
+            f"({format_bytes(event.saved_bytes)} saved for backward)",
+            "wrap that code in `torch.no_grad()` (or `torch.inference_mode()`).",
+            saved_mib=event.saved_bytes / MIB,
+            modules=modules or [event.module],
+        )
+
+    # -- metrics ---------------------------------------------------------------------------------
+
+    @guarded("metrics")
+    def _log_counts(self, trainer: Trainer) -> None:
+        metrics = {key: reduce_max(trainer, float(len(self._counts[name]))) for name, key in _COUNTS.items()}
+        step = int(trainer.global_step)
+        self.report.record_epoch("train", int(trainer.current_epoch), step, metrics)
+        self._sink.emit(trainer, metrics, step)

@@ -1,0 +1,184 @@
+"""Framework-free pieces of the backprop guard: which parameters got no gradient and why.
+
+* :class:`ParamIndex` names parameters and groups them under the topmost module that lost them.
+* :class:`GradModeProbe` records, for one training step, whether given modules ran their forward
+  with gradients on; it uses a *global* forward pre-hook (installed only for that step), which
+  does not switch off fused kernels the way per-module hooks do.
+* :func:`inference_tensors` finds buffers and tensor attributes created under inference mode.
+* :func:`eval_mode_under_trainable` finds dropout / batch-norm layers left in eval mode inside
+  trainable blocks (``from_pretrained`` models arrive that way).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from lightning_nograd.core.modes import MODE_SENSITIVE_TYPES, is_grad_recording
+
+
+class ParamIndex:
+    """Names of the trainable parameters of a model and the modules that own them.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 1))
+        >>> index = ParamIndex(net)
+        >>> index.group([*net[0].parameters(), *net[2].parameters()])
+        {'': ['0.weight', '0.bias', '2.weight', '2.bias']}
+        >>> index.group(list(net[2].parameters()))
+        {'2': ['2.weight', '2.bias']}
+    """
+
+    def __init__(self, root: nn.Module) -> None:
+        self.params: dict[int, nn.Parameter] = {}
+        self.names: dict[int, str] = {}
+        self.owner: dict[int, str] = {}
+        self.order: dict[int, int] = {}
+        self.subtree: dict[str, set[int]] = {}
+        self.modules: dict[str, nn.Module] = {}
+        for path, module in root.named_modules():
+            self.modules[path] = module
+            for pname, param in module.named_parameters(recurse=False):
+                if id(param) in self.names:
+                    continue
+                key = id(param)
+                self.params[key] = param
+                self.names[key] = f"{path}.{pname}" if path else pname
+                self.owner[key] = path
+                self.order[key] = len(self.order)
+                for ancestor in ancestors(path):
+                    self.subtree.setdefault(ancestor, set()).add(key)
+
+    def name(self, param: torch.Tensor) -> str:
+        """The ``named_parameters()`` path of ``param`` (or ``"<unnamed>"``)."""
+        return self.names.get(id(param), "<unnamed>")
+
+    def group(self, params: Iterable[torch.Tensor]) -> dict[str, list[str]]:
+        """Group ``params`` under the topmost module all of whose trainable parameters are among them."""
+        chosen = {id(p) for p in params if id(p) in self.owner}
+        groups: dict[str, list[str]] = {}
+        for key in sorted(chosen, key=self.order.__getitem__):
+            top = self.owner[key]
+            for ancestor in ancestors(top):
+                inside = {k for k in self.subtree.get(ancestor, set()) if self.params[k].requires_grad}
+                if inside and inside <= chosen:
+                    top = ancestor
+                    break
+            groups.setdefault(top, []).append(self.names[key])
+        return groups
+
+
+def ancestors(path: str) -> list[str]:
+    """``path`` and its ancestors, outermost first: ``"a.b"`` -> ``["", "a", "a.b"]``."""
+    parts = path.split(".") if path else []
+    return ["", *(".".join(parts[: i + 1]) for i in range(len(parts)))]
+
+
+class GradModeProbe:
+    """Records whether watched modules ran their forward with gradients on, for one step.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 2))
+        >>> probe = GradModeProbe({id(net[0]): "0"})
+        >>> probe.start()
+        >>> with torch.no_grad():
+        ...     _ = net(torch.ones(1, 2))
+        >>> probe.stop()
+        >>> probe.ran_without_grad_only()
+        ['0']
+    """
+
+    def __init__(self, watch: dict[int, str]) -> None:
+        self.watch = watch
+        self.with_grad: set[str] = set()
+        self.without_grad: set[str] = set()
+        self._handle: RemovableHandle | None = None
+
+    def start(self) -> None:
+        if self._handle is None:
+            self._handle = nn.modules.module.register_module_forward_pre_hook(self._pre_forward)
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def _pre_forward(self, module: nn.Module, args: Any) -> None:
+        path = self.watch.get(id(module))
+        if path is not None:
+            (self.with_grad if is_grad_recording() else self.without_grad).add(path)
+
+    def ran_without_grad_only(self) -> list[str]:
+        """Watched modules whose every forward in the step ran with gradients off."""
+        return sorted(self.without_grad - self.with_grad)
+
+    def ran(self) -> set[str]:
+        """Watched modules whose forward ran at all."""
+        return self.with_grad | self.without_grad
+
+
+def inference_tensors(root: nn.Module) -> list[tuple[str, str]]:
+    """Buffers and tensor attributes created under ``torch.inference_mode``: (path, kind).
+
+    Example:
+        >>> net = nn.Linear(2, 2)
+        >>> with torch.inference_mode():
+        ...     net.cache = torch.ones(2)
+        >>> inference_tensors(net)
+        [('cache', 'tensor attribute')]
+    """
+    found: list[tuple[str, str]] = []
+    for path, module in root.named_modules():
+        prefix = f"{path}." if path else ""
+        for name, buffer in module.named_buffers(recurse=False):
+            if buffer is not None and buffer.is_inference():
+                found.append((prefix + name, "buffer"))
+        for name, value in vars(module).items():
+            if name.startswith("_") and name in ("_parameters", "_buffers", "_modules"):
+                continue
+            if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter) and value.is_inference():
+                found.append((prefix + name, "tensor attribute"))
+            elif isinstance(value, (list, tuple)):
+                for i, item in enumerate(value):
+                    if isinstance(item, torch.Tensor) and item.is_inference():
+                        found.append((f"{prefix}{name}[{i}]", "tensor attribute"))
+            elif isinstance(value, dict):
+                for key, item in value.items():
+                    if isinstance(item, torch.Tensor) and item.is_inference():
+                        found.append((f"{prefix}{name}[{key!r}]", "tensor attribute"))
+    return found
+
+
+def eval_mode_under_trainable(root: nn.Module) -> list[tuple[str, list[str]]]:
+    """Dropout / batch-norm layers in eval mode whose block has trainable parameters.
+
+    Returns (topmost eval-mode module containing them, the layers). A frozen backbone in eval mode
+    has no trainable parameters around its layers and is not returned.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 2), nn.Dropout()).eval()
+        >>> eval_mode_under_trainable(net)
+        [('', ['1 (Dropout)'])]
+        >>> _ = net.requires_grad_(False)
+        >>> eval_mode_under_trainable(net)
+        []
+    """
+    modules = dict(root.named_modules())
+    groups: dict[str, list[str]] = {}
+    for path, module in modules.items():
+        if module.training or not isinstance(module, MODE_SENSITIVE_TYPES):
+            continue
+        parent = modules.get(path.rsplit(".", 1)[0] if "." in path else "", module) if path else module
+        if not any(p.requires_grad for p in parent.parameters()):
+            continue
+        top = path
+        for ancestor in reversed(ancestors(path)[:-1]):
+            if modules[ancestor].training:
+                break
+            top = ancestor
+        groups.setdefault(top, []).append(f"{path} ({type(module).__name__})")
+    return list(groups.items())

@@ -1,0 +1,329 @@
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger
+from torch import nn
+
+from lightning_nograd import BackpropGuard, BrokenBackpropWarning, NoGradError
+from tests.helpers import csv_values, loader, nograd_warnings, trainer
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"on_violation": "loud"}, ValueError, r"`on_violation`.*'loud'"),
+        ({"allow": "[bad"}, ValueError, r"`allow`.*\[bad"),
+        ({"allow": [1]}, TypeError, r"`allow`.*got 1"),
+        ({"zero_grad_steps": 0}, ValueError, r"`zero_grad_steps`.*>= 1.*got 0"),
+        ({"zero_grad_steps": 2.5}, TypeError, r"`zero_grad_steps`.*got 2.5"),
+    ],
+)
+def test_bad_arguments_raise_at_construction(kwargs: dict, error: type[Exception], match: str) -> None:
+    with pytest.raises(error, match=match):
+        BackpropGuard(**kwargs)
+
+
+class Net(pl.LightningModule):
+    """Encoder + head; ``bug`` plants one way of silently not learning."""
+
+    def __init__(self, bug: str | None = None) -> None:
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Dropout(0.1), nn.Linear(16, 16))
+        self.head = nn.Linear(16, 1)
+        self.bug = bug
+        self.probe_input = torch.randn(4, 8)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bug == "no_grad":
+            with torch.no_grad():
+                return self.encoder(x)
+        if self.bug == "detach":
+            return self.encoder(x).detach()
+        return self.encoder(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = nn.functional.mse_loss(self.head(self.features(x)), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.bug == "eval_leak":
+            self.encoder.eval()
+        if self.bug == "stray_forward":
+            self.head(self.encoder(self.probe_input))
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        self.log("val_loss", nn.functional.mse_loss(self.head(self.encoder(x)), y))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def fit(tmp_path: Path, model: pl.LightningModule, guard: BackpropGuard, **kwargs: Any) -> None:
+    t = trainer(tmp_path, [guard], **kwargs)
+    t.fit(model, loader(), loader())
+
+
+def test_correct_model_is_silent(tmp_path: Path) -> None:
+    guard = BackpropGuard()
+    with nograd_warnings() as seen:
+        fit(tmp_path, Net(), guard)
+    assert seen == []
+
+
+def test_trainable_branch_under_no_grad_is_named(tmp_path: Path) -> None:
+    guard = BackpropGuard()
+    with nograd_warnings() as seen:
+        fit(tmp_path, Net("no_grad"), guard)
+    assert len(seen) == 1 and seen[0].category is BrokenBackpropWarning
+    message = str(seen[0].message)
+    assert "`encoder` has trainable parameters but its forward ran only with gradients disabled" in message
+    assert "encoder.0.weight" in message and "encoder.3.bias" in message
+    assert "(training, `training_step`" in message
+
+
+def test_detached_branch_is_named(tmp_path: Path) -> None:
+    guard = BackpropGuard()
+    with nograd_warnings() as seen:
+        fit(tmp_path, Net("detach"), guard)
+    assert len(seen) == 1
+    message = str(seen[0].message)
+    assert "4 trainable parameter(s) of `encoder` reached the optimizer step with no gradient" in message
+    assert "graph was cut" in message
+
+
+def test_unused_parameter_is_named(tmp_path: Path) -> None:
+    model = Net()
+    model.spare = nn.Linear(3, 3)
+    guard = BackpropGuard()
+    with nograd_warnings() as seen:
+        fit(tmp_path, model, guard)
+    assert len(seen) == 1
+    assert "of `spare` reached the optimizer step with no gradient" in str(seen[0].message)
+    assert "did not run" in str(seen[0].message)
+
+
+def test_frozen_backbone_and_params_in_no_optimizer_are_silent(tmp_path: Path) -> None:
+    class Frozen(Net):
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.head.parameters(), lr=0.05)
+
+    model = Frozen("no_grad")
+    model.encoder.requires_grad_(False)
+    with nograd_warnings() as seen:
+        fit(tmp_path, model, BackpropGuard())
+    assert seen == []
+    model = Frozen("no_grad")  # encoder trainable but in no optimizer: intentional
+    with nograd_warnings() as seen:
+        fit(tmp_path, model, BackpropGuard())
+    assert seen == []
+
+
+def test_allow_listed_module_is_silent(tmp_path: Path) -> None:
+    with nograd_warnings() as seen:
+        fit(tmp_path, Net("no_grad"), BackpropGuard(allow=[r"encoder"]))
+    assert seen == []
+
+
+def test_all_zero_gradients_for_consecutive_steps(tmp_path: Path) -> None:
+    class ZeroedHead(Net):
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            return nn.functional.mse_loss(self.head(self.encoder(x)) * 0 + y.mean(), y) + 0 * self.head.weight.sum()
+
+        def on_before_zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
+            pass
+
+        def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: torch.optim.Optimizer) -> None:
+            optimizer.zero_grad(set_to_none=False)
+
+    guard = BackpropGuard(zero_grad_steps=3)
+    with nograd_warnings() as seen:
+        fit(tmp_path, ZeroedHead(), guard, limit_train_batches=4, max_epochs=1)
+    subjects = {f.subject for f in guard.report.findings}
+    assert "" in subjects or "encoder" in subjects, [str(w.message) for w in seen]
+
+
+def test_eval_mode_leak_is_named_and_fixed(tmp_path: Path) -> None:
+    with nograd_warnings() as seen:
+        fit(tmp_path, Net("eval_leak"), BackpropGuard())
+    assert len(seen) == 1
+    message = str(seen[0].message)
+    assert "`encoder` (Sequential) is in eval mode during training" in message
+    assert "`on_train_batch_end`" in message
+
+    modes: list[bool] = []
+
+    class RecordsModes(Net):
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            modes.append(self.encoder.training)
+            return super().training_step(batch, batch_idx)
+
+    model = RecordsModes("eval_leak")
+    with pytest.warns(BrokenBackpropWarning, match="put back in train mode"):
+        fit(tmp_path, model, BackpropGuard(on_violation="fix"), limit_train_batches=3, max_epochs=1)
+    assert modes == [True, True, True]
+
+
+def test_pretrained_model_arriving_in_eval_mode_is_named(tmp_path: Path) -> None:
+    model = Net()
+    model.encoder.eval()  # as `from_pretrained` leaves it
+    with nograd_warnings() as seen:
+        fit(tmp_path, model, BackpropGuard(), max_epochs=1)
+    messages = [str(w.message) for w in seen]
+    assert any("`encoder` is in eval mode as training starts" in m and "encoder.2 (Dropout)" in m for m in messages)
+
+
+def test_frozen_backbone_in_eval_mode_is_silent(tmp_path: Path) -> None:
+    class Frozen(Net):
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.head.parameters(), lr=0.05)
+
+    model = Frozen()
+    model.encoder.requires_grad_(False)
+    model.encoder.eval()
+    with nograd_warnings() as seen:
+        fit(tmp_path, model, BackpropGuard())
+    assert seen == []
+
+
+def test_stray_forward_outside_training_step_is_named(tmp_path: Path) -> None:
+    guard = BackpropGuard()
+    with nograd_warnings() as seen:
+        fit(tmp_path, Net("stray_forward"), guard)
+    assert len(seen) == 1
+    message = str(seen[0].message)
+    assert "the whole Net ran a forward in `on_train_batch_end`, outside the training step" in message
+    assert "KiB saved for backward" in message
+    assert "first at batch 0" in message
+
+
+def test_inference_tensor_from_validate_is_named_before_the_crash(tmp_path: Path) -> None:
+    class Rotary(Net):
+        def __init__(self) -> None:
+            super().__init__()
+            self.cache: torch.Tensor | None = None
+
+        def scale(self, x: torch.Tensor) -> torch.Tensor:
+            if self.cache is None:
+                self.cache = torch.ones(16) * 2
+            return x * self.cache
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            return nn.functional.mse_loss(self.head(self.scale(self.encoder(x))), y)
+
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            x, _ = batch
+            self.head(self.scale(self.encoder(x)))
+
+    model = Rotary()
+    guard = BackpropGuard()
+    events: list[str] = []
+    t = trainer(tmp_path, [guard])
+    t.validate(model, loader())  # inference_mode: the cache becomes an inference tensor
+    with pytest.warns(
+        BrokenBackpropWarning, match=r"tensor attribute `cache` was created under `torch.inference_mode`"
+    ):
+        try:
+            trainer(tmp_path, [guard]).fit(model, loader(), loader())
+        except RuntimeError as err:
+            events.append(str(err))
+    assert events and "Inference tensors cannot be saved for backward" in events[0]
+
+
+def test_error_mode_stops_at_first_violation(tmp_path: Path) -> None:
+    with pytest.raises(NoGradError, match="reached the optimizer step with no gradient"):
+        fit(tmp_path, Net("no_grad"), BackpropGuard(on_violation="error"))
+    assert not torch.nn.modules.module._global_forward_pre_hooks
+
+
+class GAN(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.generator = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8))
+        self.discriminator = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 1))
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        real, _ = batch
+        opt_g, opt_d = self.optimizers()  # type: ignore[misc]
+        z = torch.randn(real.shape[0], 4)
+        with torch.no_grad():
+            fake = self.generator(z)
+        d_loss = (
+            nn.functional.softplus(self.discriminator(fake)).mean()
+            + nn.functional.softplus(-self.discriminator(real)).mean()
+        )
+        opt_d.zero_grad()
+        self.manual_backward(d_loss)
+        opt_d.step()
+        g_loss = nn.functional.softplus(-self.discriminator(self.generator(z))).mean()
+        opt_g.zero_grad()
+        self.manual_backward(g_loss)
+        opt_g.step()
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        return [
+            torch.optim.SGD(self.generator.parameters(), lr=0.01),
+            torch.optim.SGD(self.discriminator.parameters(), lr=0.01),
+        ]
+
+
+def test_gan_with_manual_optimization_is_silent(tmp_path: Path) -> None:
+    with nograd_warnings() as seen:
+        trainer(tmp_path, [BackpropGuard()], limit_val_batches=0).fit(GAN(), loader())
+    assert seen == []
+
+
+def test_ema_teacher_is_silent(tmp_path: Path) -> None:
+    class MeanTeacher(Net):
+        def __init__(self) -> None:
+            super().__init__()
+            self.teacher = copy.deepcopy(self.encoder).requires_grad_(False)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            with torch.no_grad():
+                target = self.teacher(x)
+            features = self.encoder(x)
+            return nn.functional.mse_loss(self.head(features), y) + nn.functional.mse_loss(features, target)
+
+        def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+            with torch.no_grad():
+                for t, s in zip(self.teacher.parameters(), self.encoder.parameters(), strict=True):
+                    t.mul_(0.9).add_(s, alpha=0.1)
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD([*self.encoder.parameters(), *self.head.parameters()], lr=0.05)
+
+    with nograd_warnings() as seen:
+        fit(tmp_path, MeanTeacher(), BackpropGuard())
+    assert seen == []
+
+
+def test_gradient_accumulation_is_silent_and_bug_still_found(tmp_path: Path) -> None:
+    with nograd_warnings() as seen:
+        fit(tmp_path, Net(), BackpropGuard(), accumulate_grad_batches=2, limit_train_batches=4)
+    assert seen == []
+    with nograd_warnings() as seen:
+        fit(tmp_path, Net("no_grad"), BackpropGuard(), accumulate_grad_batches=2, limit_train_batches=4)
+    assert len(seen) == 1 and "`encoder` has trainable parameters" in str(seen[0].message)
+
+
+@pytest.mark.parametrize("bug", [None, "no_grad"])
+def test_training_metrics_reach_csv(tmp_path: Path, bug: str | None) -> None:
+    with nograd_warnings():
+        fit(tmp_path, Net(bug), BackpropGuard(), logger=CSVLogger(tmp_path, name="csv"), max_epochs=3)
+    expected = (1.0, 4.0) if bug else (0.0, 0.0)
+    assert csv_values(tmp_path / "csv", "nograd/train/no_grad_modules") == [expected[0]] * 3
+    assert csv_values(tmp_path / "csv", "nograd/train/params_without_grad") == [expected[1]] * 3
+    assert csv_values(tmp_path / "csv", "nograd/train/eval_mode_modules") == [0.0] * 3
