@@ -158,7 +158,7 @@ def test_eval_mode_leak_is_named_and_fixed(tmp_path: Path) -> None:
     assert len(seen) == 1
     message = str(seen[0].message)
     assert "`encoder` (Sequential) is in eval mode during training" in message
-    assert "`on_train_batch_end`" in message
+    assert "(training, `on_train_batch_end`, first at batch 0)" in message
 
     modes: list[bool] = []
 

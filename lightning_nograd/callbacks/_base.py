@@ -67,6 +67,7 @@ class NoGradCallback(CallbackBase):
         self._findings = FindingLog(self.on_violation, self.warning_category)
         self._findings.listeners.append(self._on_new_finding)
         self._sink = MetricSink()
+        self._state_key: str | None = None
 
     def _on_new_finding(self, finding: Finding) -> None:
         self.report.findings.append(finding)

@@ -116,6 +116,9 @@ class BackpropGuard(NoGradCallback):
         self._index: ParamIndex | None = None
         self._modules: list[tuple[str, nn.Module]] = []
         self._train_mode_seen: set[str] = set()
+        self._trained: list[tuple[str, nn.Module]] = []
+        self._leaks_reported: set[str] = set()
+        self._optimizer_params: dict[int, list[nn.Parameter]] = {}
         self._suspects: dict[int, str] = {}
         self._probe: GradModeProbe | None = None
         self._graph: GraphProbe | None = None
@@ -132,9 +135,12 @@ class BackpropGuard(NoGradCallback):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(
-            on_violation=self.on_violation, allow=self.allow.patterns, zero_grad_steps=self.zero_grad_steps
-        )
+        # Lightning reads this on every hook call (profiler names), so it is computed once.
+        if self._state_key is None:
+            self._state_key = self._generate_state_key(
+                on_violation=self.on_violation, allow=self.allow.patterns, zero_grad_steps=self.zero_grad_steps
+            )
+        return self._state_key
 
     # -- Lightning hooks -------------------------------------------------------------------------
 
@@ -150,12 +156,16 @@ class BackpropGuard(NoGradCallback):
     @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._epoch = int(trainer.current_epoch)
+        if self._graph is not None:
+            self._graph.rename()
         self._steps_per_optimizer = {}
         self._explained = set()
         self._counts = {key: set() for key in _COUNTS}
         self._stop_stray_graph_probe()
         if self._index is None:
             self._index_model(pl_module)
+        else:
+            self._refresh_epoch_caches()
         self._check_inference_tensors(pl_module, "on_train_epoch_start")
 
     @override
@@ -215,10 +225,12 @@ class BackpropGuard(NoGradCallback):
             self._probe.stop()
             self._probe = None
         if check in (None, "stray_graph"):
-            self._stop_stray_graph_probe()
+            self._close_stray_graph_probe()
         if check is None:
             self._index = None
             self._modules = []
+            self._trained = []
+            self._optimizer_params = {}
             self._suspects = {}
             self._zero_streak = {}
 
@@ -228,8 +240,19 @@ class BackpropGuard(NoGradCallback):
     def _index_model(self, pl_module: nn.Module) -> None:
         self._index = ParamIndex(pl_module)
         self._modules = [(path, m) for path, m in pl_module.named_modules() if not self.allow.matches(path)]
+        self._note_train_mode()
+        self._optimizer_params = {}
+
+    def _note_train_mode(self) -> None:
+        """Remember modules in train mode now: from here on, eval mode in a training step is a leak."""
         self._train_mode_seen |= {path for path, m in self._modules if m.training}
+        self._trained = [(path, m) for path, m in self._modules if path in self._train_mode_seen]
         self._last_clean_check = "on_train_start"
+
+    @guarded("index")
+    def _refresh_epoch_caches(self) -> None:
+        self._note_train_mode()
+        self._optimizer_params = {}
 
     def _allowed_param(self, name: str) -> bool:
         return self.allow.matches(name.rsplit(".", 1)[0] if "." in name else "")
@@ -277,12 +300,7 @@ class BackpropGuard(NoGradCallback):
 
     @guarded("eval_mode_leak")
     def _check_modes(self, hook: str) -> None:
-        leaked: list[tuple[str, nn.Module]] = []
-        for path, module in self._modules:
-            if module.training:
-                self._train_mode_seen.add(path)
-            elif path in self._train_mode_seen:
-                leaked.append((path, module))
+        leaked = [(path, module) for path, module in self._trained if not module.training]
         if not leaked:
             self._last_clean_check = hook
             return
@@ -295,16 +313,26 @@ class BackpropGuard(NoGradCallback):
             where = "on_train_batch_end"
         for path, module in tops:
             self._counts["eval_mode_modules"].add(path)
+            if path in self._leaks_reported:
+                continue
+            self._leaks_reported.add(path)
             fixed = "; it was put back in train mode" if self.on_violation == "fix" else ""
-            self._finding(
-                "eval_mode_leak",
-                path,
-                where,
-                f"{display_name(path, self._root_type)} ({type(module).__name__}) is in eval mode during training "
-                f"although it was in train mode earlier in the fit: something called `.eval()` and did not switch "
-                f"back{fixed}",
-                "call `.train()` again after the code that evaluates (or use `self.trainer.validate`-style hooks, "
-                "which restore modes).",
+            batch_idx = self._batch_idx
+            if where == "on_train_batch_end" and batch_idx:
+                batch_idx -= 1  # seen at the start of the next batch
+            self.add_finding(
+                Finding(
+                    "eval_mode_leak",
+                    path,
+                    "train",
+                    where,
+                    batch_idx,
+                    self._epoch,
+                    f"{display_name(path, self._root_type)} ({type(module).__name__}) is in eval mode during "
+                    "training although it was in train mode earlier in the fit: something called `.eval()` and "
+                    f"did not switch back{fixed}",
+                    "call `.train()` again after the code that evaluates it.",
+                )
             )
         if self.on_violation == "fix":
             for _path, module in leaked:
@@ -320,19 +348,21 @@ class BackpropGuard(NoGradCallback):
             return
         steps = self._steps_per_optimizer.get(id(optimizer), 0) + 1
         self._steps_per_optimizer[id(optimizer)] = steps
-        check_zero = steps <= self.zero_grad_steps
-        missing: list[nn.Parameter] = []
-        zero_candidates: list[torch.Tensor] = []
-        zero_params: list[nn.Parameter] = []
-        for group in optimizer.param_groups:
-            for param in group["params"]:
-                if not param.requires_grad or id(param) not in index.names:
-                    continue
-                if param.grad is None:
-                    missing.append(param)
-                elif check_zero:
-                    zero_candidates.append(param.grad)
-                    zero_params.append(param)
+        params = self._optimizer_params.get(id(optimizer))
+        if params is None or steps == 1:
+            params = [
+                p
+                for group in optimizer.param_groups
+                for p in group["params"]
+                if id(p) in index.names and not self._allowed_param(index.names[id(p)])
+            ]
+            self._optimizer_params[id(optimizer)] = params
+        missing = [p for p in params if p.grad is None and p.requires_grad]
+        if steps <= self.zero_grad_steps:
+            zero_params = [p for p in params if p.grad is not None and p.requires_grad]
+            zero_candidates = [p.grad for p in zero_params if p.grad is not None]
+        else:
+            zero_params, zero_candidates = [], []
         if zero_candidates:
             norms = torch._foreach_norm(zero_candidates)
             zero = torch.stack([n.detach().float().cpu() for n in norms]) == 0
@@ -341,7 +371,6 @@ class BackpropGuard(NoGradCallback):
                 self._zero_streak[id(param)] = streak
                 if streak >= self.zero_grad_steps:
                     missing.append(param)
-        missing = [p for p in missing if not self._allowed_param(index.name(p))]
         if not missing:
             return
         for param in missing:
@@ -444,10 +473,10 @@ class BackpropGuard(NoGradCallback):
 
     @guarded("stray_graph")
     def _start_stray_graph_probe(self, pl_module: nn.Module) -> None:
-        if self._graph is not None:
-            return
-        self._graph = GraphProbe(pl_module, OUTSIDE_STEP_HOOKS, self._on_stray_graph, self.allow.matches)
-        self._graph.on_error = lambda err: self.switch_off("stray_graph", err)
+        if self._graph is None or self._graph.root is not pl_module:
+            self._close_stray_graph_probe()
+            self._graph = GraphProbe(pl_module, OUTSIDE_STEP_HOOKS, self._on_stray_graph, self.allow.matches)
+            self._graph.on_error = lambda err: self.switch_off("stray_graph", err)
         self._graph.start()
 
     def _on_stray_graph(self, event: GraphEvent) -> None:
@@ -465,9 +494,14 @@ class BackpropGuard(NoGradCallback):
 
     def _stop_stray_graph_probe(self) -> None:
         self._flush_stray_graphs()
+        if self._graph is not None:
+            self._graph.stop()
+
+    def _close_stray_graph_probe(self) -> None:
+        self._flush_stray_graphs()
         graph, self._graph = self._graph, None
         if graph is not None:
-            graph.stop()
+            graph.close()
 
     def _stray_finding(self, event: GraphEvent, modules: list[str] | None = None) -> None:
         hook = event.hook or "on_train_batch_end"

@@ -98,11 +98,14 @@ class EvalModeAuditor(NoGradCallback):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(
-            on_violation=self.on_violation,
-            allow_train_mode=self.allow_train_mode.patterns,
-            allow_grad=self.allow_grad.patterns,
-        )
+        # Lightning reads this on every hook call (profiler names), so it is computed once.
+        if self._state_key is None:
+            self._state_key = self._generate_state_key(
+                on_violation=self.on_violation,
+                allow_train_mode=self.allow_train_mode.patterns,
+                allow_grad=self.allow_grad.patterns,
+            )
+        return self._state_key
 
     # -- Lightning hooks: translate trainer events into probe calls ------------------------------
 
@@ -312,7 +315,7 @@ class EvalModeAuditor(NoGradCallback):
             self._modes.close()
             self._modes = None
         if check in (None, "grad_enabled") and self._graph is not None:
-            self._graph.stop()
+            self._graph.close()
             self._graph = None
         if check is None:
             self._pl_module = None

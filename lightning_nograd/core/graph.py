@@ -103,25 +103,35 @@ class GraphProbe:
         return self._active
 
     def start(self) -> None:
-        """Name the modules and start receiving saved tensors (idempotent)."""
+        """Start receiving saved tensors (idempotent); names modules on the first start."""
         if self._active:
             return
-        self._names = {id(m): name for name, m in self.root.named_modules()}
-        self._param_storages = {
-            storage_key(t) for t in [*self.root.parameters(), *self.root.buffers()] if t.numel() > 0
-        }
+        if not self._names:
+            self.rename()
         self.new_batch()
         HUB.register(self)
         self._active = True
 
+    def rename(self) -> None:
+        """Re-read module names and parameter storages (after the model changed)."""
+        self._names = {id(m): name for name, m in self.root.named_modules()}
+        self._param_storages = {
+            storage_key(t) for t in [*self.root.parameters(), *self.root.buffers()] if t.numel() > 0
+        }
+
     def stop(self) -> None:
-        """Stop receiving saved tensors and drop every reference to the model's tensors."""
+        """Stop receiving saved tensors; :meth:`start` resumes cheaply."""
         if self._active:
             HUB.unregister(self)
             self._active = False
+        self.new_batch()
+
+    def close(self) -> None:
+        """Stop and drop every reference to the model."""
+        self.stop()
         self._names = {}
         self._param_storages = set()
-        self.new_batch()
+        self.root = nn.Module()
 
     def new_batch(self) -> None:
         """Start counting saved bytes for a new batch."""
