@@ -2,6 +2,7 @@
 
 from lightning_nograd.callbacks.backprop_guard import BackpropGuard
 from lightning_nograd.callbacks.eval_mode_auditor import EvalModeAuditor
+from lightning_nograd.callbacks.savings_monitor import SavingsMonitor
 from lightning_nograd.errors import BrokenBackpropWarning, NoGradError, NoGradWarning
 
 __version__ = "0.1.0"
@@ -12,4 +13,5 @@ __all__ = [
     "EvalModeAuditor",
     "NoGradError",
     "NoGradWarning",
+    "SavingsMonitor",
 ]

@@ -58,3 +58,12 @@ def reduce_max(trainer: Trainer, value: float) -> float:
     tensor = torch.tensor(float(value), device=trainer.strategy.root_device)
     reduced = trainer.strategy.reduce(tensor, reduce_op="max")
     return float(reduced.item())
+
+
+def reduce_vector(trainer: Trainer, values: list[float], op: str) -> list[float]:
+    """Element-wise ``op`` (``"sum"`` or ``"max"``) of ``values`` over all ranks; a collective."""
+    if world_size(trainer) <= 1:
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64, device=trainer.strategy.root_device)
+    reduced = trainer.strategy.reduce(tensor, reduce_op=op)
+    return [float(v) for v in reduced.tolist()]

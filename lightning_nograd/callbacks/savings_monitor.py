@@ -1,0 +1,478 @@
+"""SavingsMonitor: per-epoch time and memory of validation/test, and what disabling gradients saved."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+from torch import nn
+from typing_extensions import override
+
+from lightning_nograd.callbacks._base import NoGradCallback, guarded
+from lightning_nograd.callbacks._lightning import (
+    LightningModule,
+    Trainer,
+    forget_lightning_module,
+    is_sanity_checking,
+    world_size,
+)
+from lightning_nograd.callbacks.loggers import reduce_vector
+from lightning_nograd.core.arguments import check_float, check_int
+from lightning_nograd.core.findings import Finding
+from lightning_nograd.core.graph import storage_key
+from lightning_nograd.core.measure import MIB, EpochClock, EpochPeakMemory
+from lightning_nograd.core.replay import CallRecorder, RecordedCall, ReplayResult, is_work_module, replay, replayable
+
+log = logging.getLogger(__name__)
+
+_LOOPS = {"val": "validation", "test": "test"}
+
+
+def _excluded_types() -> tuple[type, ...]:
+    try:
+        from torchmetrics import Metric
+    except ImportError:  # torchmetrics is a dependency, but the check must not depend on it
+        return ()
+    return (Metric,)
+
+
+def _signature(calls: list[RecordedCall]) -> tuple[Any, ...]:
+    """What a measurement depends on: which modules ran, on what input shapes, in which grad mode."""
+
+    def describe(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return (tuple(value.shape), str(value.dtype), str(value.device))
+        if isinstance(value, (list, tuple)):
+            return tuple(describe(v) for v in value)
+        if isinstance(value, dict):
+            return tuple(sorted((k, describe(v)) for k, v in value.items()))
+        return type(value).__name__
+
+    return tuple((id(c.module), describe(c.args), describe(c.kwargs), c.inference_mode) for c in calls)
+
+
+def _is_oom(err: BaseException) -> bool:
+    return isinstance(err, torch.OutOfMemoryError)
+
+
+class SavingsMonitor(NoGradCallback):
+    """Measures each validation / test epoch and what running it without gradients saved.
+
+    Per epoch (never the sanity check) it logs wall time and peak memory. During
+    ``measure_batches`` batches of an epoch it records the outermost calls of the modules that do
+    the model's work (modules with parameters, not torchmetrics metrics) with their inputs, then
+    replays them with gradients on and off, interleaved and repeated, in eval mode, after a
+    warm-up pair. No step or hook of the user is re-run, RNG state is restored and batch-norm
+    statistics are untouched. A measurement is reused until the recorded calls change (other
+    modules, another input shape), so a long fit pays for it once.
+
+    Logged metrics (``{stage}`` is ``val`` or ``test``):
+        ``nograd/{stage}/epoch_time_s``: wall time of the epoch, CUDA-synchronised, replays excluded.
+        ``nograd/{stage}/peak_memory_mib``: CUDA allocator peak on GPU, peak process RSS on CPU.
+        ``nograd/{stage}/graph_memory_mib``: bytes autograd would keep for backward for one batch
+            (each storage once, parameters and buffers left out).
+        ``nograd/{stage}/memory_saved_mib``: peak memory of one batch with gradients on minus off
+            (CUDA allocator peak; exact tensor-storage peak on CPU).
+        ``nograd/{stage}/time_saved_s`` and ``nograd/{stage}/time_saved_pct``: the median per-batch
+            difference times the batches of the epoch, and that as a percentage of what the epoch
+            would have taken with gradients on. Not logged when the difference cannot be told from
+            noise (sign test over the paired repeats); ``report`` then says so, with the spread.
+
+    Args:
+        measure_batches: batches recorded and replayed per measurement (>= 1).
+        repeats: timed on/off pairs per measurement; ``None`` chooses as many as ``budget`` allows,
+            between ``min_repeats`` and ``max_repeats``.
+        budget: the share of the run's own time the replays may take (default 1%).
+        min_repeats: fewest timed pairs worth running; below it time is not measured.
+        max_repeats: most timed pairs when ``repeats`` is ``None``.
+
+    Raises:
+        ValueError, TypeError: an argument of the wrong type or out of range.
+
+    Example:
+        >>> from lightning.pytorch import Trainer
+        >>> trainer = Trainer(callbacks=[SavingsMonitor(budget=0.02)])
+    """
+
+    def __init__(
+        self,
+        measure_batches: int = 2,
+        repeats: int | None = None,
+        budget: float = 0.01,
+        min_repeats: int = 6,
+        max_repeats: int = 40,
+    ) -> None:
+        super().__init__("warn")
+        self.measure_batches = check_int("measure_batches", measure_batches, 1)
+        self.repeats = None if repeats is None else check_int("repeats", repeats, 1)
+        self.budget = check_float("budget", budget, 0.0, 1000.0)
+        self.min_repeats = check_int("min_repeats", min_repeats, 1)
+        self.max_repeats = check_int("max_repeats", max_repeats, self.min_repeats)
+        self._run_started = time.perf_counter()
+        self._spent = 0.0
+        self._device = torch.device("cpu")
+        self._clock: EpochClock | None = None
+        self._memory: EpochPeakMemory | None = None
+        self._recorder: CallRecorder | None = None
+        self._recorded: list[list[RecordedCall]] = []
+        self._batches = 0
+        self._record_from = 1
+        self._batch_started = 0.0
+        self._batch_seconds: list[float] = []
+        self._cache: dict[tuple[Any, ...], tuple[ReplayResult, dict[str, Any]]] = {}
+        self._measurement: tuple[ReplayResult, dict[str, Any]] | None = None
+        self._skip_reason: str | None = None
+        self._stage: str | None = None
+        self._epoch = 0
+
+    @property
+    @override
+    def state_key(self) -> str:
+        if self._state_key is None:
+            self._state_key = self._generate_state_key(
+                measure_batches=self.measure_batches, repeats=self.repeats, budget=self.budget
+            )
+        return self._state_key
+
+    # -- Lightning hooks -------------------------------------------------------------------------
+
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._run_started = time.perf_counter()
+        self._spent = 0.0
+        self.set_rank_zero(trainer)
+
+    @override
+    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._begin_epoch(trainer, pl_module, "val")
+
+    @override
+    def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._begin_epoch(trainer, pl_module, "test")
+
+    @override
+    def on_validation_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        self._begin_batch(trainer, pl_module)
+
+    @override
+    def on_test_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        self._begin_batch(trainer, pl_module)
+
+    @override
+    def on_validation_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._end_batch(trainer, pl_module)
+
+    @override
+    def on_test_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._end_batch(trainer, pl_module)
+
+    @override
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._end_epoch(trainer)
+
+    @override
+    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._end_epoch(trainer)
+
+    @override
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self.release()
+
+    @override
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self.release()
+        forget_lightning_module(self)
+
+    @override
+    def release(self, check: str | None = None) -> None:
+        if self._recorder is not None:
+            self._recorder.stop()
+            self._recorder = None
+        self._recorded = []
+        if check is None:
+            self._measurement = None
+
+    # -- epoch -----------------------------------------------------------------------------------
+
+    def _active(self, trainer: Trainer) -> bool:
+        return self._stage is not None and not is_sanity_checking(trainer)
+
+    def _begin_epoch(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if is_sanity_checking(trainer):
+            self._stage = None
+            return
+        self._stage = stage
+        self._epoch = int(trainer.current_epoch)
+        self._batches = 0
+        self._recorded = []
+        self._measurement = None
+        self._skip_reason = None
+        self._batch_seconds = []
+        self._device = torch.device(pl_module.device)
+        self._start_epoch_measures()
+        total = _total_batches(trainer, stage)
+        self._record_from = 1 if total is None or total > self.measure_batches else 0
+        self._skip_reason = _replay_refusal(trainer)
+
+    @guarded("epoch_measures")
+    def _start_epoch_measures(self) -> None:
+        self._clock = EpochClock(self._device)
+        self._memory = EpochPeakMemory(self._device)
+        self._memory.start()
+        self._clock.start()
+
+    def _begin_batch(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self._active(trainer):
+            return
+        self._batch_started = time.perf_counter()
+        if self._wants_recording():
+            self._start_recording(pl_module)
+
+    def _wants_recording(self) -> bool:
+        return (
+            self._skip_reason is None
+            and self._measurement is None
+            and self._batches >= self._record_from
+            and len(self._recorded) < self.measure_batches
+            and "replay" not in self.switched_off
+        )
+
+    @guarded("replay")
+    def _start_recording(self, pl_module: nn.Module) -> None:
+        excluded = _excluded_types()
+        candidates = {id(m) for m in pl_module.modules() if m is not pl_module and is_work_module(m, excluded)}
+        self._recorder = CallRecorder(candidates)
+        self._recorder.start()
+
+    def _end_batch(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self._active(trainer):
+            return
+        self._batches += 1
+        self._batch_seconds.append(time.perf_counter() - self._batch_started)
+        if self._memory is not None:
+            self._memory.sample()
+        if self._recorder is not None:
+            self._finish_recording(trainer, pl_module)
+
+    @guarded("replay")
+    def _finish_recording(self, trainer: Trainer, pl_module: nn.Module) -> None:
+        recorder, self._recorder = self._recorder, None
+        if recorder is None:
+            return
+        recorder.stop()
+        if recorder.calls:
+            self._recorded.append(recorder.calls)
+        if len(self._recorded) >= self.measure_batches:
+            self._measure(trainer, pl_module)
+
+    @guarded("replay")
+    def _measure(self, trainer: Trainer, pl_module: nn.Module) -> None:
+        batches, self._recorded = self._recorded, []
+        signature = tuple(_signature(calls) for calls in batches)
+        cached = self._cache.get(signature)
+        if cached is not None:
+            self._measurement = cached
+            return
+        seconds_per_batch = sorted(self._batch_seconds)[len(self._batch_seconds) // 2]
+        remaining = max(0, (_total_batches(trainer, self._stage or "val") or self._batches) - self._batches)
+        run_time = time.perf_counter() - self._run_started + remaining * seconds_per_batch
+        allowed = self.budget * run_time - self._spent
+        if allowed < 6 * seconds_per_batch * len(batches):
+            self._skip_reason = (
+                f"the run is too short to measure within its budget ({self.budget:.0%} of the run's time); "
+                "raise `budget` to measure"
+            )
+            return
+        if self._clock is not None:
+            self._clock.pause()
+        if self._memory is not None:
+            self._memory.pause()
+        started = time.perf_counter()
+        try:
+            results = [self._replay_batch(pl_module, calls, allowed / len(batches)) for calls in batches]
+        finally:
+            self._spent += time.perf_counter() - started
+            if self._memory is not None:
+                self._memory.resume()
+            if self._clock is not None:
+                self._clock.resume()
+        merged = _merge(results)
+        self._measurement = (merged, {"repeats": len(merged.time_on), "batches_replayed": len(batches)})
+        if not merged.out_of_memory:
+            self._cache[signature] = self._measurement
+
+    def _replay_batch(self, pl_module: nn.Module, calls: list[RecordedCall], allowed: float) -> ReplayResult:
+        exclude = {storage_key(t) for t in [*pl_module.parameters(), *pl_module.buffers()] if t.numel() > 0}
+        started = time.perf_counter()
+
+        def repeats(pair_seconds: float) -> int:
+            if self.repeats is not None:
+                return self.repeats
+            left = allowed - (time.perf_counter() - started)
+            affordable = int(left / max(pair_seconds, 1e-9))
+            return 0 if affordable < self.min_repeats else min(affordable, self.max_repeats)
+
+        result = replay(replayable(calls), repeats, self._device, exclude, is_oom=_is_oom)
+        if result.out_of_memory:
+            if self._device.type == "cuda":
+                torch.cuda.empty_cache()
+            self._report_oom(calls)
+        return result
+
+    def _report_oom(self, calls: list[RecordedCall]) -> None:
+        self.add_finding(
+            Finding(
+                kind="grad_replay_oom",
+                subject=", ".join(sorted({type(c.module).__name__ for c in calls})),
+                stage=self._stage or "val",
+                hook=f"{_LOOPS.get(self._stage or 'val', 'validation')}_step",
+                batch_idx=self._batches - 1,
+                epoch=self._epoch,
+                problem="with gradients on, this batch does not fit in memory: no_grad is what makes it run",
+                fix="keep evaluation under `torch.no_grad()` / `inference_mode` (Lightning's default); nothing "
+                "else to do, this is what the savings metrics would have shown.",
+            )
+        )
+
+    def _end_epoch(self, trainer: Trainer) -> None:
+        if not self._active(trainer):
+            return
+        self._stop_recording()
+        stage = self._stage or "val"
+        metrics, details = self._epoch_metrics(stage)
+        self._emit(trainer, stage, metrics, details)
+        self._stage = None
+
+    def _stop_recording(self) -> None:
+        if self._recorder is not None:
+            self._recorder.stop()
+            self._recorder = None
+
+    def _epoch_metrics(self, stage: str) -> tuple[dict[str, float], dict[str, Any]]:
+        prefix = f"nograd/{stage}"
+        metrics: dict[str, float] = {}
+        details: dict[str, Any] = {"batches": self._batches}
+        if self._clock is not None and "epoch_measures" not in self.switched_off:
+            metrics[f"{prefix}/epoch_time_s"] = self._clock.stop()
+        if self._memory is not None and "epoch_measures" not in self.switched_off:
+            metrics[f"{prefix}/peak_memory_mib"] = self._memory.peak_mib()
+        measurement = self._measurement
+        if measurement is None:
+            details["savings"] = self._skip_reason or "no module calls with parameters were recorded"
+            return metrics, details
+        result, info = measurement
+        details.update(info)
+        if result.out_of_memory:
+            details["savings"] = "with gradients on, a batch does not fit in memory"
+            return metrics, details
+        metrics[f"{prefix}/graph_memory_mib"] = result.graph_bytes / MIB
+        metrics[f"{prefix}/memory_saved_mib"] = (result.peak_on_bytes - result.peak_off_bytes) / MIB
+        if not result.time_on:
+            details["savings"] = "time not measured: the budget allowed too few repeats (raise `budget`)"
+            return metrics, details
+        low, high = result.spread
+        details.update(
+            {
+                "time_saved_per_batch_s": result.saved_per_batch,
+                "time_saved_per_batch_iqr_s": [low, high],
+                "sign_test_p": result.sign_test_p,
+                "within_noise": result.within_noise(),
+            }
+        )
+        if result.within_noise():
+            details["savings"] = (
+                f"time difference within noise: {result.saved_per_batch * 1e3:+.3f} ms per batch "
+                f"(IQR {low * 1e3:+.3f} to {high * 1e3:+.3f} ms, sign test p={result.sign_test_p:.2f})"
+            )
+            return metrics, details
+        saved = result.saved_per_batch * self._batches
+        epoch_time = metrics.get(f"{prefix}/epoch_time_s", 0.0)
+        metrics[f"{prefix}/time_saved_s"] = saved
+        metrics[f"{prefix}/time_saved_pct"] = 100.0 * saved / (epoch_time + saved) if epoch_time + saved > 0 else 0.0
+        details["savings"] = "measured"
+        return metrics, details
+
+    @guarded("metrics")
+    def _emit(self, trainer: Trainer, stage: str, metrics: dict[str, float], details: dict[str, Any]) -> None:
+        if world_size(trainer) > 1:
+            metrics = _reduce_across_ranks(trainer, stage, metrics)
+        step = int(trainer.global_step)
+        self.report.record_epoch(stage, int(trainer.current_epoch), step, metrics, details)
+        self._sink.emit(trainer, metrics, step)
+
+
+_KEYS = ("epoch_time_s", "peak_memory_mib", "graph_memory_mib", "memory_saved_mib", "time_saved_s", "time_saved_pct")
+
+
+def _reduce_across_ranks(trainer: Trainer, stage: str, metrics: dict[str, float]) -> dict[str, float]:
+    """Max of time and peak memory over ranks, mean of savings over the ranks that measured them.
+
+    Every rank calls both collectives every epoch, whatever it measured.
+    """
+    keys = [f"nograd/{stage}/{k}" for k in _KEYS]
+    present = [1.0 if k in metrics else 0.0 for k in keys]
+    values = [metrics.get(k, 0.0) for k in keys]
+    maxima = reduce_vector(trainer, values, "max")
+    sums = reduce_vector(trainer, values + present, "sum")
+    reduced: dict[str, float] = {}
+    for i, key in enumerate(keys):
+        count = sums[len(keys) + i]
+        if count == 0:
+            continue
+        reduced[key] = maxima[i] if i < 2 else sums[i] / count
+    return reduced
+
+
+def _merge(results: list[ReplayResult]) -> ReplayResult:
+    """One per-batch result from several replayed batches: their means, pair by pair."""
+    if len(results) == 1:
+        return results[0]
+    merged = ReplayResult()
+    merged.out_of_memory = any(r.out_of_memory for r in results)
+    n = len(results)
+    merged.graph_bytes = sum(r.graph_bytes for r in results) // n
+    merged.peak_on_bytes = sum(r.peak_on_bytes for r in results) // n
+    merged.peak_off_bytes = sum(r.peak_off_bytes for r in results) // n
+    pairs = min(len(r.time_on) for r in results)
+    merged.time_on = [sum(r.time_on[i] for r in results) / n for i in range(pairs)]
+    merged.time_off = [sum(r.time_off[i] for r in results) / n for i in range(pairs)]
+    return merged
+
+
+def _total_batches(trainer: Trainer, stage: str) -> int | None:
+    counts = trainer.num_val_batches if stage == "val" else trainer.num_test_batches
+    try:
+        total = sum(int(c) for c in counts)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return total if total > 0 else None
+
+
+def _replay_refusal(trainer: Trainer) -> str | None:
+    """Why the replay must not run under this strategy (its module calls would need collectives)."""
+    name = type(getattr(trainer, "strategy", None)).__name__
+    if "FSDP" in name or "DeepSpeed" in name or "ModelParallel" in name:
+        return f"replay skipped under {name}: sharded module calls need every rank, and a replay on one rank would hang"
+    return None

@@ -1,0 +1,207 @@
+"""Time and memory measurement: epoch clocks, epoch peak memory, exact peak of one call.
+
+Framework-free. CUDA is synchronised before every clock read on a CUDA device.
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+MIB = float(2**20)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued CUDA work so a clock read means what it says."""
+    if device.type == "cuda" and torch.cuda.is_available():
+        torch.cuda.synchronize(device)
+
+
+class EpochClock:
+    """Wall time of an epoch, excluding the time spent in pauses (our own replays).
+
+    Example:
+        >>> clock = EpochClock(torch.device("cpu"))
+        >>> clock.start(); clock.pause(); clock.resume()
+        >>> clock.stop() >= 0
+        True
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._started = 0.0
+        self._paused_at: float | None = None
+        self._paused_total = 0.0
+
+    def start(self) -> None:
+        synchronize(self.device)
+        self._started = time.perf_counter()
+        self._paused_total = 0.0
+        self._paused_at = None
+
+    def pause(self) -> None:
+        synchronize(self.device)
+        self._paused_at = time.perf_counter()
+
+    def resume(self) -> None:
+        if self._paused_at is not None:
+            self._paused_total += time.perf_counter() - self._paused_at
+            self._paused_at = None
+
+    def stop(self) -> float:
+        """Seconds since :meth:`start`, minus pauses."""
+        synchronize(self.device)
+        return time.perf_counter() - self._started - self._paused_total
+
+
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+_STATUS = Path("/proc/self/status")
+
+
+def _read_hwm_bytes() -> int | None:
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _reset_hwm() -> bool:
+    try:
+        _CLEAR_REFS.write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+class EpochPeakMemory:
+    """Peak memory of an epoch: the CUDA allocator peak on GPU, the peak process RSS on CPU.
+
+    On Linux the kernel's RSS high-water mark is reset at epoch start (``/proc/self/clear_refs``);
+    elsewhere the RSS is sampled at every :meth:`sample` call. Our own replays are excluded:
+    :meth:`pause` banks the peak so far and :meth:`resume` resets the counter.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._banked = 0
+        self._process = psutil.Process()
+        self._hwm = False
+
+    def start(self) -> None:
+        self._banked = 0
+        self._reset()
+
+    def _reset(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self._hwm = _reset_hwm() and _read_hwm_bytes() is not None
+            self._banked = max(self._banked, self._rss())
+
+    def _rss(self) -> int:
+        return int(self._process.memory_info().rss)
+
+    def _current_peak(self) -> int:
+        if self.device.type == "cuda":
+            return int(torch.cuda.max_memory_allocated(self.device))
+        if self._hwm:
+            return _read_hwm_bytes() or self._rss()
+        return self._rss()
+
+    def sample(self) -> None:
+        """Take an RSS sample where the kernel peak cannot be read (cheap; CPU only)."""
+        if self.device.type != "cuda" and not self._hwm:
+            self._banked = max(self._banked, self._rss())
+
+    def pause(self) -> None:
+        self._banked = max(self._banked, self._current_peak())
+
+    def resume(self) -> None:
+        self._reset()
+
+    def peak_mib(self) -> float:
+        return max(self._banked, self._current_peak()) / MIB
+
+
+class LiveTensorMemory(TorchDispatchMode):  # type: ignore[no-untyped-call]
+    """Exact peak of the bytes of tensor storages created while active, freed ones subtracted.
+
+    Repeatable where process RSS is not: it counts storages, not pages.
+
+    Example:
+        >>> with LiveTensorMemory() as memory:
+        ...     a = torch.ones(256)  # 1 KiB
+        ...     b = a * 2
+        ...     del a, b
+        ...     c = torch.ones(128)
+        >>> memory.peak_bytes
+        2048
+    """
+
+    def __init__(self) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.current_bytes = 0
+        self.peak_bytes = 0
+        self._live: set[tuple[str, int]] = set()
+
+    def __torch_dispatch__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        out = func(*args, **(kwargs or {}))
+        inputs = {_key(t) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for leaf in tree_leaves(out):
+            if isinstance(leaf, torch.Tensor):
+                self._track(leaf, inputs)
+        return out
+
+    def _track(self, tensor: torch.Tensor, inputs: set[tuple[str, int]]) -> None:
+        storage = tensor.untyped_storage()
+        key = _key(tensor)
+        nbytes = int(storage.nbytes())
+        if key in self._live or key in inputs or nbytes == 0:
+            return  # a view or an in-place result: no new memory
+        self._live.add(key)
+        self.current_bytes += nbytes
+        self.peak_bytes = max(self.peak_bytes, self.current_bytes)
+        weakref.finalize(storage, self._free, key, nbytes)
+
+    def _free(self, key: tuple[str, int], nbytes: int) -> None:
+        if key in self._live:
+            self._live.discard(key)
+            self.current_bytes -= nbytes
+
+
+def _key(tensor: torch.Tensor) -> tuple[str, int]:
+    return (str(tensor.device), tensor.untyped_storage().data_ptr())
+
+
+def peak_bytes_of(run: Callable[[], Any], device: torch.device) -> int:
+    """Peak memory that ``run()`` needs above what was allocated before it (exact).
+
+    CUDA: allocator peak; CPU: :class:`LiveTensorMemory`. Whatever ``run`` returns is dropped
+    before the measurement ends, as a step's graph would be.
+    """
+    if device.type == "cuda":
+        synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        result = run()
+        synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - before
+        del result
+        return int(peak)
+    with LiveTensorMemory() as memory:
+        result = run()
+        del result
+    return int(memory.peak_bytes)

@@ -1,0 +1,267 @@
+"""The replay that measures what disabling gradients saves, on the user's own model and data.
+
+:class:`CallRecorder` records, during one evaluation batch, the outermost calls of the modules
+that do the model's work (modules with parameters; not metrics, not parameter-free layers) with
+their inputs. :func:`replay` then runs exactly those calls again with gradients on and off,
+interleaved and repeated, in eval mode, with RNG state restored, and measures time, graph bytes
+and peak memory. No user hook or step is re-run.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from math import comb
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_map
+from torch.utils.hooks import RemovableHandle
+
+from lightning_nograd.core.graph import storage_key
+from lightning_nograd.core.measure import peak_bytes_of, synchronize
+
+
+@dataclass
+class RecordedCall:
+    """One module call: the module, its inputs, and the grad mode it ran under."""
+
+    module: nn.Module
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    inference_mode: bool
+
+
+def is_work_module(module: nn.Module, excluded: tuple[type, ...] = ()) -> bool:
+    """Whether ``module`` does model work worth replaying: it has parameters and is not excluded."""
+    if excluded and isinstance(module, excluded):
+        return False
+    return any(True for _ in module.parameters())
+
+
+class CallRecorder:
+    """Records the outermost calls of ``candidates`` while active (global hooks, so fused paths stay on).
+
+    Args:
+        candidates: the modules whose calls may be recorded (by ``id``).
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
+        >>> recorder = CallRecorder({id(m) for m in (net, net[0], net[2])})
+        >>> recorder.start()
+        >>> with torch.no_grad():
+        ...     _ = net(torch.ones(4, 2))
+        >>> recorder.stop()
+        >>> [type(c.module).__name__ for c in recorder.calls]
+        ['Sequential']
+    """
+
+    def __init__(self, candidates: set[int]) -> None:
+        self.candidates = candidates
+        self.calls: list[RecordedCall] = []
+        self._active: int | None = None
+        self._handles: list[RemovableHandle] = []
+
+    def start(self) -> None:
+        if self._handles:
+            return
+        self._handles = [
+            nn.modules.module.register_module_forward_pre_hook(self._pre),
+            nn.modules.module.register_module_forward_hook(self._post, with_kwargs=True, always_call=True),
+        ]
+
+    def stop(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._active = None
+
+    def clear(self) -> None:
+        self.calls = []
+
+    def _pre(self, module: nn.Module, args: Any) -> None:
+        if self._active is None and id(module) in self.candidates:
+            self._active = id(module)
+
+    def _post(self, module: nn.Module, args: Any, kwargs: dict[str, Any], output: Any) -> None:
+        if self._active == id(module):
+            self._active = None
+            self.calls.append(RecordedCall(module, tuple(args), dict(kwargs), torch.is_inference_mode_enabled()))
+
+
+def _clone_inference(value: Any) -> Any:
+    if isinstance(value, torch.Tensor) and value.is_inference():
+        with torch.inference_mode(False):
+            return value.clone()
+    return value
+
+
+def replayable(calls: Iterable[RecordedCall]) -> list[RecordedCall]:
+    """Calls whose inference-mode inputs are cloned, so a grad-enabled replay can use them."""
+    return [
+        RecordedCall(
+            c.module, tree_map(_clone_inference, c.args), tree_map(_clone_inference, c.kwargs), c.inference_mode
+        )
+        for c in calls
+    ]
+
+
+@dataclass
+class ReplayResult:
+    """Per-batch measurements of a replay. Times are seconds for all recorded calls of one batch."""
+
+    time_on: list[float] = field(default_factory=list)
+    time_off: list[float] = field(default_factory=list)
+    graph_bytes: int = 0
+    peak_on_bytes: int = 0
+    peak_off_bytes: int = 0
+    out_of_memory: bool = False
+
+    @property
+    def differences(self) -> list[float]:
+        """Paired (grad on - grad off) differences, one per repeat."""
+        return [a - b for a, b in zip(self.time_on, self.time_off, strict=True)]
+
+    @property
+    def saved_per_batch(self) -> float:
+        """Median time one batch saves by running without gradients."""
+        return statistics.median(self.differences) if self.time_on else 0.0
+
+    @property
+    def time_on_per_batch(self) -> float:
+        return statistics.median(self.time_on) if self.time_on else 0.0
+
+    @property
+    def spread(self) -> tuple[float, float]:
+        """Interquartile range of the paired differences (seconds per batch)."""
+        diffs = self.differences
+        if len(diffs) < 2:
+            return (diffs[0], diffs[0]) if diffs else (0.0, 0.0)
+        q1, _, q3 = statistics.quantiles(diffs, n=4)
+        return (q1, q3)
+
+    @property
+    def sign_test_p(self) -> float:
+        """Two-sided sign-test p-value that grad on and off take the same time."""
+        diffs = [d for d in self.differences if d != 0]
+        n = len(diffs)
+        if n == 0:
+            return 1.0
+        k = min(sum(d > 0 for d in diffs), sum(d < 0 for d in diffs))
+        return float(min(1.0, 2 * sum(comb(n, i) for i in range(k + 1)) / 2**n))
+
+    def within_noise(self, alpha: float = 0.05) -> bool:
+        """Whether the time difference cannot be told from noise at level ``alpha``."""
+        return self.sign_test_p >= alpha
+
+
+def _run_calls(calls: list[RecordedCall], grad: bool) -> list[Any]:
+    outputs = []
+    for call in calls:
+        if grad:
+            with torch.inference_mode(False), torch.enable_grad():
+                outputs.append(call.module(*call.args, **call.kwargs))
+        elif call.inference_mode:
+            with torch.inference_mode():
+                outputs.append(call.module(*call.args, **call.kwargs))
+        else:
+            with torch.no_grad():
+                outputs.append(call.module(*call.args, **call.kwargs))
+    return outputs
+
+
+def graph_bytes_of(calls: list[RecordedCall], exclude: set[tuple[str, int]]) -> int:
+    """Bytes autograd saves for backward in one grad-enabled run of ``calls``.
+
+    Each storage is counted once, at its full size; parameters and buffers (``exclude``) are left
+    out because they exist anyway.
+    """
+    seen: dict[tuple[str, int], int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        key = storage_key(tensor)
+        if key not in exclude:
+            seen[key] = int(tensor.untyped_storage().nbytes())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        outputs = _run_calls(calls, grad=True)
+    del outputs
+    return sum(seen.values())
+
+
+class _EvalModeAndRng:
+    """Puts the replayed modules in eval mode and restores modes and RNG state afterwards."""
+
+    def __init__(self, modules: list[nn.Module], device: torch.device) -> None:
+        self.modules = modules
+        self.device = device
+        self._modes: list[tuple[nn.Module, bool]] = []
+        self._cpu_rng: torch.Tensor | None = None
+        self._cuda_rng: list[torch.Tensor] | None = None
+
+    def __enter__(self) -> None:
+        self._modes = [(m, m.training) for root in self.modules for m in root.modules()]
+        for root in self.modules:
+            root.train(False)
+        self._cpu_rng = torch.get_rng_state()
+        if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
+            self._cuda_rng = torch.cuda.get_rng_state_all()
+
+    def __exit__(self, *exc: object) -> None:
+        for module, mode in self._modes:
+            module.training = mode
+        if self._cpu_rng is not None:
+            torch.set_rng_state(self._cpu_rng)
+        if self._cuda_rng is not None:
+            torch.cuda.set_rng_state_all(self._cuda_rng)
+
+
+def _timed(calls: list[RecordedCall], grad: bool, device: torch.device) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    outputs = _run_calls(calls, grad)
+    synchronize(device)
+    elapsed = time.perf_counter() - start
+    del outputs
+    return elapsed
+
+
+def replay(
+    calls: list[RecordedCall],
+    repeats: Callable[[float], int],
+    device: torch.device,
+    exclude_storages: set[tuple[str, int]],
+    is_oom: Callable[[BaseException], bool] | None = None,
+) -> ReplayResult:
+    """Replay ``calls`` with gradients on and off: memory first, then interleaved timed pairs.
+
+    Args:
+        calls: the recorded calls of one batch (inference-mode inputs already cloned).
+        repeats: given the seconds of the warm-up pair, how many timed pairs to run.
+        device: where the model runs (CUDA is synchronised around every timing).
+        exclude_storages: parameter and buffer storages, not counted as graph memory.
+        is_oom: recognises an out-of-memory error of the grad-enabled run; the result then has
+            ``out_of_memory=True`` and the run goes on.
+    """
+    result = ReplayResult()
+    modules = list({id(c.module): c.module for c in calls}.values())
+    with _EvalModeAndRng(modules, device):
+        try:
+            result.graph_bytes = graph_bytes_of(calls, exclude_storages)
+            result.peak_on_bytes = peak_bytes_of(lambda: _run_calls(calls, grad=True), device)
+            result.peak_off_bytes = peak_bytes_of(lambda: _run_calls(calls, grad=False), device)
+            pair = _timed(calls, True, device) + _timed(calls, False, device)
+            for i in range(repeats(pair)):
+                order = (True, False) if i % 2 == 0 else (False, True)
+                for grad in order:
+                    (result.time_on if grad else result.time_off).append(_timed(calls, grad, device))
+        except Exception as err:
+            if is_oom is None or not is_oom(err):
+                raise
+            result.out_of_memory = True
+            result.time_on, result.time_off = [], []
+    return result

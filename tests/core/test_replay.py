@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lightning_nograd.core.replay import CallRecorder, ReplayResult, replay, replayable
+
+
+def test_sign_test_tells_a_real_difference_from_noise() -> None:
+    clear = ReplayResult(time_on=[1.1] * 8, time_off=[1.0] * 8)
+    assert not clear.within_noise() and clear.sign_test_p < 0.01
+    noisy = ReplayResult(time_on=[1.1, 0.9, 1.1, 0.9, 1.0, 1.1], time_off=[1.0] * 6)
+    assert noisy.within_noise()
+    assert ReplayResult().within_noise()
+
+
+def test_spread_is_the_interquartile_range_of_paired_differences() -> None:
+    result = ReplayResult(time_on=[2.0, 3.0, 4.0, 5.0, 6.0], time_off=[1.0] * 5)
+    low, high = result.spread
+    assert low < result.saved_per_batch == 3.0 < high
+
+
+def test_recorder_keeps_outermost_work_calls_only() -> None:
+    backbone = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    head = nn.Linear(4, 1)
+    recorder = CallRecorder({id(backbone), id(backbone[0]), id(head)})
+    recorder.start()
+    with torch.inference_mode():
+        head(backbone(torch.ones(2, 4)))
+    recorder.stop()
+    assert [c.module for c in recorder.calls] == [backbone, head]
+    assert all(c.inference_mode for c in recorder.calls)
+    assert not torch.nn.modules.module._global_forward_pre_hooks
+
+
+def test_replay_restores_modes_rng_and_batch_norm_stats() -> None:
+    net = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Dropout()).train()
+    recorder = CallRecorder({id(net)})
+    recorder.start()
+    with torch.inference_mode():
+        net.eval()
+        net(torch.randn(8, 4))
+        net.train()
+    recorder.stop()
+    stats = net[1].running_mean.clone()
+    rng = torch.get_rng_state()
+    result = replay(replayable(recorder.calls), lambda pair: 3, torch.device("cpu"), set())
+    assert len(result.time_on) == 3 and result.graph_bytes > 0
+    assert torch.equal(net[1].running_mean, stats)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(m.training for m in net.modules())

@@ -1,0 +1,200 @@
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from torch import nn
+
+from lightning_nograd import NoGradWarning, SavingsMonitor
+from tests.helpers import csv_values, loader, nograd_warnings, read_tensorboard_scalars, trainer
+
+KEYS = ["epoch_time_s", "peak_memory_mib", "graph_memory_mib", "memory_saved_mib", "time_saved_s", "time_saved_pct"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"measure_batches": 0}, ValueError, r"`measure_batches`.*>= 1.*got 0"),
+        ({"repeats": -1}, ValueError, r"`repeats`.*got -1"),
+        ({"repeats": "many"}, TypeError, r"`repeats`.*'many'"),
+        ({"budget": -0.1}, ValueError, r"`budget`.*got -0.1"),
+        ({"budget": float("nan")}, ValueError, r"`budget`.*nan"),
+        ({"min_repeats": 5, "max_repeats": 2}, ValueError, r"`max_repeats`.*>= 5.*got 2"),
+    ],
+)
+def test_bad_arguments_raise_at_construction(kwargs: dict, error: type[Exception], match: str) -> None:
+    with pytest.raises(error, match=match):
+        SavingsMonitor(**kwargs)
+
+
+class SlowWithGrad(nn.Module):
+    """Costs 3 ms more per call with gradients on, so the saving is unmistakable in a test."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            time.sleep(0.003)
+        return x * self.scale
+
+
+class Stack(pl.LightningModule):
+    """Linear + ReLU stack: its autograd graph can be computed by hand."""
+
+    def __init__(self, slow: bool = False, dropout_bn: bool = False) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 1)]
+        self.net = nn.Sequential(*layers)
+        self.extra = SlowWithGrad() if slow else None
+        self.regulariser = nn.Sequential(nn.BatchNorm1d(8), nn.Dropout(0.3)) if dropout_bn else None
+        self.validation_seen = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.regulariser is not None:
+            x = self.regulariser(x)
+        out = self.net(x)
+        return self.extra(out) if self.extra is not None else out
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = nn.functional.mse_loss(self(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        self.validation_seen += 1
+        self.log("val_loss", nn.functional.mse_loss(self(x), y))
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        self.log("test_loss", nn.functional.mse_loss(self(x), y))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def graph_bytes_by_hand(batch: int) -> int:
+    # Linear(8,16) saves its input (batch x 8); each ReLU saves its output, which the next Linear
+    # saves again as its input (one storage, counted once); weights are parameters, left out.
+    return 4 * batch * (8 + 16 + 32)
+
+
+@pytest.mark.parametrize("entry", ["fit", "validate"])
+def test_graph_memory_is_exact(tmp_path: Path, entry: str) -> None:
+    monitor = SavingsMonitor(repeats=2, budget=1000.0)
+    t = trainer(tmp_path, [monitor], limit_val_batches=3)
+    model = Stack()
+    if entry == "fit":
+        t.fit(model, loader(n=64, batch_size=8), loader(n=64, batch_size=8))
+    else:
+        t.validate(model, loader(n=64, batch_size=8))
+    epochs = [e for e in monitor.report.epochs if e.stage == "val"]
+    assert epochs
+    for epoch in epochs:
+        assert epoch.metrics["nograd/val/graph_memory_mib"] * 2**20 == graph_bytes_by_hand(8)
+        assert epoch.metrics["nograd/val/memory_saved_mib"] > 0
+
+
+def test_every_metric_reaches_csv_and_tensorboard(tmp_path: Path) -> None:
+    loggers = [CSVLogger(tmp_path, name="csv"), TensorBoardLogger(tmp_path, name="tb")]
+    monitor = SavingsMonitor(repeats=9, budget=1000.0)
+    t = trainer(tmp_path, [monitor], logger=loggers, max_epochs=2, limit_val_batches=4, num_sanity_val_steps=2)
+    model = Stack(slow=True)
+    t.fit(model, loader(), loader())
+    t.test(model, loader())
+    scalars = read_tensorboard_scalars(tmp_path / "tb")
+    for stage, epochs in (("val", 2), ("test", 1)):
+        for key in KEYS:
+            values = csv_values(tmp_path / "csv", f"nograd/{stage}/{key}")
+            assert len(values) == epochs, (stage, key)  # once per epoch, never for the sanity check
+            assert [v for _, v in scalars[f"nograd/{stage}/{key}"]] == pytest.approx(values)
+    saved = csv_values(tmp_path / "csv", "nograd/val/time_saved_s")
+    assert all(s >= 4 * 0.002 for s in saved), "4 batches x ~3 ms saved each"
+    pct = csv_values(tmp_path / "csv", "nograd/val/time_saved_pct")
+    assert all(0 < p < 100 for p in pct)
+    assert all(v > 0 for v in csv_values(tmp_path / "csv", "nograd/val/peak_memory_mib"))
+
+
+def test_no_user_code_rerun_and_measurement_reused(tmp_path: Path) -> None:
+    monitor = SavingsMonitor(repeats=3, budget=1000.0)
+    model = Stack()
+    t = trainer(tmp_path, [monitor], max_epochs=3, limit_val_batches=4, num_sanity_val_steps=0)
+    t.fit(model, loader(), loader())
+    assert model.validation_seen == 12, "validation_step runs once per batch"
+    assert [e.details["repeats"] for e in monitor.report.epochs] == [3, 3, 3]
+
+
+def test_short_run_stays_within_budget_and_says_so(tmp_path: Path) -> None:
+    monitor = SavingsMonitor()
+    t = trainer(tmp_path, [monitor], limit_val_batches=2)
+    t.validate(Stack(), loader())
+    (epoch,) = monitor.report.epochs
+    assert "nograd/val/graph_memory_mib" not in epoch.metrics
+    assert "budget" in epoch.details["savings"]
+    assert "nograd/val/epoch_time_s" in epoch.metrics
+
+
+def test_fit_is_bit_identical_with_replays(tmp_path: Path) -> None:
+    def run(callbacks: list[pl.Callback]) -> dict[str, torch.Tensor]:
+        pl.seed_everything(3)
+        model = Stack(dropout_bn=True)
+        t = trainer(tmp_path, callbacks, max_epochs=2, limit_train_batches=4, val_check_interval=0.5)
+        t.fit(model, loader(n=64), loader(n=32))
+        return model.state_dict()
+
+    plain = run([])
+    monitor = SavingsMonitor(repeats=3, budget=1000.0)
+    watched = run([monitor])
+    assert any("nograd/val/graph_memory_mib" in e.metrics for e in monitor.report.epochs), "replays did run"
+    for key in plain:
+        assert torch.equal(plain[key], watched[key]), key
+
+
+def test_grad_replay_out_of_memory_is_a_finding_and_the_run_goes_on(tmp_path: Path) -> None:
+    # A real out-of-memory needs a GPU; on CPU this module raises the same error type with
+    # gradients on, which is exactly the path the replay takes on a GPU.
+    class DoesNotFitWithGrad(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(1))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if torch.is_grad_enabled():
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
+            return x * self.weight
+
+    model = Stack()
+    model.extra = DoesNotFitWithGrad()  # type: ignore[assignment]
+    monitor = SavingsMonitor(repeats=2, budget=1000.0)
+    with pytest.warns(NoGradWarning, match="with gradients on, this batch does not fit in memory"):
+        trainer(tmp_path, [monitor], limit_val_batches=3).validate(model, loader())
+    (epoch,) = monitor.report.epochs
+    assert "nograd/val/epoch_time_s" in epoch.metrics
+    assert "does not fit" in epoch.details["savings"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_peak_memory_and_savings(tmp_path: Path) -> None:
+    monitor = SavingsMonitor(repeats=5, budget=1000.0)
+    t = trainer(tmp_path, [monitor], accelerator="gpu", devices=1, limit_val_batches=4)
+    t.validate(Stack(), loader(n=64, batch_size=8))
+    (epoch,) = monitor.report.epochs
+    assert epoch.metrics["nograd/val/peak_memory_mib"] > 0
+    assert epoch.metrics["nograd/val/graph_memory_mib"] * 2**20 == graph_bytes_by_hand(8)
+    assert epoch.metrics["nograd/val/memory_saved_mib"] > 0
+
+
+def test_sanity_check_is_not_measured(tmp_path: Path) -> None:
+    monitor = SavingsMonitor(repeats=2, budget=1000.0)
+    with nograd_warnings() as seen:
+        trainer(tmp_path, [monitor], max_epochs=1, num_sanity_val_steps=2).fit(Stack(), loader(), loader())
+    assert seen == []
+    assert [e.stage for e in monitor.report.epochs] == ["val"]
