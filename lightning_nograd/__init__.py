@@ -2,6 +2,7 @@
 
 from lightning_nograd.callbacks.backprop_guard import BackpropGuard
 from lightning_nograd.callbacks.eval_mode_auditor import EvalModeAuditor
+from lightning_nograd.callbacks.nograd_auditor import NoGradAuditor
 from lightning_nograd.callbacks.savings_monitor import SavingsMonitor
 from lightning_nograd.errors import BrokenBackpropWarning, NoGradError, NoGradWarning
 
@@ -11,6 +12,7 @@ __all__ = [
     "BackpropGuard",
     "BrokenBackpropWarning",
     "EvalModeAuditor",
+    "NoGradAuditor",
     "NoGradError",
     "NoGradWarning",
     "SavingsMonitor",

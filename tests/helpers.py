@@ -124,3 +124,40 @@ def set_head_dropout_train(model: Regressor, x: torch.Tensor) -> torch.Tensor:
 def forward_with_grad(model: Regressor, x: torch.Tensor) -> torch.Tensor:
     with torch.enable_grad():
         return model(x)
+
+
+def read_wandb_offline(root: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """History rows and the final summary of the W&B offline run under ``root``, read from its
+    ``.wandb`` transaction log with W&B's own reader (``wandb leet inspect --json``)."""
+    import json
+    import subprocess
+    import sys
+
+    (run_file,) = sorted(root.rglob("offline-run-*/run-*.wandb"))
+    wandb_cli = Path(sys.executable).with_name("wandb")
+    lines = subprocess.run(
+        [str(wandb_cli), "leet", "inspect", "--json", str(run_file)], capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    history: list[dict[str, Any]] = []
+    summary: dict[str, Any] = {}
+    for line in lines:
+        record = json.loads(line)
+        if record.get("type") == "history":
+            history.append(record["history"]["item"])
+        elif record.get("type") == "summary":
+            summary.update(record["summary"]["update"])
+    return history, summary
+
+
+def read_tensorboard_text(log_dir: Path, tag: str) -> list[str]:
+    """Text entries of ``tag`` in the TensorBoard event files under ``log_dir``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    texts: list[str] = []
+    for event_file in sorted(log_dir.rglob("events.out.tfevents.*")):
+        accumulator = EventAccumulator(str(event_file), size_guidance={"tensors": 0})
+        accumulator.Reload()
+        if f"{tag}/text_summary" in accumulator.Tags().get("tensors", []):
+            for event in accumulator.Tensors(f"{tag}/text_summary"):
+                texts.extend(v.decode() for v in event.tensor_proto.string_val)
+    return texts

@@ -118,6 +118,7 @@ class BackpropGuard(NoGradCallback):
         self._train_mode_seen: set[str] = set()
         self._trained: list[tuple[str, nn.Module]] = []
         self._leaks_reported: set[str] = set()
+        self._inference_reported: set[str] = set()
         self._optimizer_params: dict[int, list[nn.Parameter]] = {}
         self._suspects: dict[int, str] = {}
         self._probe: GradModeProbe | None = None
@@ -145,12 +146,18 @@ class BackpropGuard(NoGradCallback):
     # -- Lightning hooks -------------------------------------------------------------------------
 
     @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # before the sanity check, which already runs forwards that may use the inference tensor
+        self.set_rank_zero(trainer)
+        self._root_type = type(pl_module).__name__
+        self._check_inference_tensors(pl_module, "on_fit_start")
+
+    @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.set_rank_zero(trainer)
         self._root_type = type(pl_module).__name__
         self._epoch = int(trainer.current_epoch)
         self._index_model(pl_module)
-        self._check_inference_tensors(pl_module, "on_train_start")
         self._check_eval_mode_at_start(pl_module)
 
     @override
@@ -267,8 +274,9 @@ class BackpropGuard(NoGradCallback):
     @guarded("inference_tensor")
     def _check_inference_tensors(self, pl_module: nn.Module, hook: str) -> None:
         for path, kind in inference_tensors(pl_module):
-            if self.allow.matches(path.split("[", 1)[0].rsplit(".", 1)[0] if "." in path else ""):
+            if path in self._inference_reported or self.allow.matches(path.rsplit(".", 1)[0] if "." in path else ""):
                 continue
+            self._inference_reported.add(path)
             self._finding(
                 "inference_tensor",
                 path,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -67,3 +68,51 @@ def reduce_vector(trainer: Trainer, values: list[float], op: str) -> list[float]
     tensor = torch.tensor(values, dtype=torch.float64, device=trainer.strategy.root_device)
     reduced = trainer.strategy.reduce(tensor, reduce_op=op)
     return [float(v) for v in reduced.tolist()]
+
+
+def write_summaries(trainer: Trainer, summary: dict[str, Any], text: str) -> None:
+    """Put the end-of-stage summary where each logger shows summaries.
+
+    W&B: the run summary; TensorBoard: a text entry; MLflow: a JSON artifact and tags; CSV (and
+    any logger with a ``log_dir``): ``nograd_summary.json`` next to its metrics. Only rank zero
+    writes, as the loggers themselves do.
+    """
+    if not getattr(trainer, "is_global_zero", True):
+        return
+    step = int(trainer.global_step)
+    logger: Any
+    for logger in trainer.loggers:
+        kind = type(logger).__name__
+        try:
+            if kind == "WandbLogger":
+                logger.experiment.summary.update({f"nograd_summary/{k}": v for k, v in summary.items()})
+            elif kind == "TensorBoardLogger":
+                logger.experiment.add_text("nograd/report", "```\n" + text + "\n```", global_step=step)
+                logger.experiment.flush()
+            elif kind == "MLFlowLogger":
+                logger.experiment.log_dict(logger.run_id, summary, "nograd_summary.json")
+                logger.experiment.set_tag(logger.run_id, "nograd.findings", str(summary.get("findings", 0)))
+            else:
+                log_dir = getattr(logger, "log_dir", None)
+                if log_dir:
+                    from pathlib import Path
+
+                    Path(log_dir).mkdir(parents=True, exist_ok=True)
+                    (Path(log_dir) / "nograd_summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
+        except Exception as err:  # a logger that refuses a summary must not break the run
+            log.warning("could not write the lightning-nograd summary to %s: %s", kind, err)
+
+
+def flat_summary(summaries: list[dict[str, Any]], findings: int) -> dict[str, Any]:
+    """Flat key -> number form of stage summaries, as summary panels want it."""
+    flat: dict[str, Any] = {"findings": findings}
+    for s in summaries:
+        for key, value in s.items():
+            if key == "stage" or value is None:
+                continue
+            if isinstance(value, (int, float)):
+                flat[f"{s['stage']}/{key}"] = value
+            elif isinstance(value, dict):
+                for inner, number in value.items():
+                    flat[f"{s['stage']}/{inner}"] = number
+    return flat

@@ -300,10 +300,7 @@ class SavingsMonitor(NoGradCallback):
         run_time = time.perf_counter() - self._run_started + remaining * seconds_per_batch
         allowed = self.budget * run_time - self._spent
         if allowed < 6 * seconds_per_batch * len(batches):
-            self._skip_reason = (
-                f"the run is too short to measure within its budget ({self.budget:.0%} of the run's time); "
-                "raise `budget` to measure"
-            )
+            self._skip_reason = f"run too short to measure within its {self.budget:.0%} time budget (raise `budget`)"
             return
         if self._clock is not None:
             self._clock.pause()

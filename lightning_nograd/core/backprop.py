@@ -124,12 +124,15 @@ class GradModeProbe:
 def inference_tensors(root: nn.Module) -> list[tuple[str, str]]:
     """Buffers and tensor attributes created under ``torch.inference_mode``: (path, kind).
 
+    A list, tuple or dict attribute is reported once, with how many inference tensors it holds.
+
     Example:
         >>> net = nn.Linear(2, 2)
         >>> with torch.inference_mode():
         ...     net.cache = torch.ones(2)
+        ...     net.history = [torch.ones(1), torch.ones(1)]
         >>> inference_tensors(net)
-        [('cache', 'tensor attribute')]
+        [('cache', 'tensor attribute'), ('history', 'collection attribute (2 tensors)')]
     """
     found: list[tuple[str, str]] = []
     for path, module in root.named_modules():
@@ -138,18 +141,16 @@ def inference_tensors(root: nn.Module) -> list[tuple[str, str]]:
             if buffer is not None and buffer.is_inference():
                 found.append((prefix + name, "buffer"))
         for name, value in vars(module).items():
-            if name.startswith("_") and name in ("_parameters", "_buffers", "_modules"):
+            if name in ("_parameters", "_buffers", "_modules"):
                 continue
-            if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter) and value.is_inference():
-                found.append((prefix + name, "tensor attribute"))
-            elif isinstance(value, (list, tuple)):
-                for i, item in enumerate(value):
-                    if isinstance(item, torch.Tensor) and item.is_inference():
-                        found.append((f"{prefix}{name}[{i}]", "tensor attribute"))
-            elif isinstance(value, dict):
-                for key, item in value.items():
-                    if isinstance(item, torch.Tensor) and item.is_inference():
-                        found.append((f"{prefix}{name}[{key!r}]", "tensor attribute"))
+            if isinstance(value, torch.Tensor):
+                if not isinstance(value, nn.Parameter) and value.is_inference():
+                    found.append((prefix + name, "tensor attribute"))
+            elif isinstance(value, (list, tuple, dict)):
+                items = value.values() if isinstance(value, dict) else value
+                count = sum(1 for item in items if isinstance(item, torch.Tensor) and item.is_inference())
+                if count:
+                    found.append((prefix + name, f"collection attribute ({count} tensors)"))
     return found
 
 

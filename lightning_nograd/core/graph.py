@@ -10,7 +10,8 @@ Lightning hook that called it.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any
@@ -208,6 +209,16 @@ class _SavedTensorsHub:
     def __init__(self) -> None:
         self.probes: list[GraphProbe] = []
         self._context: torch.autograd.graph.saved_tensors_hooks | None = None
+        self._paused = 0
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Probes see nothing inside this block: our own grad-enabled replays are not the user's."""
+        self._paused += 1
+        try:
+            yield
+        finally:
+            self._paused -= 1
 
     def register(self, probe: GraphProbe) -> None:
         if probe not in self.probes:
@@ -225,6 +236,8 @@ class _SavedTensorsHub:
             context.__exit__(None, None, None)
 
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self._paused:
+            return tensor.detach()
         frame = sys._getframe(1)
         for probe in list(self.probes):
             probe.receive(tensor, frame)

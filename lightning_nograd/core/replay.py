@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils._pytree import tree_map
 from torch.utils.hooks import RemovableHandle
 
-from lightning_nograd.core.graph import storage_key
+from lightning_nograd.core.graph import HUB, storage_key
 from lightning_nograd.core.measure import peak_bytes_of, synchronize
 
 
@@ -249,7 +249,7 @@ def replay(
     """
     result = ReplayResult()
     modules = list({id(c.module): c.module for c in calls}.values())
-    with _EvalModeAndRng(modules, device):
+    with _EvalModeAndRng(modules, device), HUB.paused():
         try:
             result.graph_bytes = graph_bytes_of(calls, exclude_storages)
             result.peak_on_bytes = peak_bytes_of(lambda: _run_calls(calls, grad=True), device)

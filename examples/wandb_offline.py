@@ -1,0 +1,46 @@
+"""The quickstart model logged to Weights & Biases, offline: no account or network needed.
+
+    WANDB_MODE=offline python examples/wandb_offline.py [--root-dir DIR]
+
+Every ``nograd/...`` metric goes to the run's history and the end-of-fit summary to its run
+summary; ``wandb sync DIR/wandb/offline-run-*`` uploads the run later if you want it online.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import lightning.pytorch as pl
+from lightning.pytorch.loggers import WandbLogger
+from quickstart import Classifier, synthetic_data
+from torch.utils.data import DataLoader
+
+from lightning_nograd import NoGradAuditor
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root-dir", default=".")
+    args = parser.parse_args()
+    os.environ.setdefault("WANDB_MODE", "offline")
+    os.environ.setdefault("WANDB_SILENT", "true")
+
+    pl.seed_everything(0)
+    logger = WandbLogger(project="lightning-nograd-example", save_dir=args.root_dir, offline=True)
+    trainer = pl.Trainer(
+        max_epochs=2,
+        callbacks=[NoGradAuditor(savings_budget=0.05)],
+        logger=logger,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+    )
+    train = DataLoader(synthetic_data(1024, seed=0), batch_size=64, shuffle=True)
+    val = DataLoader(synthetic_data(256, seed=1), batch_size=64)
+    trainer.fit(Classifier(planted_bug=True), train, val)
+    logger.experiment.finish()
+    print(f"W&B offline run written under {os.path.abspath(args.root_dir)}/wandb")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,262 @@
+"""NoGradAuditor: the one-line callback, composed of the three parts with one shared report."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from typing_extensions import override
+
+from lightning_nograd.callbacks._base import NoGradCallback
+from lightning_nograd.callbacks._lightning import LightningModule, Trainer, forget_lightning_module
+from lightning_nograd.callbacks.backprop_guard import BackpropGuard
+from lightning_nograd.callbacks.eval_mode_auditor import EvalModeAuditor
+from lightning_nograd.callbacks.loggers import flat_summary, write_summaries
+from lightning_nograd.callbacks.savings_monitor import SavingsMonitor
+from lightning_nograd.core.arguments import check_bool
+from lightning_nograd.core.findings import OnViolation
+from lightning_nograd.core.summary import render, summarise
+
+log = logging.getLogger(__name__)
+
+
+class NoGradAuditor(NoGradCallback):
+    """Everything in one line: ``Trainer(callbacks=[NoGradAuditor()])``.
+
+    Runs :class:`EvalModeAuditor`, :class:`SavingsMonitor` and :class:`BackpropGuard` (each can be
+    switched off) with one shared :attr:`report`. After ``fit``, ``validate`` and ``test``, rank zero
+    prints one compact table (rich when installed): per stage, epochs, mean epoch time, peak
+    memory, measured savings with their spread, and every finding with its fix. The same summary
+    goes where each logger shows summaries (W&B run summary, TensorBoard text, MLflow run, a JSON
+    file beside CSV logs), and optionally to ``report_path`` as JSON so CI pipelines can gate on it.
+
+    Logged metrics: everything its parts log (see each part).
+
+    Args:
+        on_violation: ``"warn"``, ``"fix"`` or ``"error"``, passed to the auditor and the guard.
+        verbose: print the end-of-stage table (findings are warned either way).
+        audit_eval: run the :class:`EvalModeAuditor` part.
+        monitor_savings: run the :class:`SavingsMonitor` part.
+        guard_backprop: run the :class:`BackpropGuard` part.
+        allow_train_mode: see :class:`EvalModeAuditor`.
+        allow_grad: see :class:`EvalModeAuditor`.
+        allow: see :class:`BackpropGuard`.
+        savings_budget: share of the run's time the savings replays may take (default 1%).
+        report_path: where to write ``report.to_dict()`` as JSON after each stage (``None``: nowhere).
+
+    Raises:
+        ValueError: ``on_violation`` is not ``"warn"``, ``"fix"`` or ``"error"``, or a pattern is bad.
+        TypeError: a switch is not a bool, or another argument has the wrong type.
+
+    Example:
+        >>> from lightning.pytorch import Trainer
+        >>> trainer = Trainer(callbacks=[NoGradAuditor(report_path="nograd_report.json")])
+    """
+
+    def __init__(
+        self,
+        on_violation: OnViolation = "warn",
+        verbose: bool = True,
+        audit_eval: bool = True,
+        monitor_savings: bool = True,
+        guard_backprop: bool = True,
+        allow_train_mode: Iterable[str] = (),
+        allow_grad: Iterable[str] = (),
+        allow: Iterable[str] = (),
+        savings_budget: float = 0.01,
+        report_path: str | Path | None = None,
+    ) -> None:
+        super().__init__(on_violation)
+        self.verbose = check_bool("verbose", verbose)
+        self.report_path = _check_path(report_path)
+        self.parts: list[NoGradCallback] = []
+        if check_bool("audit_eval", audit_eval):
+            self.parts.append(EvalModeAuditor(on_violation, allow_train_mode, allow_grad))
+        if check_bool("monitor_savings", monitor_savings):
+            self.parts.append(SavingsMonitor(budget=savings_budget))
+        if check_bool("guard_backprop", guard_backprop):
+            self.parts.append(BackpropGuard(on_violation, allow))
+        self._sink.holding = True
+        for part in self.parts:
+            part.share(self.report, self._sink)
+
+    @property
+    @override
+    def state_key(self) -> str:
+        if self._state_key is None:
+            self._state_key = self._generate_state_key(
+                on_violation=self.on_violation, parts=[type(p).__name__ for p in self.parts]
+            )
+        return self._state_key
+
+    def part(self, kind: type[NoGradCallback]) -> NoGradCallback | None:
+        """The part of type ``kind``, if switched on."""
+        return next((p for p in self.parts if isinstance(p, kind)), None)
+
+    def _each(self, hook: str, *args: Any, **kwargs: Any) -> None:
+        try:
+            for part in self.parts:
+                getattr(part, hook)(*args, **kwargs)
+        finally:
+            self._sink.flush()
+
+    # -- every Lightning hook goes to every part, in order ----------------------------------------
+
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._each("setup", trainer, pl_module, stage)
+
+    @override
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._each("teardown", trainer, pl_module, stage)
+        forget_lightning_module(self)
+        self._end_of_stage_report(trainer, stage)
+
+    @override
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._each("on_exception", trainer, pl_module, exception)
+        if self.report_path is not None and getattr(trainer, "is_global_zero", True):
+            self.report.write_json(self.report_path)  # a crashed run is exactly what CI must see
+
+    @override
+    def on_fit_start(self, *args: Any) -> None:
+        self._each("on_fit_start", *args)
+
+    @override
+    def on_train_start(self, *args: Any) -> None:
+        self._each("on_train_start", *args)
+
+    @override
+    def on_train_end(self, *args: Any) -> None:
+        self._each("on_train_end", *args)
+
+    @override
+    def on_train_epoch_start(self, *args: Any) -> None:
+        self._each("on_train_epoch_start", *args)
+
+    @override
+    def on_train_epoch_end(self, *args: Any) -> None:
+        self._each("on_train_epoch_end", *args)
+
+    @override
+    def on_train_batch_start(self, *args: Any, **kwargs: Any) -> None:
+        self._each("on_train_batch_start", *args, **kwargs)
+
+    @override
+    def on_train_batch_end(self, *args: Any, **kwargs: Any) -> None:
+        self._each("on_train_batch_end", *args, **kwargs)
+
+    @override
+    def on_before_optimizer_step(self, *args: Any) -> None:
+        self._each("on_before_optimizer_step", *args)
+
+    @override
+    def on_validation_start(self, *args: Any) -> None:
+        self._each("on_validation_start", *args)
+
+    @override
+    def on_validation_end(self, *args: Any) -> None:
+        self._each("on_validation_end", *args)
+
+    @override
+    def on_validation_epoch_start(self, *args: Any) -> None:
+        self._each("on_validation_epoch_start", *args)
+
+    @override
+    def on_validation_epoch_end(self, *args: Any) -> None:
+        self._each("on_validation_epoch_end", *args)
+
+    @override
+    def on_validation_batch_start(self, *args: Any, **kwargs: Any) -> None:
+        self._each("on_validation_batch_start", *args, **kwargs)
+
+    @override
+    def on_validation_batch_end(self, *args: Any, **kwargs: Any) -> None:
+        self._each("on_validation_batch_end", *args, **kwargs)
+
+    @override
+    def on_test_start(self, *args: Any) -> None:
+        self._each("on_test_start", *args)
+
+    @override
+    def on_test_end(self, *args: Any) -> None:
+        self._each("on_test_end", *args)
+
+    @override
+    def on_test_epoch_start(self, *args: Any) -> None:
+        self._each("on_test_epoch_start", *args)
+
+    @override
+    def on_test_epoch_end(self, *args: Any) -> None:
+        self._each("on_test_epoch_end", *args)
+
+    @override
+    def on_test_batch_start(self, *args: Any, **kwargs: Any) -> None:
+        self._each("on_test_batch_start", *args, **kwargs)
+
+    @override
+    def on_test_batch_end(self, *args: Any, **kwargs: Any) -> None:
+        self._each("on_test_batch_end", *args, **kwargs)
+
+    @override
+    def on_predict_start(self, *args: Any) -> None:
+        self._each("on_predict_start", *args)
+
+    @override
+    def on_predict_end(self, *args: Any) -> None:
+        self._each("on_predict_end", *args)
+
+    @override
+    def on_predict_epoch_start(self, *args: Any) -> None:
+        self._each("on_predict_epoch_start", *args)
+
+    @override
+    def on_predict_epoch_end(self, *args: Any) -> None:
+        self._each("on_predict_epoch_end", *args)
+
+    @override
+    def on_predict_batch_start(self, *args: Any, **kwargs: Any) -> None:
+        self._each("on_predict_batch_start", *args, **kwargs)
+
+    @override
+    def on_predict_batch_end(self, *args: Any, **kwargs: Any) -> None:
+        self._each("on_predict_batch_end", *args, **kwargs)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {type(p).__name__: p.state_dict() for p in self.parts}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        for part in self.parts:
+            state = state_dict.get(type(part).__name__)
+            if isinstance(state, dict):
+                part.load_state_dict(state)
+
+    # -- the end-of-stage report ---------------------------------------------------------------------
+
+    def _end_of_stage_report(self, trainer: Trainer, stage: str) -> None:
+        if stage not in ("fit", "validate", "test"):
+            return
+        try:
+            summaries = [s.to_dict() for s in summarise(self.report)]
+            text = render(self.report)
+            write_summaries(trainer, flat_summary(summaries, len(self.report.findings)), text)
+            if not getattr(trainer, "is_global_zero", True):
+                return
+            if self.report_path is not None:
+                self.report.write_json(self.report_path)
+            if self.verbose:
+                print(text)
+        except Exception as err:  # the report is a courtesy: it must never fail the run
+            log.warning("lightning-nograd could not produce its end-of-stage report: %s", err)
+
+
+def _check_path(value: Any) -> Path | None:
+    if value is None:
+        return None
+    if not isinstance(value, (str, Path)) or not str(value):
+        raise TypeError(f"Expected argument `report_path` to be a file path or None, but got {value!r}.")
+    return Path(value)

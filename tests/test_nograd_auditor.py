@@ -1,0 +1,173 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+from torch import nn
+
+from lightning_nograd import BackpropGuard, EvalModeAuditor, NoGradAuditor, SavingsMonitor
+from tests.helpers import (
+    Regressor,
+    csv_values,
+    loader,
+    nograd_warnings,
+    read_tensorboard_scalars,
+    read_tensorboard_text,
+    read_wandb_offline,
+    set_head_dropout_train,
+    trainer,
+)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"on_violation": "strict"}, ValueError, r"`on_violation`.*'warn', 'fix', 'error'.*'strict'"),
+        ({"verbose": "yes"}, TypeError, r"`verbose`.*bool.*'yes'"),
+        ({"guard_backprop": 1}, TypeError, r"`guard_backprop`.*bool.*1"),
+        ({"report_path": 3}, TypeError, r"`report_path`.*got 3"),
+        ({"allow_grad": ["("]}, ValueError, r"`allow_grad`"),
+        ({"savings_budget": -1}, ValueError, r"`budget`"),
+    ],
+)
+def test_bad_arguments_raise_at_construction(kwargs: dict, error: type[Exception], match: str) -> None:
+    with pytest.raises(error, match=match):
+        NoGradAuditor(**kwargs)
+
+
+class EveryBug(Regressor):
+    """Dropout switched on in validation and a head that never learns (its forward under no_grad)."""
+
+    def __init__(self) -> None:
+        super().__init__(set_head_dropout_train)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        features = self.backbone(x)
+        with torch.no_grad():
+            out = self.head(features)
+        return nn.functional.mse_loss(out + features.mean(dim=1, keepdim=True), y)
+
+
+def test_parts_share_one_report_and_pass_on_violation_through(tmp_path: Path) -> None:
+    auditor = NoGradAuditor(on_violation="fix", verbose=False)
+    assert [type(p) for p in auditor.parts] == [EvalModeAuditor, SavingsMonitor, BackpropGuard]
+    assert all(p.report is auditor.report for p in auditor.parts)
+    assert auditor.part(EvalModeAuditor).on_violation == "fix"  # type: ignore[union-attr]
+    with nograd_warnings() as seen:
+        trainer(tmp_path, [auditor]).fit(EveryBug(), loader(), loader())
+    kinds = {f.kind for f in auditor.report.findings}
+    assert kinds == {"train_mode", "no_grad_module"}
+    assert len(seen) == 2
+
+
+def test_parts_can_be_switched_off(tmp_path: Path) -> None:
+    auditor = NoGradAuditor(guard_backprop=False, monitor_savings=False, verbose=False)
+    assert [type(p) for p in auditor.parts] == [EvalModeAuditor]
+    with nograd_warnings():
+        trainer(tmp_path, [auditor]).fit(EveryBug(), loader(), loader())
+    assert {f.kind for f in auditor.report.findings} == {"train_mode"}
+
+
+def test_report_table_json_file_and_no_logger(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "ci" / "nograd.json"
+    auditor = NoGradAuditor(report_path=path)
+    with nograd_warnings():
+        t = trainer(tmp_path, [auditor], logger=False)
+        model = EveryBug()
+        t.fit(model, loader(), loader())
+        t.test(model, loader())
+    printed = capsys.readouterr().out
+    assert "lightning-nograd report" in printed and "validation" in printed and "test" in printed
+    assert "`head` has trainable parameters but its forward ran only with gradients disabled" in printed
+    data = json.loads(path.read_text())
+    assert data == json.loads(json.dumps(auditor.report.to_dict()))
+    assert {f["kind"] for f in data["findings"]} == {"train_mode", "no_grad_module"}
+    assert {e["stage"] for e in data["epochs"]} == {"train", "val", "test"}
+
+
+def test_verbose_false_prints_nothing_but_still_warns(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with nograd_warnings() as seen:
+        trainer(tmp_path, [NoGradAuditor(verbose=False)]).fit(EveryBug(), loader(), loader())
+    assert "lightning-nograd report" not in capsys.readouterr().out
+    assert len(seen) == 2
+
+
+def test_metrics_and_summary_reach_csv_and_tensorboard(tmp_path: Path) -> None:
+    loggers = [CSVLogger(tmp_path, name="csv"), TensorBoardLogger(tmp_path, name="tb")]
+    with nograd_warnings():
+        t = trainer(tmp_path, [NoGradAuditor(verbose=False)], logger=loggers, max_epochs=2)
+        t.fit(EveryBug(), loader(), loader())
+    for key, expected in [
+        ("nograd/val/violations", [1.0, 1.0]),
+        ("nograd/train/no_grad_modules", [1.0, 1.0]),
+        ("nograd/train/params_without_grad", [2.0, 2.0]),
+        ("nograd/train/eval_mode_modules", [0.0, 0.0]),
+    ]:
+        assert csv_values(tmp_path / "csv", key) == expected, key
+    assert len(csv_values(tmp_path / "csv", "nograd/val/epoch_time_s")) == 2
+    scalars = read_tensorboard_scalars(tmp_path / "tb")
+    assert [v for _, v in scalars["nograd/val/violations"]] == [1.0, 1.0]
+    assert "nograd/val/peak_memory_mib" in scalars
+    (text,) = read_tensorboard_text(tmp_path / "tb", "nograd/report")
+    assert "lightning-nograd report" in text and "head" in text
+    summary = json.loads(next((tmp_path / "csv").rglob("nograd_summary.json")).read_text())
+    assert summary["findings"] == 2 and summary["val/violations"] == 1.0
+
+
+def test_metrics_and_summary_reach_wandb_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    import wandb
+
+    logger = WandbLogger(save_dir=str(tmp_path), project="nograd-test", offline=True)
+    with nograd_warnings():
+        trainer(tmp_path, [NoGradAuditor(verbose=False)], logger=logger, max_epochs=2).fit(
+            EveryBug(), loader(), loader()
+        )
+    wandb.finish()
+    history, summary = read_wandb_offline(tmp_path)
+    violations = [row["nograd/val/violations"] for row in history if "nograd/val/violations" in row]
+    assert violations == [1, 1]
+    assert [row["nograd/train/no_grad_modules"] for row in history if "nograd/train/no_grad_modules" in row] == [1, 1]
+    assert any("nograd/val/epoch_time_s" in row for row in history)
+    assert summary["nograd_summary/findings"] == 2
+    assert summary["nograd_summary/val/violations"] == 1
+
+
+def test_metrics_and_summary_reach_mlflow_file_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("mlflow")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 keeps the file store behind this switch
+    from lightning.pytorch.loggers import MLFlowLogger
+    from mlflow.tracking import MlflowClient
+
+    uri = (tmp_path / "mlruns").as_uri()
+    logger = MLFlowLogger(experiment_name="nograd", tracking_uri=uri)
+    with nograd_warnings():
+        trainer(tmp_path, [NoGradAuditor(verbose=False)], logger=logger, max_epochs=2).fit(
+            EveryBug(), loader(), loader()
+        )
+    client = MlflowClient(tracking_uri=uri)
+    history = client.get_metric_history(logger.run_id, "nograd/val/violations")
+    assert [m.value for m in history] == [1.0, 1.0]
+    run = client.get_run(logger.run_id)
+    assert run.data.tags["nograd.findings"] == "2"
+    artifact = Path(client.download_artifacts(logger.run_id, "nograd_summary.json", str(tmp_path / "dl")))
+    assert json.loads(artifact.read_text())["findings"] == 2
+
+
+def test_checkpoint_state_round_trip(tmp_path: Path) -> None:
+    first = NoGradAuditor(verbose=False)
+    with nograd_warnings():
+        trainer(tmp_path, [first]).fit(EveryBug(), loader(), loader())
+    second = NoGradAuditor(verbose=False)
+    second.load_state_dict(first.state_dict())
+    assert json.loads(json.dumps(first.state_dict())) == second.state_dict()
+    with nograd_warnings() as seen:
+        trainer(tmp_path, [second]).fit(EveryBug(), loader(), loader())
+    assert seen == [], "findings already warned before the checkpoint are not warned again after resuming"
