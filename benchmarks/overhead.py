@@ -14,7 +14,7 @@ the median and interquartile range of the paired time ratios, and the callback's
 its hooks as a share of the epoch (in a clean run it installs no module hooks, so that is all
 the time it adds; unlike the ratio it is not drowned in machine noise).
 
-    python -m benchmarks.overhead [--quick] [--out benchmarks/results]
+    python -m benchmarks.overhead [--quick]
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import lightning
@@ -35,7 +34,7 @@ import lightning.pytorch as pl
 import torch
 
 from benchmarks.models import MODELS
-from benchmarks.timing import summarise, time_own_hooks
+from benchmarks.timing import in_fresh_process, summarise, time_own_hooks
 from lightning_nograd import BackpropGuard, EvalModeAuditor
 
 
@@ -148,26 +147,31 @@ def environment() -> str:
     )
 
 
+def run_all(quick: bool) -> list[dict[str, Any]]:
+    """Every experiment and model, each in a fresh process (in this one for a quick smoke run)."""
+    if quick:
+        return [measure(exp, name, 2, 4) for exp in EXPERIMENTS.values() for name in MODELS]
+    return [
+        in_fresh_process("benchmarks.overhead", "--experiment", exp, "--model", name)
+        for exp in EXPERIMENTS
+        for name in MODELS
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="few repeats, for CI")
-    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--experiment", choices=list(EXPERIMENTS), help="measure one experiment in this process")
+    parser.add_argument("--model", choices=list(MODELS), help="measure one model in this process")
+    parser.add_argument("--json", action="store_true", help="print the row(s) as JSON")
     args = parser.parse_args()
     repeats, batches = (2, 4) if args.quick else (15, 30)
-    rows = [measure(exp, name, repeats, batches) for exp in EXPERIMENTS.values() for name in MODELS]
-    lines = [
-        "# lightning-nograd overhead",
-        "",
-        f"Machine: {environment()}. {repeats} interleaved repeats, {batches} batches per epoch.",
-        "",
-        *table(rows),
-    ]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    suffix = "_quick" if args.quick else ""
-    (out / f"overhead{suffix}.md").write_text("\n".join(lines) + "\n")
-    (out / f"overhead{suffix}.json").write_text(json.dumps(rows, indent=2))
-    print("\n".join(lines))
+    if args.experiment and args.model:
+        row = measure(EXPERIMENTS[args.experiment], args.model, repeats, batches)
+        print(json.dumps(row) if args.json else "\n".join(table([row])))
+        return
+    rows = run_all(args.quick)
+    print(json.dumps(rows) if args.json else "\n".join(table(rows)))
 
 
 if __name__ == "__main__":

@@ -40,3 +40,20 @@ def summarise(ratios: list[float]) -> dict[str, float]:
     """Median and interquartile range of paired ratios."""
     quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
     return {"ratio_median": statistics.median(ratios), "ratio_q1": quartiles[0], "ratio_q3": quartiles[2]}
+
+
+def in_fresh_process(module: str, *args: str) -> Any:
+    """Run ``python -m module *args --json`` and return its JSON output.
+
+    Each model is measured in a new process: on CPU, the allocator's state after one model's
+    runs changes the next model's timings (measured here: a ResNet's no_grad epochs went from
+    0.35 s to 0.75 s after an MLP had run in the same process).
+    """
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", module, *args, "--json"], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{module} {' '.join(args)} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])

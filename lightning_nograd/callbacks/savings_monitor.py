@@ -23,7 +23,7 @@ from lightning_nograd.core.arguments import check_float, check_int
 from lightning_nograd.core.findings import Finding
 from lightning_nograd.core.graph import storage_key
 from lightning_nograd.core.measure import MIB, EpochClock, EpochPeakMemory
-from lightning_nograd.core.replay import CallRecorder, RecordedCall, ReplayResult, is_work_module, replay, replayable
+from lightning_nograd.core.replay import CallRecorder, RecordedCall, Replay, ReplayResult, is_work_module, replayable
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +123,11 @@ class SavingsMonitor(NoGradCallback):
         self._batch_seconds: list[float] = []
         self._cache: dict[tuple[Any, ...], tuple[ReplayResult, dict[str, Any]]] = {}
         self._measurement: tuple[ReplayResult, dict[str, Any]] | None = None
+        self._sessions: list[Replay] = []
+        self._signature: tuple[Any, ...] = ()
+        self._target = 0
+        self._pairs_per_batch = 1
+        self._spent_this_measurement = 0.0
         self._skip_reason: str | None = None
         self._stage: str | None = None
         self._epoch = 0
@@ -211,6 +216,7 @@ class SavingsMonitor(NoGradCallback):
             self._recorder.stop()
             self._recorder = None
         self._recorded = []
+        self._sessions = []
         if check is None:
             self._measurement = None
 
@@ -228,6 +234,7 @@ class SavingsMonitor(NoGradCallback):
         self._batches = 0
         self._recorded = []
         self._measurement = None
+        self._sessions = []
         self._skip_reason = None
         self._batch_seconds = []
         self._device = torch.device(pl_module.device)
@@ -254,6 +261,7 @@ class SavingsMonitor(NoGradCallback):
         return (
             self._skip_reason is None
             and self._measurement is None
+            and not self._sessions
             and self._batches >= self._record_from
             and len(self._recorded) < self.measure_batches
             and "replay" not in self.switched_off
@@ -275,6 +283,8 @@ class SavingsMonitor(NoGradCallback):
             self._memory.sample()
         if self._recorder is not None:
             self._finish_recording(trainer, pl_module)
+        elif self._sessions:
+            self._continue_timing(trainer)
 
     @guarded("replay")
     def _finish_recording(self, trainer: Trainer, pl_module: nn.Module) -> None:
@@ -285,13 +295,16 @@ class SavingsMonitor(NoGradCallback):
         if recorder.calls:
             self._recorded.append(recorder.calls)
         if len(self._recorded) >= self.measure_batches:
-            self._measure(trainer, pl_module)
+            self._start_measurement(trainer, pl_module)
+
+    def _paused(self) -> _PausedMeasures:
+        return _PausedMeasures(self)
 
     @guarded("replay")
-    def _measure(self, trainer: Trainer, pl_module: nn.Module) -> None:
+    def _start_measurement(self, trainer: Trainer, pl_module: nn.Module) -> None:
         batches, self._recorded = self._recorded, []
-        signature = tuple(_signature(calls) for calls in batches)
-        cached = self._cache.get(signature)
+        self._signature = tuple(_signature(calls) for calls in batches)
+        cached = self._cache.get(self._signature)
         if cached is not None:
             self._measurement = cached
             return
@@ -302,41 +315,47 @@ class SavingsMonitor(NoGradCallback):
         if allowed < 6 * seconds_per_batch * len(batches):
             self._skip_reason = f"run too short to measure within its {self.budget:.0%} time budget (raise `budget`)"
             return
-        if self._clock is not None:
-            self._clock.pause()
-        if self._memory is not None:
-            self._memory.pause()
-        started = time.perf_counter()
-        try:
-            results = [self._replay_batch(pl_module, calls, allowed / len(batches)) for calls in batches]
-        finally:
-            self._spent += time.perf_counter() - started
-            if self._memory is not None:
-                self._memory.resume()
-            if self._clock is not None:
-                self._clock.resume()
-        merged = _merge(results)
-        self._measurement = (merged, {"repeats": len(merged.time_on), "batches_replayed": len(batches)})
-        if not merged.out_of_memory:
-            self._cache[signature] = self._measurement
-
-    def _replay_batch(self, pl_module: nn.Module, calls: list[RecordedCall], allowed: float) -> ReplayResult:
         exclude = {storage_key(t) for t in [*pl_module.parameters(), *pl_module.buffers()] if t.numel() > 0}
-        started = time.perf_counter()
+        self._spent_this_measurement = 0.0
+        with self._paused():
+            self._sessions = [Replay(replayable(calls), self._device, exclude, _is_oom) for calls in batches]
+            for session in self._sessions:
+                session.measure_memory()
+        if any(s.result.out_of_memory for s in self._sessions):
+            self._report_oom(batches[0])
+            self._finish_measurement()
+            return
+        pair = sum(s.pair_seconds for s in self._sessions)
+        if self.repeats is not None:
+            self._target = self.repeats
+        else:
+            affordable = int((allowed - self._spent_this_measurement) / max(pair, 1e-9))
+            self._target = 0 if affordable < self.min_repeats else min(affordable, self.max_repeats)
+        # spread the timed pairs over the rest of the epoch, a few after each batch
+        self._pairs_per_batch = max(1, -(-self._target // max(1, remaining)))
+        self._continue_timing(trainer)
 
-        def repeats(pair_seconds: float) -> int:
-            if self.repeats is not None:
-                return self.repeats
-            left = allowed - (time.perf_counter() - started)
-            affordable = int(left / max(pair_seconds, 1e-9))
-            return 0 if affordable < self.min_repeats else min(affordable, self.max_repeats)
+    @guarded("replay")
+    def _continue_timing(self, trainer: Trainer, finish: bool = False) -> None:
+        if not self._sessions:
+            return
+        done = min(len(s.result.time_on) for s in self._sessions)
+        todo = self._target - done if finish else min(self._pairs_per_batch, self._target - done)
+        if todo > 0:
+            with self._paused():
+                for session in self._sessions:
+                    session.time_pairs(todo)
+        if any(s.result.out_of_memory for s in self._sessions):
+            self._report_oom(self._sessions[0].calls)
+        if finish or min(len(s.result.time_on) for s in self._sessions) >= self._target:
+            self._finish_measurement()
 
-        result = replay(replayable(calls), repeats, self._device, exclude, is_oom=_is_oom)
-        if result.out_of_memory:
-            if self._device.type == "cuda":
-                torch.cuda.empty_cache()
-            self._report_oom(calls)
-        return result
+    def _finish_measurement(self) -> None:
+        sessions, self._sessions = self._sessions, []
+        merged = _merge([s.result for s in sessions])
+        self._measurement = (merged, {"repeats": len(merged.time_on), "batches_replayed": len(sessions)})
+        if not merged.out_of_memory:
+            self._cache[self._signature] = self._measurement
 
     def _report_oom(self, calls: list[RecordedCall]) -> None:
         self.add_finding(
@@ -357,6 +376,8 @@ class SavingsMonitor(NoGradCallback):
         if not self._active(trainer):
             return
         self._stop_recording()
+        if self._sessions:
+            self._continue_timing(trainer, finish=True)
         stage = self._stage or "val"
         metrics, details = self._epoch_metrics(stage)
         self._emit(trainer, stage, metrics, details)
@@ -418,6 +439,30 @@ class SavingsMonitor(NoGradCallback):
         step = int(trainer.global_step)
         self.report.record_epoch(stage, int(trainer.current_epoch), step, metrics, details)
         self._sink.emit(trainer, metrics, step)
+
+
+class _PausedMeasures:
+    """Keeps our own replay out of the epoch's time and peak memory, and adds it to the spend."""
+
+    def __init__(self, monitor: SavingsMonitor) -> None:
+        self.monitor = monitor
+        self.started = 0.0
+
+    def __enter__(self) -> None:
+        if self.monitor._clock is not None:
+            self.monitor._clock.pause()
+        if self.monitor._memory is not None:
+            self.monitor._memory.pause()
+        self.started = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        spent = time.perf_counter() - self.started
+        self.monitor._spent += spent
+        self.monitor._spent_this_measurement += spent
+        if self.monitor._memory is not None:
+            self.monitor._memory.resume()
+        if self.monitor._clock is not None:
+            self.monitor._clock.resume()
 
 
 _KEYS = ("epoch_time_s", "peak_memory_mib", "graph_memory_mib", "memory_saved_mib", "time_saved_s", "time_saved_pct")

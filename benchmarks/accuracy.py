@@ -1,0 +1,125 @@
+"""How close SavingsMonitor's estimate comes to a full A/B of whole validation epochs.
+
+For each benchmark model: whole validation epochs with gradients on and off, interleaved
+(``trainer.validate`` with ``inference_mode=False``, the "on" runs under ``torch.enable_grad()``),
+give the A/B figure ``100 * (t_on - t_off) / t_on`` from the medians; SavingsMonitor, attached to
+"off" epochs, gives its ``time_saved_pct`` from a replay. Target: within 3 percentage points.
+
+    python -m benchmarks.accuracy [--quick]
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+from benchmarks.models import MODELS, BenchModule
+from benchmarks.overhead import Clock
+from benchmarks.timing import in_fresh_process
+from lightning_nograd import SavingsMonitor
+
+
+class GradOnValidation(pl.Callback):
+    """Runs every validation batch with gradients on: the "what if" side of the A/B."""
+
+    def on_validation_batch_start(self, *args: Any) -> None:
+        self._context = torch.enable_grad()
+        self._context.__enter__()
+
+    def on_validation_batch_end(self, *args: Any) -> None:
+        self._context.__exit__(None, None, None)
+
+
+def epoch_seconds(model: BenchModule, data: Any, grad: bool, monitor: SavingsMonitor | None = None) -> float:
+    """Seconds of one validation epoch, from the first callback's epoch start to the last's end."""
+    stamps: list[float] = []
+    callbacks: list[pl.Callback] = [Clock("on_validation_epoch_start", stamps)]
+    callbacks += [GradOnValidation()] if grad else []
+    callbacks += [monitor] if monitor is not None else []
+    callbacks.append(Clock("on_validation_epoch_end", stamps))
+    trainer = pl.Trainer(
+        callbacks=callbacks,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        inference_mode=False,
+    )
+    trainer.validate(model, data, verbose=False)
+    return stamps[1] - stamps[0]
+
+
+def compare(name: str, repeats: int, batches: int) -> dict[str, Any]:
+    factory, batch_size = MODELS[name]
+    torch.manual_seed(0)
+    model = factory()
+    data = model.data(batches, batch_size)
+    epoch_seconds(model, data, grad=False)
+    epoch_seconds(model, data, grad=True)
+    on: list[float] = []
+    off: list[float] = []
+    for rep in range(repeats):
+        for grad in (True, False) if rep % 2 == 0 else (False, True):
+            (on if grad else off).append(epoch_seconds(model, data, grad))
+    ab_pct = 100 * (statistics.median(on) - statistics.median(off)) / statistics.median(on)
+    paired = sorted(100 * (a - b) / a for a, b in zip(on, off, strict=True))
+    ab_q1, _, ab_q3 = statistics.quantiles(paired, n=4)
+    monitor = SavingsMonitor(repeats=31, budget=1000.0, measure_batches=2)
+    epoch_seconds(model, data, grad=False, monitor=monitor)
+    (epoch,) = monitor.report.epochs
+    details = epoch.details
+    per_batch = details["time_saved_per_batch_s"]
+    epoch_time = epoch.metrics["nograd/val/epoch_time_s"]
+    estimate_pct = 100 * per_batch * batches / (epoch_time + per_batch * batches)
+    return {
+        "model": name,
+        "ab_time_saved_pct": ab_pct,
+        "ab_iqr_pct": [ab_q1, ab_q3],
+        "estimate_time_saved_pct": estimate_pct,
+        "difference_pp": estimate_pct - ab_pct,
+        "within_noise": details["within_noise"],
+        "ab_repeats": repeats,
+        "batches": batches,
+    }
+
+
+def run_all(quick: bool) -> list[dict[str, Any]]:
+    """Every model, each in a fresh process (see ``benchmarks.timing.in_fresh_process``)."""
+    if quick:  # a smoke run: in this process, no numbers worth reading
+        return [compare(name, 2, 4) for name in MODELS]
+    return [in_fresh_process("benchmarks.accuracy", "--model", name) for name in MODELS]
+
+
+def table(rows: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "| model | A/B time saved (whole epochs) [IQR of paired epochs] | SavingsMonitor estimate | difference "
+        "| estimate within noise |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['ab_time_saved_pct']:.1f}% [{r['ab_iqr_pct'][0]:.1f}, {r['ab_iqr_pct'][1]:.1f}] "
+            f"| {r['estimate_time_saved_pct']:.1f}% "
+            f"| {r['difference_pp']:+.1f} pp | {r['within_noise']} |"
+        )
+    return lines
+
+
+if __name__ == "__main__":
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--model", choices=list(MODELS), help="measure one model in this process")
+    parser.add_argument("--json", action="store_true", help="print the row(s) as JSON")
+    args = parser.parse_args()
+    if args.model:
+        repeats, batches = (3, 6) if args.quick else (9, 30)
+        rows = [compare(args.model, repeats, batches)]
+    else:
+        rows = run_all(args.quick)
+    print(json.dumps(rows[0] if args.model else rows) if args.json else "\n".join(table(rows)))

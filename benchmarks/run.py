@@ -1,0 +1,135 @@
+"""Run every benchmark and write ``benchmarks/results/``: a markdown report and PNG plots.
+
+    python -m benchmarks.run [--quick] [--out benchmarks/results]
+
+* ``grad_modes``: what gradients cost in evaluation (ms/batch, graph bytes, peak memory), with
+  gradients on, under ``no_grad`` and under ``inference_mode``;
+* ``overhead``: what the callbacks cost, side by side with plain runs;
+* ``accuracy``: SavingsMonitor's estimate against a full A/B of whole validation epochs.
+
+About ten minutes on 2 CPU cores; ``--quick`` (for CI) under a minute. On a GPU the same command
+measures CUDA time (synchronised) and the CUDA allocator's peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks import accuracy, grad_modes, overhead
+
+
+def plot(results: dict[str, list[dict[str, Any]]], out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    rows = results["grad_modes"]
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    fig, ax = plt.subplots(figsize=(9, 4))
+    width = 0.27
+    for i, mode in enumerate(grad_modes.MODES):
+        values = [next(r["ms_median"] for r in rows if r["model"] == m and r["mode"] == mode) for m in models]
+        errors = [
+            [next(r["ms_median"] - r["ms_q1"] for r in rows if r["model"] == m and r["mode"] == mode) for m in models],
+            [next(r["ms_q3"] - r["ms_median"] for r in rows if r["model"] == m and r["mode"] == mode) for m in models],
+        ]
+        ax.bar([x + (i - 1) * width for x in range(len(models))], values, width, yerr=errors, label=mode)
+    ax.set_xticks(range(len(models)), models, fontsize=8)
+    ax.set_ylabel("ms per batch (median, IQR)")
+    ax.set_title("Eval-mode forward: gradients on vs no_grad vs inference_mode")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "grad_modes.png", dpi=110)
+    written.append("grad_modes.png")
+    plt.close(fig)
+
+    rows = results["overhead"]
+    labels = [f"{r['experiment']}\n{r['model']}" for r in rows]
+    fig, ax = plt.subplots(figsize=(9, 4))
+    ax.bar(range(len(rows)), [r["own_time_pct_median"] for r in rows], color="tab:green")
+    ax.axhline(1.0, color="tab:red", linestyle="--", label="1% target")
+    ax.set_xticks(range(len(rows)), labels, fontsize=8)
+    ax.set_ylabel("callback's own time, % of epoch")
+    ax.set_title("What the callbacks add to an epoch")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "overhead.png", dpi=110)
+    written.append("overhead.png")
+    plt.close(fig)
+
+    rows = results["accuracy"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    xs = range(len(rows))
+    ab = [r["ab_time_saved_pct"] for r in rows]
+    ab_err = [
+        [a - r["ab_iqr_pct"][0] for a, r in zip(ab, rows, strict=True)],
+        [r["ab_iqr_pct"][1] - a for a, r in zip(ab, rows, strict=True)],
+    ]
+    ax.bar([x - 0.2 for x in xs], ab, 0.4, yerr=ab_err, label="A/B of whole epochs (IQR)")
+    ax.bar([x + 0.2 for x in xs], [r["estimate_time_saved_pct"] for r in rows], 0.4, label="SavingsMonitor")
+    ax.set_xticks(list(xs), [r["model"] for r in rows])
+    ax.set_ylabel("validation time saved by no_grad, %")
+    ax.set_title("SavingsMonitor estimate vs full A/B")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "accuracy.png", dpi=110)
+    written.append("accuracy.png")
+    plt.close(fig)
+    return written
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a smoke run for CI (under a minute)")
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    results = {
+        "grad_modes": grad_modes.run_all(args.quick),
+        "overhead": overhead.run_all(args.quick),
+        "accuracy": accuracy.run_all(args.quick),
+    }
+    images = plot(results, out)
+    minutes = (time.perf_counter() - started) / 60
+    lines = [
+        "# lightning-nograd benchmarks" + (" (quick smoke run: not for reading)" if args.quick else ""),
+        "",
+        f"Machine: {overhead.environment()}. Took {minutes:.1f} min. Each model runs in a fresh process with",
+        "glibc's allocator settled (see `benchmarks/timing.py`).",
+        "",
+        "## What gradients cost in evaluation",
+        "",
+        *grad_modes.table(results["grad_modes"]),
+        "",
+        "![grad modes](grad_modes.png)",
+        "",
+        "## What the callbacks cost",
+        "",
+        *overhead.table(results["overhead"]),
+        "",
+        "![overhead](overhead.png)",
+        "",
+        "## How close SavingsMonitor comes to a full A/B",
+        "",
+        *accuracy.table(results["accuracy"]),
+        "",
+        "![accuracy](accuracy.png)",
+        "",
+    ]
+    suffix = "_quick" if args.quick else ""
+    (out / f"RESULTS{suffix}.md").write_text("\n".join(lines))
+    (out / f"results{suffix}.json").write_text(json.dumps(results, indent=2))
+    print("\n".join(lines))
+    print(f"wrote {out}/RESULTS{suffix}.md, results{suffix}.json and {', '.join(images)}")
+
+
+if __name__ == "__main__":
+    main()
