@@ -9,6 +9,7 @@ and peak memory. No user hook or step is re-run.
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from collections.abc import Callable, Iterable
@@ -27,12 +28,21 @@ from lightning_nograd.core.measure import peak_bytes_of, synchronize
 
 @dataclass
 class RecordedCall:
-    """One module call: the module, its inputs, and the grad mode it ran under."""
+    """One module call: the module, its inputs, the grad mode and autocast it ran under."""
 
     module: nn.Module
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
     inference_mode: bool
+    autocast: tuple[str, torch.dtype] | None = None
+
+
+def current_autocast() -> tuple[str, torch.dtype] | None:
+    """The active autocast (device type, dtype), if any: mixed precision must be replayed as run."""
+    for device_type in ("cuda", "cpu"):
+        if torch.is_autocast_enabled(device_type):
+            return device_type, torch.get_autocast_dtype(device_type)
+    return None
 
 
 def is_work_module(module: nn.Module, excluded: tuple[type, ...] = ()) -> bool:
@@ -89,7 +99,9 @@ class CallRecorder:
     def _post(self, module: nn.Module, args: Any, kwargs: dict[str, Any], output: Any) -> None:
         if self._active == id(module):
             self._active = None
-            self.calls.append(RecordedCall(module, tuple(args), dict(kwargs), torch.is_inference_mode_enabled()))
+            self.calls.append(
+                RecordedCall(module, tuple(args), dict(kwargs), torch.is_inference_mode_enabled(), current_autocast())
+            )
 
 
 def _clone_inference(value: Any) -> Any:
@@ -103,7 +115,11 @@ def replayable(calls: Iterable[RecordedCall]) -> list[RecordedCall]:
     """Calls whose inference-mode inputs are cloned, so a grad-enabled replay can use them."""
     return [
         RecordedCall(
-            c.module, tree_map(_clone_inference, c.args), tree_map(_clone_inference, c.kwargs), c.inference_mode
+            c.module,
+            tree_map(_clone_inference, c.args),
+            tree_map(_clone_inference, c.kwargs),
+            c.inference_mode,
+            c.autocast,
         )
         for c in calls
     ]
@@ -161,16 +177,23 @@ class ReplayResult:
 def _run_calls(calls: list[RecordedCall], grad: bool) -> list[Any]:
     outputs = []
     for call in calls:
-        if grad:
-            with torch.inference_mode(False), torch.enable_grad():
-                outputs.append(call.module(*call.args, **call.kwargs))
-        elif call.inference_mode:
-            with torch.inference_mode():
-                outputs.append(call.module(*call.args, **call.kwargs))
-        else:
-            with torch.no_grad():
-                outputs.append(call.module(*call.args, **call.kwargs))
+        precision: contextlib.AbstractContextManager[Any] = (
+            torch.autocast(call.autocast[0], dtype=call.autocast[1]) if call.autocast else contextlib.nullcontext()
+        )
+        with precision:
+            outputs.append(_run_call(call, grad))
     return outputs
+
+
+def _run_call(call: RecordedCall, grad: bool) -> Any:
+    if grad:
+        with torch.inference_mode(False), torch.enable_grad():
+            return call.module(*call.args, **call.kwargs)
+    if call.inference_mode:
+        with torch.inference_mode():
+            return call.module(*call.args, **call.kwargs)
+    with torch.no_grad():
+        return call.module(*call.args, **call.kwargs)
 
 
 def graph_bytes_of(calls: list[RecordedCall], exclude: set[tuple[str, int]]) -> int:

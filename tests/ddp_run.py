@@ -1,0 +1,52 @@
+"""Run by tests/test_distributed.py in a subprocess: a 2-process CPU DDP fit with NoGradAuditor.
+
+Each rank writes the lightning-nograd warnings it emitted to ``warnings_rank{N}.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import lightning.pytorch as pl
+from lightning.pytorch.loggers import CSVLogger
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lightning_nograd import NoGradAuditor, NoGradWarning
+from tests.helpers import loader, set_head_dropout_train
+from tests.test_nograd_auditor import EveryBug
+
+
+def main(out: Path, strategy: str) -> None:
+    pl.seed_everything(0)
+    auditor = NoGradAuditor(verbose=False, savings_budget=1000.0)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy=strategy,
+        default_root_dir=out,
+        max_epochs=2,
+        limit_train_batches=3,
+        limit_val_batches=3,
+        callbacks=[auditor],
+        logger=CSVLogger(out, name="csv"),
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+    )
+    model = EveryBug()
+    model.validation_body = set_head_dropout_train
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        trainer.fit(model, loader(n=48), loader(n=48))
+    messages = [str(w.message) for w in seen if issubclass(w.category, NoGradWarning)]
+    rank = trainer.global_rank
+    (out / f"warnings_rank{rank}.json").write_text(json.dumps(messages))
+    (out / f"findings_rank{rank}.json").write_text(json.dumps(sorted({f.kind for f in auditor.report.findings})))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), sys.argv[2])

@@ -1,0 +1,255 @@
+"""The callbacks never change, break or stall the runs they watch."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader
+
+from lightning_nograd import BackpropGuard, EvalModeAuditor, NoGradAuditor, NoGradWarning, SavingsMonitor
+from lightning_nograd.core.graph import HUB
+from lightning_nograd.core.modes import ModeProbe
+from tests.helpers import Regressor, loader, nograd_warnings, set_head_dropout_train, trainer
+from tests.test_backprop_guard import GAN
+
+
+class TwoValLoaders(Regressor):
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
+        return super().validation_step(batch, batch_idx)
+
+
+CONFIGS: list[tuple[str, dict[str, Any]]] = [
+    ("fast_dev_run", {"fast_dev_run": True}),
+    ("no_validation", {"limit_val_batches": 0}),
+    ("no_sanity_check", {"num_sanity_val_steps": 0}),
+    ("sanity_check", {"num_sanity_val_steps": 2}),
+    ("mid_epoch_validation", {"val_check_interval": 0.5, "limit_train_batches": 4}),
+    ("every_other_epoch", {"check_val_every_n_epoch": 2, "max_epochs": 3}),
+    ("bf16_mixed", {"precision": "bf16-mixed"}),
+    ("inference_mode_off", {"inference_mode": False}),
+]
+
+
+@pytest.mark.parametrize(("name", "options"), CONFIGS, ids=[c[0] for c in CONFIGS])
+def test_trainer_configurations_run_clean(tmp_path: Path, name: str, options: dict[str, Any]) -> None:
+    auditor = NoGradAuditor(verbose=False, savings_budget=1000.0)
+    with nograd_warnings() as seen:
+        trainer(tmp_path, [auditor], **options).fit(Regressor(), loader(), loader())
+    assert seen == []
+    assert auditor.report.findings == []
+
+
+def test_several_validation_dataloaders(tmp_path: Path) -> None:
+    auditor = NoGradAuditor(verbose=False, savings_budget=1000.0)
+    with nograd_warnings() as seen:
+        t = trainer(tmp_path, [auditor])
+        t.fit(TwoValLoaders(set_head_dropout_train), loader(), [loader(seed=1), loader(seed=2)])
+    assert len(seen) == 1, "one finding, however many dataloaders show it"
+    val = [e for e in auditor.report.epochs if e.stage == "val"]
+    assert len(val) == 2 and all(e.metrics["nograd/val/violations"] == 1 for e in val)
+
+
+@pytest.mark.parametrize("entry", ["validate", "test", "predict"])
+@pytest.mark.parametrize("inference_mode", [True, False])
+def test_evaluation_entry_points_alone(tmp_path: Path, entry: str, inference_mode: bool) -> None:
+    auditor = NoGradAuditor(verbose=False, savings_budget=1000.0)
+    t = trainer(tmp_path, [auditor], inference_mode=inference_mode)
+    with nograd_warnings() as seen:
+        getattr(t, entry)(Regressor(), loader())
+    assert seen == []
+
+
+def test_compiled_model(tmp_path: Path) -> None:
+    model = Regressor()
+    model.backbone = torch.compile(model.backbone, backend="eager")  # type: ignore[assignment]
+    auditor = NoGradAuditor(verbose=False, savings_budget=1000.0)
+    with nograd_warnings() as seen:
+        trainer(tmp_path, [auditor]).fit(model, loader(), loader())
+    assert seen == []
+
+
+def test_pytorch_lightning_trainer(tmp_path: Path) -> None:
+    pytorch_lightning = pytest.importorskip("pytorch_lightning")
+    from pytorch_lightning.demos.boring_classes import BoringModel
+
+    auditor = NoGradAuditor(verbose=False, savings_budget=1000.0)
+    t = pytorch_lightning.Trainer(
+        default_root_dir=tmp_path,
+        max_epochs=2,
+        limit_train_batches=2,
+        limit_val_batches=2,
+        callbacks=[auditor],
+        enable_progress_bar=False,
+        logger=False,
+    )
+    with nograd_warnings() as seen:
+        t.fit(BoringModel())
+    assert seen == []
+    assert [e.stage for e in auditor.report.epochs].count("val") == 2
+
+
+def test_two_instances_have_distinct_state_keys() -> None:
+    keys = {
+        NoGradAuditor().state_key,
+        NoGradAuditor(on_violation="error").state_key,
+        EvalModeAuditor().state_key,
+        EvalModeAuditor(allow_grad=["x"]).state_key,
+        BackpropGuard().state_key,
+        BackpropGuard(zero_grad_steps=5).state_key,
+        SavingsMonitor().state_key,
+        SavingsMonitor(budget=0.5).state_key,
+    }
+    assert len(keys) == 8
+
+
+def run_for_weights(tmp_path: Path, callbacks: list[pl.Callback], resume: bool = False, **kwargs: Any) -> dict:
+    pl.seed_everything(11)
+    model = Regressor()
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    t = trainer(tmp_path, [*callbacks, ckpt], enable_checkpointing=True, max_epochs=2, **kwargs)
+    t.fit(model, loader(n=48), loader(n=32))
+    if resume:
+        pl.seed_everything(11)
+        model = Regressor()
+        t = trainer(tmp_path, [*callbacks, ckpt], enable_checkpointing=True, max_epochs=3, **kwargs)
+        t.fit(model, loader(n=48), loader(n=32), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("budget", [0.01, 1000.0], ids=["default_budget", "replays_forced"])
+@pytest.mark.parametrize("resume", [False, True], ids=["fit", "resumed"])
+def test_bit_identical_with_and_without_nograd_auditor(tmp_path: Path, budget: float, resume: bool) -> None:
+    plain = run_for_weights(tmp_path / "plain", [], resume=resume, num_sanity_val_steps=2)
+    auditor = NoGradAuditor(verbose=False, savings_budget=budget)
+    with nograd_warnings() as seen:
+        watched = run_for_weights(tmp_path / "watched", [auditor], resume=resume, num_sanity_val_steps=2)
+    assert seen == []
+    for key in plain:
+        assert torch.equal(plain[key], watched[key]), key
+
+
+def test_bit_identical_manual_optimization(tmp_path: Path) -> None:
+    def run(callbacks: list[pl.Callback]) -> dict:
+        pl.seed_everything(5)
+        model = GAN()
+        trainer(tmp_path, callbacks, limit_val_batches=0).fit(model, loader())
+        return model.state_dict()
+
+    plain = run([])
+    watched = run([NoGradAuditor(verbose=False)])
+    assert all(torch.equal(plain[k], watched[k]) for k in plain)
+
+
+def test_checkpoint_keeps_callback_state(tmp_path: Path) -> None:
+    auditor = NoGradAuditor(verbose=False)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    with nograd_warnings():
+        trainer(tmp_path, [auditor, ckpt], enable_checkpointing=True).fit(
+            Regressor(set_head_dropout_train), loader(), loader()
+        )
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=False)["callbacks"][auditor.state_key]
+    assert saved["EvalModeAuditor"]["warned"] == [["train_mode", "head.0", "val", "validation_step"]]
+
+
+def test_every_hook_is_removed_and_nothing_keeps_the_model(tmp_path: Path) -> None:
+    auditor = NoGradAuditor(verbose=False, savings_budget=1000.0)
+    model = Regressor(set_head_dropout_train)
+    ref = weakref.ref(model)
+    with nograd_warnings():
+        t = trainer(tmp_path, [auditor])
+        t.fit(model, loader(), loader())
+        t.test(model, loader())
+    assert not torch.nn.modules.module._global_forward_pre_hooks
+    assert not torch.nn.modules.module._global_forward_hooks
+    assert HUB.probes == [] and HUB._context is None
+    del model, t
+    gc.collect()
+    assert ref() is None
+    assert auditor.report.findings, "the report outlives the model"
+
+
+def test_internal_failure_switches_one_check_off_and_the_run_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(self: ModeProbe) -> None:
+        raise KeyError("simulated bug in the train-mode check")
+
+    monkeypatch.setattr(ModeProbe, "before_batch", broken)
+
+    def body(model: Regressor, x: torch.Tensor) -> torch.Tensor:
+        model.head[0].train()
+        with torch.enable_grad():
+            return model(x)
+
+    auditor = EvalModeAuditor()
+    with nograd_warnings() as seen:
+        trainer(tmp_path, [auditor]).fit(Regressor(body), loader(), loader())
+    internal = [w for w in seen if "internal error" in str(w.message)]
+    assert len(internal) == 1 and "train_mode" in str(internal[0].message)
+    assert "grad_enabled" in {f.kind for f in auditor.report.findings}, "the other checks still run"
+
+
+def test_logger_false_and_no_validation_step(tmp_path: Path) -> None:
+    class NoValidation(Regressor):
+        validation_step = None  # type: ignore[assignment]
+
+    with nograd_warnings() as seen:
+        trainer(tmp_path, [NoGradAuditor(verbose=False)], logger=False).fit(NoValidation(), loader())
+    assert seen == []
+
+
+ARGUMENT_VALUES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-5, max_value=50),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=6),
+    st.lists(st.text(max_size=4), max_size=3),
+    st.sampled_from(["warn", "fix", "error", "(", "[a-", "head", ""]),
+)
+
+CONSTRUCTORS = {
+    NoGradAuditor: ["on_violation", "verbose", "audit_eval", "allow_grad", "allow", "savings_budget", "report_path"],
+    EvalModeAuditor: ["on_violation", "allow_train_mode", "allow_grad"],
+    BackpropGuard: ["on_violation", "allow", "zero_grad_steps"],
+    SavingsMonitor: ["measure_batches", "repeats", "budget", "min_repeats", "max_repeats"],
+}
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    cls=st.sampled_from(list(CONSTRUCTORS)),
+    data=st.data(),
+)
+def test_any_argument_gives_a_working_callback_or_a_clear_error(cls: type, data: st.DataObject) -> None:
+    names = CONSTRUCTORS[cls]
+    chosen = data.draw(st.lists(st.sampled_from(names), unique=True, max_size=3))
+    kwargs = {name: data.draw(ARGUMENT_VALUES) for name in chosen}
+    try:
+        callback = cls(**kwargs)
+    except (TypeError, ValueError) as err:
+        assert any(f"`{name}`" in str(err) for name in ["budget", *names]), (kwargs, err)
+        assert "but got" in str(err) or "Expected" in str(err)
+        return
+    assert isinstance(callback, pl.Callback)
+    assert isinstance(callback.state_key, str)
+
+
+def test_unpicklable_batch_and_odd_outputs_do_not_break(tmp_path: Path) -> None:
+    class OddOutputs(Regressor):
+        def validation_step(self, batch: Any, batch_idx: int) -> Any:
+            super().validation_step(batch, batch_idx)
+            return {"nested": [object(), {"t": torch.ones(2)}], "text": "x"}
+
+    with nograd_warnings() as seen:
+        trainer(tmp_path, [NoGradAuditor(verbose=False)]).fit(OddOutputs(), loader(), DataLoader(loader().dataset))
+    assert not [w for w in seen if issubclass(w.category, NoGradWarning)]
