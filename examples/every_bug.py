@@ -74,6 +74,16 @@ def data(seed: int) -> DataLoader:
     return DataLoader(TensorDataset(x, (x[:, 0] > 0).long()), batch_size=32)
 
 
+class BuggyData(pl.LightningDataModule):
+    """The example's data as a datamodule, for `lightning-nograd audit`."""
+
+    def train_dataloader(self) -> DataLoader:
+        return data(0)
+
+    def val_dataloader(self) -> DataLoader:
+        return data(1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root-dir", default=".")

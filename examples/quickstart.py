@@ -28,8 +28,25 @@ def synthetic_data(n: int, seed: int) -> TensorDataset:
     return TensorDataset(x, y)
 
 
+class SyntheticData(pl.LightningDataModule):
+    """Synthetic train / validation / test splits, generated on the fly."""
+
+    def __init__(self, batch_size: int = 64) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(synthetic_data(2048, seed=0), batch_size=self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(synthetic_data(512, seed=1), batch_size=self.batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(synthetic_data(512, seed=2), batch_size=self.batch_size)
+
+
 class Classifier(pl.LightningModule):
-    def __init__(self, planted_bug: bool) -> None:
+    def __init__(self, planted_bug: bool = False) -> None:
         super().__init__()
         self.net = nn.Sequential(nn.Linear(20, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Dropout(0.3), nn.Linear(64, 2))
         self.planted_bug = planted_bug
@@ -51,6 +68,10 @@ class Classifier(pl.LightningModule):
         self.log("val_loss", nn.functional.cross_entropy(logits, y))
         self.log("val_acc", (logits.argmax(dim=1) == y).float().mean())
 
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        self.log("test_acc", (self(x).argmax(dim=1) == y).float().mean())
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=1e-2)
 
@@ -71,10 +92,8 @@ def main() -> None:
         enable_progress_bar=False,
         enable_checkpointing=False,
     )
-    train = DataLoader(synthetic_data(2048, seed=0), batch_size=64, shuffle=True)
-    val = DataLoader(synthetic_data(512, seed=1), batch_size=64)
     model = Classifier(planted_bug=not args.clean)
-    trainer.fit(model, train, val)  # NoGradAuditor prints its report table when fit ends
+    trainer.fit(model, datamodule=SyntheticData())  # NoGradAuditor prints its report table when fit ends
     print(f"\nOpen the dashboard with:  tensorboard --logdir {trainer.logger.log_dir if trainer.logger else '.'}")
 
 

@@ -13,8 +13,7 @@ import os
 
 import lightning.pytorch as pl
 from lightning.pytorch.loggers import WandbLogger
-from quickstart import Classifier, synthetic_data
-from torch.utils.data import DataLoader
+from quickstart import Classifier, SyntheticData
 
 from lightning_nograd import NoGradAuditor
 
@@ -35,9 +34,7 @@ def main() -> None:
         enable_progress_bar=False,
         enable_checkpointing=False,
     )
-    train = DataLoader(synthetic_data(1024, seed=0), batch_size=64, shuffle=True)
-    val = DataLoader(synthetic_data(256, seed=1), batch_size=64)
-    trainer.fit(Classifier(planted_bug=True), train, val)
+    trainer.fit(Classifier(planted_bug=True), datamodule=SyntheticData())
     logger.experiment.finish()
     print(f"W&B offline run written under {os.path.abspath(args.root_dir)}/wandb")
 

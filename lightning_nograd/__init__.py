@@ -5,6 +5,7 @@ from lightning_nograd.callbacks.eval_mode_auditor import EvalModeAuditor
 from lightning_nograd.callbacks.nograd_auditor import NoGradAuditor
 from lightning_nograd.callbacks.savings_monitor import SavingsMonitor
 from lightning_nograd.errors import BrokenBackpropWarning, NoGradError, NoGradWarning
+from lightning_nograd.plain_pytorch import audit, check_training_step
 
 __version__ = "0.1.0"
 
@@ -16,4 +17,6 @@ __all__ = [
     "NoGradError",
     "NoGradWarning",
     "SavingsMonitor",
+    "audit",
+    "check_training_step",
 ]

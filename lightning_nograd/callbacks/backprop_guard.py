@@ -14,10 +14,12 @@ from lightning_nograd.callbacks._lightning import LightningModule, Trainer, forg
 from lightning_nograd.callbacks.loggers import reduce_max
 from lightning_nograd.core.arguments import check_int
 from lightning_nograd.core.backprop import (
+    GradientGap,
     GradModeProbe,
     ParamIndex,
     ancestors,
     eval_mode_under_trainable,
+    explain_gradient_gaps,
     inference_tensors,
 )
 from lightning_nograd.core.findings import Finding, OnViolation, display_name
@@ -45,16 +47,6 @@ _COUNTS = {
     "params_without_grad": "nograd/train/params_without_grad",
     "eval_mode_modules": "nograd/train/eval_mode_modules",
 }
-
-
-def _topmost_in(path: str, paths: set[str]) -> str:
-    """The outermost ancestor of ``path`` reached through modules that are all in ``paths``."""
-    top = path
-    for ancestor in reversed(ancestors(path)[:-1]):
-        if ancestor not in paths:
-            break
-        top = ancestor
-    return top
 
 
 class BackpropGuard(NoGradCallback):
@@ -384,7 +376,7 @@ class BackpropGuard(NoGradCallback):
         for param in missing:
             self._counts["params_without_grad"].add(index.name(param))
         if self.on_violation == "error":
-            self._report_params_without_grad(missing, "cause not yet known")
+            self._report_gaps(explain_gradient_gaps(index, missing, None))
             return
         missing = [p for p in missing if id(p) not in self._explained]
         new = [p for p in missing if id(p) not in self._suspects]
@@ -404,78 +396,30 @@ class BackpropGuard(NoGradCallback):
     @guarded("no_grad_module")
     def _finish_grad_mode_probe(self) -> None:
         probe, self._probe = self._probe, None
-        index = self._index
-        if probe is None or index is None:
+        if probe is None or self._index is None:
             return
         probe.stop()
-        no_grad = set(probe.ran_without_grad_only())
-        ran = probe.ran()
-        suspects = [index.params[key] for key in self._suspects if key in index.params]
+        suspects = [self._index.params[key] for key in self._suspects if key in self._index.params]
         self._explained |= set(self._suspects)
         self._suspects = {}
-        by_cause: dict[str, list[nn.Parameter]] = {"detached": [], "unused": []}
-        for param in suspects:
-            owner = index.owner[id(param)]
-            if owner in no_grad:
-                continue
-            by_cause["detached" if owner in ran else "unused"].append(param)
-        no_grad_params = [p for p in suspects if index.owner[id(p)] in no_grad]
-        modules: dict[str, list[str]] = {}
-        for param in no_grad_params:
-            modules.setdefault(_topmost_in(index.owner[id(param)], no_grad), []).append(index.name(param))
-        for module, names in modules.items():
-            self._counts["no_grad_modules"].add(module)
-            shown = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
-            self._finding(
-                "no_grad_module",
-                module,
-                "training_step",
-                f"{display_name(module, self._root_type)} has trainable parameters but its forward ran only "
-                f"with gradients disabled (`no_grad`, `inference_mode` or `set_grad_enabled(False)`): "
-                f"{shown} will not learn",
-                "remove the `torch.no_grad()` around it, or freeze it (`requires_grad_(False)`) if it is meant "
-                "to stay fixed.",
-                parameters=names,
-            )
-        for cause, params in by_cause.items():
-            if params:
-                self._report_params_without_grad(params, cause)
+        self._report_gaps(explain_gradient_gaps(self._index, suspects, probe))
 
     def _report_unexplained_suspects(self) -> None:
         if self._index is None or not self._suspects:
             return
         params = [self._index.params[k] for k in self._suspects if k in self._index.params]
         self._suspects = {}
-        self._report_params_without_grad(params, "cause not yet known")
+        self._report_gaps(explain_gradient_gaps(self._index, params, None))
 
-    def _report_params_without_grad(self, params: list[nn.Parameter], cause: str) -> None:
-        index = self._index
-        if index is None:
-            return
-        reasons = {
-            "detached": "its module ran with gradients on, so the graph was cut after it (`.detach()`, `.data`, "
-            "`.item()`, or a non-differentiable op such as `argmax`)",
-            "unused": "its module's forward did not run in the training step",
-            "cause not yet known": "no gradient reached it",
-        }
-        fixes = {
-            "detached": "remove the `.detach()` / `.data` on the way from this module to the loss.",
-            "unused": "use it in the loss, or freeze it (`requires_grad_(False)`) or leave it out of the optimizer.",
-            "cause not yet known": "check for `torch.no_grad()`, `.detach()` or an unused branch between this module "
-            "and the loss; freeze it if it is meant to stay fixed.",
-        }
-        for top, names in index.group(params).items():
-            shown = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
-            self._finding(
-                "param_without_grad",
-                top,
-                "on_before_optimizer_step",
-                f"{len(names)} trainable parameter(s) of {display_name(top, self._root_type)} reached the optimizer "
-                f"step with no gradient ({shown}): {reasons[cause]}",
-                fixes[cause],
-                parameters=names,
-                cause=cause,
-            )
+    def _report_gaps(self, gaps: list[GradientGap]) -> None:
+        for gap in gaps:
+            if gap.kind == "no_grad_module":
+                self._counts["no_grad_modules"].add(gap.subject)
+            hook = "training_step" if gap.kind == "no_grad_module" else "on_before_optimizer_step"
+            details: dict[str, Any] = {"parameters": gap.parameters}
+            if gap.cause:
+                details["cause"] = gap.cause
+            self._finding(gap.kind, gap.subject, hook, gap.problem(self._root_type), gap.fix(), **details)
 
     # -- stray graphs ----------------------------------------------------------------------------
 

@@ -12,12 +12,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from lightning_nograd.core.findings import display_name
 from lightning_nograd.core.modes import MODE_SENSITIVE_TYPES, is_grad_recording
 
 
@@ -183,3 +185,104 @@ def eval_mode_under_trainable(root: nn.Module) -> list[tuple[str, list[str]]]:
             top = ancestor
         groups.setdefault(top, []).append(f"{path} ({type(module).__name__})")
     return list(groups.items())
+
+
+def topmost_in(path: str, paths: set[str]) -> str:
+    """The outermost ancestor of ``path`` reached through modules that are all in ``paths``."""
+    top = path
+    for ancestor in reversed(ancestors(path)[:-1]):
+        if ancestor not in paths:
+            break
+        top = ancestor
+    return top
+
+
+_CAUSES = {
+    "detached": (
+        "its module ran with gradients on, so the graph was cut after it (`.detach()`, `.data`, `.item()`, "
+        "or a non-differentiable op such as `argmax`)",
+        "remove the `.detach()` / `.data` on the way from this module to the loss.",
+    ),
+    "unused": (
+        "its module's forward did not run in the training step",
+        "use it in the loss, or freeze it (`requires_grad_(False)`) or leave it out of the optimizer.",
+    ),
+    "cause not yet known": (
+        "no gradient reached it",
+        "check for `torch.no_grad()`, `.detach()` or an unused branch between this module and the loss; "
+        "freeze it if it is meant to stay fixed.",
+    ),
+}
+
+
+def _shown(names: list[str]) -> str:
+    return ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+
+
+@dataclass
+class GradientGap:
+    """Trainable parameters that got no gradient, grouped under a module, with the reason."""
+
+    kind: str
+    subject: str
+    parameters: list[str]
+    cause: str | None = None
+
+    def problem(self, root_type: str) -> str:
+        name = display_name(self.subject, root_type)
+        if self.kind == "no_grad_module":
+            return (
+                f"{name} has trainable parameters but its forward ran only with gradients disabled "
+                f"(`no_grad`, `inference_mode` or `set_grad_enabled(False)`): {_shown(self.parameters)} will not learn"
+            )
+        reason = _CAUSES[self.cause or "cause not yet known"][0]
+        return (
+            f"{len(self.parameters)} trainable parameter(s) of {name} reached the optimizer step with no gradient "
+            f"({_shown(self.parameters)}): {reason}"
+        )
+
+    def fix(self) -> str:
+        if self.kind == "no_grad_module":
+            return (
+                "remove the `torch.no_grad()` around it, or freeze it (`requires_grad_(False)`) if it is meant "
+                "to stay fixed."
+            )
+        return _CAUSES[self.cause or "cause not yet known"][1]
+
+
+def explain_gradient_gaps(
+    index: ParamIndex, params: list[nn.Parameter], probe: GradModeProbe | None
+) -> list[GradientGap]:
+    """Why ``params`` got no gradient, from what ``probe`` saw of the step (``None``: not watched).
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
+        >>> probe = GradModeProbe({id(m): p for p, m in net.named_modules()})
+        >>> probe.start()
+        >>> with torch.no_grad():
+        ...     h = net[0](torch.ones(1, 2))
+        >>> net[1](h).sum().backward()
+        >>> probe.stop()
+        >>> [(g.kind, g.subject) for g in explain_gradient_gaps(ParamIndex(net), list(net[0].parameters()), probe)]
+        [('no_grad_module', '0')]
+    """
+    if probe is None:
+        return [
+            GradientGap("param_without_grad", top, names, "cause not yet known")
+            for top, names in index.group(params).items()
+        ]
+    no_grad = set(probe.ran_without_grad_only())
+    ran = probe.ran()
+    gaps: list[GradientGap] = []
+    modules: dict[str, list[str]] = {}
+    by_cause: dict[str, list[nn.Parameter]] = {"detached": [], "unused": []}
+    for param in params:
+        owner = index.owner[id(param)]
+        if owner in no_grad:
+            modules.setdefault(topmost_in(owner, no_grad), []).append(index.name(param))
+        else:
+            by_cause["detached" if owner in ran else "unused"].append(param)
+    gaps.extend(GradientGap("no_grad_module", module, names) for module, names in modules.items())
+    for cause, members in by_cause.items():
+        gaps.extend(GradientGap("param_without_grad", top, names, cause) for top, names in index.group(members).items())
+    return gaps

@@ -96,7 +96,9 @@ class CallRecorder:
         if self._active is None and id(module) in self.candidates:
             self._active = id(module)
 
-    def _post(self, module: nn.Module, args: Any, kwargs: dict[str, Any], output: Any) -> None:
+    def _post(self, module: nn.Module, args: Any, kwargs: Any = None, output: Any = None) -> None:
+        # when a forward raises, PyTorch calls always-called global hooks as (module, args, None)
+        kwargs = kwargs if isinstance(kwargs, dict) else {}
         if self._active == id(module):
             self._active = None
             self.calls.append(

@@ -1,0 +1,7 @@
+"""``python -m lightning_nograd audit ...``: see :mod:`lightning_nograd.cli`."""
+
+import sys
+
+from lightning_nograd.cli import main
+
+sys.exit(main())

@@ -1,0 +1,156 @@
+"""``lightning-nograd audit``: audit a LightningModule without editing its training script.
+
+Exit codes: 0 clean, 1 findings (so it can gate a CI pipeline), 2 bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import json
+import logging
+import os
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+EXAMPLE = """example:
+  lightning-nograd audit examples.quickstart:Classifier --data examples.quickstart:SyntheticData \\
+      --init-args '{"planted_bug": true}' --json nograd_report.json
+  python -m lightning_nograd audit my_project.models:MyModel   # the model's own dataloaders
+
+exit status: 0 clean, 1 findings, 2 bad arguments."""
+
+
+class UsageError(Exception):
+    """A bad argument or import path: one line on stderr, exit 2."""
+
+
+def _load(spec: str, argument: str) -> Any:
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise UsageError(f"{argument} must look like 'package.module:ClassName', got {spec!r}")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as err:
+        raise UsageError(f"cannot import {module_name!r} for {argument}: {type(err).__name__}: {err}") from None
+    try:
+        return getattr(module, attribute)
+    except AttributeError:
+        raise UsageError(f"{module_name!r} has no attribute {attribute!r} ({argument})") from None
+
+
+def _json_object(text: str | None, argument: str) -> dict[str, Any]:
+    if text is None:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise UsageError(f"{argument} is not valid JSON: {err}") from None
+    if not isinstance(value, dict):
+        raise UsageError(f"{argument} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _build(cls: Any, kwargs: dict[str, Any], argument: str) -> Any:
+    if not inspect.isclass(cls):
+        raise UsageError(f"{argument} must name a class, got {type(cls).__name__}")
+    try:
+        return cls(**kwargs)
+    except TypeError as err:
+        raise UsageError(f"cannot build {cls.__name__} from {argument}: {err}") from None
+
+
+def parser() -> argparse.ArgumentParser:
+    main = argparse.ArgumentParser(
+        prog="lightning-nograd",
+        description="Audit Lightning models for no_grad / eval-mode problems and broken backprop.",
+        epilog=EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = main.add_subparsers(dest="command", required=True)
+    audit = commands.add_parser(
+        "audit",
+        help="run a short fit, validate and test with NoGradAuditor and report",
+        description="Build the model (and datamodule), run a short fit, validate and test on a few batches "
+        "with NoGradAuditor(), print the report; exit 1 when there are findings.",
+        epilog=EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    audit.add_argument("model", help="the LightningModule class, as package.module:ClassName")
+    audit.add_argument("--data", help="a LightningDataModule class, as package.module:ClassName")
+    audit.add_argument("--init-args", help="JSON object of keyword arguments for the model")
+    audit.add_argument("--data-init-args", help="JSON object of keyword arguments for the datamodule")
+    audit.add_argument("--batches", type=int, default=4, help="batches per stage (default 4)")
+    audit.add_argument("--json", dest="json_path", help="write the report as JSON to this path")
+    return main
+
+
+def run_audit(args: argparse.Namespace) -> int:
+    import lightning.pytorch as pl
+
+    from lightning_nograd.callbacks.nograd_auditor import NoGradAuditor
+    from lightning_nograd.core.summary import render
+
+    for name in ("lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning_fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)  # our report is the output
+    if args.batches < 1:
+        raise UsageError(f"--batches must be at least 1, got {args.batches}")
+    model = _build(_load(args.model, "MODEL"), _json_object(args.init_args, "--init-args"), "MODEL")
+    if not isinstance(model, pl.LightningModule):
+        raise UsageError(f"MODEL must be a LightningModule, got {type(model).__name__}")
+    datamodule = None
+    if args.data:
+        datamodule = _build(_load(args.data, "--data"), _json_object(args.data_init_args, "--data-init-args"), "--data")
+    auditor = NoGradAuditor(verbose=False, savings_budget=1.0)
+    options: dict[str, Any] = dict(
+        callbacks=[auditor],
+        max_epochs=2,
+        limit_train_batches=args.batches,
+        limit_val_batches=args.batches,
+        limit_test_batches=args.batches,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    crashed: str | None = None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the report below says it all, once
+        try:
+            trainer = pl.Trainer(**options)
+            trainer.fit(model, datamodule=datamodule)
+            if type(model).validation_step is not pl.LightningModule.validation_step:
+                trainer.validate(model, datamodule=datamodule, verbose=False)
+            if type(model).test_step is not pl.LightningModule.test_step:
+                trainer.test(model, datamodule=datamodule, verbose=False)
+        except Exception as err:
+            crashed = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    print(render(auditor.report))
+    if crashed:
+        print(f"The run stopped with {crashed}")
+    if args.json_path:
+        auditor.report.write_json(args.json_path)
+        print(f"report written to {Path(args.json_path).resolve()}")
+    if auditor.report.findings:
+        return 1
+    return 2 if crashed else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``lightning-nograd`` and ``python -m lightning_nograd``."""
+    args = parser().parse_args(argv)
+    try:
+        return run_audit(args)
+    except UsageError as err:
+        print(f"lightning-nograd: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

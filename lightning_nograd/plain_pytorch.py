@@ -1,0 +1,367 @@
+"""The same audits for code that does not use Lightning.
+
+* ``with audit(model) as report:`` around a plain PyTorch evaluation loop finds modules that run
+  in train mode and forwards that record a graph, and measures what ``no_grad`` saves, into the
+  same :class:`~lightning_nograd.core.report.Report` the callbacks fill.
+* :func:`check_training_step` runs one training step's forward and backward and names what will
+  not learn, then puts the model back as it was.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from lightning_nograd.core.arguments import check_bool, check_choice, check_int
+from lightning_nograd.core.backprop import (
+    GradModeProbe,
+    ParamIndex,
+    eval_mode_under_trainable,
+    explain_gradient_gaps,
+    inference_tensors,
+)
+from lightning_nograd.core.findings import (
+    ON_VIOLATION_CHOICES,
+    Finding,
+    FindingLog,
+    OnViolation,
+    display_name,
+)
+from lightning_nograd.core.graph import MIB, GraphEvent, GraphProbe, format_bytes, storage_key, tally_tensors
+from lightning_nograd.core.modes import ModeProbe, mode_sensitive_descendants
+from lightning_nograd.core.patterns import NamePatterns
+from lightning_nograd.core.replay import RecordedCall, Replay, current_autocast, replayable
+from lightning_nograd.core.report import Report
+from lightning_nograd.errors import BrokenBackpropWarning
+
+__all__ = ["audit", "check_training_step"]
+
+_LOOP = "evaluation loop"
+
+
+class _EvaluationAudit:
+    """The state behind :func:`audit`: probes on one model, batch boundaries at its forward."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        report: Report,
+        log: FindingLog,
+        allow_train_mode: NamePatterns,
+        allow_grad: NamePatterns,
+        measure_savings: bool,
+        repeats: int,
+    ) -> None:
+        self.model = model
+        self.report = report
+        self.log = log
+        self.root_type = type(model).__name__
+        self.batch = -1
+        self.depth = 0
+        self.measure_savings = measure_savings
+        self.repeats = repeats
+        self.modes = ModeProbe(model, allow_train_mode, self._on_train_forward, log.on_violation == "fix")
+        self.graph = GraphProbe(model, frozenset(), self._on_graph, allow_grad.matches)
+        self.recorded: list[RecordedCall] = []
+        self.handles: list[RemovableHandle] = []
+        self.outputs_attached = 0
+
+    def start(self) -> None:
+        self.modes.refresh()
+        self.graph.start()
+        self.handles = [
+            nn.modules.module.register_module_forward_pre_hook(self._pre),
+            nn.modules.module.register_module_forward_hook(self._post, with_kwargs=True, always_call=True),
+        ]
+
+    def stop(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+        self._flush_graph()
+        self.modes.close()
+        self.graph.close()
+
+    def _pre(self, module: nn.Module, args: Any) -> None:
+        if module is not self.model:
+            return
+        self.depth += 1
+        if self.depth > 1:
+            return
+        self.batch += 1
+        self.graph.new_batch()
+        self.modes.before_batch()
+
+    def _post(self, module: nn.Module, args: Any, kwargs: Any = None, output: Any = None) -> None:
+        # when a forward raises, PyTorch calls always-called global hooks as (module, args, None)
+        kwargs = kwargs if isinstance(kwargs, dict) else {}
+        if module is not self.model:
+            return
+        self.depth -= 1
+        if self.depth > 0:
+            return
+        self.modes.after_batch()
+        self._flush_graph()
+        if self.measure_savings and self.batch <= 1:  # the second batch is past the slow first forward
+            call = RecordedCall(
+                module, tuple(args), dict(kwargs), torch.is_inference_mode_enabled(), current_autocast()
+            )
+            self.recorded = [call]
+        tally = tally_tensors(output)
+        if tally.attached:
+            self._add(
+                "graph_in_outputs",
+                "model outputs",
+                f"the model returned {tally.attached} tensor(s) still attached to an autograd graph "
+                f"({tally.attached_mib:.3f} MiB)",
+                "run the evaluation loop under `torch.no_grad()` or `torch.inference_mode()`.",
+            )
+
+    def _add(self, kind: str, subject: str, problem: str, fix: str, **details: Any) -> None:
+        self.log.add(Finding(kind, subject, "val", _LOOP, self.batch, 0, problem, fix, dict(details)))
+
+    def _on_train_forward(self, path: str, module: nn.Module, confirmed: bool) -> None:
+        layers = [s for s in mode_sensitive_descendants(module, path) if not s.startswith(f"{path} (")]
+        detail = f"; layers that behave differently in train mode: {', '.join(layers[:5])}" if layers else ""
+        what = "ran its forward in train mode" if confirmed else "was switched to train mode during the batch"
+        self._add(
+            "train_mode",
+            path,
+            f"{display_name(path, self.root_type)} ({type(module).__name__}) {what}{detail}",
+            "call `model.eval()` before the evaluation loop.",
+            mode_sensitive_layers=layers,
+        )
+
+    def _on_graph(self, event: GraphEvent) -> None:
+        if self.log.on_violation == "error":
+            self._graph_finding(event, [event.module])
+
+    def _flush_graph(self) -> None:
+        grouped = self.graph.grouped_events()
+        self.graph.new_batch()
+        for event, modules in grouped:
+            self._graph_finding(event, modules)
+
+    def _graph_finding(self, event: GraphEvent, modules: list[str]) -> None:
+        self._add(
+            "grad_enabled",
+            event.module,
+            f"{display_name(event.module, self.root_type)} ran with gradients enabled and recorded an autograd "
+            f"graph: {format_bytes(event.saved_bytes)} saved for backward in one batch",
+            "wrap the evaluation loop in `torch.no_grad()` or `torch.inference_mode()`.",
+            saved_mib=event.saved_bytes / MIB,
+            modules=modules,
+        )
+
+    def savings(self, loop_seconds: float) -> tuple[dict[str, float], dict[str, Any]]:
+        metrics: dict[str, float] = {"nograd/val/epoch_time_s": loop_seconds}
+        details: dict[str, Any] = {"batches": self.batch + 1}
+        if not self.recorded:
+            details["savings"] = "no forward of the model was recorded"
+            return metrics, details
+        device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
+        exclude = {storage_key(t) for t in [*self.model.parameters(), *self.model.buffers()] if t.numel() > 0}
+        session = Replay(replayable(self.recorded), device, exclude)
+        session.measure_memory()
+        session.time_pairs(self.repeats)
+        result = session.result
+        metrics["nograd/val/graph_memory_mib"] = result.graph_bytes / MIB
+        metrics["nograd/val/memory_saved_mib"] = (result.peak_on_bytes - result.peak_off_bytes) / MIB
+        details.update(
+            {
+                "repeats": len(result.time_on),
+                "time_saved_per_batch_s": result.saved_per_batch,
+                "time_saved_per_batch_iqr_s": list(result.spread),
+                "sign_test_p": result.sign_test_p,
+                "within_noise": result.within_noise(),
+            }
+        )
+        if result.within_noise():
+            details["savings"] = "time difference within noise"
+            return metrics, details
+        saved = result.saved_per_batch * (self.batch + 1)
+        metrics["nograd/val/time_saved_s"] = saved
+        metrics["nograd/val/time_saved_pct"] = 100 * saved / (loop_seconds + saved) if loop_seconds + saved else 0.0
+        details["savings"] = "measured"
+        return metrics, details
+
+
+@contextmanager
+def audit(
+    model: nn.Module,
+    on_violation: OnViolation = "warn",
+    allow_train_mode: Iterable[str] = (),
+    allow_grad: Iterable[str] = (),
+    measure_savings: bool = True,
+    repeats: int = 10,
+) -> Iterator[Report]:
+    """Audit a plain PyTorch evaluation loop: ``with audit(model) as report: ...``.
+
+    Each call of ``model`` is one batch. Inside the block it finds modules that run in train
+    mode and forwards that record an autograd graph (warned as they happen, like the callbacks);
+    when the block ends it replays one recorded batch with gradients on and off and adds the
+    measured savings (``nograd/val/graph_memory_mib``, ``memory_saved_mib``, ``time_saved_s``,
+    ``time_saved_pct`` and the loop's ``epoch_time_s``) to ``report.epochs``.
+
+    Args:
+        model: the model the loop calls.
+        on_violation: ``"warn"``, ``"fix"`` (modules put in eval mode before their forward) or
+            ``"error"`` (:class:`~lightning_nograd.NoGradError` at the first violation).
+        allow_train_mode: regular expressions of module paths allowed to stay in train mode.
+        allow_grad: regular expressions of module paths allowed to record a graph.
+        measure_savings: replay one batch to measure the savings when the block ends.
+        repeats: timed on/off pairs for the time measurement.
+
+    Raises:
+        ValueError, TypeError: bad arguments, naming the argument.
+
+    Example:
+        >>> import warnings
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.Dropout(), nn.Linear(8, 1))
+        >>> with warnings.catch_warnings():
+        ...     warnings.simplefilter("ignore")
+        ...     with audit(net, measure_savings=False) as report:  # forgot net.eval() and no_grad
+        ...         for _ in range(3):
+        ...             _ = net(torch.randn(2, 4))
+        >>> sorted(f.kind for f in report.findings)
+        ['grad_enabled', 'graph_in_outputs', 'train_mode']
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"Expected argument `model` to be a torch.nn.Module, but got {type(model).__name__}.")
+    log = FindingLog(check_choice("on_violation", on_violation, ON_VIOLATION_CHOICES))  # type: ignore[arg-type]
+    report = Report()
+    log.listeners.append(report.findings.append)
+    session = _EvaluationAudit(
+        model,
+        report,
+        log,
+        NamePatterns("allow_train_mode", allow_train_mode),
+        NamePatterns("allow_grad", allow_grad),
+        check_bool("measure_savings", measure_savings),
+        check_int("repeats", repeats, 1),
+    )
+    session.start()
+    started = time.perf_counter()
+    try:
+        yield report
+    finally:
+        loop_seconds = time.perf_counter() - started
+        session.stop()
+    metrics, details = session.savings(loop_seconds) if measure_savings else ({}, {})
+    metrics["nograd/val/violations"] = float(log.epoch_count("val"))
+    report.record_epoch("val", 0, 0, metrics, details)
+
+
+def check_training_step(
+    model: nn.Module,
+    batch: Any,
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor],
+    optimizer: torch.optim.Optimizer | None = None,
+    on_violation: OnViolation = "warn",
+    allow: Iterable[str] = (),
+) -> Report:
+    """Check one training step for broken backprop, and leave the model as it was.
+
+    Runs ``loss_fn(model, batch)`` and its backward, then names: modules with trainable
+    parameters whose forward ran only with gradients disabled, parameters (of ``optimizer``, or
+    all trainable ones) that got no gradient and why, dropout / batch-norm layers in eval mode
+    inside trainable blocks, and inference tensors held by the model. Gradients, buffers (batch-norm
+    statistics) and the RNG state are restored afterwards; no optimizer step is taken.
+
+    Args:
+        model: the model to check.
+        batch: one batch, passed to ``loss_fn`` as is.
+        loss_fn: ``loss_fn(model, batch)`` returns the scalar loss of a training step.
+        optimizer: only its parameters are checked for gradients (default: every trainable one).
+        on_violation: ``"warn"``/``"fix"`` warn (``BrokenBackpropWarning``), ``"error"`` raises.
+        allow: regular expressions of module paths never to report.
+
+    Returns:
+        A :class:`~lightning_nograd.core.report.Report` whose ``findings`` name what will not learn.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+        >>> def loss_fn(model, batch):
+        ...     x, y = batch
+        ...     with torch.no_grad():
+        ...         h = model[0](x)
+        ...     return ((model[2](model[1](h)) - y) ** 2).mean()
+        >>> import warnings
+        >>> with warnings.catch_warnings():
+        ...     warnings.simplefilter("ignore")
+        ...     report = check_training_step(net, (torch.randn(3, 4), torch.randn(3, 1)), loss_fn)
+        >>> [(f.kind, f.subject) for f in report.findings]
+        [('no_grad_module', '0')]
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"Expected argument `model` to be a torch.nn.Module, but got {type(model).__name__}.")
+    if not callable(loss_fn):
+        raise TypeError(f"Expected argument `loss_fn` to be callable, but got {type(loss_fn).__name__}.")
+    log = FindingLog(check_choice("on_violation", on_violation, ON_VIOLATION_CHOICES), BrokenBackpropWarning)  # type: ignore[arg-type]
+    allowed = NamePatterns("allow", allow)
+    report = Report()
+    log.listeners.append(report.findings.append)
+    root_type = type(model).__name__
+
+    def add(kind: str, subject: str, hook: str, problem: str, fix: str, **details: Any) -> None:
+        if not allowed.matches(subject.rsplit(".", 1)[0] if kind == "inference_tensor" else subject):
+            log.add(Finding(kind, subject, "train", hook, 0, 0, problem, fix, dict(details)))
+
+    for path, kind in inference_tensors(model):
+        add(
+            "inference_tensor",
+            path,
+            "before the step",
+            f"the {kind} `{path}` was created under `torch.inference_mode`; the backward that uses it fails "
+            "with 'Inference tensors cannot be saved for backward'",
+            "rebuild it outside inference mode (`.clone()`), or evaluate under `torch.no_grad()` instead.",
+        )
+    for path, layers in eval_mode_under_trainable(model):
+        add(
+            "eval_mode_at_start",
+            path,
+            "before the step",
+            f"{display_name(path, root_type)} is in eval mode, with trainable parameters around layers that "
+            f"behave differently in train mode: {', '.join(layers[:5])}",
+            "call `model.train()` before training.",
+            layers=layers,
+        )
+
+    index = ParamIndex(model)
+    if optimizer is not None:
+        params = [p for g in optimizer.param_groups for p in g["params"] if id(p) in index.names]
+    else:
+        params = list(index.params.values())
+    params = [p for p in params if p.requires_grad]
+    saved_grads = {id(p): p.grad for p in index.params.values()}
+    saved_buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    rng = torch.get_rng_state()
+    probe = GradModeProbe({id(m): path for path, m in model.named_modules() if not allowed.matches(path)})
+    try:
+        for p in index.params.values():
+            p.grad = None
+        probe.start()
+        try:
+            loss = loss_fn(model, batch)
+        finally:
+            probe.stop()
+        if loss.requires_grad:
+            loss.backward()  # type: ignore[no-untyped-call]
+        missing = [p for p in params if p.grad is None and not allowed.matches(index.owner[id(p)])]
+        for gap in explain_gradient_gaps(index, missing, probe):
+            add(gap.kind, gap.subject, "training step", gap.problem(root_type), gap.fix(), parameters=gap.parameters)
+    finally:
+        for p in index.params.values():
+            p.grad = saved_grads.get(id(p))
+        with torch.no_grad():
+            for name, buffer in model.named_buffers():
+                if name in saved_buffers and buffer.shape == saved_buffers[name].shape:
+                    buffer.copy_(saved_buffers[name])
+        torch.set_rng_state(rng)
+    return report

@@ -1,0 +1,105 @@
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_nograd import BrokenBackpropWarning, NoGradError, NoGradWarning, audit, check_training_step
+
+
+def make_net() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Dropout(0.2), nn.Linear(32, 1))
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(TypeError, match=r"`model`.*torch.nn.Module.*str"), audit("net"):  # type: ignore[arg-type]
+        pass
+    with pytest.raises(ValueError, match=r"`on_violation`.*'loud'"), audit(make_net(), on_violation="loud"):  # type: ignore[arg-type]
+        pass
+    with pytest.raises(ValueError, match=r"`repeats`.*>= 1.*0"), audit(make_net(), repeats=0):
+        pass
+    with pytest.raises(TypeError, match=r"`loss_fn`.*callable"):
+        check_training_step(make_net(), None, "mse")  # type: ignore[arg-type]
+
+
+def test_correct_evaluation_loop_is_clean_and_savings_are_measured() -> None:
+    net = make_net().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NoGradWarning)
+        with audit(net, repeats=6) as report, torch.no_grad():
+            for _ in range(4):
+                net(torch.randn(16, 8))
+    assert report.findings == []
+    (epoch,) = report.epochs
+    assert epoch.metrics["nograd/val/violations"] == 0
+    assert epoch.metrics["nograd/val/graph_memory_mib"] > 0
+    assert epoch.details["repeats"] == 6
+    assert not torch.nn.modules.module._global_forward_pre_hooks
+
+
+def test_buggy_evaluation_loop_gets_the_same_findings_as_the_callbacks() -> None:
+    net = make_net()  # left in train mode, no no_grad
+    with pytest.warns(NoGradWarning) as seen, audit(net, measure_savings=False) as report:
+        for _ in range(3):
+            net(torch.randn(16, 8))
+    kinds = sorted(f.kind for f in report.findings)
+    assert kinds == ["grad_enabled", "graph_in_outputs", "train_mode"]
+    train = next(f for f in report.findings if f.kind == "train_mode")
+    assert "the whole Sequential (Sequential) ran its forward in train mode" in train.message
+    assert "1 (BatchNorm1d)" in train.message and "3 (Dropout)" in train.message
+    assert len(seen) == 3, "each finding once, not once per batch"
+
+
+def test_fix_and_error_modes() -> None:
+    net = make_net()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with audit(net, on_violation="fix", measure_savings=False), torch.no_grad():
+            net(torch.randn(4, 8))
+            assert not net.training
+    net = make_net()
+    with pytest.raises(NoGradError, match="ran its forward in train mode"), audit(net, on_violation="error"):
+        with torch.no_grad():
+            net(torch.randn(4, 8))
+    assert not torch.nn.modules.module._global_forward_pre_hooks, "hooks removed after the error"
+
+
+def test_check_training_step_names_what_will_not_learn_and_restores_the_model() -> None:
+    net = make_net().train()
+    net.extra = nn.Linear(3, 3)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+
+    def loss_fn(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, y = batch
+        with torch.no_grad():
+            h = model[0](x)
+        return nn.functional.mse_loss(model[4](model[3](model[2](model[1](h)))), y)
+
+    batch = (torch.randn(8, 8), torch.randn(8, 1))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    rng = torch.get_rng_state()
+    with pytest.warns(BrokenBackpropWarning):
+        report = check_training_step(net, batch, loss_fn, optimizer)
+    found = {(f.kind, f.subject) for f in report.findings}
+    assert ("no_grad_module", "0") in found
+    assert ("param_without_grad", "extra") in found
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items()), "batch-norm stats restored"
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(p.grad is None for p in net.parameters())
+
+
+def test_check_training_step_is_silent_for_a_correct_step_and_frozen_parts() -> None:
+    net = make_net().train()
+    net[0].requires_grad_(False)
+
+    def loss_fn(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.mse_loss(model(x), y)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NoGradWarning)
+        report = check_training_step(net, (torch.randn(8, 8), torch.randn(8, 1)), loss_fn)
+    assert report.findings == []
