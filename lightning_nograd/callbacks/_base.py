@@ -8,7 +8,9 @@ import warnings
 from collections.abc import Callable
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
-from lightning_nograd.callbacks._lightning import CallbackBase, Trainer
+from typing_extensions import override
+
+from lightning_nograd.callbacks._lightning import CallbackBase, LightningModule, Trainer, forget_lightning_module
 from lightning_nograd.callbacks.loggers import MetricSink
 from lightning_nograd.core.arguments import check_choice
 from lightning_nograd.core.findings import ON_VIOLATION_CHOICES, Finding, FindingLog, OnViolation
@@ -110,10 +112,142 @@ class NoGradCallback(CallbackBase):
         Safe to call at any time, any number of times.
         """
 
+    @override
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self.release()
+
+    @override
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self.release()
+        forget_lightning_module(self)
+
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"warned": self._findings.state()}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         warned = state_dict.get("warned", [])
         if isinstance(warned, list):
             self._findings.load_state(warned)
+
+
+class EvaluationLoopCallback(NoGradCallback):
+    """Turns Lightning's validation / test / predict hooks into one set of stage-aware calls.
+
+    Subclasses override the ``_eval_*`` methods they need; ``evaluation_stages`` says which of
+    ``"val"``, ``"test"`` and ``"predict"`` they watch.
+    """
+
+    evaluation_stages: frozenset[str] = frozenset({"val", "test", "predict"})
+
+    def _eval_start(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """The loop of ``stage`` starts (the model is already in eval mode)."""
+
+    def _eval_epoch_start(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """An epoch of ``stage`` starts."""
+
+    def _eval_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch_idx: int) -> None:
+        """A batch starts."""
+
+    def _eval_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch_idx: int) -> None:
+        """A batch ended; ``outputs`` is what the step returned."""
+
+    def _eval_epoch_end(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """An epoch of ``stage`` ends (before the LightningModule's own epoch-end hook)."""
+
+    def _eval_end(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """The loop of ``stage`` ends."""
+
+    def _watches(self, stage: str) -> bool:
+        return stage in self.evaluation_stages
+
+    @override
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._watches("val"):
+            self._eval_start(trainer, pl_module, "val")
+
+    @override
+    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._watches("test"):
+            self._eval_start(trainer, pl_module, "test")
+
+    @override
+    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._watches("predict"):
+            self._eval_start(trainer, pl_module, "predict")
+
+    @override
+    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._watches("val"):
+            self._eval_epoch_start(trainer, pl_module, "val")
+
+    @override
+    def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._watches("test"):
+            self._eval_epoch_start(trainer, pl_module, "test")
+
+    @override
+    def on_predict_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._watches("predict"):
+            self._eval_epoch_start(trainer, pl_module, "predict")
+
+    @override
+    def on_validation_batch_start(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        if self._watches("val"):
+            self._eval_batch_start(trainer, pl_module, args[1])
+
+    @override
+    def on_test_batch_start(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        if self._watches("test"):
+            self._eval_batch_start(trainer, pl_module, args[1])
+
+    @override
+    def on_predict_batch_start(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        if self._watches("predict"):
+            self._eval_batch_start(trainer, pl_module, args[1])
+
+    @override
+    def on_validation_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        if self._watches("val"):
+            self._eval_batch_end(trainer, pl_module, args[0], args[2])
+
+    @override
+    def on_test_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        if self._watches("test"):
+            self._eval_batch_end(trainer, pl_module, args[0], args[2])
+
+    @override
+    def on_predict_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        if self._watches("predict"):
+            self._eval_batch_end(trainer, pl_module, args[0], args[2])
+
+    @override
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._watches("val"):
+            self._eval_epoch_end(trainer, pl_module, "val")
+
+    @override
+    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._watches("test"):
+            self._eval_epoch_end(trainer, pl_module, "test")
+
+    @override
+    def on_predict_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._watches("predict"):
+            self._eval_epoch_end(trainer, pl_module, "predict")
+
+    @override
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._watches("val"):
+            self._eval_end(trainer, pl_module, "val")
+
+    @override
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._watches("test"):
+            self._eval_end(trainer, pl_module, "test")
+
+    @override
+    def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._watches("predict"):
+            self._eval_end(trainer, pl_module, "predict")

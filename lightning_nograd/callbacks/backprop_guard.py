@@ -10,7 +10,7 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_nograd.callbacks._base import NoGradCallback, guarded
-from lightning_nograd.callbacks._lightning import LightningModule, Trainer, forget_lightning_module
+from lightning_nograd.callbacks._lightning import LightningModule, Trainer
 from lightning_nograd.callbacks.loggers import reduce_max
 from lightning_nograd.core.arguments import check_int
 from lightning_nograd.core.backprop import (
@@ -208,15 +208,6 @@ class BackpropGuard(NoGradCallback):
         self._flush_stray_graphs()
         self._report_unexplained_suspects()
         self.release()
-
-    @override
-    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        self.release()
-
-    @override
-    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self.release()
-        forget_lightning_module(self)
 
     @override
     def release(self, check: str | None = None) -> None:

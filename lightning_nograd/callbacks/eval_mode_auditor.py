@@ -8,8 +8,8 @@ from typing import Any
 from torch import nn
 from typing_extensions import override
 
-from lightning_nograd.callbacks._base import NoGradCallback, guarded
-from lightning_nograd.callbacks._lightning import LightningModule, Trainer, forget_lightning_module, is_sanity_checking
+from lightning_nograd.callbacks._base import EvaluationLoopCallback, guarded
+from lightning_nograd.callbacks._lightning import LightningModule, Trainer, is_sanity_checking
 from lightning_nograd.callbacks.loggers import reduce_max
 from lightning_nograd.core.findings import Finding, OnViolation, display_name
 from lightning_nograd.core.graph import MIB, GraphEvent, GraphProbe, format_bytes, tally_tensors, tensor_attributes
@@ -37,7 +37,7 @@ AUDIT_KINDS = frozenset(
 )
 
 
-class EvalModeAuditor(NoGradCallback):
+class EvalModeAuditor(EvaluationLoopCallback):
     """Audits, and on request enforces, eval mode and disabled gradients in validation, test, predict.
 
     Checks every validation (sanity check included), test and predict batch for:
@@ -107,118 +107,31 @@ class EvalModeAuditor(NoGradCallback):
             )
         return self._state_key
 
-    # -- Lightning hooks: translate trainer events into probe calls ------------------------------
+    # -- the evaluation loops' events, as probe calls ---------------------------------------------
 
     @override
-    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._begin_stage(trainer, pl_module, "val")
+    def _eval_start(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._begin_stage(trainer, pl_module, stage)
 
     @override
-    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._begin_stage(trainer, pl_module, "test")
-
-    @override
-    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._begin_stage(trainer, pl_module, "predict")
-
-    @override
-    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def _eval_epoch_start(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._begin_epoch(trainer, pl_module)
 
     @override
-    def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._begin_epoch(trainer, pl_module)
-
-    @override
-    def on_predict_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._begin_epoch(trainer, pl_module)
-
-    @override
-    def on_validation_batch_start(
-        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
-    ) -> None:
+    def _eval_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch_idx: int) -> None:
         self._begin_batch(batch_idx)
 
     @override
-    def on_test_batch_start(
-        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
-    ) -> None:
-        self._begin_batch(batch_idx)
-
-    @override
-    def on_predict_batch_start(
-        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
-    ) -> None:
-        self._begin_batch(batch_idx)
-
-    @override
-    def on_validation_batch_end(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
+    def _eval_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch_idx: int) -> None:
         self._end_batch(outputs)
 
     @override
-    def on_test_batch_end(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        self._end_batch(outputs)
-
-    @override
-    def on_predict_batch_end(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        self._end_batch(outputs)
-
-    @override
-    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def _eval_epoch_end(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._end_epoch(pl_module)
 
     @override
-    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._end_epoch(pl_module)
-
-    @override
-    def on_predict_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._end_epoch(pl_module)
-
-    @override
-    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def _eval_end(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._end_stage(trainer)
-
-    @override
-    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._end_stage(trainer)
-
-    @override
-    def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._end_stage(trainer)
-
-    @override
-    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        self.release()
-
-    @override
-    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self.release()
-        forget_lightning_module(self)
 
     # -- stage, epoch and batch bookkeeping -----------------------------------------------------
 

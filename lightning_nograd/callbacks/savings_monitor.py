@@ -10,14 +10,8 @@ import torch
 from torch import nn
 from typing_extensions import override
 
-from lightning_nograd.callbacks._base import NoGradCallback, guarded
-from lightning_nograd.callbacks._lightning import (
-    LightningModule,
-    Trainer,
-    forget_lightning_module,
-    is_sanity_checking,
-    world_size,
-)
+from lightning_nograd.callbacks._base import EvaluationLoopCallback, guarded
+from lightning_nograd.callbacks._lightning import LightningModule, Trainer, is_sanity_checking, world_size
 from lightning_nograd.callbacks.loggers import reduce_vector
 from lightning_nograd.core.arguments import check_float, check_int
 from lightning_nograd.core.findings import Finding
@@ -57,7 +51,7 @@ def _is_oom(err: BaseException) -> bool:
     return isinstance(err, torch.OutOfMemoryError)
 
 
-class SavingsMonitor(NoGradCallback):
+class SavingsMonitor(EvaluationLoopCallback):
     """Measures each validation / test epoch and what running it without gradients saved.
 
     Per epoch (never the sanity check) it logs wall time and peak memory. During
@@ -95,6 +89,8 @@ class SavingsMonitor(NoGradCallback):
         >>> from lightning.pytorch import Trainer
         >>> trainer = Trainer(callbacks=[SavingsMonitor(budget=0.02)])
     """
+
+    evaluation_stages = frozenset({"val", "test"})
 
     def __init__(
         self,
@@ -150,65 +146,20 @@ class SavingsMonitor(NoGradCallback):
         self.set_rank_zero(trainer)
 
     @override
-    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._begin_epoch(trainer, pl_module, "val")
+    def _eval_epoch_start(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._begin_epoch(trainer, pl_module, stage)
 
     @override
-    def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._begin_epoch(trainer, pl_module, "test")
-
-    @override
-    def on_validation_batch_start(
-        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
-    ) -> None:
+    def _eval_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch_idx: int) -> None:
         self._begin_batch(trainer, pl_module)
 
     @override
-    def on_test_batch_start(
-        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
-    ) -> None:
-        self._begin_batch(trainer, pl_module)
-
-    @override
-    def on_validation_batch_end(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
+    def _eval_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch_idx: int) -> None:
         self._end_batch(trainer, pl_module)
 
     @override
-    def on_test_batch_end(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        self._end_batch(trainer, pl_module)
-
-    @override
-    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def _eval_epoch_end(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._end_epoch(trainer)
-
-    @override
-    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._end_epoch(trainer)
-
-    @override
-    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        self.release()
-
-    @override
-    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self.release()
-        forget_lightning_module(self)
 
     @override
     def release(self, check: str | None = None) -> None:
