@@ -46,7 +46,10 @@ def fast_path(enabled: bool) -> Iterator[None]:
 
 
 def time_once(forward: Callable[[], Any], mode: str, device: torch.device) -> float:
+    """One settled timing: an untimed run in the same mode first (see ``core.replay._timed``)."""
     with context(mode):
+        del_out = forward()
+        del del_out
         synchronize(device)
         start = time.perf_counter()
         out = forward()

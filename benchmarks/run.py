@@ -84,6 +84,22 @@ def plot(results: dict[str, list[dict[str, Any]]], out: Path) -> list[str]:
     return written
 
 
+README = Path(__file__).resolve().parents[1] / "README.md"
+START, END = "<!-- benchmarks:start -->", "<!-- benchmarks:end -->"
+
+
+def update_readme(lines: list[str], out: Path) -> None:
+    """Put the latest tables and plots between the benchmark markers of the README."""
+    text = README.read_text()
+    if START not in text or END not in text:
+        return
+    body = [line.replace("](", f"]({out.as_posix()}/", 1) if line.startswith("![") else line for line in lines[2:]]
+    body = [line.replace("## ", "#### ", 1) if line.startswith("## ") else line for line in body]
+    before, rest = text.split(START, 1)
+    _, after = rest.split(END, 1)
+    README.write_text(before + START + "\n" + "\n".join(body).strip() + "\n" + END + after)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a smoke run for CI (under a minute)")
@@ -126,6 +142,8 @@ def main() -> None:
     ]
     suffix = "_quick" if args.quick else ""
     (out / f"RESULTS{suffix}.md").write_text("\n".join(lines))
+    if not args.quick:
+        update_readme(lines, out)
     (out / f"results{suffix}.json").write_text(json.dumps(results, indent=2))
     print("\n".join(lines))
     print(f"wrote {out}/RESULTS{suffix}.md, results{suffix}.json and {', '.join(images)}")

@@ -111,6 +111,20 @@ def test_two_instances_have_distinct_state_keys() -> None:
     assert len(keys) == 8
 
 
+def test_two_identical_instances_in_one_trainer_save_and_resume(tmp_path: Path) -> None:
+    first, second = NoGradAuditor(verbose=False), NoGradAuditor(verbose=False)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    with nograd_warnings():
+        trainer(tmp_path, [first, second, ckpt], enable_checkpointing=True).fit(
+            Regressor(set_head_dropout_train), loader(), loader()
+        )
+    assert first.state_key != second.state_key
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=False)["callbacks"]
+    assert first.state_key in saved and second.state_key in saved
+    base = first.state_key.split("#")[0]
+    assert second.state_key.startswith(f"{base}#"), "numbered by creation order, as a resuming process repeats"
+
+
 def run_for_weights(tmp_path: Path, callbacks: list[pl.Callback], resume: bool = False, **kwargs: Any) -> dict:
     pl.seed_everything(11)
     model = Regressor()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import warnings
+import weakref
 from collections.abc import Callable
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
@@ -49,6 +50,9 @@ def guarded(check: str) -> Callable[[Callable[Concatenate[C, P], R]], Callable[C
     return decorate
 
 
+_LIVE_STATE_KEYS: dict[str, weakref.WeakSet[NoGradCallback]] = {}
+
+
 class NoGradCallback(CallbackBase):
     """Base of the lightning-nograd callbacks.
 
@@ -70,6 +74,21 @@ class NoGradCallback(CallbackBase):
         self._findings.listeners.append(self._on_new_finding)
         self._sink = MetricSink()
         self._state_key: str | None = None
+
+    def _claim_state_key(self, base: str) -> str:
+        """``base``, or ``base#N`` when a live instance with the same settings already holds it.
+
+        Lightning refuses two stateful callbacks with one key; numbering by creation order keeps
+        the keys stable across the processes that save and resume a checkpoint.
+        """
+        live = _LIVE_STATE_KEYS.setdefault(base, weakref.WeakSet())
+        taken = {other._state_key for other in live if other is not self}
+        key, number = base, 1
+        while key in taken:
+            number += 1
+            key = f"{base}#{number}"
+        live.add(self)
+        return key
 
     def _on_new_finding(self, finding: Finding) -> None:
         self.report.findings.append(finding)

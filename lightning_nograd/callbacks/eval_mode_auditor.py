@@ -100,10 +100,12 @@ class EvalModeAuditor(EvaluationLoopCallback):
     def state_key(self) -> str:
         # Lightning reads this on every hook call (profiler names), so it is computed once.
         if self._state_key is None:
-            self._state_key = self._generate_state_key(
-                on_violation=self.on_violation,
-                allow_train_mode=self.allow_train_mode.patterns,
-                allow_grad=self.allow_grad.patterns,
+            self._state_key = self._claim_state_key(
+                self._generate_state_key(
+                    on_violation=self.on_violation,
+                    allow_train_mode=self.allow_train_mode.patterns,
+                    allow_grad=self.allow_grad.patterns,
+                )
             )
         return self._state_key
 

@@ -86,8 +86,8 @@ class NoGradAuditor(NoGradCallback):
     @override
     def state_key(self) -> str:
         if self._state_key is None:
-            self._state_key = self._generate_state_key(
-                on_violation=self.on_violation, parts=[type(p).__name__ for p in self.parts]
+            self._state_key = self._claim_state_key(
+                self._generate_state_key(on_violation=self.on_violation, parts=[type(p).__name__ for p in self.parts])
             )
         return self._state_key
 

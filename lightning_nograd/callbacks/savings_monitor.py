@@ -132,8 +132,8 @@ class SavingsMonitor(EvaluationLoopCallback):
     @override
     def state_key(self) -> str:
         if self._state_key is None:
-            self._state_key = self._generate_state_key(
-                measure_batches=self.measure_batches, repeats=self.repeats, budget=self.budget
+            self._state_key = self._claim_state_key(
+                self._generate_state_key(measure_batches=self.measure_batches, repeats=self.repeats, budget=self.budget)
             )
         return self._state_key
 
