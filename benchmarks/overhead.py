@@ -7,6 +7,8 @@ Two experiments on the MLP, ResNet-style CNN and Transformer encoder of ``benchm
   shows the fused Transformer path stayed on.
 * ``training``: one training epoch from the same initial weights with and without
   ``BackpropGuard``; the final weights must be bit-identical.
+* ``fit``: a whole two-epoch fit (training and validation) with and without ``NoGradAuditor()``
+  at its defaults, savings replays included; the final weights must be bit-identical.
 
 Each repetition runs both variants, alternating which goes first; the clock runs from the first
 callback's start hook to the last callback's end hook, so trainer set-up is excluded. Reported:
@@ -35,7 +37,7 @@ import torch
 
 from benchmarks.models import MODELS
 from benchmarks.timing import in_fresh_process, summarise, time_own_hooks
-from lightning_nograd import BackpropGuard, EvalModeAuditor
+from lightning_nograd import BackpropGuard, EvalModeAuditor, NoGradAuditor
 
 
 class Clock(pl.Callback):
@@ -71,7 +73,7 @@ class Experiment:
             result: Any = trainer.validate(model, data, verbose=False)[0]["val_loss"]
         else:
             model = copy.deepcopy(model)
-            trainer.fit(model, data)
+            trainer.fit(model, data, data if self.name == "fit" else None)
             result = torch.cat([p.detach().flatten() for p in model.parameters()])
         return stamps[1] - stamps[0], own[0], result
 
@@ -86,6 +88,14 @@ EXPERIMENTS = {
         "on_train_epoch_start",
         "on_train_epoch_end",
         {"max_epochs": 1, "limit_val_batches": 0},
+    ),
+    # the one line users write, at its defaults (savings replays included), over a whole fit
+    "fit": Experiment(
+        "fit",
+        lambda: NoGradAuditor(verbose=False),
+        "on_fit_start",
+        "on_fit_end",
+        {"max_epochs": 2, "num_sanity_val_steps": 0},
     ),
 }
 
