@@ -327,3 +327,30 @@ def test_training_metrics_reach_csv(tmp_path: Path, bug: str | None) -> None:
     assert csv_values(tmp_path / "csv", "nograd/train/no_grad_modules") == [expected[0]] * 3
     assert csv_values(tmp_path / "csv", "nograd/train/params_without_grad") == [expected[1]] * 3
     assert csv_values(tmp_path / "csv", "nograd/train/eval_mode_modules") == [0.0] * 3
+
+
+@pytest.mark.parametrize(
+    ("bug", "match"),
+    [
+        ("no_grad", "reached the optimizer step with no gradient"),
+        ("detach", "reached the optimizer step with no gradient"),
+        ("eval_leak", r"`encoder` \(Sequential\) is in eval mode during training"),
+        ("stray_forward", "ran a forward in `on_train_batch_end`, outside the training step"),
+    ],
+)
+def test_error_mode_for_each_finding(tmp_path: Path, bug: str, match: str) -> None:
+    with pytest.raises(NoGradError, match=match):
+        fit(tmp_path, Net(bug), BackpropGuard(on_violation="error"))
+    assert not torch.nn.modules.module._global_forward_pre_hooks
+
+
+def test_error_mode_for_pretrained_eval_mode_and_inference_tensor(tmp_path: Path) -> None:
+    model = Net()
+    model.encoder.eval()
+    with pytest.raises(NoGradError, match="is in eval mode as training starts"):
+        fit(tmp_path, model, BackpropGuard(on_violation="error"))
+    model = Net()
+    with torch.inference_mode():
+        model.cache = torch.ones(3)
+    with pytest.raises(NoGradError, match=r"tensor attribute `cache` was created under `torch\.inference_mode`"):
+        fit(tmp_path, model, BackpropGuard(on_violation="error"))

@@ -1,0 +1,54 @@
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lightning_nograd.core.graph import HUB, GraphEvent, GraphProbe, tally_tensors, tensor_attributes
+
+
+def test_probe_sees_graphs_only_and_names_the_deepest_common_module() -> None:
+    net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 1))
+    events: list[GraphEvent] = []
+    probe = GraphProbe(net, frozenset(), events.append, lambda name: False)
+    probe.start()
+    try:
+        with torch.no_grad():
+            net(torch.ones(2, 4))
+        assert events == []
+        net(torch.ones(2, 4))
+        ((merged, modules),) = probe.grouped_events()
+    finally:
+        probe.close()
+    assert merged.module == "" and modules == ["0", "1", "2"]
+    assert merged.saved_bytes == 2 * 4 * 4 + 2 * 4 * 4  # the input, and the ReLU output (saved once)
+    assert HUB._context is None
+
+
+def test_two_probes_share_one_hook_entry_and_pause_hides_graphs() -> None:
+    net = nn.Linear(2, 2)
+    seen_a: list[GraphEvent] = []
+    seen_b: list[GraphEvent] = []
+    a = GraphProbe(net, frozenset(), seen_a.append, lambda n: False)
+    b = GraphProbe(net, frozenset(), seen_b.append, lambda n: False)
+    a.start()
+    b.start()
+    a.stop()  # stopping in any order leaves the other probe working
+    with HUB.paused():
+        net(torch.ones(1, 2))
+    net(torch.ones(1, 2))
+    b.close()
+    a.close()
+    assert seen_a == [] and len(seen_b) == 1
+    assert HUB.probes == [] and HUB._context is None
+
+
+def test_tally_and_tensor_attributes() -> None:
+    module = nn.Linear(2, 2)
+    attached = module(torch.ones(1, 2))
+    module.kept = [attached, attached.detach()]
+    module.name = "not a tensor"
+    names = [name for name, _ in tensor_attributes(module)]
+    assert names == ["kept"]
+    tally = tally_tensors(module.kept)
+    assert (tally.tensors, tally.attached) == (2, 1)
+    assert tally.nbytes == 8, "two views of one storage count once"

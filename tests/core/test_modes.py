@@ -1,0 +1,49 @@
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lightning_nograd.core.modes import ModeProbe
+from lightning_nograd.core.patterns import NamePatterns
+
+
+def make() -> nn.Sequential:
+    return nn.Sequential(nn.Linear(2, 2), nn.Sequential(nn.Dropout(), nn.BatchNorm1d(2))).eval()
+
+
+def test_clean_model_installs_no_hook() -> None:
+    net = make()
+    probe = ModeProbe(net, NamePatterns("a", ()), lambda *a: None, fix=False)
+    probe.refresh()
+    probe.before_batch()
+    assert not nn.modules.module._global_forward_pre_hooks
+    probe.close()
+
+
+def test_topmost_train_mode_module_is_reported_once_per_epoch() -> None:
+    net = make()
+    net[1].train()
+    seen: list[tuple[str, bool]] = []
+    probe = ModeProbe(net, NamePatterns("a", ()), lambda path, module, confirmed: seen.append((path, confirmed)), False)
+    probe.refresh()
+    for _ in range(3):
+        probe.before_batch()
+        net(torch.ones(4, 2))
+        probe.after_batch()
+    probe.close()
+    assert seen == [("1", True)]
+    assert not nn.modules.module._global_forward_pre_hooks
+
+
+def test_allow_listed_and_switched_during_batch() -> None:
+    net = make()
+    net[1][0].train()
+    seen: list[tuple[str, bool]] = []
+    probe = ModeProbe(net, NamePatterns("a", [r"1\.0"]), lambda p, m, c: seen.append((p, c)), False)
+    probe.refresh()
+    probe.before_batch()
+    net(torch.ones(4, 2))
+    net[0].train()  # switched inside the batch: reported unconfirmed at its end
+    probe.after_batch()
+    probe.close()
+    assert seen == [("0", False)]
