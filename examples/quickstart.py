@@ -83,7 +83,7 @@ def main() -> None:
     args = parser.parse_args()
 
     pl.seed_everything(0)
-    auditor = NoGradAuditor(savings_budget=0.05)  # a 20-second run: allow 5% for the savings replay
+    auditor = NoGradAuditor(savings_budget=0.05)  # a seconds-long demo: allow 5% for the savings replay
     trainer = pl.Trainer(
         default_root_dir=args.root_dir,
         max_epochs=4,
