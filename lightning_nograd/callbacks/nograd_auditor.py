@@ -243,8 +243,11 @@ class NoGradAuditor(NoGradCallback):
             return
         try:
             summaries = [s.to_dict() for s in summarise(self.report)]
-            text = render(self.report)
-            write_summaries(trainer, flat_summary(summaries, len(self.report.findings)), text)
+            # the table costs milliseconds (and rich's import): build it only for someone to read
+            wants_text = self.verbose or any(type(lg).__name__ == "TensorBoardLogger" for lg in trainer.loggers)
+            text = render(self.report) if wants_text else ""
+            if trainer.loggers:
+                write_summaries(trainer, flat_summary(summaries, len(self.report.findings)), text)
             if not getattr(trainer, "is_global_zero", True):
                 return
             if self.report_path is not None:
