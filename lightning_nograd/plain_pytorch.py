@@ -143,10 +143,7 @@ class _EvaluationAudit:
             self._graph_finding(event, [event.module])
 
     def _flush_graph(self) -> None:
-        grouped = self.graph.grouped_events()
-        self.graph.new_batch()
-        for event, modules in grouped:
-            self._graph_finding(event, modules)
+        self.graph.flush(self._graph_finding)
 
     def _graph_finding(self, event: GraphEvent, modules: list[str]) -> None:
         self._add(

@@ -425,17 +425,13 @@ class BackpropGuard(NoGradCallback):
         self._graph.start()
 
     def _on_stray_graph(self, event: GraphEvent) -> None:
-        if self.on_violation == "error":
-            self._stray_finding(event)
+        if self.on_violation == "error":  # stop at once; otherwise the batch's graphs are reported together
+            self._stray_finding(event, [event.module])
 
     @guarded("stray_graph")
     def _flush_stray_graphs(self) -> None:
-        if self._graph is None:
-            return
-        grouped = self._graph.grouped_events()
-        self._graph.new_batch()
-        for event, modules in grouped:
-            self._stray_finding(event, modules)
+        if self._graph is not None:
+            self._graph.flush(self._stray_finding)
 
     def _stop_stray_graph_probe(self) -> None:
         self._flush_stray_graphs()
@@ -448,7 +444,7 @@ class BackpropGuard(NoGradCallback):
         if graph is not None:
             graph.close()
 
-    def _stray_finding(self, event: GraphEvent, modules: list[str] | None = None) -> None:
+    def _stray_finding(self, event: GraphEvent, modules: list[str]) -> None:
         hook = event.hook or "on_train_batch_end"
         self._finding(
             "stray_graph",
@@ -459,7 +455,7 @@ class BackpropGuard(NoGradCallback):
             f"({format_bytes(event.saved_bytes)} saved for backward)",
             "wrap that code in `torch.no_grad()` (or `torch.inference_mode()`).",
             saved_mib=event.saved_bytes / MIB,
-            modules=modules or [event.module],
+            modules=modules,
         )
 
     # -- metrics ---------------------------------------------------------------------------------

@@ -271,21 +271,17 @@ class EvalModeAuditor(EvaluationLoopCallback):
         )
 
     def _on_graph(self, event: GraphEvent) -> None:
-        if self.on_violation == "error":
-            self._graph_finding(event)
+        if self.on_violation == "error":  # stop at once; otherwise the batch's graphs are reported together
+            self._graph_finding(event, [event.module])
 
     @guarded("grad_enabled")
     def _flush_graph_events(self) -> None:
-        if self._graph is None:
-            return
-        grouped = self._graph.grouped_events()
-        self._graph.new_batch()
-        for event, modules in grouped:
-            self._graph_finding(event, modules)
+        if self._graph is not None:
+            self._graph.flush(self._graph_finding)
 
-    def _graph_finding(self, event: GraphEvent, modules: list[str] | None = None) -> None:
+    def _graph_finding(self, event: GraphEvent, modules: list[str]) -> None:
         name = display_name(event.module, self._root_type)
-        inner = [m for m in (modules or []) if m != event.module]
+        inner = [m for m in modules if m != event.module]
         where = f" (in {', '.join(inner[:5])}{', ...' if len(inner) > 5 else ''})" if inner else ""
         self.add_finding(
             Finding(
@@ -303,7 +299,7 @@ class EvalModeAuditor(EvaluationLoopCallback):
                     "remove the `torch.enable_grad()` (or `set_grad_enabled(True)`) around this code, "
                     "or add the module to `allow_grad` if it needs gradients (saliency, physics)."
                 ),
-                details={"saved_mib": event.saved_bytes / MIB, "modules": modules or [event.module]},
+                details={"saved_mib": event.saved_bytes / MIB, "modules": modules},
             )
         )
 

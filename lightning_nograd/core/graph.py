@@ -143,6 +143,13 @@ class GraphProbe:
         """Graphs recorded in the current batch, with their saved bytes so far."""
         return list(self._batch_events.values())
 
+    def flush(self, report: Callable[[GraphEvent, list[str]], None]) -> None:
+        """Hand this batch's graphs to ``report`` (one per hook, see :meth:`grouped_events`) and reset."""
+        grouped = self.grouped_events()
+        self.new_batch()
+        for event, modules in grouped:
+            report(event, modules)
+
     def grouped_events(self) -> list[tuple[GraphEvent, list[str]]]:
         """This batch's graphs, one per hook, named by the deepest module containing all of them."""
         by_hook: dict[str | None, list[GraphEvent]] = {}
