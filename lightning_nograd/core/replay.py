@@ -246,13 +246,15 @@ class _EvalModeAndRng:
 
 
 def _timed(calls: list[RecordedCall], grad: bool, device: torch.device) -> float:
-    """Seconds of one run of ``calls``, timed after an untimed run in the same grad mode.
+    """Seconds of one run of ``calls``, timed after two untimed runs in the same grad mode.
 
-    A single run straight after a run in the other mode is slowed by the allocator reshaping
-    its memory (measured here: a ResNet under no_grad took 19 ms after a grad-enabled run, 15 ms
-    after another no_grad run), which hides the very difference being measured. An evaluation
-    epoch runs every batch in one mode, so the settled run is the one that matches it.
+    A run straight after one in the other mode is slowed by the allocator reshaping its memory
+    (measured here: a ResNet under no_grad took 19 ms after a grad-enabled run, 15 ms after another
+    no_grad run), which hides the very difference being measured; one settling run was not always
+    enough after a 50 MiB graph was freed, two were. An evaluation epoch runs every batch in one
+    mode, so the settled run is the one that matches it.
     """
+    _run_calls(calls, grad)
     _run_calls(calls, grad)
     synchronize(device)
     start = time.perf_counter()
@@ -314,7 +316,7 @@ class Replay:
             self.result.graph_bytes = graph_bytes_of(calls, self.exclude_storages)
             self.result.peak_on_bytes = peak_bytes_of(lambda: _run_calls(calls, grad=True), device)
             self.result.peak_off_bytes = peak_bytes_of(lambda: _run_calls(calls, grad=False), device)
-            self.pair_seconds = 2 * (_timed(calls, True, device) + _timed(calls, False, device))
+            self.pair_seconds = 3 * (_timed(calls, True, device) + _timed(calls, False, device))
 
         self._guarded(work)
 
@@ -341,7 +343,7 @@ def replay(
 ) -> ReplayResult:
     """Replay ``calls`` at once: memory, then ``repeats(seconds of one pair)`` timed pairs.
 
-    Each timing is of a settled run (see :func:`_timed`), so one pair costs about four forward
+    Each timing is of a settled run (see :func:`_timed`), so one pair costs about six forward
     passes. See :class:`Replay` for the arguments and for spreading the pairs over time.
     """
     session = Replay(calls, device, exclude_storages, is_oom)
