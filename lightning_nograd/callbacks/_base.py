@@ -151,6 +151,10 @@ class NoGradCallback(CallbackBase):
             self._findings.load_state(warned)
 
 
+LOOP_NAMES = {"val": "validation", "test": "test", "predict": "predict"}
+"""Our stage names to Lightning's loop names, as they appear in hook names (``on_{loop}_epoch_end``)."""
+
+
 class EvaluationLoopCallback(NoGradCallback):
     """Turns Lightning's validation / test / predict hooks into one set of stage-aware calls.
 

@@ -17,14 +17,13 @@ from lightning_nograd.core.backprop import (
     GradientGap,
     GradModeProbe,
     ParamIndex,
-    ancestors,
     eval_mode_under_trainable,
     explain_gradient_gaps,
     inference_tensors,
 )
 from lightning_nograd.core.findings import Finding, OnViolation, display_name
 from lightning_nograd.core.graph import MIB, GraphEvent, GraphProbe, format_bytes
-from lightning_nograd.core.patterns import NamePatterns
+from lightning_nograd.core.patterns import NamePatterns, ancestors
 from lightning_nograd.errors import BrokenBackpropWarning
 
 OUTSIDE_STEP_HOOKS = frozenset(

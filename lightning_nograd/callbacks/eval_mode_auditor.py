@@ -8,7 +8,7 @@ from typing import Any
 from torch import nn
 from typing_extensions import override
 
-from lightning_nograd.callbacks._base import EvaluationLoopCallback, guarded
+from lightning_nograd.callbacks._base import LOOP_NAMES, EvaluationLoopCallback, guarded
 from lightning_nograd.callbacks._lightning import LightningModule, Trainer, is_sanity_checking
 from lightning_nograd.callbacks.loggers import reduce_max
 from lightning_nograd.core.findings import Finding, OnViolation, display_name
@@ -17,10 +17,9 @@ from lightning_nograd.core.modes import ModeProbe, mode_sensitive_descendants
 from lightning_nograd.core.patterns import NamePatterns
 from lightning_nograd.core.stack import calling_hook
 
-_LOOPS = {"val": "validation", "test": "test", "predict": "predict"}
 EVAL_HOOK_NAMES = frozenset(
     name
-    for loop in _LOOPS.values()
+    for loop in LOOP_NAMES.values()
     for name in (
         f"{loop}_step",
         f"on_{loop}_start",
@@ -88,7 +87,6 @@ class EvalModeAuditor(EvaluationLoopCallback):
         self._batch_idx: int | None = None
         self._epoch = 0
         self._root_type = "LightningModule"
-        self._pl_module: nn.Module | None = None
         self._modes: ModeProbe | None = None
         self._graph: GraphProbe | None = None
         self._fixed_by_stage: dict[str, set[str]] = {}
@@ -141,10 +139,9 @@ class EvalModeAuditor(EvaluationLoopCallback):
         self.release()
         self.set_rank_zero(trainer)
         self._stage = stage
-        self._step_hook = f"{_LOOPS[stage]}_step"
+        self._step_hook = f"{LOOP_NAMES[stage]}_step"
         self._epoch = int(trainer.current_epoch)
         self._root_type = type(pl_module).__name__
-        self._pl_module = pl_module
         self._findings.start_epoch(stage)
         self._start_mode_probe(pl_module)
         self._start_graph_probe(pl_module)
@@ -232,8 +229,6 @@ class EvalModeAuditor(EvaluationLoopCallback):
         if check in (None, "grad_enabled") and self._graph is not None:
             self._graph.close()
             self._graph = None
-        if check is None:
-            self._pl_module = None
 
     # -- findings -------------------------------------------------------------------------------
 
@@ -338,7 +333,7 @@ class EvalModeAuditor(EvaluationLoopCallback):
                         kind="graph_in_attribute",
                         subject=f"self.{name}",
                         stage=stage,
-                        hook=f"on_{_LOOPS.get(stage, stage)}_epoch_end",
+                        hook=f"on_{LOOP_NAMES.get(stage, stage)}_epoch_end",
                         batch_idx=None,
                         epoch=self._epoch,
                         problem=(
@@ -369,14 +364,14 @@ class EvalModeAuditor(EvaluationLoopCallback):
                 kind="growing_collection",
                 subject=f"self.{name}",
                 stage=stage,
-                hook=f"on_{_LOOPS.get(stage, stage)}_epoch_end",
+                hook=f"on_{LOOP_NAMES.get(stage, stage)}_epoch_end",
                 batch_idx=None,
                 epoch=self._epoch,
                 problem=(
                     f"`self.{name}` keeps growing across epochs: it now holds {tensors} tensors "
                     f"({mib:.3f} MiB on {', '.join(devices)}) and is never cleared"
                 ),
-                fix=f"call `self.{name}.clear()` at the end of `on_{_LOOPS.get(stage, stage)}_epoch_end`.",
+                fix=f"call `self.{name}.clear()` at the end of `on_{LOOP_NAMES.get(stage, stage)}_epoch_end`.",
                 details={"tensors": tensors, "mib": mib, "devices": devices},
             )
         )

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from typing_extensions import override
 
-from lightning_nograd.callbacks._base import EvaluationLoopCallback, guarded
+from lightning_nograd.callbacks._base import LOOP_NAMES, EvaluationLoopCallback, guarded
 from lightning_nograd.callbacks._lightning import LightningModule, Trainer, is_sanity_checking, world_size
 from lightning_nograd.callbacks.loggers import reduce_vector
 from lightning_nograd.core.arguments import check_float, check_int
@@ -20,8 +20,6 @@ from lightning_nograd.core.measure import MIB, EpochClock, EpochPeakMemory
 from lightning_nograd.core.replay import CallRecorder, RecordedCall, Replay, ReplayResult, is_work_module, replayable
 
 log = logging.getLogger(__name__)
-
-_LOOPS = {"val": "validation", "test": "test"}
 
 
 def _excluded_types() -> tuple[type, ...]:
@@ -314,7 +312,7 @@ class SavingsMonitor(EvaluationLoopCallback):
                 kind="grad_replay_oom",
                 subject=", ".join(sorted({type(c.module).__name__ for c in calls})),
                 stage=self._stage or "val",
-                hook=f"{_LOOPS.get(self._stage or 'val', 'validation')}_step",
+                hook=f"{LOOP_NAMES[self._stage or 'val']}_step",
                 batch_idx=self._batches - 1,
                 epoch=self._epoch,
                 problem="with gradients on, this batch does not fit in memory: no_grad is what makes it run",

@@ -21,6 +21,7 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_nograd.core.findings import display_name
 from lightning_nograd.core.modes import MODE_SENSITIVE_TYPES, is_grad_recording
+from lightning_nograd.core.patterns import ancestors
 
 
 class ParamIndex:
@@ -72,12 +73,6 @@ class ParamIndex:
                     break
             groups.setdefault(top, []).append(self.names[key])
         return groups
-
-
-def ancestors(path: str) -> list[str]:
-    """``path`` and its ancestors, outermost first: ``"a.b"`` -> ``["", "a", "a.b"]``."""
-    parts = path.split(".") if path else []
-    return ["", *(".".join(parts[: i + 1]) for i in range(len(parts)))]
 
 
 class GradModeProbe:

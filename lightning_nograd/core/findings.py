@@ -66,7 +66,7 @@ class Finding:
     @property
     def message(self) -> str:
         """The full text of the warning or error."""
-        where = f"{_STAGE_WORDS.get(self.stage, self.stage)}, `{self.hook}`"
+        where = f"{STAGE_WORDS.get(self.stage, self.stage)}, `{self.hook}`"
         if self.batch_idx is not None:
             where += f", first at batch {self.batch_idx}"
         return f"[lightning-nograd] {self.problem} ({where}). Fix: {self.fix}"
@@ -78,7 +78,7 @@ class Finding:
         return data
 
 
-_STAGE_WORDS = {
+STAGE_WORDS = {
     "val": "validation",
     "test": "test",
     "predict": "predict",

@@ -6,6 +6,12 @@ import re
 from collections.abc import Iterable
 
 
+def ancestors(path: str) -> list[str]:
+    """``path`` and its ancestors, outermost first: ``"a.b"`` -> ``["", "a", "a.b"]``."""
+    parts = path.split(".") if path else []
+    return ["", *(".".join(parts[: i + 1]) for i in range(len(parts)))]
+
+
 class NamePatterns:
     """A set of regular expressions; a path matches when it or one of its ancestors full-matches.
 
@@ -62,6 +68,4 @@ class NamePatterns:
         """Whether ``path`` or any of its ancestors full-matches one of the patterns."""
         if not self._compiled:
             return False
-        parts = path.split(".") if path else []
-        candidates = ["", *(".".join(parts[: i + 1]) for i in range(len(parts)))]
-        return any(p.fullmatch(c) for p in self._compiled for c in candidates)
+        return any(p.fullmatch(c) for p in self._compiled for c in ancestors(path))

@@ -11,9 +11,8 @@ import statistics
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from lightning_nograd.core.findings import STAGE_WORDS
 from lightning_nograd.core.report import Report
-
-STAGE_NAMES = {"val": "validation", "test": "test", "train": "training", "predict": "predict"}
 
 
 @dataclass
@@ -100,7 +99,7 @@ def rows(report: Report) -> list[list[str]]:
     """The table's rows: stage, epochs, mean epoch time, peak memory, graph memory, savings."""
     return [
         [
-            STAGE_NAMES.get(s.stage, s.stage),
+            STAGE_WORDS.get(s.stage, s.stage),
             str(s.epochs),
             _fmt(s.mean_epoch_time_s, " s"),
             _fmt(s.peak_memory_mib, " MiB", 1),
