@@ -67,7 +67,9 @@ class _EvaluationAudit:
         self.measure_savings = measure_savings
         self.repeats = repeats
         self.modes = ModeProbe(model, allow_train_mode, self._on_train_forward, log.on_violation == "fix")
-        self.graph = GraphProbe(model, frozenset(), self._on_graph, allow_grad.matches)
+        self.graph = GraphProbe(
+            model, frozenset(), self._graph_finding, allow_grad.matches, log.on_violation == "error"
+        )
         self.recorded: list[RecordedCall] = []
         self.handles: list[RemovableHandle] = []
         self.outputs_attached = 0
@@ -138,12 +140,8 @@ class _EvaluationAudit:
             mode_sensitive_layers=layers,
         )
 
-    def _on_graph(self, event: GraphEvent) -> None:
-        if self.log.on_violation == "error":
-            self._graph_finding(event, [event.module])
-
     def _flush_graph(self) -> None:
-        self.graph.flush(self._graph_finding)
+        self.graph.flush()
 
     def _graph_finding(self, event: GraphEvent, modules: list[str]) -> None:
         self._add(

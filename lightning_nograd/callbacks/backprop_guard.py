@@ -419,18 +419,16 @@ class BackpropGuard(NoGradCallback):
     def _start_stray_graph_probe(self, pl_module: nn.Module) -> None:
         if self._graph is None or self._graph.root is not pl_module:
             self._close_stray_graph_probe()
-            self._graph = GraphProbe(pl_module, OUTSIDE_STEP_HOOKS, self._on_stray_graph, self.allow.matches)
+            self._graph = GraphProbe(
+                pl_module, OUTSIDE_STEP_HOOKS, self._stray_finding, self.allow.matches, self.on_violation == "error"
+            )
             self._graph.on_error = lambda err: self.switch_off("stray_graph", err)
         self._graph.start()
-
-    def _on_stray_graph(self, event: GraphEvent) -> None:
-        if self.on_violation == "error":  # stop at once; otherwise the batch's graphs are reported together
-            self._stray_finding(event, [event.module])
 
     @guarded("stray_graph")
     def _flush_stray_graphs(self) -> None:
         if self._graph is not None:
-            self._graph.flush(self._stray_finding)
+            self._graph.flush()
 
     def _stop_stray_graph_probe(self) -> None:
         self._flush_stray_graphs()

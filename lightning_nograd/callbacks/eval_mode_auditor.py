@@ -153,7 +153,9 @@ class EvalModeAuditor(EvaluationLoopCallback):
 
     @guarded("grad_enabled")
     def _start_graph_probe(self, pl_module: nn.Module) -> None:
-        self._graph = GraphProbe(pl_module, EVAL_HOOK_NAMES, self._on_graph, self.allow_grad.matches)
+        self._graph = GraphProbe(
+            pl_module, EVAL_HOOK_NAMES, self._graph_finding, self.allow_grad.matches, self.on_violation == "error"
+        )
         self._graph.on_error = lambda err: self.switch_off("grad_enabled", err)
         self._graph.start()
 
@@ -265,14 +267,10 @@ class EvalModeAuditor(EvaluationLoopCallback):
             )
         )
 
-    def _on_graph(self, event: GraphEvent) -> None:
-        if self.on_violation == "error":  # stop at once; otherwise the batch's graphs are reported together
-            self._graph_finding(event, [event.module])
-
     @guarded("grad_enabled")
     def _flush_graph_events(self) -> None:
         if self._graph is not None:
-            self._graph.flush(self._graph_finding)
+            self._graph.flush()
 
     def _graph_finding(self, event: GraphEvent, modules: list[str]) -> None:
         name = display_name(event.module, self._root_type)

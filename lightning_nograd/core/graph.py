@@ -63,14 +63,16 @@ class GraphProbe:
     Args:
         root: the model; modules are named by their ``named_modules()`` path in it.
         hook_names: names of the functions that count as hooks (``validation_step``, ...).
-        on_graph: called once per batch for each (module, hook) that saved tensors for backward,
-            the first time it happens in that batch; may raise to stop the run.
+        report: receives each graph found, with the modules that recorded it; may raise to stop
+            the run. Called from :meth:`flush` with one merged graph per hook and batch, or, with
+            ``report_at_once``, as soon as a (module, hook) first records in a batch.
         is_allowed: modules for which building a graph is legitimate (saliency, physics).
+        report_at_once: report while the forward runs (``on_violation="error"`` stops there).
 
     Example:
         >>> net = nn.Sequential(nn.Linear(2, 2))
         >>> events = []
-        >>> probe = GraphProbe(net, frozenset(), events.append, lambda name: False)
+        >>> probe = GraphProbe(net, frozenset(), lambda e, m: events.append(e), lambda name: False, True)
         >>> probe.start()
         >>> with torch.no_grad():
         ...     _ = net(torch.ones(1, 2))
@@ -84,13 +86,15 @@ class GraphProbe:
         self,
         root: nn.Module,
         hook_names: frozenset[str],
-        on_graph: Callable[[GraphEvent], None],
+        report: Callable[[GraphEvent, list[str]], None],
         is_allowed: Callable[[str], bool],
+        report_at_once: bool = False,
     ) -> None:
         self.root = root
         self.hook_names = hook_names
-        self.on_graph = on_graph
+        self.report = report
         self.is_allowed = is_allowed
+        self.report_at_once = report_at_once
         self.on_error: Callable[[BaseException], None] | None = None
         self._names: dict[int, str] = {}
         self._param_storages: set[tuple[str, int]] = set()
@@ -143,12 +147,12 @@ class GraphProbe:
         """Graphs recorded in the current batch, with their saved bytes so far."""
         return list(self._batch_events.values())
 
-    def flush(self, report: Callable[[GraphEvent, list[str]], None]) -> None:
-        """Hand this batch's graphs to ``report`` (one per hook, see :meth:`grouped_events`) and reset."""
+    def flush(self) -> None:
+        """Report this batch's graphs (one per hook, see :meth:`grouped_events`) and reset."""
         grouped = self.grouped_events()
         self.new_batch()
         for event, modules in grouped:
-            report(event, modules)
+            self.report(event, modules)
 
     def grouped_events(self) -> list[tuple[GraphEvent, list[str]]]:
         """This batch's graphs, one per hook, named by the deepest module containing all of them."""
@@ -188,7 +192,8 @@ class GraphProbe:
             self._batch_events[event_key] = event
             if new_storage:
                 event.saved_bytes += storage_bytes(tensor)
-            self.on_graph(event)
+            if self.report_at_once:
+                self.report(event, [event.module])
         elif new_storage:
             event.saved_bytes += storage_bytes(tensor)
 

@@ -9,7 +9,7 @@ from lightning_nograd.core.graph import HUB, GraphEvent, GraphProbe, tally_tenso
 def test_probe_sees_graphs_only_and_names_the_deepest_common_module() -> None:
     net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 1))
     events: list[GraphEvent] = []
-    probe = GraphProbe(net, frozenset(), events.append, lambda name: False)
+    probe = GraphProbe(net, frozenset(), lambda event, modules: events.append(event), lambda name: False, True)
     probe.start()
     try:
         with torch.no_grad():
@@ -28,8 +28,8 @@ def test_two_probes_share_one_hook_entry_and_pause_hides_graphs() -> None:
     net = nn.Linear(2, 2)
     seen_a: list[GraphEvent] = []
     seen_b: list[GraphEvent] = []
-    a = GraphProbe(net, frozenset(), seen_a.append, lambda n: False)
-    b = GraphProbe(net, frozenset(), seen_b.append, lambda n: False)
+    a = GraphProbe(net, frozenset(), lambda event, modules: seen_a.append(event), lambda n: False, True)
+    b = GraphProbe(net, frozenset(), lambda event, modules: seen_b.append(event), lambda n: False, True)
     a.start()
     b.start()
     a.stop()  # stopping in any order leaves the other probe working
