@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
+import torch.distributed as dist
 from lightning.pytorch.loggers import CSVLogger
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -46,6 +47,11 @@ def main(out: Path, strategy: str) -> None:
     rank = trainer.global_rank
     (out / f"warnings_rank{rank}.json").write_text(json.dumps(messages))
     (out / f"findings_rank{rank}.json").write_text(json.dumps(sorted({f.kind for f in auditor.report.findings})))
+    # Lightning leaves the process group up; PyTorch asks every process to destroy it before exit,
+    # else gloo's worker threads are torn down with the interpreter and abort it now and then
+    # ("terminate called without an active exception", pytorch/pytorch#190489).
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
