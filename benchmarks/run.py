@@ -7,7 +7,7 @@
 * ``overhead``: what the callbacks cost, side by side with plain runs;
 * ``accuracy``: SavingsMonitor's estimate against a full A/B of whole validation epochs.
 
-About ten minutes on 2 CPU cores; ``--quick`` (for CI) under a minute. On a GPU the same command
+About eleven minutes on 2 CPU cores; ``--quick`` (for CI) under a minute. On a GPU the same command
 measures CUDA time (synchronised) and the CUDA allocator's peak.
 """
 
@@ -72,8 +72,13 @@ def plot(results: dict[str, list[dict[str, Any]]], out: Path) -> list[str]:
         [r["ab_iqr_pct"][1] - a for a, r in zip(ab, rows, strict=True)],
     ]
     ax.bar([x - 0.2 for x in xs], ab, 0.4, yerr=ab_err, label="A/B of whole epochs (IQR)")
-    ax.bar([x + 0.2 for x in xs], [r["estimate_time_saved_pct"] for r in rows], 0.4, label="SavingsMonitor")
-    ax.set_xticks(list(xs), [r["model"] for r in rows])
+    est = [r["estimate_time_saved_pct"] for r in rows]
+    est_err = [
+        [e - r["estimate_iqr_pct"][0] for e, r in zip(est, rows, strict=True)],
+        [r["estimate_iqr_pct"][1] - e for e, r in zip(est, rows, strict=True)],
+    ]
+    ax.bar([x + 0.2 for x in xs], est, 0.4, yerr=est_err, label="SavingsMonitor (IQR)")
+    ax.set_xticks(list(xs), [r["model"].replace(" (", "\n(") for r in rows], fontsize=8)
     ax.set_ylabel("validation time saved by no_grad, %")
     ax.set_title("SavingsMonitor estimate vs full A/B")
     ax.legend()
@@ -119,7 +124,7 @@ def main() -> None:
         "# lightning-nograd benchmarks" + (" (quick smoke run: not for reading)" if args.quick else ""),
         "",
         f"Machine: {overhead.environment()}. Took {minutes:.1f} min. Each model runs in a fresh process with",
-        "glibc's allocator settled (see `benchmarks/timing.py`).",
+        "glibc's allocator settled (`SETTLED_ALLOCATOR` in `benchmarks/timing.py`) unless a row says otherwise.",
         "",
         "## What gradients cost in evaluation",
         "",
