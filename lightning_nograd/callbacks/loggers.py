@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import warnings
 from typing import Any
 
 import torch
 
 from lightning_nograd.callbacks._lightning import Trainer, world_size
+from lightning_nograd.errors import NoGradWarning
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +28,7 @@ class MetricSink:
         self._held: dict[str, float] = {}
         self._held_step = 0
         self._held_trainer: Any = None
+        self._failed: set[int] = set()
 
     def emit(self, trainer: Trainer, metrics: dict[str, float], step: int) -> None:
         """Log ``metrics`` at ``step`` to every logger (now, or at :meth:`flush` while holding)."""
@@ -37,28 +41,43 @@ class MetricSink:
             self._held_step = step
             self._held_trainer = trainer
             return
-        _write(trainer, metrics, step)
+        self._write(trainer, metrics, step)
 
     def flush(self) -> None:
         """Send held metrics."""
         held, self._held = self._held, {}
         trainer, self._held_trainer = self._held_trainer, None
         if held and trainer is not None:
-            _write(trainer, held, self._held_step)
+            self._write(trainer, held, self._held_step)
+
+    def _write(self, trainer: Trainer, metrics: dict[str, float], step: int) -> None:
+        """Log to each logger on its own: one that fails is warned about once and skipped after."""
+        for logger in trainer.loggers:
+            if id(logger) in self._failed:
+                continue
+            try:
+                logger.log_metrics(dict(metrics), step=step)
+            except Exception as err:
+                self._failed.add(id(logger))
+                log.debug("log_metrics of %s failed", type(logger).__name__, exc_info=err)
+                if getattr(trainer, "is_global_zero", True):
+                    warnings.warn(
+                        f"[lightning-nograd] {type(logger).__name__}.log_metrics failed: {type(err).__name__}: {err}. "
+                        "lightning-nograd sends it no more metrics in this run (the other loggers still get "
+                        "them); the run goes on.",
+                        NoGradWarning,
+                        stacklevel=2,
+                    )
 
 
-def _write(trainer: Trainer, metrics: dict[str, float], step: int) -> None:
-    for logger in trainer.loggers:
-        logger.log_metrics(dict(metrics), step=step)
+def reduce_present_max(trainer: Trainer, keys: list[str], metrics: dict[str, float]) -> dict[str, float]:
+    """The largest value of each of ``keys`` over the ranks that have it; a collective.
 
-
-def reduce_max(trainer: Trainer, value: float) -> float:
-    """The largest ``value`` over all ranks; a collective, so every rank must call it."""
-    if world_size(trainer) <= 1:
-        return value
-    tensor = torch.tensor(float(value), device=trainer.strategy.root_device)
-    reduced = trainer.strategy.reduce(tensor, reduce_op="max")
-    return float(reduced.item())
+    Every rank sends all ``keys`` in one reduction, a missing one as ``-inf``, so a rank whose
+    check failed still takes part and the others do not wait for it.
+    """
+    values = reduce_vector(trainer, [metrics.get(k, -math.inf) for k in keys], "max")
+    return {k: v for k, v in zip(keys, values, strict=True) if v != -math.inf}
 
 
 def reduce_vector(trainer: Trainer, values: list[float], op: str) -> list[float]:
