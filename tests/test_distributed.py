@@ -15,10 +15,10 @@ from tests.helpers import csv_values
 SCRIPT = Path(__file__).with_name("ddp_run.py")
 
 
-def run_ddp(tmp_path: Path, strategy: str) -> subprocess.CompletedProcess[str]:
+def run_ddp(tmp_path: Path, strategy: str, scenario: str = "") -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, PYTHONPATH=str(SCRIPT.parents[1]))
     return subprocess.run(
-        [sys.executable, str(SCRIPT), str(tmp_path), strategy],
+        [sys.executable, str(SCRIPT), str(tmp_path), strategy, *([scenario] if scenario else [])],
         capture_output=True,
         text=True,
         timeout=240,  # a hang (a collective on one rank only) fails here instead of stalling CI
@@ -65,3 +65,24 @@ def test_savings_replay_is_skipped_with_a_reason_under_sharded_strategies(strate
     assert (reason is not None) is refused
     if refused:
         assert reason is not None and "replay skipped under FSDPStrategy" in reason
+
+
+def test_a_check_failing_on_one_rank_does_not_leave_the_others_waiting(tmp_path: Path) -> None:
+    # Every part's metric computation raises on rank 1 only. Before, rank 1 then skipped the
+    # metric reductions and rank 0 waited for it in the next collective (a hang until the
+    # process group's timeout); now rank 1 still takes part, sending nothing.
+    done = run_ddp(tmp_path, "ddp_find_unused_parameters_true", "metrics_fail_on_rank1")
+    assert done.returncode == 0, done.stderr[-3000:]
+    switched = json.loads((tmp_path / "switched_off_rank1.json").read_text())
+    assert switched == {"EvalModeAuditor": ["metrics"], "SavingsMonitor": ["metrics"], "BackpropGuard": ["metrics"]}
+    assert json.loads((tmp_path / "switched_off_rank0.json").read_text()) == {
+        "EvalModeAuditor": [],
+        "SavingsMonitor": [],
+        "BackpropGuard": [],
+    }
+    # rank 0's own values are logged every epoch (the maximum over the ranks that have them)
+    assert csv_values(tmp_path / "csv", "nograd/val/violations") == [1.0, 1.0]
+    assert csv_values(tmp_path / "csv", "nograd/train/no_grad_modules") == [1.0, 1.0]
+    assert len(csv_values(tmp_path / "csv", "nograd/val/epoch_time_s")) == 2
+    # and the internal error on rank 1 is not printed there (warnings are rank zero's)
+    assert json.loads((tmp_path / "warnings_rank1.json").read_text()) == []

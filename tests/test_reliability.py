@@ -13,12 +13,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
 from lightning_nograd import BackpropGuard, EvalModeAuditor, NoGradAuditor, NoGradWarning, SavingsMonitor
 from lightning_nograd.core.graph import HUB
 from lightning_nograd.core.modes import ModeProbe
-from tests.helpers import Regressor, loader, nograd_warnings, set_head_dropout_train, trainer
+from tests.helpers import Regressor, csv_values, loader, nograd_warnings, set_head_dropout_train, trainer
 from tests.test_backprop_guard import GAN
 
 
@@ -210,6 +211,33 @@ def test_internal_failure_switches_one_check_off_and_the_run_goes_on(
     internal = [w for w in seen if "internal error" in str(w.message)]
     assert len(internal) == 1 and "train_mode" in str(internal[0].message)
     assert "grad_enabled" in {f.kind for f in auditor.report.findings}, "the other checks still run"
+
+
+class SlashFreeLogger(CSVLogger):
+    """A real logger with a naming policy of its own: it refuses metric names with a slash."""
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        refused = [k for k in metrics if "/" in k]
+        if refused:
+            raise ValueError(f"metric names may not contain '/': {refused}")
+        super().log_metrics(metrics, step)
+
+
+def test_a_logger_that_fails_is_skipped_and_the_others_still_get_the_metrics(tmp_path: Path) -> None:
+    strict, csv = SlashFreeLogger(tmp_path, name="strict"), CSVLogger(tmp_path, name="csv")
+    auditor = NoGradAuditor(verbose=False)
+    model = Regressor(set_head_dropout_train)
+    with nograd_warnings() as seen:
+        trainer(tmp_path, [auditor], logger=[strict, csv], max_epochs=3).fit(model, loader(), loader())
+    failed = [str(w.message) for w in seen if "log_metrics failed" in str(w.message)]
+    assert len(failed) == 1 and "SlashFreeLogger" in failed[0] and "metric names may not contain" in failed[0]
+    assert any("`head.0` (Dropout)" in str(w.message) for w in seen), "the findings are still reported"
+    assert not auditor.switched_off and not any(p.switched_off for p in auditor.parts)
+    assert csv_values(tmp_path / "csv", "nograd/val/violations") == [1.0, 1.0, 1.0]
+    assert csv_values(tmp_path / "csv", "nograd/train/no_grad_modules") == [0.0, 0.0, 0.0]
+    # the strict logger still got Lightning's own metrics, and none of ours
+    assert len(csv_values(tmp_path / "strict", "val_loss")) == 3
+    assert not csv_values(tmp_path / "strict", "nograd/val/violations")
 
 
 def test_logger_false_and_no_validation_step(tmp_path: Path) -> None:

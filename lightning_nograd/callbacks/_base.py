@@ -11,7 +11,13 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from typing_extensions import override
 
-from lightning_nograd.callbacks._lightning import CallbackBase, LightningModule, Trainer, forget_lightning_module
+from lightning_nograd.callbacks._lightning import (
+    CallbackBase,
+    LightningModule,
+    Trainer,
+    forget_lightning_module,
+    world_size,
+)
 from lightning_nograd.callbacks.loggers import MetricSink
 from lightning_nograd.core.arguments import check_choice
 from lightning_nograd.core.findings import ON_VIOLATION_CHOICES, Finding, FindingLog, OnViolation
@@ -124,6 +130,42 @@ class NoGradCallback(CallbackBase):
                 stacklevel=3,
             )
         log.debug("check %s failed", check, exc_info=err)
+
+    def emit_epoch_metrics(
+        self,
+        trainer: Trainer,
+        stage: str,
+        compute: Callable[[], tuple[dict[str, float], dict[str, Any]]],
+        reduce: Callable[[Trainer, dict[str, float]], dict[str, float]],
+    ) -> None:
+        """Compute this rank's metrics, reduce them over the ranks, record and log them.
+
+        ``reduce`` (a collective under DDP) runs on every rank each time this is called, whether
+        or not ``compute`` failed or the ``metrics`` check is switched off on this rank: a rank
+        that skipped it would leave the others waiting. A rank with nothing to contribute sends
+        an empty dict, which ``reduce`` must accept.
+        """
+        metrics: dict[str, float] = {}
+        details: dict[str, Any] = {}
+        if "metrics" not in self.switched_off:
+            try:
+                metrics, details = compute()
+            except Exception as err:
+                self.switch_off("metrics", err)
+                metrics, details = {}, {}
+        if world_size(trainer) > 1:
+            try:
+                metrics = reduce(trainer, metrics)
+            except Exception as err:
+                self.switch_off("metrics", err)
+        if "metrics" in self.switched_off:
+            return
+        try:
+            step = int(trainer.global_step)
+            self.report.record_epoch(stage, int(trainer.current_epoch), step, metrics, details or None)
+            self._sink.emit(trainer, metrics, step)
+        except Exception as err:
+            self.switch_off("metrics", err)
 
     def release(self, check: str | None = None) -> None:
         """Remove the hooks of ``check`` (all checks when ``None``) and drop model references.

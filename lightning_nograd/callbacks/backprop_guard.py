@@ -11,7 +11,7 @@ from typing_extensions import override
 
 from lightning_nograd.callbacks._base import NoGradCallback, guarded
 from lightning_nograd.callbacks._lightning import LightningModule, Trainer
-from lightning_nograd.callbacks.loggers import reduce_max
+from lightning_nograd.callbacks.loggers import reduce_present_max
 from lightning_nograd.core.arguments import check_int
 from lightning_nograd.core.backprop import (
     GradientGap,
@@ -457,9 +457,9 @@ class BackpropGuard(NoGradCallback):
 
     # -- metrics ---------------------------------------------------------------------------------
 
-    @guarded("metrics")
+    def _epoch_counts(self) -> tuple[dict[str, float], dict[str, Any]]:
+        return {key: float(len(self._counts[name])) for name, key in _COUNTS.items()}, {}
+
     def _log_counts(self, trainer: Trainer) -> None:
-        metrics = {key: reduce_max(trainer, float(len(self._counts[name]))) for name, key in _COUNTS.items()}
-        step = int(trainer.global_step)
-        self.report.record_epoch("train", int(trainer.current_epoch), step, metrics)
-        self._sink.emit(trainer, metrics, step)
+        keys = list(_COUNTS.values())
+        self.emit_epoch_metrics(trainer, "train", self._epoch_counts, lambda t, m: reduce_present_max(t, keys, m))

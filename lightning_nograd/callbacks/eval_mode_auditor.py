@@ -10,7 +10,7 @@ from typing_extensions import override
 
 from lightning_nograd.callbacks._base import LOOP_NAMES, EvaluationLoopCallback, guarded
 from lightning_nograd.callbacks._lightning import LightningModule, Trainer, is_sanity_checking
-from lightning_nograd.callbacks.loggers import reduce_max
+from lightning_nograd.callbacks.loggers import reduce_present_max
 from lightning_nograd.core.findings import Finding, OnViolation, display_name
 from lightning_nograd.core.graph import MIB, GraphEvent, GraphProbe, format_bytes, tally_tensors, tensor_attributes
 from lightning_nograd.core.modes import ModeProbe, mode_sensitive_descendants
@@ -213,13 +213,13 @@ class EvalModeAuditor(EvaluationLoopCallback):
             self._log_violations(trainer, stage)
         self._stage = None
 
-    @guarded("metrics")
     def _log_violations(self, trainer: Trainer, stage: str) -> None:
         key = f"nograd/{stage}/violations"
-        count = reduce_max(trainer, float(self._findings.epoch_count(stage, AUDIT_KINDS)))
-        step = int(trainer.global_step)
-        self.report.record_epoch(stage, int(trainer.current_epoch), step, {key: count})
-        self._sink.emit(trainer, {key: count}, step)
+
+        def compute() -> tuple[dict[str, float], dict[str, Any]]:
+            return {key: float(self._findings.epoch_count(stage, AUDIT_KINDS))}, {}
+
+        self.emit_epoch_metrics(trainer, stage, compute, lambda t, m: reduce_present_max(t, [key], m))
 
     @override
     def release(self, check: str | None = None) -> None:

@@ -11,7 +11,7 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_nograd.callbacks._base import LOOP_NAMES, EvaluationLoopCallback, guarded
-from lightning_nograd.callbacks._lightning import LightningModule, Trainer, is_sanity_checking, world_size
+from lightning_nograd.callbacks._lightning import LightningModule, Trainer, is_sanity_checking
 from lightning_nograd.callbacks.loggers import reduce_vector
 from lightning_nograd.core.arguments import check_float, check_int
 from lightning_nograd.core.findings import Finding
@@ -328,8 +328,9 @@ class SavingsMonitor(EvaluationLoopCallback):
         if self._sessions:
             self._continue_timing(trainer, finish=True)
         stage = self._stage or "val"
-        metrics, details = self._epoch_metrics(stage)
-        self._emit(trainer, stage, metrics, details)
+        self.emit_epoch_metrics(
+            trainer, stage, lambda: self._epoch_metrics(stage), lambda t, m: _reduce_across_ranks(t, stage, m)
+        )
         self._stage = None
 
     def _stop_recording(self) -> None:
@@ -380,14 +381,6 @@ class SavingsMonitor(EvaluationLoopCallback):
         metrics[f"{prefix}/time_saved_pct"] = 100.0 * saved / (epoch_time + saved) if epoch_time + saved > 0 else 0.0
         details["savings"] = "measured"
         return metrics, details
-
-    @guarded("metrics")
-    def _emit(self, trainer: Trainer, stage: str, metrics: dict[str, float], details: dict[str, Any]) -> None:
-        if world_size(trainer) > 1:
-            metrics = _reduce_across_ranks(trainer, stage, metrics)
-        step = int(trainer.global_step)
-        self.report.record_epoch(stage, int(trainer.current_epoch), step, metrics, details)
-        self._sink.emit(trainer, metrics, step)
 
 
 class _PausedMeasures:
