@@ -123,8 +123,9 @@ def main() -> None:
     lines = [
         "# lightning-nograd benchmarks" + (" (quick smoke run: not for reading)" if args.quick else ""),
         "",
-        f"Machine: {overhead.environment()}. Took {minutes:.1f} min. Each model runs in a fresh process with",
-        "glibc's allocator settled (`SETTLED_ALLOCATOR` in `benchmarks/timing.py`) unless a row says otherwise.",
+        f"Machine: {overhead.environment()}. Took {minutes:.1f} min. Each model runs in a fresh process",
+        "with glibc's allocator settled (`SETTLED_MALLOC_ENV` in `lightning_nograd/core/measure.py`)",
+        "unless a row says otherwise.",
         "",
         "## What gradients cost in evaluation",
         "",

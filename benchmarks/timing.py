@@ -8,6 +8,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from lightning_nograd.core.measure import SETTLED_MALLOC_ENV
+
 HOOK_PREFIXES = ("on_", "setup", "teardown")
 
 
@@ -46,9 +48,8 @@ def summarise(ratios: list[float]) -> dict[str, float]:
 # thresholds, every few batches' tensors page-fault again. Measured on the ResNet here: ms per
 # grad-enabled forward 11-46 depending on the thresholds, "time saved by no_grad" anywhere from
 # -11% to +59% between runs, most of the time spent in the kernel. Fixing both thresholds keeps
-# freed memory in the process, as PyTorch's CUDA caching allocator does on a GPU (32 MiB is the
-# largest mmap threshold glibc accepts on 64-bit).
-SETTLED_ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
+# freed memory in the process, as PyTorch's CUDA caching allocator does on a GPU. SavingsMonitor
+# notes the same (``cpu_timing_caveat``) when a user's run has not fixed them.
 
 
 def in_fresh_process(module: str, *args: str, settled_allocator: bool = True) -> Any:
@@ -57,7 +58,7 @@ def in_fresh_process(module: str, *args: str, settled_allocator: bool = True) ->
     Each model is measured in a new process: on CPU, the allocator's state after one model's
     runs changes the next model's timings (measured here: a ResNet's no_grad epochs went from
     0.35 s to 0.75 s after an MLP had run in the same process). With ``settled_allocator`` (the
-    default) the process runs with ``SETTLED_ALLOCATOR``'s glibc thresholds; without, with
+    default) the process runs with ``SETTLED_MALLOC_ENV``'s glibc thresholds; without, with
     whatever this process has (the default allocator, unless the caller set them).
     """
     import json
@@ -67,9 +68,9 @@ def in_fresh_process(module: str, *args: str, settled_allocator: bool = True) ->
 
     env = dict(os.environ)
     if settled_allocator:
-        env.update(SETTLED_ALLOCATOR)
+        env.update(SETTLED_MALLOC_ENV)
     else:
-        for name in SETTLED_ALLOCATOR:
+        for name in SETTLED_MALLOC_ENV:
             env.pop(name, None)
     done = subprocess.run(
         [sys.executable, "-m", module, *args, "--json"], capture_output=True, text=True, check=False, env=env

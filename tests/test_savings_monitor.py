@@ -11,6 +11,8 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torch import nn
 
 from lightning_nograd import NoGradWarning, SavingsMonitor
+from lightning_nograd.core.measure import SETTLED_MALLOC_ENV, cpu_timing_caveat
+from lightning_nograd.core.summary import render
 from tests.helpers import csv_values, loader, nograd_warnings, read_tensorboard_scalars, trainer
 
 KEYS = ["epoch_time_s", "peak_memory_mib", "graph_memory_mib", "memory_saved_mib", "time_saved_s", "time_saved_pct"]
@@ -121,6 +123,30 @@ def test_every_metric_reaches_csv_and_tensorboard(tmp_path: Path) -> None:
     pct = csv_values(tmp_path / "csv", "nograd/val/time_saved_pct")
     assert all(0 < p < 100 for p in pct)
     assert all(v > 0 for v in csv_values(tmp_path / "csv", "nograd/val/peak_memory_mib"))
+
+
+@pytest.mark.skipif(cpu_timing_caveat({}) is None, reason="the caveat is about glibc's malloc")
+@pytest.mark.parametrize("settled", [False, True])
+def test_cpu_times_carry_a_caveat_unless_the_allocator_is_settled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, settled: bool
+) -> None:
+    for name, value in SETTLED_MALLOC_ENV.items():
+        if settled:
+            monkeypatch.setenv(name, value)
+        else:
+            monkeypatch.delenv(name, raising=False)
+    for name in ("GLIBC_TUNABLES", "LD_PRELOAD"):
+        monkeypatch.delenv(name, raising=False)
+    monitor = SavingsMonitor(repeats=6, budget=1000.0)
+    trainer(tmp_path, [monitor], max_epochs=1, num_sanity_val_steps=0).fit(Stack(slow=True), loader(), loader())
+    (epoch,) = [e for e in monitor.report.epochs if e.stage == "val"]
+    text = render(monitor.report, use_rich=False)
+    if settled:
+        assert "timing_caveat" not in epoch.details and "Note:" not in text
+    else:
+        assert "glibc's default malloc thresholds" in epoch.details["timing_caveat"]
+        assert "Note: CPU times were measured with glibc's default malloc thresholds" in text
+        assert text.count("Note:") == 1
 
 
 def test_no_user_code_rerun_and_measurement_reused(tmp_path: Path) -> None:

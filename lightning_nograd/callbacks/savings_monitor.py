@@ -16,7 +16,7 @@ from lightning_nograd.callbacks.loggers import reduce_vector
 from lightning_nograd.core.arguments import check_float, check_int
 from lightning_nograd.core.findings import Finding
 from lightning_nograd.core.graph import storage_key
-from lightning_nograd.core.measure import MIB, EpochClock, EpochPeakMemory
+from lightning_nograd.core.measure import MIB, EpochClock, EpochPeakMemory, cpu_timing_caveat
 from lightning_nograd.core.replay import CallRecorder, RecordedCall, Replay, ReplayResult, is_work_module, replayable
 
 log = logging.getLogger(__name__)
@@ -361,6 +361,9 @@ class SavingsMonitor(EvaluationLoopCallback):
             details["savings"] = "time not measured: the budget allowed too few repeats (raise `budget`)"
             return metrics, details
         low, high = result.spread
+        caveat = cpu_timing_caveat() if self._device.type == "cpu" else None
+        if caveat is not None:
+            details["timing_caveat"] = caveat
         details.update(
             {
                 "time_saved_per_batch_s": result.saved_per_batch,

@@ -25,6 +25,47 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+SETTLED_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "1073741824"}
+"""glibc malloc settings that keep freed memory in the process (32 MiB is glibc's largest mmap threshold)."""
+
+_CACHING_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
+
+
+def cpu_timing_caveat(environ: dict[str, str] | None = None) -> str | None:
+    """Why CPU time measurements in this process may swing from run to run, or ``None``.
+
+    With glibc's default, adaptive malloc thresholds, memory freed by one batch goes back to the
+    kernel and the next batch page-faults it in again; how often depends on the allocator's
+    history, so the same forward can take 1-2x as long from one run to the next (see the
+    README's Benchmarks). Both thresholds fixed (environment variables or ``GLIBC_TUNABLES``),
+    or a caching allocator preloaded, settles it.
+
+    Example:
+        >>> cpu_timing_caveat({"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "1073741824"})
+        >>> cpu_timing_caveat({"LD_PRELOAD": "/usr/lib/libjemalloc.so.2"})
+    """
+    import os
+    import platform
+    import sys
+
+    env = os.environ if environ is None else environ
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+        return None
+    if any(name in env.get("LD_PRELOAD", "") for name in _CACHING_ALLOCATORS):
+        return None
+    tunables = env.get("GLIBC_TUNABLES", "")
+    if all(name in env for name in SETTLED_MALLOC_ENV) or (
+        "glibc.malloc.mmap_threshold" in tunables and "glibc.malloc.trim_threshold" in tunables
+    ):
+        return None
+    settings = " ".join(f"{k}={v}" for k, v in SETTLED_MALLOC_ENV.items())
+    return (
+        "CPU times were measured with glibc's default malloc thresholds, under which the same "
+        "forward's time swings from run to run (by 10 points or more of time saved, in our "
+        f"benchmarks); for stable figures run with {settings}"
+    )
+
+
 class EpochClock:
     """Wall time of an epoch, excluding the time spent in pauses (our own replays).
 

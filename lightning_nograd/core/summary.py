@@ -28,6 +28,7 @@ class StageSummary:
     time_saved_pct: float | None = None
     time_saved_per_batch_iqr_s: list[float] | None = None
     savings_note: str | None = None
+    timing_caveat: str | None = None
     counts: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -71,6 +72,8 @@ def summarise(report: Report) -> list[StageSummary]:
                 summary.time_saved_per_batch_iqr_s = list(epoch.details["time_saved_per_batch_iqr_s"])
             if "savings" in epoch.details and summary.savings_note is None:
                 summary.savings_note = str(epoch.details["savings"])
+            if "timing_caveat" in epoch.details and summary.timing_caveat is None:
+                summary.timing_caveat = str(epoch.details["timing_caveat"])
         for key in ("violations", "no_grad_modules", "params_without_grad", "eval_mode_modules"):
             found = values(key)
             if found:
@@ -163,6 +166,8 @@ def render(report: Report, use_rich: bool = True) -> str:
         for row in [HEADER, *table_rows]:
             lines.append("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=False)))
         text = "\n".join(lines) + "\n"
+    caveats = sorted({s.timing_caveat for s in summarise(report) if s.timing_caveat and s.time_saved_pct is not None})
+    text += "".join(f"Note: {caveat}.\n" for caveat in caveats)
     if findings:
         text += f"{len(findings)} finding(s):\n" + "\n".join(findings) + "\n"
     else:

@@ -1,8 +1,19 @@
 from __future__ import annotations
 
+import platform
+import sys
+
+import pytest
 import torch
 
-from lightning_nograd.core.measure import EpochClock, EpochPeakMemory, LiveTensorMemory, peak_bytes_of
+from lightning_nograd.core.measure import (
+    SETTLED_MALLOC_ENV,
+    EpochClock,
+    EpochPeakMemory,
+    LiveTensorMemory,
+    cpu_timing_caveat,
+    peak_bytes_of,
+)
 
 
 def test_live_tensor_memory_counts_storages_once_and_subtracts_frees() -> None:
@@ -45,3 +56,23 @@ def test_clock_excludes_pauses_and_memory_peak_is_positive() -> None:
     memory.sample()
     assert clock.stop() < 1.0
     assert memory.peak_mib() > 0
+
+
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc", reason="glibc's malloc only"
+)
+@pytest.mark.parametrize(
+    ("environ", "caveat"),
+    [
+        ({}, True),
+        ({"MALLOC_TRIM_THRESHOLD_": "1073741824"}, True),  # one threshold alone is worse, not settled
+        (dict(SETTLED_MALLOC_ENV), False),
+        ({"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=1073741824"}, False),
+        ({"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"}, False),
+    ],
+)
+def test_cpu_timing_caveat_names_the_unsettled_glibc_allocator(environ: dict[str, str], caveat: bool) -> None:
+    text = cpu_timing_caveat(environ)
+    assert (text is not None) is caveat
+    if text is not None:
+        assert "MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824" in text
