@@ -7,7 +7,7 @@
 * ``overhead``: what the callbacks cost, side by side with plain runs;
 * ``accuracy``: SavingsMonitor's estimate against a full A/B of whole validation epochs.
 
-About eleven minutes on 2 CPU cores; ``--quick`` (for CI) under a minute. On a GPU the same command
+About eight to nine minutes on 2 CPU cores; ``--quick`` (for CI) under a minute. On a GPU the same command
 measures CUDA time (synchronised) and the CUDA allocator's peak.
 """
 
