@@ -51,6 +51,7 @@ def test_buggy_evaluation_loop_gets_the_same_findings_as_the_callbacks() -> None
     assert "the whole Sequential (Sequential) ran its forward in train mode" in train.message
     assert "1 (BatchNorm1d)" in train.message and "3 (Dropout)" in train.message
     assert len(seen) == 3, "each finding once, not once per batch"
+    assert {w.filename for w in seen} == {__file__}, "warnings point at the user's loop, not at our code"
 
 
 def test_fix_and_error_modes() -> None:

@@ -240,6 +240,15 @@ def test_a_logger_that_fails_is_skipped_and_the_others_still_get_the_metrics(tmp
     assert not csv_values(tmp_path / "strict", "nograd/val/violations")
 
 
+def test_warnings_point_at_the_users_call_not_at_library_code(tmp_path: Path) -> None:
+    auditor = NoGradAuditor(verbose=False)
+    with nograd_warnings() as seen:
+        trainer(tmp_path, [auditor]).fit(Regressor(set_head_dropout_train), loader(), loader())  # this line
+    assert seen
+    line = next(i for i, text in enumerate(Path(__file__).read_text().splitlines(), 1) if text.endswith("# this line"))
+    assert {(w.filename, w.lineno) for w in seen} == {(__file__, line)}
+
+
 def test_logger_false_and_no_validation_step(tmp_path: Path) -> None:
     class NoValidation(Regressor):
         validation_step = None  # type: ignore[assignment]

@@ -20,7 +20,7 @@ from lightning_nograd.callbacks._lightning import (
 )
 from lightning_nograd.callbacks.loggers import MetricSink
 from lightning_nograd.core.arguments import check_choice
-from lightning_nograd.core.findings import ON_VIOLATION_CHOICES, Finding, FindingLog, OnViolation
+from lightning_nograd.core.findings import ON_VIOLATION_CHOICES, Finding, FindingLog, OnViolation, user_stacklevel
 from lightning_nograd.core.report import Report
 from lightning_nograd.errors import NoGradError, NoGradWarning
 
@@ -127,7 +127,7 @@ class NoGradCallback(CallbackBase):
                 f"{type(err).__name__}: {err}. That check is switched off; the run goes on. "
                 "Please report this with the traceback from the debug log.",
                 NoGradWarning,
-                stacklevel=3,
+                stacklevel=user_stacklevel(),
             )
         log.debug("check %s failed", check, exc_info=err)
 

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from lightning_nograd.callbacks._lightning import Trainer, world_size
+from lightning_nograd.core.findings import user_stacklevel
 from lightning_nograd.errors import NoGradWarning
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ class MetricSink:
                         "lightning-nograd sends it no more metrics in this run (the other loggers still get "
                         "them); the run goes on.",
                         NoGradWarning,
-                        stacklevel=2,
+                        stacklevel=user_stacklevel(),
                     )
 
 

@@ -111,6 +111,48 @@ def common_ancestor(paths: list[str]) -> str:
     return ".".join(prefix)
 
 
+def _package_dirs() -> tuple[str, ...]:
+    """Directories of the packages between a user's script and our warnings: ours, Lightning, torch."""
+    import importlib.util
+    import os
+
+    dirs = [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]  # lightning_nograd/
+    for name in ("lightning", "pytorch_lightning", "lightning_fabric", "lightning_utilities", "torch"):
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            continue
+        if spec is not None and spec.submodule_search_locations:
+            dirs.extend(os.path.abspath(d) for d in spec.submodule_search_locations)
+    return tuple(os.path.join(d, "") for d in dirs)
+
+
+_PACKAGE_DIRS: tuple[str, ...] | None = None
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning issued by our caller point at the user's code.
+
+    That is the first frame outside lightning-nograd, Lightning and torch: usually the line of the
+    user's script that called ``trainer.fit`` / ``validate`` / ``test``, or their own code that
+    called into us. Falls back to our caller's caller when the whole stack is library code.
+    """
+    import sys
+
+    global _PACKAGE_DIRS
+    if _PACKAGE_DIRS is None:
+        _PACKAGE_DIRS = _package_dirs()
+    frame = sys._getframe(1)  # the function that will call warnings.warn: stacklevel 1
+    level = 1
+    while frame is not None:
+        filename = frame.f_code.co_filename
+        if not filename.startswith(_PACKAGE_DIRS) and not filename.startswith("<"):
+            return level
+        frame = frame.f_back  # type: ignore[assignment]
+        level += 1
+    return 2
+
+
 class FindingLog:
     """Collects findings, de-duplicates them per run and applies ``on_violation``.
 
@@ -152,7 +194,7 @@ class FindingLog:
         if self.on_violation == "error":
             raise NoGradError(finding.message)
         if self.may_warn:
-            warnings.warn(finding.message, category or self.category, stacklevel=2)
+            warnings.warn(finding.message, category or self.category, stacklevel=user_stacklevel())
         return True
 
     def start_epoch(self, stage: str) -> None:
