@@ -81,6 +81,18 @@ class NoGradCallback(CallbackBase):
         self._sink = MetricSink()
         self._state_key: str | None = None
 
+    def _state_key_settings(self) -> dict[str, Any]:
+        """The constructor settings that tell two instances of this callback apart in a checkpoint."""
+        return {"on_violation": self.on_violation}
+
+    @property
+    @override
+    def state_key(self) -> str:
+        # Lightning reads this on every hook call (profiler names), so it is computed once.
+        if self._state_key is None:
+            self._state_key = self._claim_state_key(self._generate_state_key(**self._state_key_settings()))
+        return self._state_key
+
     def _claim_state_key(self, base: str) -> str:
         """``base``, or ``base#N`` when a live instance with the same settings already holds it.
 

@@ -124,17 +124,10 @@ class BackpropGuard(NoGradCallback):
         self._steps_per_optimizer: dict[int, int] = {}
         self._explained: set[int] = set()
 
-    @property
     @override
-    def state_key(self) -> str:
-        # Lightning reads this on every hook call (profiler names), so it is computed once.
-        if self._state_key is None:
-            self._state_key = self._claim_state_key(
-                self._generate_state_key(
-                    on_violation=self.on_violation, allow=self.allow.patterns, zero_grad_steps=self.zero_grad_steps
-                )
-            )
-        return self._state_key
+    def _state_key_settings(self) -> dict[str, Any]:
+        settings = super()._state_key_settings()
+        return {**settings, "allow": self.allow.patterns, "zero_grad_steps": self.zero_grad_steps}
 
     # -- Lightning hooks -------------------------------------------------------------------------
 

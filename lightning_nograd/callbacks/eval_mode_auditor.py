@@ -93,19 +93,10 @@ class EvalModeAuditor(EvaluationLoopCallback):
         self._collections_at_epoch_start: dict[str, int] = {}
         self._collections_at_last_epoch_end: dict[tuple[str, str], tuple[int, int]] = {}
 
-    @property
     @override
-    def state_key(self) -> str:
-        # Lightning reads this on every hook call (profiler names), so it is computed once.
-        if self._state_key is None:
-            self._state_key = self._claim_state_key(
-                self._generate_state_key(
-                    on_violation=self.on_violation,
-                    allow_train_mode=self.allow_train_mode.patterns,
-                    allow_grad=self.allow_grad.patterns,
-                )
-            )
-        return self._state_key
+    def _state_key_settings(self) -> dict[str, Any]:
+        settings = super()._state_key_settings()
+        return {**settings, "allow_train_mode": self.allow_train_mode.patterns, "allow_grad": self.allow_grad.patterns}
 
     # -- the evaluation loops' events, as probe calls ---------------------------------------------
 

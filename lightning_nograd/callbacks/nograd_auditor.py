@@ -83,14 +83,9 @@ class NoGradAuditor(NoGradCallback):
         for part in self.parts:
             part.share(self.report, self._sink)
 
-    @property
     @override
-    def state_key(self) -> str:
-        if self._state_key is None:
-            self._state_key = self._claim_state_key(
-                self._generate_state_key(on_violation=self.on_violation, parts=[type(p).__name__ for p in self.parts])
-            )
-        return self._state_key
+    def _state_key_settings(self) -> dict[str, Any]:
+        return {**super()._state_key_settings(), "parts": [type(p).__name__ for p in self.parts]}
 
     def part(self, kind: type[NoGradCallback]) -> NoGradCallback | None:
         """The part of type ``kind``, if switched on."""

@@ -126,14 +126,9 @@ class SavingsMonitor(EvaluationLoopCallback):
         self._stage: str | None = None
         self._epoch = 0
 
-    @property
     @override
-    def state_key(self) -> str:
-        if self._state_key is None:
-            self._state_key = self._claim_state_key(
-                self._generate_state_key(measure_batches=self.measure_batches, repeats=self.repeats, budget=self.budget)
-            )
-        return self._state_key
+    def _state_key_settings(self) -> dict[str, Any]:
+        return {"measure_batches": self.measure_batches, "repeats": self.repeats, "budget": self.budget}
 
     # -- Lightning hooks -------------------------------------------------------------------------
 
