@@ -22,6 +22,13 @@ from typing import Any
 from benchmarks import accuracy, grad_modes, overhead
 
 
+def iqr_bars(centers: list[float], lows: list[float], highs: list[float]) -> list[list[float]]:
+    """Matplotlib ``yerr`` for bars at ``centers`` spanning ``lows`` to ``highs``."""
+    below = [c - lo for c, lo in zip(centers, lows, strict=True)]
+    above = [hi - c for c, hi in zip(centers, highs, strict=True)]
+    return [below, above]
+
+
 def plot(results: dict[str, list[dict[str, Any]]], out: Path) -> list[str]:
     import matplotlib
 
@@ -34,11 +41,9 @@ def plot(results: dict[str, list[dict[str, Any]]], out: Path) -> list[str]:
     fig, ax = plt.subplots(figsize=(9, 4))
     width = 0.27
     for i, mode in enumerate(grad_modes.MODES):
-        values = [next(r["ms_median"] for r in rows if r["model"] == m and r["mode"] == mode) for m in models]
-        errors = [
-            [next(r["ms_median"] - r["ms_q1"] for r in rows if r["model"] == m and r["mode"] == mode) for m in models],
-            [next(r["ms_q3"] - r["ms_median"] for r in rows if r["model"] == m and r["mode"] == mode) for m in models],
-        ]
+        picked = [next(r for r in rows if r["model"] == m and r["mode"] == mode) for m in models]
+        values = [r["ms_median"] for r in picked]
+        errors = iqr_bars(values, [r["ms_q1"] for r in picked], [r["ms_q3"] for r in picked])
         ax.bar([x + (i - 1) * width for x in range(len(models))], values, width, yerr=errors, label=mode)
     ax.set_xticks(range(len(models)), models, fontsize=8)
     ax.set_ylabel("ms per batch (median, IQR)")
@@ -67,16 +72,10 @@ def plot(results: dict[str, list[dict[str, Any]]], out: Path) -> list[str]:
     fig, ax = plt.subplots(figsize=(7, 4))
     xs = range(len(rows))
     ab = [r["ab_time_saved_pct"] for r in rows]
-    ab_err = [
-        [a - r["ab_iqr_pct"][0] for a, r in zip(ab, rows, strict=True)],
-        [r["ab_iqr_pct"][1] - a for a, r in zip(ab, rows, strict=True)],
-    ]
+    ab_err = iqr_bars(ab, [r["ab_iqr_pct"][0] for r in rows], [r["ab_iqr_pct"][1] for r in rows])
     ax.bar([x - 0.2 for x in xs], ab, 0.4, yerr=ab_err, label="A/B of whole epochs (IQR)")
     est = [r["estimate_time_saved_pct"] for r in rows]
-    est_err = [
-        [e - r["estimate_iqr_pct"][0] for e, r in zip(est, rows, strict=True)],
-        [r["estimate_iqr_pct"][1] - e for e, r in zip(est, rows, strict=True)],
-    ]
+    est_err = iqr_bars(est, [r["estimate_iqr_pct"][0] for r in rows], [r["estimate_iqr_pct"][1] for r in rows])
     ax.bar([x + 0.2 for x in xs], est, 0.4, yerr=est_err, label="SavingsMonitor (IQR)")
     ax.set_xticks(list(xs), [r["model"].replace(" (", "\n(") for r in rows], fontsize=8)
     ax.set_ylabel("validation time saved by no_grad, %")
