@@ -36,7 +36,14 @@ from lightning_nograd.core.findings import (
 from lightning_nograd.core.graph import MIB, GraphEvent, GraphProbe, format_bytes, storage_key, tally_tensors
 from lightning_nograd.core.modes import ModeProbe, mode_sensitive_descendants
 from lightning_nograd.core.patterns import NamePatterns
-from lightning_nograd.core.replay import RecordedCall, Replay, current_autocast, replayable
+from lightning_nograd.core.replay import (
+    EAGER_REPLAY_NOTE,
+    RecordedCall,
+    Replay,
+    current_autocast,
+    eager_module,
+    replayable,
+)
 from lightning_nograd.core.report import Report
 from lightning_nograd.errors import BrokenBackpropWarning
 
@@ -111,8 +118,14 @@ class _EvaluationAudit:
         self.modes.after_batch()
         self._flush_graph()
         if self.measure_savings and self.batch <= 1:  # the second batch is past the slow first forward
+            eager = eager_module(module)
             call = RecordedCall(
-                module, tuple(args), dict(kwargs), torch.is_inference_mode_enabled(), current_autocast()
+                eager,
+                tuple(args),
+                dict(kwargs),
+                torch.is_inference_mode_enabled(),
+                current_autocast(),
+                compiled=eager is not module,
             )
             self.recorded = [call]
         tally = tally_tensors(output)
@@ -160,6 +173,8 @@ class _EvaluationAudit:
         if not self.recorded:
             details["savings"] = "no forward of the model was recorded"
             return metrics, details
+        if any(call.compiled for call in self.recorded):
+            details["compiled"] = EAGER_REPLAY_NOTE
         device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
         exclude = {storage_key(t) for t in [*self.model.parameters(), *self.model.buffers()] if t.numel() > 0}
         session = Replay(replayable(self.recorded), device, exclude)

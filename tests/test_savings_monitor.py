@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from torch import nn
 from lightning_nograd import NoGradWarning, SavingsMonitor
 from lightning_nograd.core.measure import SETTLED_MALLOC_ENV, cpu_timing_caveat
 from lightning_nograd.core.summary import render
-from tests.helpers import csv_values, loader, nograd_warnings, read_tensorboard_scalars, trainer
+from tests.helpers import Regressor, csv_values, loader, nograd_warnings, read_tensorboard_scalars, trainer
 
 KEYS = ["epoch_time_s", "peak_memory_mib", "graph_memory_mib", "memory_saved_mib", "time_saved_s", "time_saved_pct"]
 
@@ -224,3 +225,25 @@ def test_sanity_check_is_not_measured(tmp_path: Path) -> None:
         trainer(tmp_path, [monitor], max_epochs=1, num_sanity_val_steps=2).fit(Stack(), loader(), loader())
     assert seen == []
     assert [e.stage for e in monitor.report.epochs] == ["val"]
+
+
+def _fit_weights(tmp_path: Path, callbacks: list[Any], fullgraph: bool) -> torch.Tensor:
+    torch.manual_seed(0)
+    model = Regressor()
+    model.head = torch.compile(model.head, fullgraph=fullgraph)  # type: ignore[assignment]
+    torch.manual_seed(1)
+    trainer(tmp_path, callbacks, max_epochs=2, limit_train_batches=3).fit(model, loader(), loader())
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="inductor needs a C++ compiler on CPU")
+@pytest.mark.parametrize("fullgraph", [False, True])
+def test_compiled_modules_are_replayed_eagerly_and_the_run_is_unchanged(tmp_path: Path, fullgraph: bool) -> None:
+    torch._dynamo.reset()
+    plain = _fit_weights(tmp_path / "plain", [], fullgraph)
+    monitor = SavingsMonitor(repeats=2, budget=1000.0)
+    watched = _fit_weights(tmp_path / "watched", [monitor], fullgraph)
+    assert torch.equal(plain, watched)
+    measured = [e for e in monitor.report.epochs if "nograd/val/graph_memory_mib" in e.metrics]
+    assert measured, [e.details for e in monitor.report.epochs]
+    assert all("replayed eagerly" in e.details["compiled"] for e in measured)

@@ -17,7 +17,15 @@ from lightning_nograd.core.arguments import check_float, check_int
 from lightning_nograd.core.findings import Finding
 from lightning_nograd.core.graph import storage_key
 from lightning_nograd.core.measure import MIB, EpochClock, EpochPeakMemory, cpu_timing_caveat
-from lightning_nograd.core.replay import CallRecorder, RecordedCall, Replay, ReplayResult, is_work_module, replayable
+from lightning_nograd.core.replay import (
+    EAGER_REPLAY_NOTE,
+    CallRecorder,
+    RecordedCall,
+    Replay,
+    ReplayResult,
+    is_work_module,
+    replayable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -297,7 +305,10 @@ class SavingsMonitor(EvaluationLoopCallback):
     def _finish_measurement(self) -> None:
         sessions, self._sessions = self._sessions, []
         merged = _merge([s.result for s in sessions])
-        self._measurement = (merged, {"repeats": len(merged.time_on), "batches_replayed": len(sessions)})
+        info: dict[str, Any] = {"repeats": len(merged.time_on), "batches_replayed": len(sessions)}
+        if any(call.compiled for session in sessions for call in session.calls):
+            info["compiled"] = EAGER_REPLAY_NOTE
+        self._measurement = (merged, info)
         if not merged.out_of_memory:
             self._cache[self._signature] = self._measurement
 

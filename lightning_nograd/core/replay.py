@@ -35,6 +35,31 @@ class RecordedCall:
     kwargs: dict[str, Any]
     inference_mode: bool
     autocast: tuple[str, torch.dtype] | None = None
+    compiled: bool = False
+    """The call went through a ``torch.compile`` wrapper; ``module`` is the eager module behind it."""
+
+
+EAGER_REPLAY_NOTE = (
+    "compiled modules were replayed eagerly (their `_orig_mod`): the figures are those of the eager forward, "
+    "and the compiled code is never run by the replay"
+)
+
+
+def eager_module(module: nn.Module) -> nn.Module:
+    """The eager module behind a ``torch.compile`` wrapper, or ``module`` itself.
+
+    Replays run the eager module: running the user's compiled code again in another grad mode
+    makes dynamo recompile it, and (measured with inductor on CPU) changed the run's final weights.
+
+    Example:
+        >>> net = nn.Linear(2, 2)
+        >>> eager_module(net) is net
+        True
+    """
+    inner = getattr(module, "_orig_mod", None)
+    if isinstance(inner, nn.Module) and type(module).__name__ == "OptimizedModule":
+        return inner
+    return module
 
 
 def current_autocast() -> tuple[str, torch.dtype] | None:
@@ -101,8 +126,16 @@ class CallRecorder:
         kwargs = kwargs if isinstance(kwargs, dict) else {}
         if self._active == id(module):
             self._active = None
+            eager = eager_module(module)
             self.calls.append(
-                RecordedCall(module, tuple(args), dict(kwargs), torch.is_inference_mode_enabled(), current_autocast())
+                RecordedCall(
+                    eager,
+                    tuple(args),
+                    dict(kwargs),
+                    torch.is_inference_mode_enabled(),
+                    current_autocast(),
+                    compiled=eager is not module,
+                )
             )
 
 
@@ -122,6 +155,7 @@ def replayable(calls: Iterable[RecordedCall]) -> list[RecordedCall]:
             tree_map(_clone_inference, c.kwargs),
             c.inference_mode,
             c.autocast,
+            c.compiled,
         )
         for c in calls
     ]
