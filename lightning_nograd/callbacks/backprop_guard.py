@@ -17,6 +17,7 @@ from lightning_nograd.core.backprop import (
     GradientGap,
     GradModeProbe,
     ParamIndex,
+    ZeroGradientStreaks,
     eval_mode_under_trainable,
     explain_gradient_gaps,
     inference_tensors,
@@ -114,7 +115,7 @@ class BackpropGuard(NoGradCallback):
         self._suspects: dict[int, str] = {}
         self._probe: GradModeProbe | None = None
         self._graph: GraphProbe | None = None
-        self._zero_streak: dict[int, int] = {}
+        self._zero_streaks = ZeroGradientStreaks(self.zero_grad_steps)
         self._batch_idx: int | None = None
         self._epoch = 0
         self._root_type = "LightningModule"
@@ -184,6 +185,7 @@ class BackpropGuard(NoGradCallback):
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._collect_zero_gradients(wait=False)
         self._flush_stray_graphs()
         self._log_counts(trainer)
 
@@ -199,6 +201,7 @@ class BackpropGuard(NoGradCallback):
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._collect_zero_gradients(wait=True)
         self._flush_stray_graphs()
         self._report_unexplained_suspects()
         self.release()
@@ -216,7 +219,7 @@ class BackpropGuard(NoGradCallback):
             self._trained = []
             self._optimizer_params = {}
             self._suspects = {}
-            self._zero_streak = {}
+            self._zero_streaks.clear()
 
     # -- set-up ----------------------------------------------------------------------------------
 
@@ -344,18 +347,20 @@ class BackpropGuard(NoGradCallback):
             self._optimizer_params[id(optimizer)] = params
         missing = [p for p in params if p.grad is None and p.requires_grad]
         if steps <= self.zero_grad_steps:
-            zero_params = [p for p in params if p.grad is not None and p.requires_grad]
-            zero_candidates = [p.grad for p in zero_params if p.grad is not None]
-        else:
-            zero_params, zero_candidates = [], []
-        if zero_candidates:
-            norms = torch._foreach_norm(zero_candidates)
-            zero = torch.stack([n.detach().float().cpu() for n in norms]) == 0
-            for param, is_zero in zip(zero_params, zero.tolist(), strict=True):
-                streak = self._zero_streak.get(id(param), 0) + 1 if is_zero else 0
-                self._zero_streak[id(param)] = streak
-                if streak >= self.zero_grad_steps:
-                    missing.append(param)
+            self._zero_streaks.observe([p for p in params if p.requires_grad])
+        self._note_missing(missing, self._zero_streaks.collect())
+
+    @guarded("params_without_grad")
+    def _collect_zero_gradients(self, wait: bool) -> None:
+        self._note_missing([], self._zero_streaks.collect(wait))
+
+    def _note_missing(self, missing: list[nn.Parameter], zero: list[nn.Parameter]) -> None:
+        """Count and report (or queue for explanation) parameters that reached a step without a gradient."""
+        index = self._index
+        if index is None:
+            return
+        seen = {id(p) for p in missing}
+        missing = missing + [p for p in zero if id(p) not in seen and p.requires_grad]
         if not missing:
             return
         for param in missing:

@@ -4,6 +4,8 @@
 * :class:`GradModeProbe` records, for one training step, whether given modules ran their forward
   with gradients on; it uses a *global* forward pre-hook (installed only for that step), which
   does not switch off fused kernels the way per-module hooks do.
+* :class:`ZeroGradientStreaks` counts consecutive steps with an all-zero gradient per parameter,
+  without stalling a CUDA device (one asynchronous copy per step, read once it has landed).
 * :func:`inference_tensors` finds buffers and tensor attributes created under inference mode.
 * :func:`eval_mode_under_trainable` finds dropout / batch-norm layers left in eval mode inside
   trainable blocks (``from_pretrained`` models arrive that way).
@@ -11,7 +13,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections import deque
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,6 +119,101 @@ class GradModeProbe:
     def ran(self) -> set[str]:
         """Watched modules whose forward ran at all."""
         return self.with_grad | self.without_grad
+
+
+@dataclass
+class _StepCheck:
+    """One step's zero flags: per device, the parameters and one flag each, and the copy's event."""
+
+    parts: list[tuple[list[nn.Parameter], torch.Tensor, Any]]
+
+    def ready(self, wait: bool) -> bool:
+        for _, _, event in self.parts:
+            if event is None:
+                continue
+            if wait:
+                event.synchronize()
+            elif not event.query():
+                return False
+        return True
+
+
+class ZeroGradientStreaks:
+    """Consecutive observed steps in which each parameter's gradient was all zero.
+
+    :meth:`observe` queues one step's check: per device and dtype, one reduction to the largest
+    absolute value of each gradient (exact: a norm underflows to 0 for gradients around 1e-23 in
+    float32), and on a CUDA device one asynchronous copy of one flag per parameter to pinned host
+    memory. :meth:`collect` reads the checks whose copy has landed, in step order, so a training
+    step never waits for the device; ``wait=True`` (at the end of training) reads them all.
+
+    Args:
+        steps: how many consecutive all-zero steps make a gradient count as missing.
+
+    Example:
+        >>> weight, bias = nn.Parameter(torch.ones(2)), nn.Parameter(torch.ones(1))
+        >>> weight.grad, bias.grad = torch.zeros(2), torch.full((1,), 1e-23)
+        >>> streaks = ZeroGradientStreaks(steps=2)
+        >>> streaks.observe([weight, bias]); streaks.collect()
+        []
+        >>> streaks.observe([weight, bias]); streaks.collect() == [weight]
+        True
+    """
+
+    def __init__(self, steps: int) -> None:
+        self.steps = steps
+        self.streak: dict[int, int] = {}
+        self._pending: deque[_StepCheck] = deque()
+
+    def observe(self, params: Sequence[nn.Parameter]) -> None:
+        """Queue the check of this step's gradients of ``params`` (those with a dense gradient)."""
+        by_device: dict[torch.device, dict[torch.dtype, list[nn.Parameter]]] = {}
+        for param in params:
+            grad = param.grad
+            if grad is not None and grad.layout == torch.strided:
+                by_device.setdefault(grad.device, {}).setdefault(grad.dtype, []).append(param)
+        parts: list[tuple[list[nn.Parameter], torch.Tensor, Any]] = []
+        with torch.no_grad():
+            for device, by_dtype in by_device.items():
+                ordered = [param for group in by_dtype.values() for param in group]
+                flags = torch.cat(
+                    [
+                        torch.stack(torch._foreach_norm([p.grad for p in group if p.grad is not None], float("inf")))
+                        == 0
+                        for group in by_dtype.values()
+                    ]
+                )
+                parts.append((ordered, *_to_host(flags, device)))
+        if parts:
+            self._pending.append(_StepCheck(parts))
+
+    def collect(self, wait: bool = False) -> list[nn.Parameter]:
+        """Parameters whose streak reached ``steps`` in the checks read now (each once)."""
+        reached: dict[int, nn.Parameter] = {}
+        while self._pending and self._pending[0].ready(wait):
+            for params, flags, _ in self._pending.popleft().parts:
+                for param, is_zero in zip(params, flags.tolist(), strict=True):
+                    streak = self.streak.get(id(param), 0) + 1 if is_zero else 0
+                    self.streak[id(param)] = streak
+                    if streak >= self.steps:
+                        reached[id(param)] = param
+        return list(reached.values())
+
+    def clear(self) -> None:
+        """Forget every streak and every pending check."""
+        self.streak = {}
+        self._pending.clear()
+
+
+def _to_host(flags: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, Any]:
+    """``flags`` on the host, and the CUDA event that says when the copy has landed (``None``: now)."""
+    if device.type != "cuda":
+        return flags.cpu(), None
+    host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
+    host.copy_(flags, non_blocking=True)
+    event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+    event.record(torch.cuda.current_stream(device))
+    return host, event
 
 
 def inference_tensors(root: nn.Module) -> list[tuple[str, str]]:

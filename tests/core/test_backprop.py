@@ -6,6 +6,7 @@ from torch import nn
 from lightning_nograd.core.backprop import (
     GradModeProbe,
     ParamIndex,
+    ZeroGradientStreaks,
     eval_mode_under_trainable,
     explain_gradient_gaps,
     inference_tensors,
@@ -39,3 +40,20 @@ def test_frozen_block_in_eval_mode_and_inference_buffers() -> None:
     with torch.inference_mode():
         net.register_buffer("table", torch.ones(2))
     assert inference_tensors(net) == [("table", "buffer")]
+
+
+def test_zero_gradient_streaks_reset_and_skip_sparse_gradients() -> None:
+    dense = nn.Parameter(torch.ones(3))
+    half = nn.Parameter(torch.ones(2, dtype=torch.bfloat16))
+    sparse = nn.Parameter(torch.ones(4))
+    sparse.grad = torch.zeros(4).to_sparse()
+    streaks = ZeroGradientStreaks(steps=2)
+    seen = []
+    for dense_grad in (0.0, 1.0, 0.0, 0.0):
+        dense.grad, half.grad = torch.full((3,), dense_grad), torch.zeros(2, dtype=torch.bfloat16)
+        streaks.observe([dense, half, sparse])
+        seen.append({id(p) for p in streaks.collect()})
+    assert seen == [set(), {id(half)}, {id(half)}, {id(dense), id(half)}]
+    assert id(sparse) not in streaks.streak
+    streaks.clear()
+    assert streaks.collect(wait=True) == [] and streaks.streak == {}
