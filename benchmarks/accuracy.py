@@ -113,6 +113,8 @@ def run_all(quick: bool) -> list[dict[str, Any]]:
     if quick:  # a smoke run: in this process, no numbers worth reading
         return [compare(name, 2, 6, max_repeats=6) for name in MODELS]
     rows = [in_fresh_process("benchmarks.accuracy", "--model", name) for name in MODELS]
+    if torch.cuda.is_available():  # glibc's allocator is not what times a GPU run
+        return rows
     # The same ResNet with glibc's default allocator: the A/B itself swings by tens of points
     # there, and the estimate should say that its difference is within noise.
     default = in_fresh_process("benchmarks.accuracy", "--model", "resnet", settled_allocator=False)

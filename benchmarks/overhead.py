@@ -44,7 +44,20 @@ class Clock(pl.Callback):
     """Stamps the time at one hook (``start_hook`` or ``end_hook``)."""
 
     def __init__(self, hook: str, stamps: list[float]) -> None:
-        setattr(self, hook, lambda *args: stamps.append(time.perf_counter()))
+        setattr(self, hook, lambda *args: stamps.append(synchronized_clock()))
+
+
+def synchronized_clock() -> float:
+    """``time.perf_counter()`` once queued CUDA work is done (on a GPU the host runs ahead)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def deterministic_on_cuda() -> None:
+    """Deterministic CUDA kernels, so that "bit-identical" compares the callback, not atomics' order."""
+    if torch.cuda.is_available():
+        torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 @dataclass
@@ -175,6 +188,7 @@ def main() -> None:
     parser.add_argument("--model", choices=list(MODELS), help="measure one model in this process")
     parser.add_argument("--json", action="store_true", help="print the row(s) as JSON")
     args = parser.parse_args()
+    deterministic_on_cuda()
     repeats, batches = (2, 4) if args.quick else (15, 30)
     if args.experiment == "fit":
         repeats = min(repeats, 7)  # whole fits are long: fewer repeats keep the suite under 10 minutes

@@ -8,7 +8,9 @@
 * ``accuracy``: SavingsMonitor's estimate against a full A/B of whole validation epochs.
 
 About eight to nine minutes on 2 CPU cores; ``--quick`` (for CI) under a minute. On a GPU the same command
-measures CUDA time (synchronised) and the CUDA allocator's peak.
+measures CUDA time (synchronised) and the CUDA allocator's peak, counts the host-device
+synchronisations the callbacks cause (``benchmarks.gpu_sync``), writes to ``benchmarks/results/gpu``
+and fills the README's GPU section instead of the CPU one.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks import accuracy, grad_modes, overhead
+import torch
+
+from benchmarks import accuracy, gpu_sync, grad_modes, overhead
 
 
 def iqr_bars(centers: list[float], lows: list[float], highs: list[float]) -> list[list[float]]:
@@ -89,12 +93,18 @@ def plot(results: dict[str, list[dict[str, Any]]], out: Path) -> list[str]:
 
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-START, END = "<!-- benchmarks:start -->", "<!-- benchmarks:end -->"
 
 
-def update_readme(lines: list[str], out: Path) -> None:
+def markers(cuda: bool) -> tuple[str, str]:
+    """The README markers between which this device's results go."""
+    name = "benchmarks-gpu" if cuda else "benchmarks"
+    return f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+
+
+def update_readme(lines: list[str], out: Path, cuda: bool) -> None:
     """Put the latest tables and plots between the benchmark markers of the README."""
     text = README.read_text()
+    START, END = markers(cuda)
     if START not in text or END not in text:
         return
     body = [line.replace("](", f"]({out.as_posix()}/", 1) if line.startswith("![") else line for line in lines[2:]]
@@ -107,9 +117,10 @@ def update_readme(lines: list[str], out: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a smoke run for CI (under a minute)")
-    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--out", help="default: benchmarks/results, or benchmarks/results/gpu on a GPU")
     args = parser.parse_args()
-    out = Path(args.out)
+    cuda = torch.cuda.is_available()
+    out = Path(args.out or ("benchmarks/results/gpu" if cuda else "benchmarks/results"))
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     results = {
@@ -117,6 +128,19 @@ def main() -> None:
         "overhead": overhead.run_all(args.quick),
         "accuracy": accuracy.run_all(args.quick),
     }
+    sync_lines: list[str] = []
+    if cuda:
+        results["gpu_sync"] = [gpu_sync.count("resnet", 3, with_callback) for with_callback in (False, True)]
+        sync_lines = [
+            "## Host-device synchronisations",
+            "",
+            'A 3-epoch fit of the ResNet under `torch.cuda.set_sync_debug_mode("warn")`, every synchronising',
+            "call attributed by its Python stack (`benchmarks/gpu_sync.py`): `per_batch` must be 0 after the",
+            "first epoch; `per_epoch` is the synchronised epoch clock; `replay` is the budgeted savings replay.",
+            "",
+            *gpu_sync.table(results["gpu_sync"]),
+            "",
+        ]
     images = plot(results, out)
     minutes = (time.perf_counter() - started) / 60
     lines = [
@@ -144,11 +168,12 @@ def main() -> None:
         "",
         "![accuracy](accuracy.png)",
         "",
+        *sync_lines,
     ]
     suffix = "_quick" if args.quick else ""
     (out / f"RESULTS{suffix}.md").write_text("\n".join(lines))
     if not args.quick:
-        update_readme(lines, out)
+        update_readme(lines, out, cuda)
     (out / f"results{suffix}.json").write_text(json.dumps(results, indent=2))
     print("\n".join(lines))
     print(f"wrote {out}/RESULTS{suffix}.md, results{suffix}.json and {', '.join(images)}")

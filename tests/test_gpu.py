@@ -1,0 +1,158 @@
+"""The CUDA paths, on a real GPU (skipped without one), and the CPU-side logic of the GPU check."""
+
+from __future__ import annotations
+
+import time
+import traceback
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch import nn
+
+from benchmarks.gpu_sync import PACKAGE, count, origin, table
+from lightning_nograd import NoGradAuditor, NoGradWarning, SavingsMonitor
+from tests.helpers import Regressor, loader, nograd_warnings, trainer
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def frame(path: str, name: str) -> traceback.FrameSummary:
+    return traceback.FrameSummary(path, 1, name)
+
+
+def test_sync_origins_are_attributed_from_the_stack() -> None:
+    lightning = frame("/site-packages/lightning/pytorch/loops/fit_loop.py", "run")
+    hook = frame(f"{PACKAGE}/callbacks/nograd_auditor.py", "on_before_optimizer_step")
+    check = frame(f"{PACKAGE}/core/backprop.py", "observe")
+    epoch = frame(f"{PACKAGE}/callbacks/savings_monitor.py", "on_validation_epoch_end")
+    clock = frame(f"{PACKAGE}/core/measure.py", "stop")
+    replay = frame(f"{PACKAGE}/core/replay.py", "_timed")
+    assert origin([lightning]) == "not_ours"
+    assert origin([lightning, hook, check]) == "per_batch"
+    assert origin([lightning, epoch, clock]) == "per_epoch"
+    assert origin([lightning, frame(f"{PACKAGE}/x.py", "on_validation_batch_end"), replay]) == "replay"
+
+
+def test_sync_table_has_one_row_per_run() -> None:
+    rows = [
+        {"model": "resnet", "callback": "none", "epochs": 3, "first_epoch": {"not_ours": 4}, "later_epochs": {}},
+        {
+            "model": "resnet",
+            "callback": "NoGradAuditor()",
+            "epochs": 3,
+            "first_epoch": {"replay": 2},
+            "later_epochs": {},
+        },
+    ]
+    lines = table(rows)
+    assert len(lines) == 4
+    assert lines[2] == "| resnet | none | 3 | 0 / 0 | 0 / 0 | 0 / 0 | 4 / 0 |"
+    assert lines[3] == "| resnet | NoGradAuditor() | 3 | 0 / 0 | 0 / 0 | 2 / 0 | 0 / 0 |"
+
+
+@pytest.fixture
+def cuda_memory_cap() -> Iterator[None]:
+    yield
+    torch.cuda.set_per_process_memory_fraction(1.0)
+    torch.cuda.empty_cache()
+
+
+class Deep(pl.LightningModule):
+    """64 linear layers: without gradients a batch needs ~1 GiB, with gradients ~32 GiB of saved activations."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(*[nn.Sequential(nn.Linear(1024, 1024), nn.ReLU()) for _ in range(64)])
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        (x,) = batch
+        self.log("val_mean", self.net(x.expand(65536, 1024)).mean())
+
+
+@needs_cuda
+def test_cuda_oom_with_gradients_is_a_finding_and_the_run_goes_on(tmp_path: Path, cuda_memory_cap: None) -> None:
+    torch.cuda.empty_cache()
+    torch.cuda.set_per_process_memory_fraction(4 * 2**30 / torch.cuda.get_device_properties(0).total_memory)
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(3, 1024)), batch_size=1)
+    monitor = SavingsMonitor(repeats=2, budget=1000.0)
+    t = trainer(tmp_path, [monitor], accelerator="gpu", devices=1, limit_val_batches=3)
+    with pytest.warns(NoGradWarning, match="with gradients on, this batch does not fit in memory"):
+        t.validate(Deep(), data)
+    t.validate(Deep(), data)  # the process and the trainer are still usable
+    first, second = monitor.report.epochs
+    for epoch in (first, second):
+        assert epoch.details["batches"] == 3
+        assert 0 < epoch.metrics["nograd/val/peak_memory_mib"] < 4096
+        assert "does not fit" in epoch.details["savings"]
+    assert {f.kind for f in monitor.report.findings} == {"grad_replay_oom"}
+
+
+class SpikeThenSleep(Regressor):
+    """Allocates 512 MiB in the first validation epoch only, and queues GPU work the host never waits for."""
+
+    def __init__(self, sleep_cycles: int) -> None:
+        super().__init__()
+        self.sleep_cycles = sleep_cycles
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        if self.current_epoch == 0:
+            spike = torch.empty(512 * 2**20, dtype=torch.uint8, device=self.device)
+            del spike
+        torch.cuda._sleep(self.sleep_cycles)  # type: ignore[attr-defined]
+
+
+def seconds_of(cycles: int) -> float:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    torch.cuda._sleep(cycles)  # type: ignore[attr-defined]
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+@needs_cuda
+def test_cuda_epoch_peak_is_reset_and_epoch_time_is_synchronised(tmp_path: Path) -> None:
+    cycles = 50_000_000
+    asleep = min(seconds_of(cycles) for _ in range(3))
+    monitor = SavingsMonitor()
+    t = trainer(tmp_path, [monitor], accelerator="gpu", devices=1, num_sanity_val_steps=0, limit_val_batches=4)
+    t.fit(SpikeThenSleep(cycles), loader(), loader())
+    first, second = (e for e in monitor.report.epochs if e.stage == "val")
+    assert first.metrics["nograd/val/peak_memory_mib"] >= 512
+    assert second.metrics["nograd/val/peak_memory_mib"] < 512
+    # the host never waits for the sleeps: only a synchronised clock sees them
+    for epoch in (first, second):
+        assert epoch.metrics["nograd/val/epoch_time_s"] >= 0.9 * 4 * asleep
+
+
+@needs_cuda
+def test_no_sync_from_per_batch_checks_after_the_first_epoch() -> None:
+    row = count("resnet", epochs=3, with_callback=True)
+    assert row["later_epochs"].get("per_batch", 0) == 0, row
+
+
+def _bf16_compiled_fit(tmp_path: Path, callbacks: list[Any]) -> torch.Tensor:
+    torch.manual_seed(0)
+    model = Regressor()
+    model.backbone = torch.compile(model.backbone)  # type: ignore[assignment]
+    torch.manual_seed(1)
+    t = trainer(tmp_path, callbacks, accelerator="gpu", devices=1, precision="bf16-mixed", limit_train_batches=4)
+    t.fit(model, loader(n=64), loader(n=64))
+    return torch.cat([p.detach().flatten().cpu() for p in model.parameters()])
+
+
+@needs_cuda
+@pytest.mark.parametrize("budget", [None, 1000.0], ids=["defaults", "replays-forced"])
+def test_bf16_compiled_model_is_silent_and_bit_identical(tmp_path: Path, budget: float | None) -> None:
+    torch._dynamo.reset()
+    plain = _bf16_compiled_fit(tmp_path / "plain", [])
+    auditor = NoGradAuditor(verbose=False) if budget is None else NoGradAuditor(verbose=False, savings_budget=budget)
+    with nograd_warnings() as seen:
+        watched = _bf16_compiled_fit(tmp_path / "watched", [auditor])
+    assert seen == [] and auditor.report.findings == []
+    assert torch.equal(plain, watched)
+    if budget is not None:
+        assert any("nograd/val/graph_memory_mib" in e.metrics for e in auditor.report.epochs)
