@@ -23,8 +23,9 @@ log "device: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=
 python3 -c "import torch, lightning, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'lightning', lightning.__version__, 'cuda', torch.cuda.is_available())"
 
 log "GPU-only tests"
-python3 -m pytest -q -rs -p no:randomly tests/test_gpu.py \
-    "tests/test_savings_monitor.py::test_cuda_peak_memory_and_savings" > "$dir/pytest_gpu.log" 2>&1
+# GPU_TESTS narrows the selection (a rerun of the tests that failed)
+python3 -m pytest -q -rs -p no:randomly ${GPU_TESTS:-tests/test_gpu.py tests/test_savings_monitor.py::test_cuda_peak_memory_and_savings} \
+    > "$dir/pytest_gpu.log" 2>&1
 tests_rc=$?
 tail -n 15 "$dir/pytest_gpu.log"
 log "tests exit code $tests_rc"

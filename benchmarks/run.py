@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +29,9 @@ from benchmarks import accuracy, gpu_sync, grad_modes, overhead
 
 def iqr_bars(centers: list[float], lows: list[float], highs: list[float]) -> list[list[float]]:
     """Matplotlib ``yerr`` for bars at ``centers`` spanning ``lows`` to ``highs``."""
-    below = [c - lo for c, lo in zip(centers, lows, strict=True)]
-    above = [hi - c for c, hi in zip(centers, highs, strict=True)]
+    # a centre taken from medians of unpaired runs can fall outside the paired IQR: no negative bar
+    below = [max(0.0, c - lo) for c, lo in zip(centers, lows, strict=True)]
+    above = [max(0.0, hi - c) for c, hi in zip(centers, highs, strict=True)]
     return [below, above]
 
 
@@ -123,14 +125,21 @@ def main() -> None:
     out = Path(args.out or ("benchmarks/results/gpu" if cuda else "benchmarks/results"))
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    results = {
-        "grad_modes": grad_modes.run_all(args.quick),
-        "overhead": overhead.run_all(args.quick),
-        "accuracy": accuracy.run_all(args.quick),
+    suffix = "_quick" if args.quick else ""
+    results: dict[str, list[dict[str, Any]]] = {}
+    parts: dict[str, Callable[[], list[dict[str, Any]]]] = {
+        "grad_modes": lambda: grad_modes.run_all(args.quick),
+        "overhead": lambda: overhead.run_all(args.quick),
+        "accuracy": lambda: accuracy.run_all(args.quick),
     }
+    if cuda:
+        parts["gpu_sync"] = lambda: [gpu_sync.count("resnet", 3, callback) for callback in (False, True)]
+    for name, run in parts.items():
+        results[name] = run()
+        # written after every part: a later failure (or a time limit) loses nothing measured so far
+        (out / f"results{suffix}.json").write_text(json.dumps(results, indent=2))
     sync_lines: list[str] = []
     if cuda:
-        results["gpu_sync"] = [gpu_sync.count("resnet", 3, with_callback) for with_callback in (False, True)]
         sync_lines = [
             "## Host-device synchronisations",
             "",
@@ -170,11 +179,9 @@ def main() -> None:
         "",
         *sync_lines,
     ]
-    suffix = "_quick" if args.quick else ""
     (out / f"RESULTS{suffix}.md").write_text("\n".join(lines))
     if not args.quick:
         update_readme(lines, out, cuda)
-    (out / f"results{suffix}.json").write_text(json.dumps(results, indent=2))
     print("\n".join(lines))
     print(f"wrote {out}/RESULTS{suffix}.md, results{suffix}.json and {', '.join(images)}")
 
