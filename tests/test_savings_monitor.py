@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import gc
 import shutil
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -247,3 +249,33 @@ def test_compiled_modules_are_replayed_eagerly_and_the_run_is_unchanged(tmp_path
     measured = [e for e in monitor.report.epochs if "nograd/val/graph_memory_mib" in e.metrics]
     assert measured, [e.details for e in monitor.report.epochs]
     assert all("replayed eagerly" in e.details["compiled"] for e in measured)
+
+
+class KeepsGraphRefs(nn.Module):
+    """ReLU saves its own output for backward; weak references tell whether the replay's graphs are freed."""
+
+    def __init__(self, refs: list[weakref.ref[torch.Tensor]], oom: bool) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(nn.Linear(1, 8), nn.ReLU(), nn.Linear(8, 1), nn.ReLU())
+        self.refs = refs
+        self.oom = oom
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.layers(x)
+        if torch.is_grad_enabled():
+            self.refs.append(weakref.ref(y))
+            if self.oom:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return y
+
+
+@pytest.mark.parametrize("oom", [False, True], ids=["measured", "out-of-memory"])
+def test_replayed_graphs_are_freed(tmp_path: Path, oom: bool) -> None:
+    refs: list[weakref.ref[torch.Tensor]] = []
+    model = Stack()
+    model.extra = KeepsGraphRefs(refs, oom)  # type: ignore[assignment]
+    with nograd_warnings():
+        trainer(tmp_path, [SavingsMonitor(repeats=2, budget=1000.0)], limit_val_batches=3).validate(model, loader())
+    gc.collect()
+    assert refs, "the replay did not run the module with gradients on"
+    assert [r() for r in refs if r() is not None] == []

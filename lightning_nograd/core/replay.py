@@ -244,7 +244,9 @@ def graph_bytes_of(calls: list[RecordedCall], exclude: set[tuple[str, int]]) -> 
         key = storage_key(tensor)
         if key not in exclude:
             seen[key] = int(tensor.untyped_storage().nbytes())
-        return tensor
+        # detached: a node holding one of its own outputs would be a cycle through C++ that the garbage
+        # collector cannot see, and the whole graph would stay allocated (seen on an H100: gigabytes)
+        return tensor.detach()
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         outputs = _run_calls(calls, grad=True)
@@ -299,20 +301,6 @@ def _timed(calls: list[RecordedCall], grad: bool, device: torch.device) -> float
     return elapsed
 
 
-def release_failed_run(err: BaseException) -> None:
-    """Free what a replay that ran out of memory had built, now rather than at the next garbage collection.
-
-    The frames of ``err``'s traceback hold the half-built graph of the grad-enabled run (gigabytes on
-    a GPU); seen on an H100 (Python 3.12): still allocated after the error was handled, so the
-    user's next batch ran out of memory. Clearing those frames' locals and collecting once frees it.
-    """
-    import gc
-    import traceback
-
-    traceback.clear_frames(err.__traceback__)
-    gc.collect()
-
-
 class Replay:
     """Replays one batch's recorded calls, a little at a time.
 
@@ -353,7 +341,6 @@ class Replay:
             except Exception as err:
                 if self.is_oom is None or not self.is_oom(err):
                     raise
-                release_failed_run(err)
                 self.result.out_of_memory = True
                 self.result.time_on, self.result.time_off = [], []
 
