@@ -35,14 +35,9 @@ def iqr_bars(centers: list[float], lows: list[float], highs: list[float]) -> lis
     return [below, above]
 
 
-def plot(results: dict[str, list[dict[str, Any]]], out: Path) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
+def _plot_grad_modes(rows: list[dict[str, Any]], out: Path) -> str:
     import matplotlib.pyplot as plt
 
-    written = []
-    rows = results["grad_modes"]
     models = list(dict.fromkeys(r["model"] for r in rows))
     fig, ax = plt.subplots(figsize=(9, 4))
     width = 0.27
@@ -57,10 +52,13 @@ def plot(results: dict[str, list[dict[str, Any]]], out: Path) -> list[str]:
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "grad_modes.png", dpi=110)
-    written.append("grad_modes.png")
     plt.close(fig)
+    return "grad_modes.png"
 
-    rows = results["overhead"]
+
+def _plot_overhead(rows: list[dict[str, Any]], out: Path) -> str:
+    import matplotlib.pyplot as plt
+
     labels = [f"{r['experiment']}\n{r['model']}" for r in rows]
     fig, ax = plt.subplots(figsize=(9, 4))
     ax.bar(range(len(rows)), [r["own_time_pct_median"] for r in rows], color="tab:green")
@@ -71,10 +69,13 @@ def plot(results: dict[str, list[dict[str, Any]]], out: Path) -> list[str]:
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "overhead.png", dpi=110)
-    written.append("overhead.png")
     plt.close(fig)
+    return "overhead.png"
 
-    rows = results["accuracy"]
+
+def _plot_accuracy(rows: list[dict[str, Any]], out: Path) -> str:
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(7, 4))
     xs = range(len(rows))
     ab = [r["ab_time_saved_pct"] for r in rows]
@@ -89,9 +90,17 @@ def plot(results: dict[str, list[dict[str, Any]]], out: Path) -> list[str]:
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "accuracy.png", dpi=110)
-    written.append("accuracy.png")
     plt.close(fig)
-    return written
+    return "accuracy.png"
+
+
+def plot(results: dict[str, Any], out: Path) -> list[str]:
+    """Draw the plot of every part present in ``results``; returns the file names."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    drawers = {"grad_modes": _plot_grad_modes, "overhead": _plot_overhead, "accuracy": _plot_accuracy}
+    return [draw(results[name], out) for name, draw in drawers.items() if name in results]
 
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -116,74 +125,90 @@ def update_readme(lines: list[str], out: Path, cuda: bool) -> None:
     README.write_text(before + START + "\n" + "\n".join(body).strip() + "\n" + END + after)
 
 
+SECTIONS = {
+    "grad_modes": ("What gradients cost in evaluation", grad_modes.table, "grad_modes.png"),
+    "overhead": ("What the callbacks cost", overhead.table, "overhead.png"),
+    "accuracy": ("How close SavingsMonitor comes to a full A/B", accuracy.table, "accuracy.png"),
+    "gpu_sync": ("Host-device synchronisations", gpu_sync.table, None),
+}
+SYNC_NOTE = [
+    'A 3-epoch fit of the ResNet under `torch.cuda.set_sync_debug_mode("warn")`, every synchronising',
+    "call attributed by its Python stack (`benchmarks/gpu_sync.py`): `per_batch` must be 0 after the",
+    "first epoch; `per_epoch` is the synchronised epoch clock; `replay` is the budgeted savings replay.",
+    "",
+]
+
+
+def report(results: dict[str, Any], quick: bool, cuda: bool) -> list[str]:
+    """The markdown report of ``results``; a part that did not finish is named as missing."""
+    expected = [name for name in SECTIONS if name != "gpu_sync" or cuda]
+    missing = [name for name in expected if name not in results]
+    lines = [
+        "# lightning-nograd benchmarks" + (" (quick smoke run: not for reading)" if quick else ""),
+        "",
+        f"Machine: {results['machine']}. Took {results['minutes']:.1f} min"
+        + (f", code at commit {results['commit']}" if results.get("commit") else "")
+        + ". Each model runs in a fresh process",
+        "with glibc's allocator settled (`SETTLED_MALLOC_ENV` in `lightning_nograd/core/measure.py`)",
+        "unless a row says otherwise.",
+        "",
+    ]
+    if missing:
+        lines += [f"Not measured in this run (it was stopped first): {', '.join(missing)}.", ""]
+    for name in expected:
+        if name not in results:
+            continue
+        title, table, image = SECTIONS[name]
+        lines += [f"## {title}", "", *(SYNC_NOTE if name == "gpu_sync" else []), *table(results[name]), ""]
+        if image is not None:
+            lines += [f"![{name.replace('_', ' ')}]({image})", ""]
+    return lines
+
+
+def commit() -> str | None:
+    """The checkout's commit, when it is a git checkout."""
+    import subprocess
+
+    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False)
+    return done.stdout.strip() or None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a smoke run for CI (under a minute)")
     parser.add_argument("--out", help="default: benchmarks/results, or benchmarks/results/gpu on a GPU")
+    parser.add_argument("--report-only", action="store_true", help="re-render the report from OUT/results.json")
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
     out = Path(args.out or ("benchmarks/results/gpu" if cuda else "benchmarks/results"))
     out.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
     suffix = "_quick" if args.quick else ""
-    results: dict[str, list[dict[str, Any]]] = {}
-    parts: dict[str, Callable[[], list[dict[str, Any]]]] = {
-        "grad_modes": lambda: grad_modes.run_all(args.quick),
-        "overhead": lambda: overhead.run_all(args.quick),
-        "accuracy": lambda: accuracy.run_all(args.quick),
-    }
-    if cuda:
-        parts["gpu_sync"] = lambda: [gpu_sync.count("resnet", 3, callback) for callback in (False, True)]
-    for name, run in parts.items():
-        results[name] = run()
-        # written after every part: a later failure (or a time limit) loses nothing measured so far
-        (out / f"results{suffix}.json").write_text(json.dumps(results, indent=2))
-    sync_lines: list[str] = []
-    if cuda:
-        sync_lines = [
-            "## Host-device synchronisations",
-            "",
-            'A 3-epoch fit of the ResNet under `torch.cuda.set_sync_debug_mode("warn")`, every synchronising',
-            "call attributed by its Python stack (`benchmarks/gpu_sync.py`): `per_batch` must be 0 after the",
-            "first epoch; `per_epoch` is the synchronised epoch clock; `replay` is the budgeted savings replay.",
-            "",
-            *gpu_sync.table(results["gpu_sync"]),
-            "",
-        ]
+    results_path = out / f"results{suffix}.json"
+    if args.report_only:
+        results: dict[str, Any] = json.loads(results_path.read_text())
+        cuda = not results["machine"].startswith("CPU")  # as `overhead.environment()` writes it
+    else:
+        started = time.perf_counter()
+        results = {"machine": overhead.environment(), "commit": commit(), "minutes": 0.0}
+        parts: dict[str, Callable[[], list[dict[str, Any]]]] = {
+            "grad_modes": lambda: grad_modes.run_all(args.quick),
+            "overhead": lambda: overhead.run_all(args.quick),
+            "accuracy": lambda: accuracy.run_all(args.quick),
+        }
+        if cuda:
+            parts["gpu_sync"] = lambda: [gpu_sync.count("resnet", 3, callback) for callback in (False, True)]
+        for name, run in parts.items():
+            results[name] = run()
+            results["minutes"] = (time.perf_counter() - started) / 60
+            # written after every part: a later failure (or a time limit) loses nothing measured so far
+            results_path.write_text(json.dumps(results, indent=2))
     images = plot(results, out)
-    minutes = (time.perf_counter() - started) / 60
-    lines = [
-        "# lightning-nograd benchmarks" + (" (quick smoke run: not for reading)" if args.quick else ""),
-        "",
-        f"Machine: {overhead.environment()}. Took {minutes:.1f} min. Each model runs in a fresh process",
-        "with glibc's allocator settled (`SETTLED_MALLOC_ENV` in `lightning_nograd/core/measure.py`)",
-        "unless a row says otherwise.",
-        "",
-        "## What gradients cost in evaluation",
-        "",
-        *grad_modes.table(results["grad_modes"]),
-        "",
-        "![grad modes](grad_modes.png)",
-        "",
-        "## What the callbacks cost",
-        "",
-        *overhead.table(results["overhead"]),
-        "",
-        "![overhead](overhead.png)",
-        "",
-        "## How close SavingsMonitor comes to a full A/B",
-        "",
-        *accuracy.table(results["accuracy"]),
-        "",
-        "![accuracy](accuracy.png)",
-        "",
-        *sync_lines,
-    ]
+    lines = report(results, args.quick, cuda)
     (out / f"RESULTS{suffix}.md").write_text("\n".join(lines))
     if not args.quick:
         update_readme(lines, out, cuda)
     print("\n".join(lines))
-    print(f"wrote {out}/RESULTS{suffix}.md, results{suffix}.json and {', '.join(images)}")
+    print(f"wrote {out}/RESULTS{suffix}.md, {results_path.name} and {', '.join(images)}")
 
 
 if __name__ == "__main__":

@@ -162,3 +162,15 @@ def test_bf16_compiled_model_is_silent_and_bit_identical(tmp_path: Path, budget:
     assert torch.equal(plain, watched)
     if budget is not None:
         assert any("nograd/val/graph_memory_mib" in e.metrics for e in auditor.report.epochs)
+
+
+def test_report_names_the_parts_a_stopped_run_did_not_measure() -> None:
+    from benchmarks.run import report
+
+    grad_row = {"model": "mlp", "mode": "grad", "ms_median": 1.0, "ms_q1": 0.9, "ms_q3": 1.1}
+    grad_row |= {"saved_vs_grad_pct": 0.0, "graph_mib": 2.0, "peak_mib": 1.0}
+    results = {"machine": "NVIDIA H100", "commit": "abc1234", "minutes": 5.0, "grad_modes": [grad_row]}
+    lines = report(results, quick=False, cuda=True)
+    assert "Not measured in this run (it was stopped first): overhead, accuracy, gpu_sync." in lines
+    assert "## What gradients cost in evaluation" in lines and "## What the callbacks cost" not in lines
+    assert any(line.startswith("Machine: NVIDIA H100. Took 5.0 min, code at commit abc1234") for line in lines)
