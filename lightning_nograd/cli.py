@@ -1,6 +1,7 @@
 """``lightning-nograd audit``: audit a LightningModule without editing its training script.
 
-Exit codes: 0 clean, 1 findings (so it can gate a CI pipeline), 2 bad arguments.
+Exit codes: 0 clean, 1 findings (so it can gate a CI pipeline), 2 bad arguments (found before
+anything runs), 3 the audit could not finish (the model crashed, or has no data to run on).
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ EXAMPLE = """example:
       --init-args '{"planted_bug": true}' --json nograd_report.json
   python -m lightning_nograd audit my_project.models:MyModel   # the model's own dataloaders
 
-exit status: 0 clean, 1 findings, 2 bad arguments."""
+exit status: 0 clean, 1 findings, 2 bad arguments, 3 the audit could not finish."""
+
+CLEAN, FINDINGS, BAD_ARGUMENTS, INCOMPLETE = 0, 1, 2, 3
 
 
 class UsageError(Exception):
@@ -57,13 +60,38 @@ def _json_object(text: str | None, argument: str) -> dict[str, Any]:
     return value
 
 
-def _build(cls: Any, kwargs: dict[str, Any], argument: str) -> Any:
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
+
+
+def _lightning_base(cls: Any, base: str, argument: str) -> Any:
+    """The ``lightning.pytorch`` or ``pytorch_lightning`` package whose ``base`` class ``cls`` subclasses."""
     if not inspect.isclass(cls):
         raise UsageError(f"{argument} must name a class, got {type(cls).__name__}")
+    for name in ("lightning.pytorch", "pytorch_lightning"):
+        package = sys.modules.get(name)
+        if package is not None and issubclass(cls, getattr(package, base)):
+            return package
+    raise UsageError(f"{argument} must be a {base} subclass, got {cls.__name__}")
+
+
+def _build(cls: Any, kwargs: dict[str, Any], argument: str) -> Any:
     try:
         return cls(**kwargs)
-    except TypeError as err:
-        raise UsageError(f"cannot build {cls.__name__} from {argument}: {err}") from None
+    except Exception as err:
+        raise UsageError(f"cannot build {cls.__name__} from {argument}: {_one_line(err)}") from None
+
+
+def _check_writable(path: str) -> None:
+    target = Path(path)
+    parent = target.resolve().parent
+    if target.is_dir():
+        raise UsageError(f"--json must name a file, got the directory {path!r}")
+    if not parent.is_dir():
+        raise UsageError(f"--json cannot be written: the directory {str(parent)!r} does not exist")
+    if not os.access(parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise UsageError(f"--json cannot be written: no write permission for {path!r}")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -92,21 +120,27 @@ def parser() -> argparse.ArgumentParser:
 
 
 def run_audit(args: argparse.Namespace) -> int:
-    import lightning.pytorch as pl
-
     from lightning_nograd.callbacks.nograd_auditor import NoGradAuditor
     from lightning_nograd.core.summary import render
 
     for name in ("lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning_fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)  # our report is the output
+    # every argument is checked before anything runs
     if args.batches < 1:
         raise UsageError(f"--batches must be at least 1, got {args.batches}")
-    model = _build(_load(args.model, "MODEL"), _json_object(args.init_args, "--init-args"), "MODEL")
-    if not isinstance(model, pl.LightningModule):
-        raise UsageError(f"MODEL must be a LightningModule, got {type(model).__name__}")
-    datamodule = None
-    if args.data:
-        datamodule = _build(_load(args.data, "--data"), _json_object(args.data_init_args, "--data-init-args"), "--data")
+    if args.data_init_args is not None and not args.data:
+        raise UsageError("--data-init-args needs --data (the datamodule it is for)")
+    if args.json_path:
+        _check_writable(args.json_path)
+    model_cls = _load(args.model, "MODEL")
+    lightning = _lightning_base(model_cls, "LightningModule", "MODEL")
+    data_cls = _load(args.data, "--data") if args.data else None
+    if data_cls is not None:
+        _lightning_base(data_cls, "LightningDataModule", "--data")
+    model_kwargs = _json_object(args.init_args, "--init-args")
+    data_kwargs = _json_object(args.data_init_args, "--data-init-args")
+    model = _build(model_cls, model_kwargs, "MODEL")
+    datamodule = _build(data_cls, data_kwargs, "--data") if data_cls is not None else None
     auditor = NoGradAuditor(verbose=False, savings_budget=1.0)
     options: dict[str, Any] = dict(
         callbacks=[auditor],
@@ -120,26 +154,27 @@ def run_audit(args: argparse.Namespace) -> int:
         enable_model_summary=False,
     )
     crashed: str | None = None
+    stage = "fit"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the report below says it all, once
         try:
-            trainer = pl.Trainer(**options)
+            trainer = lightning.Trainer(**options)
             trainer.fit(model, datamodule=datamodule)
-            if type(model).validation_step is not pl.LightningModule.validation_step:
+            if type(model).validation_step is not lightning.LightningModule.validation_step:
+                stage = "validate"
                 trainer.validate(model, datamodule=datamodule, verbose=False)
-            if type(model).test_step is not pl.LightningModule.test_step:
+            if type(model).test_step is not lightning.LightningModule.test_step:
+                stage = "test"
                 trainer.test(model, datamodule=datamodule, verbose=False)
         except Exception as err:
-            crashed = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-    print(render(auditor.report))
-    if crashed:
-        print(f"The run stopped with {crashed}")
+            crashed = f"`trainer.{stage}` stopped with {_one_line(err)}"
+    print(render(auditor.report, incomplete=crashed), end="")
     if args.json_path:
         auditor.report.write_json(args.json_path)
         print(f"report written to {Path(args.json_path).resolve()}")
-    if auditor.report.findings:
-        return 1
-    return 2 if crashed else 0
+    if crashed:
+        return INCOMPLETE
+    return FINDINGS if auditor.report.findings else CLEAN
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -149,7 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_audit(args)
     except UsageError as err:
         print(f"lightning-nograd: error: {err}", file=sys.stderr)
-        return 2
+        return BAD_ARGUMENTS
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def cli(*args: str, entry: str = "module") -> subprocess.CompletedProcess[str]:
+def cli(*args: str, entry: str = "module", path: Path | None = None) -> subprocess.CompletedProcess[str]:
     command = (
         [sys.executable, "-m", "lightning_nograd"]
         if entry == "module"
@@ -23,7 +23,7 @@ def cli(*args: str, entry: str = "module") -> subprocess.CompletedProcess[str]:
         text=True,
         cwd=ROOT,
         timeout=300,
-        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        env=dict(os.environ, PYTHONPATH=os.pathsep.join(str(p) for p in (ROOT, path) if p is not None)),
         check=False,
     )
 
@@ -80,3 +80,116 @@ def test_help_shows_an_example() -> None:
     done = cli("audit", "--help")
     assert done.returncode == 0
     assert "example:" in done.stdout and "lightning-nograd audit examples.quickstart:Classifier" in done.stdout
+
+
+PROBLEM_MODELS = """
+import lightning.pytorch as pl
+import pytorch_lightning
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from examples.quickstart import Classifier, SyntheticData
+
+
+class NeedsPositiveWidth(Classifier):
+    def __init__(self, hidden: int = 8) -> None:
+        if hidden < 1:
+            raise ValueError(f"hidden must be positive, got {hidden}")
+        super().__init__()
+
+
+class BrokenData(SyntheticData):
+    def __init__(self, batch_size: int = 64) -> None:
+        raise RuntimeError("no such dataset")
+
+
+class CrashesInTrainingStep(Classifier):
+    def training_step(self, batch, batch_idx):
+        raise RuntimeError("shape mismatch in the loss")
+
+
+class NoDataloaders(Classifier):
+    pass
+
+
+class NotADataModule:
+    pass
+
+
+class ClassicNamespace(pytorch_lightning.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Linear(4, 1)
+
+    def training_step(self, batch, batch_idx):
+        return self.net(batch[0]).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self):
+        return DataLoader(TensorDataset(torch.randn(16, 4)), batch_size=4)
+"""
+
+DATA = ("--data", "examples.quickstart:SyntheticData")
+
+
+def test_exit_codes_and_one_line_messages(tmp_path: Path) -> None:
+    (tmp_path / "problem_models.py").write_text(PROBLEM_MODELS)
+    unwritable = tmp_path / "no_such_dir" / "report.json"
+    for args, code, stream, text in [
+        (
+            ("problem_models:NeedsPositiveWidth", *DATA, "--init-args", '{"hidden": -4}'),
+            2,
+            "stderr",
+            "cannot build NeedsPositiveWidth from MODEL: ValueError: hidden must be positive, got -4",
+        ),
+        (
+            ("problem_models:NeedsPositiveWidth", "--data", "problem_models:BrokenData"),
+            2,
+            "stderr",
+            "cannot build BrokenData from --data: RuntimeError: no such dataset",
+        ),
+        (
+            ("problem_models:NeedsPositiveWidth", *DATA, "--json", str(unwritable)),
+            2,
+            "stderr",
+            "--json cannot be written: the directory",
+        ),
+        (
+            ("problem_models:NeedsPositiveWidth", "--data", "problem_models:NotADataModule"),
+            2,
+            "stderr",
+            "--data must be a LightningDataModule subclass, got NotADataModule",
+        ),
+        (
+            ("problem_models:NeedsPositiveWidth", "--data-init-args", '{"batch_size": 8}'),
+            2,
+            "stderr",
+            "--data-init-args needs --data",
+        ),
+        (
+            ("problem_models:CrashesInTrainingStep", *DATA),
+            3,
+            "stdout",
+            "The audit could not finish: `trainer.fit` stopped with RuntimeError: shape mismatch in the loss",
+        ),
+        (("problem_models:NoDataloaders",), 3, "stdout", "The audit could not finish: `trainer.fit` stopped with"),
+    ]:
+        done = cli("audit", *args, path=tmp_path)
+        assert done.returncode == code, (args, done.stdout[-1500:], done.stderr[-1500:])
+        output = getattr(done, stream)
+        assert text in output, (args, output)
+        assert "Traceback" not in done.stderr and "No findings" not in done.stdout, (args, done.stderr)
+        if code == 2:
+            assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+            assert done.stdout == "", done.stdout  # refused before anything ran
+    assert not unwritable.parent.exists()
+
+
+def test_pytorch_lightning_namespace_model_is_audited(tmp_path: Path) -> None:
+    (tmp_path / "problem_models.py").write_text(PROBLEM_MODELS)
+    done = cli("audit", "problem_models:ClassicNamespace", path=tmp_path)
+    assert done.returncode == 0, (done.stdout[-1500:], done.stderr[-1500:])
+    assert "No findings" in done.stdout

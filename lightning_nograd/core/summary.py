@@ -140,8 +140,11 @@ HEADER = [
 ]
 
 
-def render(report: Report, use_rich: bool = True) -> str:
-    """The end-of-stage report as text: the per-stage table, then every finding with its fix."""
+def render(report: Report, use_rich: bool = True, incomplete: str | None = None) -> str:
+    """The end-of-stage report as text: the per-stage table, then every finding with its fix.
+
+    ``incomplete`` says why the run stopped early: then no clean bill of health is printed.
+    """
     table_rows = rows(report)
     findings = [f"- {f.message}" for f in report.findings]
     if use_rich:
@@ -170,6 +173,8 @@ def render(report: Report, use_rich: bool = True) -> str:
     text += "".join(f"Note: {caveat}.\n" for caveat in caveats)
     if findings:
         text += f"{len(findings)} finding(s):\n" + "\n".join(findings) + "\n"
-    else:
+    elif incomplete is None:
         text += "No findings: evaluation ran in eval mode without gradients, and every trainable part learned.\n"
+    if incomplete is not None:
+        text += f"The audit could not finish: {incomplete}\n"
     return text
