@@ -1,6 +1,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -171,3 +174,61 @@ def test_checkpoint_state_round_trip(tmp_path: Path) -> None:
     with nograd_warnings() as seen:
         trainer(tmp_path, [second]).fit(EveryBug(), loader(), loader())
     assert seen == [], "findings already warned before the checkpoint are not warned again after resuming"
+
+
+LIGHTNING_CLI_SCRIPT = """
+from lightning.pytorch.cli import LightningCLI
+
+from examples.quickstart import Classifier, SyntheticData
+
+LightningCLI(Classifier, SyntheticData)
+"""
+
+LIGHTNING_CLI_CONFIG = """
+trainer:
+  max_epochs: 1
+  limit_train_batches: 2
+  limit_val_batches: 2
+  logger: false
+  enable_checkpointing: false
+  enable_progress_bar: false
+  callbacks:
+    - class_path: lightning_nograd.NoGradAuditor
+      init_args:
+        savings_budget: 0.2
+        verbose: false
+        report_path: {report}
+"""
+
+
+@pytest.mark.parametrize("form", ["yaml", "flags"])
+def test_lightning_cli_builds_the_auditor(tmp_path: Path, form: str) -> None:
+    pytest.importorskip("jsonargparse")
+    script, report = tmp_path / "train.py", tmp_path / "report.json"
+    script.write_text(LIGHTNING_CLI_SCRIPT)
+    if form == "yaml":
+        (tmp_path / "config.yaml").write_text(LIGHTNING_CLI_CONFIG.format(report=report))
+        args = ["--config", str(tmp_path / "config.yaml")]
+    else:
+        args = [
+            *("--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=2"),
+            *("--trainer.logger=false", "--trainer.enable_checkpointing=false"),
+            "--trainer.callbacks+=lightning_nograd.NoGradAuditor",
+            f"--trainer.callbacks.report_path={report}",
+            "--trainer.callbacks.savings_budget=0.2",
+            "--trainer.callbacks.verbose=false",
+        ]
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, str(script), "fit", f"--trainer.default_root_dir={tmp_path / 'run'}", *args],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+        env=dict(os.environ, PYTHONPATH=str(root)),
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    data = json.loads(report.read_text())
+    assert sorted(e["stage"] for e in data["epochs"]) == ["train", "val"]
+    assert data["findings"] == []
