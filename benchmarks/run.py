@@ -118,7 +118,9 @@ def update_readme(lines: list[str], out: Path, cuda: bool) -> None:
     START, END = markers(cuda)
     if START not in text or END not in text:
         return
-    body = [line.replace("](", f"]({out.as_posix()}/", 1) if line.startswith("![") else line for line in lines[2:]]
+    # no image links: the README is also the package index page, where repository paths do not resolve
+    body = [line for line in lines[2:] if not line.startswith("![")]
+    body.append(f"Plots: `{out.as_posix()}/*.png` in the source tree.")
     body = [line.replace("## ", "#### ", 1) if line.startswith("## ") else line for line in body]
     before, rest = text.split(START, 1)
     _, after = rest.split(END, 1)

@@ -34,7 +34,14 @@ from tests.helpers import (
         ({"guard_backprop": 1}, TypeError, r"`guard_backprop`.*bool.*1"),
         ({"report_path": 3}, TypeError, r"`report_path`.*got 3"),
         ({"allow_grad": ["("]}, ValueError, r"`allow_grad`"),
-        ({"savings_budget": -1}, ValueError, r"`budget`"),
+        ({"savings_budget": -1}, ValueError, r"`savings_budget`.*got -1"),
+        # checked whatever the switches say
+        ({"savings_budget": -1, "monitor_savings": False}, ValueError, r"`savings_budget`.*got -1"),
+        ({"allow_grad": "[", "audit_eval": False}, ValueError, r"`allow_grad`.*'\['"),
+        ({"allow": ["("], "guard_backprop": False}, ValueError, r"`allow`.*'\('"),
+        # iterables that are not lists of patterns are refused whole
+        ({"allow_grad": b"enc"}, TypeError, r"`allow_grad`.*b'enc' of type bytes"),
+        ({"allow": {"a": 1}}, TypeError, r"`allow`.*\{'a': 1\} of type dict"),
     ],
 )
 def test_bad_arguments_raise_at_construction(kwargs: dict, error: type[Exception], match: str) -> None:

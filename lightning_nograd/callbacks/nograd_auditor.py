@@ -15,8 +15,9 @@ from lightning_nograd.callbacks.backprop_guard import BackpropGuard
 from lightning_nograd.callbacks.eval_mode_auditor import EvalModeAuditor
 from lightning_nograd.callbacks.loggers import flat_summary, write_summaries
 from lightning_nograd.callbacks.savings_monitor import SavingsMonitor
-from lightning_nograd.core.arguments import check_bool
+from lightning_nograd.core.arguments import check_bool, check_float
 from lightning_nograd.core.findings import OnViolation
+from lightning_nograd.core.patterns import NamePatterns
 from lightning_nograd.core.summary import render, summarise
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,14 @@ class NoGradAuditor(NoGradCallback):
         super().__init__(on_violation)
         self.verbose = check_bool("verbose", verbose)
         self.report_path = _check_path(report_path)
+        # every argument is checked, and under its own name, whether or not its part is switched on
+        check_float("savings_budget", savings_budget, 0.0, 1000.0)
+        for argument, patterns in (
+            ("allow_train_mode", allow_train_mode),
+            ("allow_grad", allow_grad),
+            ("allow", allow),
+        ):
+            NamePatterns(argument, patterns)
         self.parts: list[NoGradCallback] = []
         if check_bool("audit_eval", audit_eval):
             self.parts.append(EvalModeAuditor(on_violation, allow_train_mode, allow_grad))

@@ -111,7 +111,12 @@ class SavingsMonitor(EvaluationLoopCallback):
         self.repeats = None if repeats is None else check_int("repeats", repeats, 1)
         self.budget = check_float("budget", budget, 0.0, 1000.0)
         self.min_repeats = check_int("min_repeats", min_repeats, 1)
-        self.max_repeats = check_int("max_repeats", max_repeats, self.min_repeats)
+        self.max_repeats = check_int("max_repeats", max_repeats, 1)
+        if self.max_repeats < self.min_repeats:
+            raise ValueError(
+                f"Expected argument `max_repeats` to be >= `min_repeats` ({self.min_repeats}), "
+                f"but got max_repeats={self.max_repeats} and min_repeats={self.min_repeats}."
+            )
         self._run_started = time.perf_counter()
         self._spent = 0.0
         self._device = torch.device("cpu")

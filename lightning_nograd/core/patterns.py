@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 
 def ancestors(path: str) -> list[str]:
@@ -37,6 +37,11 @@ class NamePatterns:
             patterns = ()
         if isinstance(patterns, str):
             patterns = (patterns,)
+        if isinstance(patterns, (bytes, bytearray, Mapping)):  # iterable, but not of patterns
+            raise TypeError(
+                f"Expected argument `{argument}` to be a list of regular-expression strings, "
+                f"but got {patterns!r} of type {type(patterns).__name__}."
+            )
         try:
             items = list(patterns)
         except TypeError:
