@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
-from lightning_nograd import BackpropGuard, BrokenBackpropWarning, NoGradError
+from lightning_nograd import BackpropGuard, BrokenBackpropWarning, NoGradAuditor, NoGradError
 from tests.helpers import csv_values, loader, nograd_warnings, trainer
 
 
@@ -97,7 +97,8 @@ def test_detached_branch_is_named(tmp_path: Path) -> None:
     assert len(seen) == 1
     message = str(seen[0].message)
     assert "4 trainable parameter(s) of `encoder` reached the optimizer step with no gradient" in message
-    assert "graph was cut" in message
+    assert "its module's forward ran with gradients on, yet no gradient reached it" in message
+    assert "not observed" in message  # a cause is named only when it was seen
 
 
 def test_unused_parameter_is_named(tmp_path: Path) -> None:
@@ -355,3 +356,66 @@ def test_error_mode_for_pretrained_eval_mode_and_inference_tensor(tmp_path: Path
         model.cache = torch.ones(3)
     with pytest.raises(NoGradError, match=r"tensor attribute `cache` was created under `torch\.inference_mode`"):
         fit(tmp_path, model, BackpropGuard(on_violation="error"))
+
+
+class TransferLearning(pl.LightningModule):
+    """Lightning's documented transfer-learning pattern, in the three ways users write it.
+
+    ``optimizer_only``: the feature extractor is put in eval in ``__init__``, run under ``no_grad``,
+    and only the classifier is in the optimizer. ``requires_grad``: the extractor is frozen with
+    ``requires_grad_(False)`` and put back in eval every epoch (frozen batch-norm statistics).
+    ``skip_steps``: every other ``training_step`` returns ``None``, Lightning's way to skip a step.
+    """
+
+    def __init__(self, style: str) -> None:
+        super().__init__()
+        self.style = style
+        self.feature_extractor = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.Dropout(0.1), nn.ReLU())
+        if style == "requires_grad":
+            self.feature_extractor.requires_grad_(False)
+        else:
+            self.feature_extractor.eval()
+        self.classifier = nn.Linear(16, 1)
+
+    def on_train_epoch_start(self) -> None:
+        if self.style == "requires_grad":
+            self.feature_extractor.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            features = self.feature_extractor(x)
+        return self.classifier(features)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
+        if self.style == "skip_steps" and batch_idx % 2 == 1:
+            return None
+        x, y = batch
+        return nn.functional.mse_loss(self(x), y)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        self.log("val_loss", nn.functional.mse_loss(self(x), y))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.classifier.parameters(), lr=0.05)
+
+
+@pytest.mark.parametrize("style", ["optimizer_only", "requires_grad", "skip_steps"])
+def test_frozen_feature_extractor_and_skipped_steps_are_silent(tmp_path: Path, style: str) -> None:
+    auditor = NoGradAuditor(verbose=False)
+    with nograd_warnings() as seen:
+        trainer(tmp_path, [auditor], limit_train_batches=4).fit(TransferLearning(style), loader(), loader())
+    assert auditor.report.findings == [], [str(w.message) for w in seen]
+
+
+def test_eval_in_on_train_epoch_start_is_named_there(tmp_path: Path) -> None:
+    class EvalAtEpochStart(Net):
+        def on_train_epoch_start(self) -> None:
+            self.encoder.eval()  # a trainable encoder: a real leak
+
+    guard = BackpropGuard()
+    with nograd_warnings():
+        fit(tmp_path, EvalAtEpochStart(), guard)
+    assert [(f.kind, f.subject, f.hook) for f in guard.report.findings] == [
+        ("eval_mode_leak", "encoder", "on_train_epoch_start")
+    ]

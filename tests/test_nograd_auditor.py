@@ -239,3 +239,14 @@ def test_lightning_cli_builds_the_auditor(tmp_path: Path, form: str) -> None:
     data = json.loads(report.read_text())
     assert sorted(e["stage"] for e in data["epochs"]) == ["train", "val"]
     assert data["findings"] == []
+
+
+def test_every_hook_a_part_overrides_is_forwarded() -> None:
+    import lightning.pytorch as pl
+
+    hooks = {name for name in vars(pl.Callback) if name.startswith(("on_", "setup", "teardown"))}
+    hooks -= {"on_save_checkpoint", "on_load_checkpoint"}  # state goes through state_dict / load_state_dict
+    for part in (EvalModeAuditor, SavingsMonitor, BackpropGuard):
+        overridden = {name for name in hooks if getattr(part, name) is not getattr(pl.Callback, name)}
+        not_forwarded = {name for name in overridden if getattr(NoGradAuditor, name) is getattr(pl.Callback, name)}
+        assert overridden and not not_forwarded, (part.__name__, sorted(not_forwarded))

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -104,3 +105,23 @@ def test_check_training_step_is_silent_for_a_correct_step_and_frozen_parts() -> 
         warnings.simplefilter("error", NoGradWarning)
         report = check_training_step(net, (torch.randn(8, 8), torch.randn(8, 1)), loss_fn)
     assert report.findings == []
+
+
+THIRD_PARTY_EVALUATE = """
+def evaluate(model, batches):
+    # an installed library's evaluation loop (a reference script, a benchmark harness)
+    return [model(x) for x in batches]
+"""
+
+
+def test_warnings_skip_installed_third_party_frames(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    package = tmp_path / "site-packages" / "fakeharness"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text(THIRD_PARTY_EVALUATE)
+    monkeypatch.syspath_prepend(str(tmp_path / "site-packages"))
+    from fakeharness import evaluate  # type: ignore[import-not-found]
+
+    net = make_net()  # left in train mode: a finding on every batch
+    with pytest.warns(NoGradWarning) as seen, audit(net, measure_savings=False), torch.no_grad():
+        evaluate(net, [torch.randn(16, 8) for _ in range(2)])
+    assert seen and {w.filename for w in seen} == {__file__}, [(w.filename, str(w.message)) for w in seen]

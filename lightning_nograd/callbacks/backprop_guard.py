@@ -21,6 +21,8 @@ from lightning_nograd.core.backprop import (
     eval_mode_under_trainable,
     explain_gradient_gaps,
     inference_tensors,
+    is_frozen,
+    trained_parameter_ids,
 )
 from lightning_nograd.core.findings import Finding, OnViolation, display_name
 from lightning_nograd.core.graph import MIB, GraphEvent, GraphProbe, format_bytes
@@ -124,6 +126,8 @@ class BackpropGuard(NoGradCallback):
         self._pending_probe = False
         self._steps_per_optimizer: dict[int, int] = {}
         self._explained: set[int] = set()
+        self._trained_ids: set[int] | None = None
+        self._backward_seen = False
 
     @override
     def _state_key_settings(self) -> dict[str, Any]:
@@ -144,6 +148,7 @@ class BackpropGuard(NoGradCallback):
         self.set_rank_zero(trainer)
         self._root_type = type(pl_module).__name__
         self._epoch = int(trainer.current_epoch)
+        self._trained_ids = trained_parameter_ids(getattr(trainer, "optimizers", []))
         self._index_model(pl_module)
         self._check_eval_mode_at_start(pl_module)
 
@@ -156,6 +161,8 @@ class BackpropGuard(NoGradCallback):
         self._explained = set()
         self._counts = {key: set() for key in _COUNTS}
         self._stop_stray_graph_probe()
+        # frozen or unfrozen between epochs (BackboneFinetuning): what is trained is read again
+        self._trained_ids = trained_parameter_ids(getattr(trainer, "optimizers", []))
         if self._index is None:
             self._index_model(pl_module)
         else:
@@ -170,10 +177,15 @@ class BackpropGuard(NoGradCallback):
         self._start_grad_mode_probe()
 
     @override
+    def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor) -> None:
+        self._backward_seen = True
+
+    @override
     def on_before_optimizer_step(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         self._check_gradients(optimizer)
+        self._backward_seen = False
 
     @override
     def on_train_batch_end(
@@ -227,18 +239,29 @@ class BackpropGuard(NoGradCallback):
     def _index_model(self, pl_module: nn.Module) -> None:
         self._index = ParamIndex(pl_module)
         self._modules = [(path, m) for path, m in pl_module.named_modules() if not self.allow.matches(path)]
-        self._note_train_mode()
+        self._note_train_mode("on_train_start")
         self._optimizer_params = {}
 
-    def _note_train_mode(self) -> None:
-        """Remember modules in train mode now: from here on, eval mode in a training step is a leak."""
+    def _note_train_mode(self, hook: str) -> None:
+        """Remember modules in train mode now: from here on, eval mode in a training step is a leak.
+
+        Frozen modules (no parameter of theirs learns) are left out: keeping them in eval is a choice.
+        """
+        modules = self._index.modules if self._index is not None else {}
         self._train_mode_seen |= {path for path, m in self._modules if m.training}
-        self._trained = [(path, m) for path, m in self._modules if path in self._train_mode_seen]
-        self._last_clean_check = "on_train_start"
+        self._trained = [
+            (path, m)
+            for path, m in self._modules
+            if path in self._train_mode_seen
+            and not is_frozen(
+                m, modules.get(path.rsplit(".", 1)[0] if "." in path else "") if path else None, self._trained_ids
+            )
+        ]
+        self._last_clean_check = hook
 
     @guarded("index")
     def _refresh_epoch_caches(self) -> None:
-        self._note_train_mode()
+        self._note_train_mode("on_train_epoch_start")
         self._optimizer_params = {}
 
     def _allowed_param(self, name: str) -> bool:
@@ -271,7 +294,7 @@ class BackpropGuard(NoGradCallback):
 
     @guarded("eval_mode_at_start")
     def _check_eval_mode_at_start(self, pl_module: nn.Module) -> None:
-        for path, layers in eval_mode_under_trainable(pl_module):
+        for path, layers in eval_mode_under_trainable(pl_module, self._trained_ids):
             if self.allow.matches(path):
                 continue
             shown = ", ".join(layers[:5]) + (f" and {len(layers) - 5} more" if len(layers) > 5 else "")
@@ -346,6 +369,8 @@ class BackpropGuard(NoGradCallback):
             ]
             self._optimizer_params[id(optimizer)] = params
         missing = [p for p in params if p.grad is None and p.requires_grad]
+        if not self._backward_seen and len(missing) == sum(p.requires_grad for p in params):
+            return  # no backward and no gradient at all: a skipped step (`training_step` returned None)
         if steps <= self.zero_grad_steps:
             self._zero_streaks.observe([p for p in params if p.requires_grad])
         self._note_missing(missing, self._zero_streaks.collect())

@@ -249,11 +249,48 @@ def inference_tensors(root: nn.Module) -> list[tuple[str, str]]:
     return found
 
 
-def eval_mode_under_trainable(root: nn.Module) -> list[tuple[str, list[str]]]:
+def trained_parameter_ids(optimizers: Iterable[torch.optim.Optimizer]) -> set[int] | None:
+    """``id``s of the parameters some optimizer steps and that require grad; ``None`` without optimizers.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
+        >>> trained = trained_parameter_ids([torch.optim.SGD(net[1].parameters(), lr=0.1)])
+        >>> sorted(i for i, p in enumerate(net.parameters()) if id(p) in trained)
+        [2, 3]
+    """
+    optimizers = list(optimizers)
+    if not optimizers:
+        return None
+    return {id(p) for opt in optimizers for group in opt.param_groups for p in group["params"] if p.requires_grad}
+
+
+def is_trained(param: torch.Tensor, trained: set[int] | None) -> bool:
+    """Whether ``param`` learns: it requires grad and (when the optimizers are known) one of them steps it."""
+    return param.requires_grad and (trained is None or id(param) in trained)
+
+
+def is_frozen(module: nn.Module, parent: nn.Module | None, trained: set[int] | None) -> bool:
+    """A module is frozen when none of its parameters learns; a parameter-free one (dropout) goes with its parent.
+
+    Frozen modules may sit in eval mode (a fixed feature extractor, frozen batch-norm statistics).
+
+    Example:
+        >>> block = nn.Sequential(nn.Linear(2, 2), nn.Dropout())
+        >>> is_frozen(block[1], block, None), is_frozen(block[1], block.requires_grad_(False), None)
+        (False, True)
+    """
+    params = list(module.parameters())
+    if not params and parent is not None:
+        params = list(parent.parameters())
+    return not any(is_trained(p, trained) for p in params)
+
+
+def eval_mode_under_trainable(root: nn.Module, trained: set[int] | None = None) -> list[tuple[str, list[str]]]:
     """Dropout / batch-norm layers in eval mode whose block has trainable parameters.
 
     Returns (topmost eval-mode module containing them, the layers). A frozen backbone in eval mode
-    has no trainable parameters around its layers and is not returned.
+    (parameters that do not require grad, or that no optimizer in ``trained`` steps) has no trainable
+    parameters around its layers and is not returned.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(2, 2), nn.Dropout()).eval()
@@ -269,7 +306,7 @@ def eval_mode_under_trainable(root: nn.Module) -> list[tuple[str, list[str]]]:
         if module.training or not isinstance(module, MODE_SENSITIVE_TYPES):
             continue
         parent = modules.get(path.rsplit(".", 1)[0] if "." in path else "", module) if path else module
-        if not any(p.requires_grad for p in parent.parameters()):
+        if not any(is_trained(p, trained) for p in parent.parameters()):
             continue
         top = path
         for ancestor in reversed(ancestors(path)[:-1]):
@@ -292,9 +329,11 @@ def topmost_in(path: str, paths: set[str]) -> str:
 
 _CAUSES = {
     "detached": (
-        "its module ran with gradients on, so the graph was cut after it (`.detach()`, `.data`, `.item()`, "
-        "or a non-differentiable op such as `argmax`)",
-        "remove the `.detach()` / `.data` on the way from this module to the loss.",
+        "its module's forward ran with gradients on, yet no gradient reached it; what cut it off was not "
+        "observed (a `.detach()`, `.data` or `.item()` on the way to the loss, a non-differentiable op such as "
+        "`argmax`, a loss that does not use the output, or a custom `backward`)",
+        "follow this module's output to the loss: remove a `.detach()` / `.data` on the way, make the loss use "
+        "it, or freeze it (`requires_grad_(False)`) if it is meant to stay fixed.",
     ),
     "unused": (
         "its module's forward did not run in the training step",

@@ -130,12 +130,18 @@ def _package_dirs() -> tuple[str, ...]:
 _PACKAGE_DIRS: tuple[str, ...] | None = None
 
 
+def _installed(filename: str) -> bool:
+    """Whether ``filename`` belongs to an installed package (torchvision, transformers...), not the user's code."""
+    return any(part in filename for part in ("/site-packages/", "/dist-packages/", "\\site-packages\\"))
+
+
 def user_stacklevel() -> int:
     """The ``stacklevel`` that makes a warning issued by our caller point at the user's code.
 
-    That is the first frame outside lightning-nograd, Lightning and torch: usually the line of the
-    user's script that called ``trainer.fit`` / ``validate`` / ``test``, or their own code that
-    called into us. Falls back to our caller's caller when the whole stack is library code.
+    That is the first frame outside lightning-nograd, Lightning, torch and every other installed
+    package (torchvision, transformers, ...): usually the line of the user's script that called
+    ``trainer.fit`` / ``validate`` / ``test``, or their own code that called into us. Falls back to
+    our caller's caller when the whole stack is library code.
     """
     import sys
 
@@ -146,7 +152,7 @@ def user_stacklevel() -> int:
     level = 1
     while frame is not None:
         filename = frame.f_code.co_filename
-        if not filename.startswith(_PACKAGE_DIRS) and not filename.startswith("<"):
+        if not filename.startswith(_PACKAGE_DIRS) and not filename.startswith("<") and not _installed(filename):
             return level
         frame = frame.f_back  # type: ignore[assignment]
         level += 1
