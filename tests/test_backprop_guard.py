@@ -134,16 +134,26 @@ def test_allow_listed_module_is_silent(tmp_path: Path) -> None:
     assert seen == []
 
 
-@pytest.mark.parametrize(("scale", "reported"), [(0.0, True), (1e-22, False)])
-def test_all_zero_gradients_for_consecutive_steps(tmp_path: Path, scale: float, reported: bool) -> None:
-    # gradients of ~1e-23 are tiny, not missing: their L2 norm underflows to 0 in float32, their maximum does not
+@pytest.mark.parametrize(
+    ("scale", "set_to_none", "reported"),
+    [
+        (0.0, False, True),
+        # gradients of ~1e-23 are tiny, not missing: their L2 norm underflows to 0 in float32, their maximum does not
+        (1e-22, False, False),
+        # with Lightning's default zeroing an all-zero gradient is a real gradient (pruned weights, dead units)
+        (0.0, True, False),
+    ],
+)
+def test_all_zero_gradients_for_consecutive_steps(
+    tmp_path: Path, scale: float, set_to_none: bool, reported: bool
+) -> None:
     class ScaledLoss(Net):
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
             x, y = batch
             return nn.functional.mse_loss(self.head(self.encoder(x)), y) * scale
 
         def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: torch.optim.Optimizer) -> None:
-            optimizer.zero_grad(set_to_none=False)
+            optimizer.zero_grad(set_to_none=set_to_none)
 
     guard = BackpropGuard(zero_grad_steps=3)
     with nograd_warnings() as seen:
@@ -419,3 +429,15 @@ def test_eval_in_on_train_epoch_start_is_named_there(tmp_path: Path) -> None:
     assert [(f.kind, f.subject, f.hook) for f in guard.report.findings] == [
         ("eval_mode_leak", "encoder", "on_train_epoch_start")
     ]
+
+
+def test_model_pruning_is_silent(tmp_path: Path) -> None:
+    from lightning.pytorch.callbacks import ModelPruning
+
+    # pruning computes `weight = weight_orig * mask` with gradients on at epoch end (a graph that is no
+    # forward), and masked weights get exact-zero gradients under Lightning's default zeroing
+    auditor = NoGradAuditor(verbose=False)
+    pruning = ModelPruning("l1_unstructured", amount=0.5, verbose=0)
+    with nograd_warnings() as seen:
+        trainer(tmp_path, [pruning, auditor], max_epochs=3, limit_train_batches=4).fit(Net(), loader(), loader())
+    assert auditor.report.findings == [], [str(w.message) for w in seen]

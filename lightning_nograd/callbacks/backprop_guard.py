@@ -60,10 +60,12 @@ class BackpropGuard(NoGradCallback):
     * ``no_grad_module``: a module with trainable parameters whose forward ran only with gradients
       disabled within a training step, and the parameters that therefore will not learn;
     * ``param_without_grad``: parameters that require grad, belong to the optimizer being stepped
-      and reach its step with no gradient (``grad is None``, or all-zero for ``zero_grad_steps``
-      consecutive steps); frozen parameters (``requires_grad=False``) are never a finding;
-    * ``eval_mode_leak``: modules in eval mode during training steps that were in train mode
-      earlier in the fit (a hook or callback called ``.eval()`` and forgot to switch back);
+      and reach its step with no gradient (``grad is None``, or, where gradients are zeroed with
+      ``set_to_none=False``, all-zero for ``zero_grad_steps`` consecutive steps); frozen parameters
+      (``requires_grad=False``, or in no optimizer) are never a finding; a skipped step
+      (``training_step`` returned ``None``) is not checked;
+    * ``eval_mode_leak``: modules that are not frozen, in eval mode during training steps although
+      they were in train mode earlier in the fit (a hook or callback called ``.eval()`` and forgot to switch back);
     * ``eval_mode_at_start``: dropout / batch-norm layers in eval mode inside trainable blocks when
       training starts (``from_pretrained`` models arrive in eval mode);
     * ``stray_graph``: forwards outside the training step (``on_train_batch_end``,
@@ -128,6 +130,9 @@ class BackpropGuard(NoGradCallback):
         self._explained: set[int] = set()
         self._trained_ids: set[int] | None = None
         self._backward_seen = False
+        self._zeroing: torch.optim.Optimizer | None = None
+        self._keeps_zeros = False
+        self._zero_checks: dict[int, int] = {}
 
     @override
     def _state_key_settings(self) -> dict[str, Any]:
@@ -158,6 +163,7 @@ class BackpropGuard(NoGradCallback):
         if self._graph is not None:
             self._graph.rename()
         self._steps_per_optimizer = {}
+        self._zero_checks = {}
         self._explained = set()
         self._counts = {key: set() for key in _COUNTS}
         self._stop_stray_graph_probe()
@@ -177,8 +183,17 @@ class BackpropGuard(NoGradCallback):
         self._start_grad_mode_probe()
 
     @override
+    def on_before_zero_grad(
+        self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        self._zeroing = optimizer
+
+    @override
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor) -> None:
         self._backward_seen = True
+        optimizer, self._zeroing = self._zeroing, None
+        if optimizer is not None and not self._keeps_zeros:
+            self._note_zeroing(optimizer)
 
     @override
     def on_before_optimizer_step(
@@ -371,9 +386,18 @@ class BackpropGuard(NoGradCallback):
         missing = [p for p in params if p.grad is None and p.requires_grad]
         if not self._backward_seen and len(missing) == sum(p.requires_grad for p in params):
             return  # no backward and no gradient at all: a skipped step (`training_step` returned None)
-        if steps <= self.zero_grad_steps:
+        # all-zero gradients mean "missing" only where zeroing keeps zeros (`set_to_none=False`): with
+        # Lightning's default they are real gradients that happen to be zero (pruned weights, dead units)
+        if self._keeps_zeros and self._zero_checks.get(id(optimizer), 0) < self.zero_grad_steps:
+            self._zero_checks[id(optimizer)] = self._zero_checks.get(id(optimizer), 0) + 1
             self._zero_streaks.observe([p for p in params if p.requires_grad])
         self._note_missing(missing, self._zero_streaks.collect())
+
+    @guarded("params_without_grad")
+    def _note_zeroing(self, optimizer: torch.optim.Optimizer) -> None:
+        """Right after ``zero_grad``: a gradient still there means zeros are kept (``set_to_none=False``)."""
+        params = (p for group in optimizer.param_groups for p in group["params"] if p.requires_grad)
+        self._keeps_zeros = any(p.grad is not None for _, p in zip(range(8), params, strict=False))
 
     @guarded("params_without_grad")
     def _collect_zero_gradients(self, wait: bool) -> None:

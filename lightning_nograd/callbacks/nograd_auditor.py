@@ -154,6 +154,10 @@ class NoGradAuditor(NoGradCallback):
         self._each("on_train_batch_end", *args, **kwargs)
 
     @override
+    def on_before_zero_grad(self, *args: Any) -> None:
+        self._each("on_before_zero_grad", *args)
+
+    @override
     def on_before_backward(self, *args: Any) -> None:
         self._each("on_before_backward", *args)
 

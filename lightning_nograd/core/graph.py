@@ -9,6 +9,7 @@ Lightning hook that called it.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -23,6 +24,12 @@ from lightning_nograd.core.findings import common_ancestor
 from lightning_nograd.errors import NoGradError
 
 MIB = float(2**20)
+
+REPARAMETRIZATION_FILES = tuple(
+    os.path.join("torch", "nn", "utils", name)
+    for name in ("prune.py", "parametrize.py", "parametrizations.py", "weight_norm.py", "spectral_norm.py")
+)
+"""PyTorch's re-parametrisation code: the graphs it records (``weight_orig * mask``) are not forwards."""
 
 
 @dataclass
@@ -198,9 +205,15 @@ class GraphProbe:
             event.saved_bytes += storage_bytes(tensor)
 
     def _locate(self, frame: FrameType | None) -> tuple[str | None, str | None]:
-        """The innermost known module whose forward is running, and the hook that called it."""
+        """The innermost known module whose forward is running, and the hook that called it.
+
+        ``(None, None)`` for a graph recorded by a parameter re-parametrisation (pruning, weight and
+        spectral norm, parametrizations computing ``weight = weight_orig * mask``): that is no forward.
+        """
         module: str | None = None
         while frame is not None:
+            if frame.f_code.co_filename.endswith(REPARAMETRIZATION_FILES):
+                return None, None
             code_name = frame.f_code.co_name
             if module is None and code_name == "_call_impl":
                 module = self._names.get(id(frame.f_locals.get("self")))
