@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import gc
+import io
+import pickle
 import weakref
 from pathlib import Path
 from typing import Any
@@ -304,3 +307,22 @@ def test_unpicklable_batch_and_odd_outputs_do_not_break(tmp_path: Path) -> None:
     with nograd_warnings() as seen:
         trainer(tmp_path, [NoGradAuditor(verbose=False)]).fit(OddOutputs(), loader(), DataLoader(loader().dataset))
     assert not [w for w in seen if issubclass(w.category, NoGradWarning)]
+
+
+@pytest.mark.parametrize("separate_parts", [False, True], ids=["NoGradAuditor", "three-parts"])
+def test_callbacks_pickle_and_deep_copy_after_every_stage(tmp_path: Path, separate_parts: bool) -> None:
+    callbacks: list[Any] = (
+        [SavingsMonitor(), EvalModeAuditor(), BackpropGuard()] if separate_parts else [NoGradAuditor(verbose=False)]
+    )
+    t = trainer(tmp_path, callbacks, max_epochs=1)
+    model = Regressor()
+    with nograd_warnings():
+        for stage in ("fit", "validate", "test"):
+            if stage == "fit":
+                t.fit(model, loader(), loader())
+            else:
+                getattr(t, stage)(model, loader())
+            copies = copy.deepcopy(t.callbacks)
+            assert [type(c) for c in copies] == [type(c) for c in t.callbacks]
+            pickle.loads(pickle.dumps(callbacks))
+            torch.save(t, io.BytesIO())  # the whole trainer, as progress bars and checkpoint tools do

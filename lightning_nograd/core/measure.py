@@ -136,7 +136,6 @@ class EpochPeakMemory:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self._banked = 0
-        self._process = psutil.Process()
         self._hwm = False
 
     def start(self) -> None:
@@ -151,7 +150,8 @@ class EpochPeakMemory:
             self._banked = max(self._banked, self._rss())
 
     def _rss(self) -> int:
-        return int(self._process.memory_info().rss)
+        # a Process made per reading, not kept: it holds a lock, and the callbacks must pickle at any time
+        return int(psutil.Process().memory_info().rss)
 
     def _current_peak(self) -> int:
         if self.device.type == "cuda":
