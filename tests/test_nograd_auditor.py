@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from torch import nn
 
-from lightning_nograd import BackpropGuard, EvalModeAuditor, NoGradAuditor, SavingsMonitor
+from lightning_nograd import BackpropGuard, EvalModeAuditor, NoGradAuditor, NoGradWarning, SavingsMonitor
 from tests.helpers import (
     Regressor,
     csv_values,
@@ -250,3 +250,43 @@ def test_every_hook_a_part_overrides_is_forwarded() -> None:
         overridden = {name for name in hooks if getattr(part, name) is not getattr(pl.Callback, name)}
         not_forwarded = {name for name in overridden if getattr(NoGradAuditor, name) is getattr(pl.Callback, name)}
         assert overridden and not not_forwarded, (part.__name__, sorted(not_forwarded))
+
+
+def test_report_path_that_can_never_be_written_is_refused_at_construction(tmp_path: Path) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(ValueError, match=r"`report_path`.*a_file.*not a directory"):
+        NoGradAuditor(report_path=blocker / "report.json")
+    with pytest.raises(ValueError, match=r"`report_path` to be a file path, but got the directory"):
+        NoGradAuditor(report_path=tmp_path)
+    NoGradAuditor(report_path=tmp_path / "not" / "yet" / "there.json")  # parents are created when writing
+
+
+class CrashesInSecondEpoch(Regressor):
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        if self.current_epoch == 1:
+            raise RuntimeError("the user's own bug")
+        return super().training_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize("crash", [False, True], ids=["clean-run", "crashing-run"])
+def test_report_path_failing_at_run_time_never_costs_the_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], crash: bool
+) -> None:
+    report = tmp_path / "reports" / "nograd.json"
+    auditor = NoGradAuditor(report_path=report)
+    (tmp_path / "reports").write_text("a file where the report folder should be")  # made after construction
+    logger = CSVLogger(tmp_path, name="csv")
+    t = trainer(tmp_path, [auditor], logger=logger, log_every_n_steps=1)
+    model = CrashesInSecondEpoch() if crash else Regressor()
+    with pytest.warns(NoGradWarning, match=r"could not write the report to `report_path`") as seen:
+        if crash:
+            with pytest.raises(RuntimeError, match="the user's own bug"):
+                t.fit(model, loader(), loader())
+        else:
+            t.fit(model, loader(), loader())
+    assert len([w for w in seen if "report_path" in str(w.message)]) == 1
+    if not crash:
+        assert "lightning-nograd report" in capsys.readouterr().out  # the table is still printed
+    # the loggers were finalized: the CSV log has the first epoch's training losses
+    assert csv_values(Path(logger.log_dir), "train_loss")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -16,9 +18,10 @@ from lightning_nograd.callbacks.eval_mode_auditor import EvalModeAuditor
 from lightning_nograd.callbacks.loggers import flat_summary, write_summaries
 from lightning_nograd.callbacks.savings_monitor import SavingsMonitor
 from lightning_nograd.core.arguments import check_bool, check_float
-from lightning_nograd.core.findings import OnViolation
+from lightning_nograd.core.findings import OnViolation, user_stacklevel
 from lightning_nograd.core.patterns import NamePatterns
 from lightning_nograd.core.summary import render, summarise
+from lightning_nograd.errors import NoGradWarning
 
 log = logging.getLogger(__name__)
 
@@ -121,9 +124,28 @@ class NoGradAuditor(NoGradCallback):
 
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        self._each("on_exception", trainer, pl_module, exception)
-        if self.report_path is not None and getattr(trainer, "is_global_zero", True):
-            self.report.write_json(self.report_path)  # a crashed run is exactly what CI must see
+        # nothing here may replace the user's exception: Lightning would then skip finalizing the loggers
+        try:
+            self._each("on_exception", trainer, pl_module, exception)
+        except Exception as err:
+            log.debug("releasing after the run's exception failed", exc_info=err)
+        if getattr(trainer, "is_global_zero", True):
+            self._write_report()  # a crashed run is exactly what CI must see
+
+    def _write_report(self) -> None:
+        """Write the JSON report to ``report_path``; a failure is one warning, never an exception."""
+        if self.report_path is None or "report_path" in self.switched_off:
+            return
+        try:
+            self.report.write_json(self.report_path)
+        except OSError as err:
+            self.switched_off.add("report_path")
+            warnings.warn(
+                f"[lightning-nograd] could not write the report to `report_path` ({self.report_path}): "
+                f"{type(err).__name__}: {err}. The run goes on; the report is still in `callback.report`.",
+                NoGradWarning,
+                stacklevel=user_stacklevel(),
+            )
 
     @override
     def on_fit_start(self, *args: Any) -> None:
@@ -262,17 +284,28 @@ class NoGradAuditor(NoGradCallback):
                 write_summaries(trainer, flat_summary(summaries, len(self.report.findings)), text)
             if not getattr(trainer, "is_global_zero", True):
                 return
-            if self.report_path is not None:
-                self.report.write_json(self.report_path)
             if self.verbose:
                 print(text)
+            self._write_report()
         except Exception as err:  # the report is a courtesy: it must never fail the run
             log.warning("lightning-nograd could not produce its end-of-stage report: %s", err)
 
 
 def _check_path(value: Any) -> Path | None:
+    """``report_path`` as a ``Path``, refused at once where no file can ever be written."""
     if value is None:
         return None
     if not isinstance(value, (str, Path)) or not str(value):
         raise TypeError(f"Expected argument `report_path` to be a file path or None, but got {value!r}.")
-    return Path(value)
+    path = Path(value)
+    if path.is_dir():
+        raise ValueError(f"Expected argument `report_path` to be a file path, but got the directory {str(value)!r}.")
+    existing = path.absolute().parent
+    while not existing.exists():  # the parents that do not exist yet are created when writing
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise ValueError(
+            f"Expected argument `report_path` to be a writable file path, but got {str(value)!r}: "
+            f"{str(existing)!r} is {'not a directory' if not existing.is_dir() else 'not writable'}."
+        )
+    return path
