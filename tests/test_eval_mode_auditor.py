@@ -3,11 +3,13 @@ from __future__ import annotations
 import gc
 import weakref
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from torch import nn
 
 from lightning_nograd import EvalModeAuditor, NoGradError, NoGradWarning
 from tests.helpers import (
@@ -360,3 +362,39 @@ def test_nothing_keeps_the_model_alive_after_the_run(tmp_path: Path) -> None:
     gc.collect()
     assert ref() is None
     assert not torch.nn.modules.module._global_forward_pre_hooks
+
+
+@pytest.mark.parametrize(
+    ("stored_in", "stage", "hook"),
+    [
+        ("training_step", "train", "training_step"),
+        ("validation_step", "val", "on_validation_epoch_end"),
+    ],
+)
+def test_graph_kept_on_the_model_is_named_where_it_was_stored(
+    tmp_path: Path, stored_in: str, stage: str, hook: str
+) -> None:
+    class KeepsLosses(Regressor):
+        def __init__(self) -> None:
+            super().__init__()
+            self.losses: list[torch.Tensor] = []
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            loss = super().training_step(batch, batch_idx)
+            if stored_in == "training_step":
+                self.losses.append(loss)  # no .detach(): keeps every step's graph alive
+            return loss
+
+        def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            with torch.enable_grad():
+                loss = nn.functional.mse_loss(self(x), y)
+            if stored_in == "validation_step":
+                self.losses.append(loss)
+            return loss.detach()
+
+    auditor = EvalModeAuditor(allow_grad=[""] if stored_in == "validation_step" else ())
+    with nograd_warnings():
+        trainer(tmp_path, [auditor], inference_mode=False).fit(KeepsLosses(), loader(), loader())
+    found = {(f.stage, f.hook) for f in auditor.report.findings if f.kind == "graph_in_attribute"}
+    assert found == {(stage, hook)}, [f.message for f in auditor.report.findings]

@@ -91,6 +91,9 @@ class EvalModeAuditor(EvaluationLoopCallback):
         self._graph: GraphProbe | None = None
         self._fixed_by_stage: dict[str, set[str]] = {}
         self._collections_at_epoch_start: dict[str, int] = {}
+        self._attached_at_epoch_start: set[str] = set()
+        self._attached_at_last_epoch_end: dict[str, int] = {}
+        self._fitting = False
         self._collections_at_last_epoch_end: dict[tuple[str, str], tuple[int, int]] = {}
 
     @override
@@ -130,6 +133,7 @@ class EvalModeAuditor(EvaluationLoopCallback):
         self.release()
         self.set_rank_zero(trainer)
         self._stage = stage
+        self._fitting = getattr(getattr(trainer, "state", None), "fn", None) == "fit"  # a str enum
         self._step_hook = f"{LOOP_NAMES[stage]}_step"
         self._epoch = int(trainer.current_epoch)
         self._root_type = type(pl_module).__name__
@@ -162,8 +166,11 @@ class EvalModeAuditor(EvaluationLoopCallback):
 
     @guarded("growing_collection")
     def _count_collections(self, pl_module: nn.Module) -> None:
-        self._collections_at_epoch_start = {
-            name: tally_tensors(value).tensors for name, value in tensor_attributes(pl_module)
+        tallies = {name: tally_tensors(value) for name, value in tensor_attributes(pl_module)}
+        self._collections_at_epoch_start = {name: tally.tensors for name, tally in tallies.items()}
+        # graphs that appeared since the last evaluation epoch ended were stored in between: in training
+        self._attached_at_epoch_start = {
+            name for name, tally in tallies.items() if tally.attached > self._attached_at_last_epoch_end.get(name, 0)
         }
 
     def _begin_batch(self, batch_idx: int) -> None:
@@ -316,19 +323,22 @@ class EvalModeAuditor(EvaluationLoopCallback):
         stage = self._stage_name()
         for name, value in tensor_attributes(pl_module):
             tally = tally_tensors(value)
+            self._attached_at_last_epoch_end[name] = tally.attached
             if tally.attached:
+                in_training = self._fitting and name in self._attached_at_epoch_start
+                when = "during training (`training_step` or a training hook)" if in_training else ""
                 self.add_finding(
                     Finding(
                         kind="graph_in_attribute",
                         subject=f"self.{name}",
-                        stage=stage,
-                        hook=f"on_{LOOP_NAMES.get(stage, stage)}_epoch_end",
+                        stage="train" if in_training else stage,
+                        hook="training_step" if in_training else f"on_{LOOP_NAMES.get(stage, stage)}_epoch_end",
                         batch_idx=None,
                         epoch=self._epoch,
                         problem=(
-                            f"`self.{name}` on the {self._root_type} holds {tally.attached} tensor(s) still "
-                            f"attached to an autograd graph ({tally.attached_mib:.3f} MiB), keeping their "
-                            "graphs alive"
+                            f"`self.{name}` on the {self._root_type} {('was filled ' + when + ' and ') if when else ''}"
+                            f"holds {tally.attached} tensor(s) still attached to an autograd graph "
+                            f"({tally.attached_mib:.3f} MiB), keeping their graphs alive"
                         ),
                         fix=f"store `.detach()`ed tensors in `self.{name}` (and clear it at epoch end).",
                         details={"tensors": tally.attached, "mib": tally.attached_mib},
