@@ -35,7 +35,7 @@ from lightning_nograd.core.findings import (
 )
 from lightning_nograd.core.graph import MIB, GraphEvent, GraphProbe, format_bytes, storage_key, tally_tensors
 from lightning_nograd.core.modes import ModeProbe, mode_sensitive_descendants
-from lightning_nograd.core.patterns import NamePatterns
+from lightning_nograd.core.patterns import NamePatterns, named_modules
 from lightning_nograd.core.replay import (
     EAGER_REPLAY_NOTE,
     RecordedCall,
@@ -352,7 +352,7 @@ def check_training_step(
     saved_grads = {id(p): p.grad for p in index.params.values()}
     saved_buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
     rng = torch.get_rng_state()
-    probe = GradModeProbe({id(m): path for path, m in model.named_modules() if not allowed.matches(path)})
+    probe = GradModeProbe({id(m): path for path, m in named_modules(model) if not allowed.matches(path)})
     try:
         for p in index.params.values():
             p.grad = None

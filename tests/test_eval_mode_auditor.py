@@ -398,3 +398,37 @@ def test_graph_kept_on_the_model_is_named_where_it_was_stored(
         trainer(tmp_path, [auditor], inference_mode=False).fit(KeepsLosses(), loader(), loader())
     found = {(f.stage, f.hook) for f in auditor.report.findings if f.kind == "graph_in_attribute"}
     assert found == {(stage, hook)}, [f.message for f in auditor.report.findings]
+
+
+def test_compiled_submodule_is_named_as_the_user_wrote_it(tmp_path: Path) -> None:
+    def switch_dropout_on(model: Regressor, x: torch.Tensor) -> torch.Tensor:
+        model.head._orig_mod[0].train()  # type: ignore[index]
+        return model(x)
+
+    model = Regressor(switch_dropout_on)
+    model.head = torch.compile(model.head, backend="aot_eager")  # type: ignore[assignment]
+    auditor = EvalModeAuditor()
+    with nograd_warnings():
+        trainer(tmp_path, [auditor]).validate(model, loader())
+    assert [(f.kind, f.subject) for f in auditor.report.findings] == [("train_mode", "head.0")]
+
+
+class GradInValidation(Regressor):
+    def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        with torch.enable_grad():
+            loss = nn.functional.mse_loss(self(x), y)
+        return loss  # leaves the step attached to its graph
+
+
+def test_whole_compiled_module_reports_grad_enabled_validation(tmp_path: Path) -> None:
+    # Lightning compiles validation_step itself (`from_compiled`), not only forward
+    torch._dynamo.reset()
+    model = torch.compile(GradInValidation(), backend="aot_eager")
+    auditor = EvalModeAuditor()
+    with nograd_warnings():
+        trainer(tmp_path, [auditor], inference_mode=False).validate(model, loader())
+    assert {(f.kind, f.subject) for f in auditor.report.findings} == {
+        ("grad_enabled", ""),
+        ("graph_in_outputs", "validation_step outputs"),
+    }

@@ -26,7 +26,7 @@ from lightning_nograd.core.backprop import (
 )
 from lightning_nograd.core.findings import Finding, OnViolation, display_name
 from lightning_nograd.core.graph import MIB, GraphEvent, GraphProbe, format_bytes
-from lightning_nograd.core.patterns import NamePatterns, ancestors
+from lightning_nograd.core.patterns import NamePatterns, ancestors, named_modules
 from lightning_nograd.errors import BrokenBackpropWarning
 
 OUTSIDE_STEP_HOOKS = frozenset(
@@ -253,7 +253,7 @@ class BackpropGuard(NoGradCallback):
     @guarded("index")
     def _index_model(self, pl_module: nn.Module) -> None:
         self._index = ParamIndex(pl_module)
-        self._modules = [(path, m) for path, m in pl_module.named_modules() if not self.allow.matches(path)]
+        self._modules = [(path, m) for path, m in named_modules(pl_module) if not self.allow.matches(path)]
         self._note_train_mode("on_train_start")
         self._optimizer_params = {}
 

@@ -24,7 +24,7 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_nograd.core.findings import display_name
 from lightning_nograd.core.modes import MODE_SENSITIVE_TYPES, is_grad_recording
-from lightning_nograd.core.patterns import ancestors
+from lightning_nograd.core.patterns import ancestors, named_modules
 
 
 class ParamIndex:
@@ -46,8 +46,8 @@ class ParamIndex:
         self.order: dict[int, int] = {}
         self.subtree: dict[str, set[int]] = {}
         self.modules: dict[str, nn.Module] = {}
-        for path, module in root.named_modules():
-            self.modules[path] = module
+        for path, module in named_modules(root):
+            self.modules[path] = module  # under torch.compile the wrapper and its _orig_mod share a path
             for pname, param in module.named_parameters(recurse=False):
                 if id(param) in self.names:
                     continue
@@ -230,7 +230,7 @@ def inference_tensors(root: nn.Module) -> list[tuple[str, str]]:
         [('cache', 'tensor attribute'), ('history', 'collection attribute (2 tensors)')]
     """
     found: list[tuple[str, str]] = []
-    for path, module in root.named_modules():
+    for path, module in named_modules(root):
         prefix = f"{path}." if path else ""
         for name, buffer in module.named_buffers(recurse=False):
             if buffer is not None and buffer.is_inference():
@@ -300,7 +300,7 @@ def eval_mode_under_trainable(root: nn.Module, trained: set[int] | None = None) 
         >>> eval_mode_under_trainable(net)
         []
     """
-    modules = dict(root.named_modules())
+    modules = dict(named_modules(root))
     groups: dict[str, list[str]] = {}
     for path, module in modules.items():
         if module.training or not isinstance(module, MODE_SENSITIVE_TYPES):

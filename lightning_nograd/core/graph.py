@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from lightning_nograd.core.findings import common_ancestor
+from lightning_nograd.core.patterns import named_modules
 from lightning_nograd.errors import NoGradError
 
 MIB = float(2**20)
@@ -126,7 +127,7 @@ class GraphProbe:
 
     def rename(self) -> None:
         """Re-read module names and parameter storages (after the model changed)."""
-        self._names = {id(m): name for name, m in self.root.named_modules()}
+        self._names = {id(m): name for name, m in named_modules(self.root)}
         self._param_storages = {
             storage_key(t) for t in [*self.root.parameters(), *self.root.buffers()] if t.numel() > 0
         }

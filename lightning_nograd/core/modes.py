@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from lightning_nograd.core.patterns import NamePatterns
+from lightning_nograd.core.patterns import NamePatterns, named_modules
 
 MODE_SENSITIVE_TYPES: tuple[type[nn.Module], ...] = (
     nn.modules.dropout._DropoutNd,
@@ -82,7 +82,7 @@ class ModeProbe:
         """Re-read the module tree (at every stage and epoch start) and forget epoch state."""
         by_name: dict[str, nn.Module] = {}
         modules: list[tuple[str, nn.Module, nn.Module | None]] = []
-        for name, module in self.root.named_modules():
+        for name, module in named_modules(self.root):
             by_name[name] = module
             if self.allowed.matches(name):
                 continue

@@ -3,7 +3,27 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+
+from torch import nn
+
+
+def user_path(path: str) -> str:
+    """The path the user wrote: the ``_orig_mod`` segments of ``torch.compile`` wrappers removed.
+
+    Example:
+        >>> user_path("encoder._orig_mod.layers.0"), user_path("_orig_mod.head")
+        ('encoder.layers.0', 'head')
+    """
+    if "_orig_mod" not in path:
+        return path
+    return ".".join(part for part in path.split(".") if part != "_orig_mod")
+
+
+def named_modules(root: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``root.named_modules()`` with the paths the user wrote (see :func:`user_path`)."""
+    for path, module in root.named_modules():
+        yield user_path(path), module
 
 
 def ancestors(path: str) -> list[str]:
