@@ -40,8 +40,6 @@ from lightning_nograd.core.replay import (
     EAGER_REPLAY_NOTE,
     RecordedCall,
     Replay,
-    current_autocast,
-    eager_module,
     replayable,
 )
 from lightning_nograd.core.report import Report
@@ -118,16 +116,7 @@ class _EvaluationAudit:
         self.modes.after_batch()
         self._flush_graph()
         if self.measure_savings and self.batch <= 1:  # the second batch is past the slow first forward
-            eager = eager_module(module)
-            call = RecordedCall(
-                eager,
-                tuple(args),
-                dict(kwargs),
-                torch.is_inference_mode_enabled(),
-                current_autocast(),
-                compiled=eager is not module,
-            )
-            self.recorded = [call]
+            self.recorded = [RecordedCall.of(module, args, kwargs)]
         tally = tally_tensors(output)
         if tally.attached:
             self._add(

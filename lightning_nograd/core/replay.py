@@ -38,6 +38,19 @@ class RecordedCall:
     compiled: bool = False
     """The call went through a ``torch.compile`` wrapper; ``module`` is the eager module behind it."""
 
+    @classmethod
+    def of(cls, module: nn.Module, args: Any, kwargs: Any) -> RecordedCall:
+        """The call of ``module`` that is running now: its eager module, inputs, grad mode and autocast."""
+        eager = eager_module(module)
+        return cls(
+            eager,
+            tuple(args),
+            dict(kwargs),
+            torch.is_inference_mode_enabled(),
+            current_autocast(),
+            compiled=eager is not module,
+        )
+
 
 EAGER_REPLAY_NOTE = (
     "compiled modules were replayed eagerly (their `_orig_mod`): the figures are those of the eager forward, "
@@ -126,17 +139,7 @@ class CallRecorder:
         kwargs = kwargs if isinstance(kwargs, dict) else {}
         if self._active == id(module):
             self._active = None
-            eager = eager_module(module)
-            self.calls.append(
-                RecordedCall(
-                    eager,
-                    tuple(args),
-                    dict(kwargs),
-                    torch.is_inference_mode_enabled(),
-                    current_autocast(),
-                    compiled=eager is not module,
-                )
-            )
+            self.calls.append(RecordedCall.of(module, args, kwargs))
 
 
 def _clone_inference(value: Any) -> Any:
