@@ -41,6 +41,7 @@ from lightning_nograd.core.replay import (
     RecordedCall,
     Replay,
     replayable,
+    time_savings,
 )
 from lightning_nograd.core.report import Report
 from lightning_nograd.errors import BrokenBackpropWarning
@@ -172,22 +173,10 @@ class _EvaluationAudit:
         result = session.result
         metrics["nograd/val/graph_memory_mib"] = result.graph_bytes / MIB
         metrics["nograd/val/memory_saved_mib"] = (result.peak_on_bytes - result.peak_off_bytes) / MIB
-        details.update(
-            {
-                "repeats": len(result.time_on),
-                "time_saved_per_batch_s": result.saved_per_batch,
-                "time_saved_per_batch_iqr_s": list(result.spread),
-                "sign_test_p": result.sign_test_p,
-                "within_noise": result.within_noise(),
-            }
-        )
-        if result.within_noise():
-            details["savings"] = "time difference within noise"
-            return metrics, details
-        saved = result.saved_per_batch * (self.batch + 1)
-        metrics["nograd/val/time_saved_s"] = saved
-        metrics["nograd/val/time_saved_pct"] = 100 * saved / (loop_seconds + saved) if loop_seconds + saved else 0.0
-        details["savings"] = "measured"
+        details["repeats"] = len(result.time_on)
+        times, time_details = time_savings(result, self.batch + 1, loop_seconds)
+        metrics.update({f"nograd/val/{key}": value for key, value in times.items()})
+        details.update(time_details)
         return metrics, details
 
 

@@ -25,6 +25,7 @@ from lightning_nograd.core.replay import (
     ReplayResult,
     is_work_module,
     replayable,
+    time_savings,
 )
 
 log = logging.getLogger(__name__)
@@ -371,29 +372,12 @@ class SavingsMonitor(EvaluationLoopCallback):
         if not result.time_on:
             details["savings"] = "time not measured: the budget allowed too few repeats (raise `budget`)"
             return metrics, details
-        low, high = result.spread
         caveat = cpu_timing_caveat() if self._device.type == "cpu" else None
         if caveat is not None:
             details["timing_caveat"] = caveat
-        details.update(
-            {
-                "time_saved_per_batch_s": result.saved_per_batch,
-                "time_saved_per_batch_iqr_s": [low, high],
-                "sign_test_p": result.sign_test_p,
-                "within_noise": result.within_noise(),
-            }
-        )
-        if result.within_noise():
-            details["savings"] = (
-                f"time difference within noise: {result.saved_per_batch * 1e3:+.3f} ms per batch "
-                f"(IQR {low * 1e3:+.3f} to {high * 1e3:+.3f} ms, sign test p={result.sign_test_p:.2f})"
-            )
-            return metrics, details
-        saved = result.saved_per_batch * self._batches
-        epoch_time = metrics.get(f"{prefix}/epoch_time_s", 0.0)
-        metrics[f"{prefix}/time_saved_s"] = saved
-        metrics[f"{prefix}/time_saved_pct"] = 100.0 * saved / (epoch_time + saved) if epoch_time + saved > 0 else 0.0
-        details["savings"] = "measured"
+        times, time_details = time_savings(result, self._batches, metrics.get(f"{prefix}/epoch_time_s", 0.0))
+        metrics.update({f"{prefix}/{key}": value for key, value in times.items()})
+        details.update(time_details)
         return metrics, details
 
 

@@ -89,6 +89,8 @@ def _fmt(value: float | None, unit: str, digits: int = 3) -> str:
 def _savings(summary: StageSummary) -> str:
     if summary.time_saved_pct is not None:
         text = f"{summary.time_saved_pct:.1f}% time"
+        if summary.savings_note and summary.savings_note.startswith("time difference within noise"):
+            text += ", within noise"
         if summary.time_saved_per_batch_iqr_s is not None:
             low, high = summary.time_saved_per_batch_iqr_s
             text += f" (IQR {low * 1e3:+.2f}..{high * 1e3:+.2f} ms/batch)"

@@ -3,7 +3,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lightning_nograd.core.replay import CallRecorder, ReplayResult, replay, replayable
+from lightning_nograd.core.replay import CallRecorder, ReplayResult, replay, replayable, time_savings
 
 
 def test_sign_test_tells_a_real_difference_from_noise() -> None:
@@ -49,3 +49,11 @@ def test_replay_restores_modes_rng_and_batch_norm_stats() -> None:
     assert torch.equal(net[1].running_mean, stats)
     assert torch.equal(torch.get_rng_state(), rng)
     assert all(m.training for m in net.modules())
+
+
+def test_time_savings_are_logged_within_noise_too() -> None:
+    noisy = ReplayResult(time_on=[0.010, 0.011, 0.009, 0.010], time_off=[0.011, 0.009, 0.010, 0.010])
+    metrics, details = time_savings(noisy, batches=5, epoch_seconds=0.05)
+    assert set(metrics) == {"time_saved_s", "time_saved_pct"}
+    assert details["within_noise"] and details["savings"].startswith("time difference within noise")
+    assert "sign test p=" in details["savings"]
