@@ -282,3 +282,28 @@ def test_replayed_graphs_are_freed(tmp_path: Path, oom: bool) -> None:
     gc.collect()
     assert refs, "the replay did not run the module with gradients on"
     assert [r() for r in refs if r() is not None] == []
+
+
+def test_replays_fire_none_of_the_users_hooks(tmp_path: Path) -> None:
+    def run(callbacks: list[Any]) -> dict[str, int]:
+        counts = {"forward": 0, "pre": 0, "global": 0}
+        model = Stack()
+        handles = [
+            model.net[2].register_forward_hook(lambda *a: counts.__setitem__("forward", counts["forward"] + 1)),
+            model.net[0].register_forward_pre_hook(lambda *a: counts.__setitem__("pre", counts["pre"] + 1)),
+            nn.modules.module.register_module_forward_hook(
+                lambda *a: counts.__setitem__("global", counts["global"] + 1)
+            ),
+        ]
+        with nograd_warnings():
+            trainer(tmp_path, callbacks, limit_val_batches=3).validate(model, loader())
+        for handle in handles:  # the user's handles still work: replays put the same hook dicts back
+            handle.remove()
+        assert not model.net[2]._forward_hooks and not model.net[0]._forward_pre_hooks
+        assert not nn.modules.module._global_forward_hooks
+        return counts
+
+    monitor = SavingsMonitor(repeats=3, budget=1000.0)
+    assert run([monitor]) == run([]) == {"forward": 3, "pre": 3, "global": run([])["global"]}
+    (epoch,) = monitor.report.epochs
+    assert "nograd/val/graph_memory_mib" in epoch.metrics  # the replays did run

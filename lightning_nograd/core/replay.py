@@ -288,6 +288,66 @@ def graph_bytes_of(calls: list[RecordedCall], exclude: set[tuple[str, int]]) -> 
     return sum(seen.values())
 
 
+_GLOBAL_HOOKS = (
+    "_global_forward_pre_hooks",
+    "_global_forward_hooks",
+    "_global_forward_hooks_with_kwargs",
+    "_global_forward_hooks_always_called",
+    "_global_backward_pre_hooks",
+    "_global_backward_hooks",
+)
+_MODULE_HOOKS = (
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_backward_pre_hooks",
+    "_backward_hooks",
+)
+
+
+def _weight_hook_types() -> tuple[type, ...]:
+    """PyTorch's hooks that compute a module's weights (pruning masks, old-style weight / spectral norm)."""
+    from torch.nn.utils.prune import BasePruningMethod
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    return (BasePruningMethod, WeightNorm, SpectralNorm)
+
+
+@contextlib.contextmanager
+def _user_hooks_off(roots: list[nn.Module]) -> Any:
+    """No forward or backward hook of the user's (module-level or global) fires inside the block.
+
+    A replay re-runs module calls: a feature-capture or statistics hook would see them as real
+    batches. The hook dictionaries are swapped for filtered copies and the very same objects put
+    back afterwards, so every handle the user holds stays valid. Only PyTorch's weight hooks stay.
+    """
+    import torch.nn.modules.module as module_globals
+
+    keep = _weight_hook_types()
+    saved_globals = {name: getattr(module_globals, name) for name in _GLOBAL_HOOKS}
+    saved_modules: list[tuple[nn.Module, dict[str, Any]]] = []
+    try:
+        for name, hooks in saved_globals.items():
+            setattr(module_globals, name, type(hooks)())
+        for module in {id(m): m for root in roots for m in root.modules()}.values():
+            own = {name: vars(module)[name] for name in _MODULE_HOOKS if name in vars(module)}
+            if not any(own.values()):
+                continue
+            saved_modules.append((module, own))
+            kept = {key for key, hook in own.get("_forward_pre_hooks", {}).items() if isinstance(hook, keep)}
+            for name, hooks in own.items():
+                vars(module)[name] = type(hooks)((key, value) for key, value in hooks.items() if key in kept)
+        yield
+    finally:
+        for name, hooks in saved_globals.items():
+            setattr(module_globals, name, hooks)
+        for module, own in saved_modules:
+            vars(module).update(own)
+
+
 class _EvalModeAndRng:
     """Puts the replayed modules in eval mode and restores modes and RNG state afterwards."""
 
@@ -369,7 +429,7 @@ class Replay:
     def _guarded(self, work: Callable[[], None]) -> None:
         if self.result.out_of_memory:
             return
-        with _EvalModeAndRng(self._modules, self.device), HUB.paused():
+        with _EvalModeAndRng(self._modules, self.device), HUB.paused(), _user_hooks_off(self._modules):
             try:
                 work()
             except Exception as err:
