@@ -26,6 +26,7 @@ from lightning_nograd.core.backprop import (
     explain_gradient_gaps,
     inference_tensors,
 )
+from lightning_nograd.core.faults import isolated, report_fault
 from lightning_nograd.core.findings import (
     ON_VIOLATION_CHOICES,
     Finding,
@@ -79,13 +80,17 @@ class _EvaluationAudit:
         self.recorded: list[RecordedCall] = []
         self.handles: list[RemovableHandle] = []
         self.outputs_attached = 0
+        self.on_error: Callable[[BaseException], None] | None = None
+        self.failed = False
 
     def start(self) -> None:
         self.modes.refresh()
         self.graph.start()
         self.handles = [
-            nn.modules.module.register_module_forward_pre_hook(self._pre),
-            nn.modules.module.register_module_forward_hook(self._post, with_kwargs=True, always_call=True),
+            nn.modules.module.register_module_forward_pre_hook(isolated(self._pre, self)),
+            nn.modules.module.register_module_forward_hook(
+                isolated(self._post, self), with_kwargs=True, always_call=True
+            ),
         ]
 
     def stop(self) -> None:
@@ -241,7 +246,14 @@ def audit(
     finally:
         loop_seconds = time.perf_counter() - started
         session.stop()
-    metrics, details = session.savings(loop_seconds) if measure_savings else ({}, {})
+    metrics: dict[str, float] = {}
+    details: dict[str, Any] = {}
+    if measure_savings and not session.failed:
+        try:
+            metrics, details = session.savings(loop_seconds)
+        except Exception as err:  # the replay runs at the end of the user's `with` block: never raise there
+            report_fault(session, err)
+            metrics, details = {}, {"savings": f"not measured: internal error ({type(err).__name__})"}
     metrics["nograd/val/violations"] = float(log.epoch_count("val"))
     report.record_epoch("val", 0, 0, metrics, details)
 

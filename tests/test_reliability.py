@@ -20,10 +20,12 @@ from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
 from lightning_nograd import BackpropGuard, EvalModeAuditor, NoGradAuditor, NoGradWarning, SavingsMonitor
-from lightning_nograd.core.graph import HUB
+from lightning_nograd.core.backprop import GradModeProbe
+from lightning_nograd.core.graph import HUB, GraphProbe
 from lightning_nograd.core.modes import ModeProbe
+from lightning_nograd.core.replay import CallRecorder
 from tests.helpers import Regressor, csv_values, loader, nograd_warnings, set_head_dropout_train, trainer
-from tests.test_backprop_guard import GAN
+from tests.test_backprop_guard import GAN, Net
 
 
 class TwoValLoaders(Regressor):
@@ -326,3 +328,68 @@ def test_callbacks_pickle_and_deep_copy_after_every_stage(tmp_path: Path, separa
             assert [type(c) for c in copies] == [type(c) for c in t.callbacks]
             pickle.loads(pickle.dumps(callbacks))
             torch.save(t, io.BytesIO())  # the whole trainer, as progress bars and checkpoint tools do
+
+
+def _raise(*args: Any, **kwargs: Any) -> None:
+    raise KeyError("simulated bug inside a hook that runs in the user's forward")
+
+
+@pytest.mark.parametrize(
+    ("target", "method", "check"),
+    [
+        (ModeProbe, "_pre_forward", "train_mode"),
+        (GradModeProbe, "_pre_forward", "no_grad_module"),
+        (CallRecorder, "_pre", "replay"),
+        (CallRecorder, "_post", "replay"),
+        (GraphProbe, "_record", "grad_enabled"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else v.__name__,
+)
+def test_a_failing_hook_inside_the_users_forward_never_reaches_the_user(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, target: type, method: str, check: str
+) -> None:
+    monkeypatch.setattr(target, method, _raise)
+    if target is GradModeProbe:  # its hook is installed for one step once parameters lacked gradients
+        model: pl.LightningModule = Net("no_grad")
+        callbacks: list[Any] = [BackpropGuard()]
+    elif target is ModeProbe:  # its hook watches modules already in train mode when a batch starts
+        model = DropoutOnAtEpochStart()
+        callbacks = [EvalModeAuditor()]
+    else:
+        model = Regressor(grad_enabled_body)
+        callbacks = [EvalModeAuditor(), SavingsMonitor(repeats=2, budget=1000.0)]
+    with nograd_warnings() as seen:
+        trainer(tmp_path, callbacks, limit_val_batches=3).fit(model, loader(), loader())
+    internal = [str(w.message) for w in seen if "internal error" in str(w.message)]
+    assert len(internal) == 1 and f"`{check}`" in internal[0], internal
+
+
+class DropoutOnAtEpochStart(Regressor):
+    def on_validation_epoch_start(self) -> None:
+        self.head[0].train()
+
+
+def grad_enabled_body(model: Regressor, x: torch.Tensor) -> torch.Tensor:
+    with torch.enable_grad():
+        return model(x)
+
+
+@pytest.mark.parametrize("where", ["_pre", "_post", "replay"])
+def test_audit_never_raises_an_internal_failure_into_the_users_loop(
+    monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    from lightning_nograd import audit
+    from lightning_nograd.core.replay import Replay
+    from lightning_nograd.plain_pytorch import _EvaluationAudit
+
+    if where == "replay":
+        monkeypatch.setattr(Replay, "measure_memory", _raise)
+    else:
+        monkeypatch.setattr(_EvaluationAudit, where, _raise)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 1)).eval()
+    with nograd_warnings() as seen, audit(net, repeats=2) as report, torch.no_grad():
+        for _ in range(3):
+            net(torch.randn(4, 8))
+    internal = [str(w.message) for w in seen if "internal error" in str(w.message)]
+    assert len(internal) == 1, internal
+    assert report.epochs, "the report is still filled"

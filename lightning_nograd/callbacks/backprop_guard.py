@@ -430,6 +430,7 @@ class BackpropGuard(NoGradCallback):
         self._pending_probe = False
         watch = {id(module): path for path, module in self._index.modules.items() if not self.allow.matches(path)}
         self._probe = GradModeProbe(watch)
+        self._probe.on_error = lambda err: self.switch_off("no_grad_module", err)
         self._probe.start()
 
     @guarded("no_grad_module")

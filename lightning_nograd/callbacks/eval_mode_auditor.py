@@ -144,6 +144,7 @@ class EvalModeAuditor(EvaluationLoopCallback):
     @guarded("train_mode")
     def _start_mode_probe(self, pl_module: nn.Module) -> None:
         self._modes = ModeProbe(pl_module, self.allow_train_mode, self._on_train_forward, self.on_violation == "fix")
+        self._modes.on_error = lambda err: self.switch_off("train_mode", err)
         self._modes.keep_fixing(self._fixed_by_stage.get(self._stage_name(), set()))
 
     @guarded("grad_enabled")

@@ -230,6 +230,7 @@ class SavingsMonitor(EvaluationLoopCallback):
         excluded = _excluded_types()
         candidates = {id(m) for m in pl_module.modules() if m is not pl_module and is_work_module(m, excluded)}
         self._recorder = CallRecorder(candidates)
+        self._recorder.on_error = lambda err: self.switch_off("replay", err)
         self._recorder.start()
 
     def _end_batch(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -14,7 +14,7 @@
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from lightning_nograd.core.faults import isolated
 from lightning_nograd.core.findings import display_name
 from lightning_nograd.core.modes import MODE_SENSITIVE_TYPES, is_grad_recording
 from lightning_nograd.core.patterns import ancestors, named_modules
@@ -94,13 +95,15 @@ class GradModeProbe:
 
     def __init__(self, watch: dict[int, str]) -> None:
         self.watch = watch
+        self.on_error: Callable[[BaseException], None] | None = None
+        self.failed = False
         self.with_grad: set[str] = set()
         self.without_grad: set[str] = set()
         self._handle: RemovableHandle | None = None
 
     def start(self) -> None:
         if self._handle is None:
-            self._handle = nn.modules.module.register_module_forward_pre_hook(self._pre_forward)
+            self._handle = nn.modules.module.register_module_forward_pre_hook(isolated(self._pre_forward, self))
 
     def stop(self) -> None:
         if self._handle is not None:

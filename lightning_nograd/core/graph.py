@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_nograd.core.faults import report_fault
 from lightning_nograd.core.findings import common_ancestor
 from lightning_nograd.core.patterns import named_modules
 from lightning_nograd.errors import NoGradError
@@ -104,6 +105,7 @@ class GraphProbe:
         self.is_allowed = is_allowed
         self.report_at_once = report_at_once
         self.on_error: Callable[[BaseException], None] | None = None
+        self.failed = False
         self._names: dict[int, str] = {}
         self._param_storages: set[tuple[str, int]] = set()
         self._active = False
@@ -176,13 +178,14 @@ class GraphProbe:
 
     def receive(self, tensor: torch.Tensor, frame: FrameType | None) -> None:
         """Handle one tensor autograd is saving for backward; ``frame`` is the op's caller."""
+        if self.failed:
+            return
         try:
             self._record(tensor, frame)
         except NoGradError:
             raise
         except Exception as err:  # a probe failure must not break the user's forward
-            if self.on_error is not None:
-                self.on_error(err)
+            report_fault(self, err)
 
     def _record(self, tensor: torch.Tensor, frame: FrameType | None) -> None:
         key = storage_key(tensor)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from lightning_nograd.core.faults import isolated
 from lightning_nograd.core.patterns import NamePatterns, named_modules
 
 MODE_SENSITIVE_TYPES: tuple[type[nn.Module], ...] = (
@@ -67,6 +68,8 @@ class ModeProbe:
         on_train_forward: Callable[[str, nn.Module, bool], None],
         fix: bool,
     ) -> None:
+        self.on_error: Callable[[BaseException], None] | None = None
+        self.failed = False
         self.root = root
         self.allowed = allowed
         self.on_train_forward = on_train_forward
@@ -111,7 +114,7 @@ class ModeProbe:
         watch.update({k: v for k, v in self._fixed.items() if k not in watch})
         self._watch = watch
         if watch and self._handle is None:
-            self._handle = nn.modules.module.register_module_forward_pre_hook(self._pre_forward)
+            self._handle = nn.modules.module.register_module_forward_pre_hook(isolated(self._pre_forward, self))
         elif not watch:
             self._remove_hook()
 

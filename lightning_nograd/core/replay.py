@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils._pytree import tree_map
 from torch.utils.hooks import RemovableHandle
 
+from lightning_nograd.core.faults import isolated
 from lightning_nograd.core.graph import HUB, storage_key
 from lightning_nograd.core.measure import peak_bytes_of, synchronize
 
@@ -109,6 +110,8 @@ class CallRecorder:
 
     def __init__(self, candidates: set[int]) -> None:
         self.candidates = candidates
+        self.on_error: Callable[[BaseException], None] | None = None
+        self.failed = False
         self.calls: list[RecordedCall] = []
         self._active: int | None = None
         self._handles: list[RemovableHandle] = []
@@ -117,8 +120,10 @@ class CallRecorder:
         if self._handles:
             return
         self._handles = [
-            nn.modules.module.register_module_forward_pre_hook(self._pre),
-            nn.modules.module.register_module_forward_hook(self._post, with_kwargs=True, always_call=True),
+            nn.modules.module.register_module_forward_pre_hook(isolated(self._pre, self)),
+            nn.modules.module.register_module_forward_hook(
+                isolated(self._post, self), with_kwargs=True, always_call=True
+            ),
         ]
 
     def stop(self) -> None:

@@ -1,0 +1,64 @@
+"""The one way an internal failure is handled wherever it happens: one warning, that check off, the run goes on.
+
+Probe hooks run inside the user's forward (global forward hooks, saved-tensor hooks). Registered
+through :func:`isolated`, an exception in them never reaches the user's code: the probe's
+``on_error`` gets it (the callbacks switch that check off with one warning), or, with no handler,
+it becomes one :class:`~lightning_nograd.NoGradWarning`; the probe then does nothing more.
+:class:`~lightning_nograd.NoGradError`, raised because the user asked a run to stop, passes.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Callable
+from typing import Any, ParamSpec, TypeVar
+
+from lightning_nograd.core.findings import user_stacklevel
+from lightning_nograd.errors import NoGradError, NoGradWarning
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def report_fault(owner: Any, err: BaseException) -> None:
+    """Hand ``err`` to ``owner.on_error``, or warn once; ``owner`` stops working either way.
+
+    Example:
+        >>> class Probe:
+        ...     on_error = None
+        >>> seen = []
+        >>> probe = Probe(); probe.on_error = seen.append
+        >>> report_fault(probe, ValueError("boom")); [type(e).__name__ for e in seen], probe.failed
+        (['ValueError'], True)
+    """
+    first = not getattr(owner, "failed", False)
+    owner.failed = True
+    handler: Callable[[BaseException], None] | None = getattr(owner, "on_error", None)
+    if handler is not None:
+        handler(err)
+    elif first:
+        warnings.warn(
+            f"[lightning-nograd] internal error in {type(owner).__name__}: {type(err).__name__}: {err}. "
+            "That check is switched off; the run goes on. Please report this with the traceback from the debug log.",
+            NoGradWarning,
+            stacklevel=user_stacklevel(),
+        )
+
+
+def isolated(hook: Callable[P, R], owner: Any) -> Callable[P, R | None]:
+    """``hook`` made safe to run inside the user's code, on behalf of ``owner`` (see the module doc)."""
+
+    @functools.wraps(hook)
+    def run(*args: P.args, **kwargs: P.kwargs) -> R | None:
+        if getattr(owner, "failed", False):
+            return None
+        try:
+            return hook(*args, **kwargs)
+        except NoGradError:
+            raise
+        except Exception as err:
+            report_fault(owner, err)
+            return None
+
+    return run

@@ -1,0 +1,39 @@
+from __future__ import annotations
+
+import pytest
+
+from lightning_nograd import NoGradError, NoGradWarning
+from lightning_nograd.core.faults import isolated
+
+
+class Probe:
+    def __init__(self) -> None:
+        self.on_error = None
+        self.calls = 0
+
+    def hook(self, fail: str | None = None) -> int:
+        self.calls += 1
+        if fail == "bug":
+            raise KeyError("bug")
+        if fail == "stop":
+            raise NoGradError("the user asked to stop")
+        return self.calls
+
+
+def test_a_failing_hook_warns_once_and_then_does_nothing() -> None:
+    probe = Probe()
+    hook = isolated(probe.hook, probe)
+    assert hook() == 1
+    with pytest.warns(NoGradWarning, match="internal error in Probe: KeyError"):
+        assert hook("bug") is None
+    assert hook() is None and probe.calls == 2, "switched off after its failure"
+
+
+def test_a_handler_gets_the_error_and_no_grad_error_passes() -> None:
+    probe = Probe()
+    seen: list[BaseException] = []
+    probe.on_error = seen.append  # type: ignore[assignment]
+    with pytest.raises(NoGradError):
+        isolated(probe.hook, probe)("stop")
+    isolated(probe.hook, probe)("bug")
+    assert [type(e) for e in seen] == [KeyError]
