@@ -6,6 +6,7 @@ import copy
 import gc
 import io
 import pickle
+import warnings
 import weakref
 from pathlib import Path
 from typing import Any
@@ -128,7 +129,34 @@ def test_two_identical_instances_in_one_trainer_save_and_resume(tmp_path: Path) 
     saved = torch.load(tmp_path / "last.ckpt", weights_only=False)["callbacks"]
     assert first.state_key in saved and second.state_key in saved
     base = first.state_key.split("#")[0]
-    assert second.state_key.startswith(f"{base}#"), "numbered by creation order, as a resuming process repeats"
+    assert second.state_key == f"{base}#2", "numbered by order in the trainer's list, as a resuming process repeats"
+
+
+def test_keys_follow_the_trainers_list_not_creation_order(tmp_path: Path) -> None:
+    created_first, created_second = NoGradAuditor(verbose=False), NoGradAuditor(verbose=False)
+    _ = created_first.state_key, created_second.state_key  # claimed in creation order
+    with nograd_warnings():
+        trainer(tmp_path, [created_second, created_first]).fit(Regressor(), loader(), loader())
+    assert created_first.state_key == created_second.state_key.split("#")[0] + "#2"
+
+
+def test_a_fresh_instance_resumes_in_the_same_process(tmp_path: Path) -> None:
+    # a notebook, or a script that resumes in the process that saved: the old instance is still alive
+    old = NoGradAuditor(verbose=False)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    with pytest.warns(NoGradWarning, match="switched to train mode"):
+        trainer(tmp_path, [old, ckpt], enable_checkpointing=True, max_epochs=1).fit(
+            Regressor(set_head_dropout_train), loader(), loader()
+        )
+    fresh = NoGradAuditor(verbose=False)
+    with nograd_warnings() as seen, warnings.catch_warnings(record=True) as lightning_warnings:
+        warnings.simplefilter("always")
+        trainer(tmp_path, [fresh, ModelCheckpoint(dirpath=tmp_path)], enable_checkpointing=True, max_epochs=2).fit(
+            Regressor(set_head_dropout_train), loader(), loader(), ckpt_path=tmp_path / "last.ckpt"
+        )
+    assert fresh.state_key == old.state_key
+    assert not [w for w in lightning_warnings if "callbacks used to create the checkpoint" in str(w.message)]
+    assert seen == [], "the warned findings were restored: nothing is warned twice"
 
 
 def run_for_weights(tmp_path: Path, callbacks: list[pl.Callback], resume: bool = False, **kwargs: Any) -> dict:

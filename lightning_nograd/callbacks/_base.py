@@ -90,23 +90,39 @@ class NoGradCallback(CallbackBase):
     def state_key(self) -> str:
         # Lightning reads this on every hook call (profiler names), so it is computed once.
         if self._state_key is None:
-            self._state_key = self._claim_state_key(self._generate_state_key(**self._state_key_settings()))
+            self._state_key = self._claim_state_key(self._base_state_key())
         return self._state_key
 
-    def _claim_state_key(self, base: str) -> str:
-        """``base``, or ``base#N`` when a live instance with the same settings already holds it.
+    def _base_state_key(self) -> str:
+        return self._generate_state_key(**self._state_key_settings())
 
-        Lightning refuses two stateful callbacks with one key; numbering by creation order keeps
-        the keys stable across the processes that save and resume a checkpoint.
+    def _claim_state_key(self, base: str) -> str:
+        """``base``, or ``base#N`` when another instance with the same settings is in use now.
+
+        Only for Lightning's duplicate check when the ``Trainer`` is built, before any callback
+        sees its trainer; :meth:`setup` then sets the key from the order in the trainer's list. An
+        instance whose run ended (torn down) holds no number, so a fresh one in the same process (a
+        notebook, a resuming script) gets the key a fresh process would give it.
         """
-        live = _LIVE_STATE_KEYS.setdefault(base, weakref.WeakSet())
-        taken = {other._state_key for other in live if other is not self}
+        in_use = _LIVE_STATE_KEYS.setdefault(base, weakref.WeakSet())
+        taken = {other._state_key for other in in_use if other is not self}
         key, number = base, 1
         while key in taken:
             number += 1
             key = f"{base}#{number}"
-        live.add(self)
+        in_use.add(self)
         return key
+
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Key the checkpoint state by settings and, for identical instances, by order in ``trainer.callbacks``."""
+        base = self._base_state_key()
+        same = [cb for cb in getattr(trainer, "callbacks", []) if isinstance(cb, NoGradCallback)]
+        same = [cb for cb in same if cb._base_state_key() == base]
+        position = next((i for i, cb in enumerate(same) if cb is self), None)
+        if position is not None:
+            self._state_key = base if position == 0 else f"{base}#{position + 1}"
+        _LIVE_STATE_KEYS.setdefault(base, weakref.WeakSet()).add(self)
 
     def _on_new_finding(self, finding: Finding) -> None:
         self.report.findings.append(finding)
@@ -193,6 +209,7 @@ class NoGradCallback(CallbackBase):
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self.release()
         forget_lightning_module(self)
+        _LIVE_STATE_KEYS.get(self._base_state_key(), weakref.WeakSet()).discard(self)
 
     @override
     def state_dict(self) -> dict[str, Any]:

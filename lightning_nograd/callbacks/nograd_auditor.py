@@ -12,7 +12,7 @@ from typing import Any
 from typing_extensions import override
 
 from lightning_nograd.callbacks._base import NoGradCallback
-from lightning_nograd.callbacks._lightning import LightningModule, Trainer, forget_lightning_module
+from lightning_nograd.callbacks._lightning import LightningModule, Trainer
 from lightning_nograd.callbacks.backprop_guard import BackpropGuard
 from lightning_nograd.callbacks.eval_mode_auditor import EvalModeAuditor
 from lightning_nograd.callbacks.loggers import flat_summary, write_summaries
@@ -114,12 +114,13 @@ class NoGradAuditor(NoGradCallback):
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
         self._each("setup", trainer, pl_module, stage)
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._each("teardown", trainer, pl_module, stage)
-        forget_lightning_module(self)
+        super().teardown(trainer, pl_module, stage)
         self._end_of_stage_report(trainer, stage)
 
     @override

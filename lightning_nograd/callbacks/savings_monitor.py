@@ -148,6 +148,7 @@ class SavingsMonitor(EvaluationLoopCallback):
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
         self._run_started = time.perf_counter()
         self._spent = 0.0
         self.set_rank_zero(trainer)
