@@ -13,7 +13,7 @@ import torch
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torch import nn
 
-from lightning_nograd import NoGradWarning, SavingsMonitor
+from lightning_nograd import NoGradAuditor, NoGradWarning, SavingsMonitor
 from lightning_nograd.core.measure import SETTLED_MALLOC_ENV, cpu_timing_caveat
 from lightning_nograd.core.summary import render
 from tests.helpers import Regressor, csv_values, loader, nograd_warnings, read_tensorboard_scalars, trainer
@@ -232,26 +232,58 @@ def test_sanity_check_is_not_measured(tmp_path: Path) -> None:
     assert [e.stage for e in monitor.report.epochs] == ["val"]
 
 
-def _fit_weights(tmp_path: Path, callbacks: list[Any], fullgraph: bool) -> torch.Tensor:
+class UnloggedRegressor(Regressor):
+    """Steps without `self.log`: Lightning's logging does not compile when the whole module is compiled."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.mse_loss(self(x), y)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.mse_loss(self(x), y)
+
+
+def _compiled_fit(
+    tmp_path: Path, callbacks: list[Any], fullgraph: bool, whole: bool
+) -> tuple[torch.Tensor, dict[str, dict[str, int]]]:
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
     torch.manual_seed(0)
-    model = Regressor()
-    model.head = torch.compile(model.head, fullgraph=fullgraph)  # type: ignore[assignment]
+    model = UnloggedRegressor()
+    if whole:  # as Lightning's docs show; Lightning then compiles the steps too
+        compiled: Any = torch.compile(model, backend="aot_eager", fullgraph=fullgraph)
+    else:
+        model.head = torch.compile(model.head, fullgraph=fullgraph)  # type: ignore[assignment]
+        compiled = model
     torch.manual_seed(1)
-    trainer(tmp_path, callbacks, max_epochs=2, limit_train_batches=3).fit(model, loader(), loader())
-    return torch.cat([p.detach().flatten() for p in model.parameters()])
+    trainer(tmp_path, callbacks, max_epochs=2, limit_train_batches=3).fit(compiled, loader(), loader())
+    seen = {k: dict(v) for k, v in counters.items() if k in ("stats", "graph_break", "recompiles", "unimplemented")}
+    return torch.cat([p.detach().flatten() for p in model.parameters()]), seen
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="inductor needs a C++ compiler on CPU")
-@pytest.mark.parametrize("fullgraph", [False, True])
-def test_compiled_modules_are_replayed_eagerly_and_the_run_is_unchanged(tmp_path: Path, fullgraph: bool) -> None:
-    torch._dynamo.reset()
-    plain = _fit_weights(tmp_path / "plain", [], fullgraph)
-    monitor = SavingsMonitor(repeats=2, budget=1000.0)
-    watched = _fit_weights(tmp_path / "watched", [monitor], fullgraph)
-    assert torch.equal(plain, watched)
-    measured = [e for e in monitor.report.epochs if "nograd/val/graph_memory_mib" in e.metrics]
-    assert measured, [e.details for e in monitor.report.epochs]
-    assert all("replayed eagerly" in e.details["compiled"] for e in measured)
+@pytest.mark.parametrize(("whole", "fullgraph"), [(False, False), (False, True), (True, False)])
+def test_compiled_modules_are_replayed_eagerly_and_the_run_is_unchanged(
+    tmp_path: Path, whole: bool, fullgraph: bool
+) -> None:
+    plain, plain_dynamo = _compiled_fit(tmp_path / "plain", [], fullgraph, whole)
+    for name, callback in [
+        ("auditor", NoGradAuditor(verbose=False)),
+        ("monitor", SavingsMonitor(repeats=2, budget=1000.0)),
+    ]:
+        watched, watched_dynamo = _compiled_fit(tmp_path / name, [callback], fullgraph, whole)
+        assert torch.equal(plain, watched), name
+        # no recompile and no graph break of the user's compiled code: dynamo counted the same
+        assert watched_dynamo == plain_dynamo, (name, watched_dynamo, plain_dynamo)
+    val = [e for e in callback.report.epochs if e.stage == "val"]
+    if whole:  # Lightning compiles the steps themselves: module calls inside them cannot be recorded
+        assert all("compiled whole" in e.details["savings"] for e in val), [e.details for e in val]
+    else:
+        measured = [e for e in val if "nograd/val/graph_memory_mib" in e.metrics]
+        assert measured and all("replayed eagerly" in e.details["compiled"] for e in measured)
 
 
 class KeepsGraphRefs(nn.Module):

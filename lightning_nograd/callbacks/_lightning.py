@@ -34,7 +34,7 @@ else:
     LightningModule = Any
     Trainer = Any
 
-__all__ = ["CallbackBase", "LightningModule", "Trainer", "is_sanity_checking", "world_size"]
+__all__ = ["CallbackBase", "LightningModule", "Trainer", "is_sanity_checking", "steps_are_compiled", "world_size"]
 
 
 def is_sanity_checking(trainer: Trainer) -> bool:
@@ -55,3 +55,12 @@ def forget_lightning_module(callback: object) -> None:
     """
     for name in ("log", "log_dict"):
         vars(callback).pop(name, None)
+
+
+def steps_are_compiled(pl_module: object) -> bool:
+    """Whether the LightningModule was passed through ``torch.compile`` whole.
+
+    ``lightning.pytorch.utilities.compile.from_compiled`` (2.2 to 2.6) then compiles its steps too and
+    records that in the private ``_compiler_ctx``.
+    """
+    return getattr(pl_module, "_compiler_ctx", None) is not None

@@ -11,7 +11,7 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_nograd.callbacks._base import LOOP_NAMES, EvaluationLoopCallback, guarded
-from lightning_nograd.callbacks._lightning import LightningModule, Trainer, is_sanity_checking
+from lightning_nograd.callbacks._lightning import LightningModule, Trainer, is_sanity_checking, steps_are_compiled
 from lightning_nograd.callbacks.loggers import reduce_vector
 from lightning_nograd.core.arguments import check_float, check_int
 from lightning_nograd.core.findings import Finding
@@ -121,6 +121,7 @@ class SavingsMonitor(EvaluationLoopCallback):
         self._run_started = time.perf_counter()
         self._spent = 0.0
         self._device = torch.device("cpu")
+        self._compiled_steps = False
         self._clock: EpochClock | None = None
         self._memory: EpochPeakMemory | None = None
         self._recorder: CallRecorder | None = None
@@ -197,6 +198,7 @@ class SavingsMonitor(EvaluationLoopCallback):
         self._skip_reason = None
         self._batch_seconds = []
         self._device = torch.device(pl_module.device)
+        self._compiled_steps = steps_are_compiled(pl_module)
         self._start_epoch_measures()
         total = _total_batches(trainer, stage)
         self._record_from = 1 if total is None or total > self.measure_batches else 0
@@ -362,7 +364,12 @@ class SavingsMonitor(EvaluationLoopCallback):
             metrics[f"{prefix}/peak_memory_mib"] = self._memory.peak_mib()
         measurement = self._measurement
         if measurement is None:
-            details["savings"] = self._skip_reason or "no module calls with parameters were recorded"
+            details["savings"] = self._skip_reason or (
+                "not measured: the LightningModule was compiled whole (`torch.compile(model)`), so its steps run as "
+                "compiled code in which module calls cannot be recorded; compile submodules to have them measured"
+                if self._compiled_steps
+                else "no module calls with parameters were recorded"
+            )
             return metrics, details
         result, info = measurement
         details.update(info)
