@@ -421,3 +421,41 @@ def test_audit_never_raises_an_internal_failure_into_the_users_loop(
     internal = [str(w.message) for w in seen if "internal error" in str(w.message)]
     assert len(internal) == 1, internal
     assert report.epochs, "the report is still filled"
+
+
+NAMESPACE_SCRIPTS = {
+    "import-alone": """
+import sys
+import lightning_nograd
+assert not {"lightning", "lightning.pytorch", "pytorch_lightning"} & set(sys.modules), sorted(sys.modules)
+""",
+    "lightning-user": """
+import sys
+import lightning.pytorch as pl
+from lightning.pytorch.demos.boring_classes import BoringModel
+from lightning_nograd import NoGradAuditor
+pl.Trainer(callbacks=[NoGradAuditor(verbose=False)], max_epochs=1, limit_train_batches=2, limit_val_batches=2,
+           logger=False, enable_progress_bar=False, enable_checkpointing=False).fit(BoringModel())
+assert "pytorch_lightning" not in sys.modules, "Lightning's loggers and warning classes would be re-pointed"
+""",
+    "pytorch-lightning-user-imported-after": """
+from lightning_nograd import NoGradAuditor  # isort puts it before pytorch_lightning
+import pytorch_lightning as pl
+from pytorch_lightning.demos.boring_classes import BoringModel
+auditor = NoGradAuditor(verbose=False)
+pl.Trainer(callbacks=[auditor], max_epochs=1, limit_train_batches=2, limit_val_batches=2,
+           logger=False, enable_progress_bar=False, enable_checkpointing=False).fit(BoringModel())
+assert [e.stage for e in auditor.report.epochs].count("train") == 1
+""",
+}
+
+
+@pytest.mark.parametrize("case", list(NAMESPACE_SCRIPTS))
+def test_importing_loads_no_lightning_namespace_and_both_namespaces_work(case: str) -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", NAMESPACE_SCRIPTS[case]], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]

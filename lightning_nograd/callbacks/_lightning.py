@@ -6,35 +6,62 @@ Checked against lightning / pytorch_lightning 2.2 to 2.6.
 from __future__ import annotations
 
 import importlib
-import importlib.util
+import sys
 from typing import TYPE_CHECKING, Any
+
+_NAMESPACES = ("lightning.pytorch", "pytorch_lightning")
+
+
+def imported_callback_bases() -> tuple[type, ...]:
+    """The ``Callback`` classes of the Lightning namespaces this process has already imported."""
+    bases = []
+    for name in _NAMESPACES:
+        callback = getattr(sys.modules.get(name), "Callback", None)
+        if isinstance(callback, type):
+            bases.append(callback)
+    return tuple(bases)
+
+
+def callback_bases_for_a_trainer() -> tuple[type, ...]:
+    """The ``Callback`` classes a callback built now must derive from, for either namespace's ``Trainer``.
+
+    Those of the namespaces the user imported; when none is imported yet, ``lightning.pytorch``
+    (or ``pytorch_lightning`` where only that is installed) is imported here, at construction,
+    never when ``lightning_nograd`` itself is imported.
+    """
+    bases = imported_callback_bases()
+    if bases:
+        return bases
+    for name in _NAMESPACES:
+        try:
+            return (importlib.import_module(name).Callback,)
+        except ImportError:
+            continue
+    raise ImportError("lightning-nograd needs `lightning` (or `pytorch_lightning`) installed.")
+
 
 if TYPE_CHECKING:
     from lightning.pytorch import Callback as CallbackBase
     from lightning.pytorch import LightningModule, Trainer
 else:
+    # Only namespaces the user already imported: importing `pytorch_lightning` behind a user of
+    # `lightning.pytorch` re-points Lightning's loggers and warning classes for the whole process.
+    # A callback built later adds the namespaces imported since (`NoGradCallback.__new__`).
+    class CallbackBase(*imported_callback_bases()):
+        """The Lightning ``Callback`` classes imported when lightning-nograd was, if any."""
 
-    def _callback_base() -> type:
-        """One base class that both ``lightning.pytorch`` and ``pytorch_lightning`` accept."""
-        bases = []
-        for package in ("lightning.pytorch", "pytorch_lightning"):
-            try:
-                found = importlib.util.find_spec(package.split(".")[0]) is not None
-            except ValueError:
-                found = False
-            if found:
-                bases.append(importlib.import_module(package).Callback)
-        if not bases:
-            raise ImportError("lightning-nograd needs `lightning` (or `pytorch_lightning`) installed.")
-        if len(bases) == 1:
-            return bases[0]
-        return type("Callback", tuple(bases), {"__module__": __name__})
-
-    CallbackBase = _callback_base()
     LightningModule = Any
     Trainer = Any
 
-__all__ = ["CallbackBase", "LightningModule", "Trainer", "is_sanity_checking", "steps_are_compiled", "world_size"]
+__all__ = [
+    "CallbackBase",
+    "LightningModule",
+    "Trainer",
+    "callback_bases_for_a_trainer",
+    "is_sanity_checking",
+    "steps_are_compiled",
+    "world_size",
+]
 
 
 def is_sanity_checking(trainer: Trainer) -> bool:
