@@ -15,7 +15,7 @@ from lightning_nograd.callbacks._lightning import (
     CallbackBase,
     LightningModule,
     Trainer,
-    callback_bases_for_a_trainer,
+    attach_lightning_bases,
     forget_lightning_module,
     world_size,
 )
@@ -58,26 +58,6 @@ def guarded(check: str) -> Callable[[Callable[Concatenate[C, P], R]], Callable[C
 
 
 _LIVE_STATE_KEYS: dict[str, weakref.WeakSet[NoGradCallback]] = {}
-_WITH_BASES: dict[tuple[type, tuple[type, ...]], type] = {}
-
-
-def _with_bases(cls: type, bases: tuple[type, ...]) -> type:
-    """``cls`` with more ``Callback`` bases: same name, module and behaviour (one class per combination)."""
-    key = (cls, bases)
-    if key not in _WITH_BASES:
-        namespace = {"__module__": cls.__module__, "__qualname__": cls.__qualname__, "_public": cls}
-        _WITH_BASES[key] = type(cls.__name__, (cls, *bases), namespace)
-    return _WITH_BASES[key]
-
-
-def _public_class(cls: type) -> type:
-    public: type = cls.__dict__.get("_public", cls)
-    return public
-
-
-def _rebuild(cls: type[NoGradCallback]) -> NoGradCallback:
-    rebuilt: NoGradCallback = cls.__new__(cls)
-    return rebuilt
 
 
 class NoGradCallback(CallbackBase):
@@ -93,13 +73,8 @@ class NoGradCallback(CallbackBase):
     warning_category: type[NoGradWarning] = NoGradWarning
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Any:
-        # a namespace imported after lightning_nograd (`pytorch_lightning`, say) joins the bases here
-        missing = tuple(base for base in callback_bases_for_a_trainer() if not issubclass(cls, base))
-        return super().__new__(_with_bases(cls, missing) if missing else cls)
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        # pickled by its public class: the subclass `__new__` may have made is rebuilt on loading
-        return (_rebuild, (_public_class(type(self)),), self.__dict__.copy())
+        attach_lightning_bases()  # a namespace imported after lightning_nograd joins the bases here
+        return super().__new__(cls)
 
     def __init__(self, on_violation: OnViolation = "warn") -> None:
         super().__init__()

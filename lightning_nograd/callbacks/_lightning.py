@@ -44,20 +44,48 @@ if TYPE_CHECKING:
     from lightning.pytorch import Callback as CallbackBase
     from lightning.pytorch import LightningModule, Trainer
 else:
-    # Only namespaces the user already imported: importing `pytorch_lightning` behind a user of
-    # `lightning.pytorch` re-points Lightning's loggers and warning classes for the whole process.
-    # A callback built later adds the namespaces imported since (`NoGradCallback.__new__`).
-    class CallbackBase(*imported_callback_bases()):
-        """The Lightning ``Callback`` classes imported when lightning-nograd was, if any."""
+
+    class _NoLightningYet:
+        """Where ``CallbackBase`` starts when no Lightning namespace is imported yet.
+
+        A class of our own rather than ``object``: Python lets a class derived from it be re-based.
+        """
+
+    class CallbackBase(_NoLightningYet):
+        """The ``Callback`` classes of the Lightning namespaces in use (see :func:`attach_lightning_bases`)."""
 
     LightningModule = Any
     Trainer = Any
+
+
+def attach_lightning_bases() -> None:
+    """Make every lightning-nograd callback a ``Callback`` of each Lightning namespace imported so far.
+
+    Only namespaces the user imported: importing ``pytorch_lightning`` behind a user of
+    ``lightning.pytorch`` re-points Lightning's loggers and warning classes for the whole process.
+    Runs when lightning-nograd is imported and again whenever a callback is built, so a namespace
+    imported in between (``pytorch_lightning`` after ``lightning_nograd``, as isort orders them)
+    joins; the classes stay the same classes, so ``type(cb) is NoGradAuditor`` and pickling hold.
+    """
+    current = tuple(b for b in CallbackBase.__bases__ if b.__name__ != "_NoLightningYet")
+    bases = imported_callback_bases() if current else callback_bases_for_a_trainer()
+    wanted = tuple(dict.fromkeys((*current, *bases)))
+    if wanted and wanted != current:
+        CallbackBase.__bases__ = wanted
+
+
+def _attach_imported_bases() -> None:
+    if imported_callback_bases():
+        attach_lightning_bases()
+
+
+_attach_imported_bases()
 
 __all__ = [
     "CallbackBase",
     "LightningModule",
     "Trainer",
-    "callback_bases_for_a_trainer",
+    "attach_lightning_bases",
     "is_sanity_checking",
     "steps_are_compiled",
     "world_size",
