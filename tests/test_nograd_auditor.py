@@ -291,3 +291,16 @@ def test_report_path_failing_at_run_time_never_costs_the_run(
         assert "lightning-nograd report" in capsys.readouterr().out  # the table is still printed
     # the loggers were finalized: the CSV log has the first epoch's training losses
     assert csv_values(Path(logger.log_dir), "train_loss")
+
+
+@pytest.mark.parametrize("front_end", ["NoGradAuditor", "SavingsMonitor"])
+def test_savings_messages_name_the_argument_of_the_class_the_user_built(tmp_path: Path, front_end: str) -> None:
+    # a zero budget refuses every measurement, whatever the machine's speed
+    callback = (
+        NoGradAuditor(verbose=False, savings_budget=0.0) if front_end == "NoGradAuditor" else SavingsMonitor(budget=0.0)
+    )
+    with nograd_warnings():
+        trainer(tmp_path, [callback], max_epochs=1).fit(Regressor(), loader(), loader())
+    (epoch,) = [e for e in callback.report.epochs if e.stage == "val"]
+    argument = "savings_budget" if front_end == "NoGradAuditor" else "budget"
+    assert epoch.details["savings"] == f"run too short to measure within its 0% time budget (raise `{argument}`)"

@@ -88,7 +88,9 @@ class NoGradAuditor(NoGradCallback):
         if check_bool("audit_eval", audit_eval):
             self.parts.append(EvalModeAuditor(on_violation, allow_train_mode, allow_grad))
         if check_bool("monitor_savings", monitor_savings):
-            self.parts.append(SavingsMonitor(budget=savings_budget))
+            monitor = SavingsMonitor(budget=savings_budget)
+            monitor._budget_argument = "savings_budget"
+            self.parts.append(monitor)
         if check_bool("guard_backprop", guard_backprop):
             self.parts.append(BackpropGuard(on_violation, allow))
         self._sink.holding = True

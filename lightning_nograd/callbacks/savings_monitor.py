@@ -54,6 +54,16 @@ def _signature(calls: list[RecordedCall]) -> tuple[Any, ...]:
     return tuple((id(c.module), describe(c.args), describe(c.kwargs), c.inference_mode) for c in calls)
 
 
+def percent(share: float) -> str:
+    """A share of the run's time as the user wrote it: ``0.005`` -> ``"0.5%"`` (not ``"0%"``).
+
+    Example:
+        >>> percent(0.005), percent(0.2), percent(1.0)
+        ('0.5%', '20%', '100%')
+    """
+    return f"{share * 100:g}%"
+
+
 def _is_oom(err: BaseException) -> bool:
     return isinstance(err, torch.OutOfMemoryError)
 
@@ -122,6 +132,7 @@ class SavingsMonitor(EvaluationLoopCallback):
         self._spent = 0.0
         self._device = torch.device("cpu")
         self._compiled_steps = False
+        self._budget_argument = "budget"  # NoGradAuditor's users know it as `savings_budget`
         self._clock: EpochClock | None = None
         self._memory: EpochPeakMemory | None = None
         self._recorder: CallRecorder | None = None
@@ -275,7 +286,10 @@ class SavingsMonitor(EvaluationLoopCallback):
         run_time = time.perf_counter() - self._run_started + remaining * seconds_per_batch
         allowed = self.budget * run_time - self._spent
         if allowed < 6 * seconds_per_batch * len(batches):
-            self._skip_reason = f"run too short to measure within its {self.budget:.0%} time budget (raise `budget`)"
+            self._skip_reason = (
+                f"run too short to measure within its {percent(self.budget)} time budget "
+                f"(raise `{self._budget_argument}`)"
+            )
             return
         exclude = {storage_key(t) for t in [*pl_module.parameters(), *pl_module.buffers()] if t.numel() > 0}
         self._spent_this_measurement = 0.0
@@ -379,7 +393,9 @@ class SavingsMonitor(EvaluationLoopCallback):
         metrics[f"{prefix}/graph_memory_mib"] = result.graph_bytes / MIB
         metrics[f"{prefix}/memory_saved_mib"] = (result.peak_on_bytes - result.peak_off_bytes) / MIB
         if not result.time_on:
-            details["savings"] = "time not measured: the budget allowed too few repeats (raise `budget`)"
+            details["savings"] = (
+                f"time not measured: the budget allowed too few repeats (raise `{self._budget_argument}`)"
+            )
             return metrics, details
         caveat = cpu_timing_caveat() if self._device.type == "cpu" else None
         if caveat is not None:
