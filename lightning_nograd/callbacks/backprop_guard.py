@@ -26,7 +26,7 @@ from lightning_nograd.core.backprop import (
 )
 from lightning_nograd.core.findings import Finding, OnViolation, display_name
 from lightning_nograd.core.graph import MIB, GraphEvent, GraphProbe, format_bytes
-from lightning_nograd.core.patterns import NamePatterns, ancestors, named_modules
+from lightning_nograd.core.patterns import NamePatterns, ancestors, named_modules, parent_path
 from lightning_nograd.errors import BrokenBackpropWarning
 
 OUTSIDE_STEP_HOOKS = frozenset(
@@ -268,9 +268,7 @@ class BackpropGuard(NoGradCallback):
             (path, m)
             for path, m in self._modules
             if path in self._train_mode_seen
-            and not is_frozen(
-                m, modules.get(path.rsplit(".", 1)[0] if "." in path else "") if path else None, self._trained_ids
-            )
+            and not is_frozen(m, modules.get(parent_path(path)) if path else None, self._trained_ids)
         ]
         self._last_clean_check = hook
 
@@ -280,7 +278,7 @@ class BackpropGuard(NoGradCallback):
         self._optimizer_params = {}
 
     def _allowed_param(self, name: str) -> bool:
-        return self.allow.matches(name.rsplit(".", 1)[0] if "." in name else "")
+        return self.allow.matches(parent_path(name))
 
     def _finding(self, kind: str, subject: str, hook: str, problem: str, fix: str, **details: Any) -> None:
         self.add_finding(
@@ -292,7 +290,7 @@ class BackpropGuard(NoGradCallback):
     @guarded("inference_tensor")
     def _check_inference_tensors(self, pl_module: nn.Module, hook: str) -> None:
         for path, kind in inference_tensors(pl_module):
-            if path in self._inference_reported or self.allow.matches(path.rsplit(".", 1)[0] if "." in path else ""):
+            if path in self._inference_reported or self.allow.matches(parent_path(path)):
                 continue
             self._inference_reported.add(path)
             self._finding(

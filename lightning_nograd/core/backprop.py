@@ -25,7 +25,7 @@ from torch.utils.hooks import RemovableHandle
 from lightning_nograd.core.faults import isolated
 from lightning_nograd.core.findings import display_name
 from lightning_nograd.core.modes import MODE_SENSITIVE_TYPES, is_grad_recording
-from lightning_nograd.core.patterns import ancestors, named_modules
+from lightning_nograd.core.patterns import ancestors, named_modules, parent_path
 
 
 class ParamIndex:
@@ -308,7 +308,7 @@ def eval_mode_under_trainable(root: nn.Module, trained: set[int] | None = None) 
     for path, module in modules.items():
         if module.training or not isinstance(module, MODE_SENSITIVE_TYPES):
             continue
-        parent = modules.get(path.rsplit(".", 1)[0] if "." in path else "", module) if path else module
+        parent = modules.get(parent_path(path), module) if path else module
         if not any(is_trained(p, trained) for p in parent.parameters()):
             continue
         top = path

@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from lightning_nograd.core.faults import isolated
-from lightning_nograd.core.patterns import NamePatterns, named_modules
+from lightning_nograd.core.patterns import NamePatterns, named_modules, parent_path
 
 MODE_SENSITIVE_TYPES: tuple[type[nn.Module], ...] = (
     nn.modules.dropout._DropoutNd,
@@ -89,7 +89,7 @@ class ModeProbe:
             by_name[name] = module
             if self.allowed.matches(name):
                 continue
-            parent = by_name.get(name.rsplit(".", 1)[0] if "." in name else "") if name else None
+            parent = by_name.get(parent_path(name)) if name else None
             modules.append((name, module, parent))
         self._modules = modules
         self._reported_this_epoch = set()

@@ -26,6 +26,11 @@ def named_modules(root: nn.Module) -> Iterator[tuple[str, nn.Module]]:
         yield user_path(path), module
 
 
+def parent_path(path: str) -> str:
+    """The path of the module holding ``path``: ``"a.b"`` -> ``"a"``, ``"a"`` -> ``""`` (the root)."""
+    return path.rsplit(".", 1)[0] if "." in path else ""
+
+
 def ancestors(path: str) -> list[str]:
     """``path`` and its ancestors, outermost first: ``"a.b"`` -> ``["", "a", "a.b"]``."""
     parts = path.split(".") if path else []
