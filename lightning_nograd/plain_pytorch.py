@@ -26,7 +26,7 @@ from lightning_nograd.core.backprop import (
     explain_gradient_gaps,
     inference_tensors,
 )
-from lightning_nograd.core.faults import isolated, report_fault
+from lightning_nograd.core.faults import Probe, isolated, report_fault
 from lightning_nograd.core.findings import (
     ON_VIOLATION_CHOICES,
     Finding,
@@ -52,7 +52,7 @@ __all__ = ["audit", "check_training_step"]
 _LOOP = "evaluation loop"
 
 
-class _EvaluationAudit:
+class _EvaluationAudit(Probe):
     """The state behind :func:`audit`: probes on one model, batch boundaries at its forward."""
 
     def __init__(
@@ -80,8 +80,6 @@ class _EvaluationAudit:
         self.recorded: list[RecordedCall] = []
         self.handles: list[RemovableHandle] = []
         self.outputs_attached = 0
-        self.on_error: Callable[[BaseException], None] | None = None
-        self.failed = False
 
     def start(self) -> None:
         self.modes.refresh()

@@ -14,7 +14,7 @@
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from lightning_nograd.core.faults import isolated
+from lightning_nograd.core.faults import Probe, isolated
 from lightning_nograd.core.findings import display_name
 from lightning_nograd.core.modes import MODE_SENSITIVE_TYPES, is_grad_recording
 from lightning_nograd.core.patterns import ancestors, named_modules, parent_path
@@ -79,7 +79,7 @@ class ParamIndex:
         return groups
 
 
-class GradModeProbe:
+class GradModeProbe(Probe):
     """Records whether watched modules ran their forward with gradients on, for one step.
 
     Example:
@@ -95,8 +95,6 @@ class GradModeProbe:
 
     def __init__(self, watch: dict[int, str]) -> None:
         self.watch = watch
-        self.on_error: Callable[[BaseException], None] | None = None
-        self.failed = False
         self.with_grad: set[str] = set()
         self.without_grad: set[str] = set()
         self._handle: RemovableHandle | None = None

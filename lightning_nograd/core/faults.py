@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import warnings
 from collections.abc import Callable
-from typing import Any, ParamSpec, TypeVar
+from typing import ParamSpec, TypeVar
 
 from lightning_nograd.core.findings import user_stacklevel
 from lightning_nograd.errors import NoGradError, NoGradWarning
@@ -21,22 +21,31 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
-def report_fault(owner: Any, err: BaseException) -> None:
+class Probe:
+    """Something whose hooks run inside the user's code: where its failures go, and whether it failed.
+
+    Attributes:
+        on_error: receives an internal failure (the callbacks switch that check off); ``None``: warn once.
+        failed: set by the first failure; the probe's hooks do nothing from then on.
+    """
+
+    on_error: Callable[[BaseException], None] | None = None
+    failed: bool = False
+
+
+def report_fault(owner: Probe, err: BaseException) -> None:
     """Hand ``err`` to ``owner.on_error``, or warn once; ``owner`` stops working either way.
 
     Example:
-        >>> class Probe:
-        ...     on_error = None
         >>> seen = []
         >>> probe = Probe(); probe.on_error = seen.append
         >>> report_fault(probe, ValueError("boom")); [type(e).__name__ for e in seen], probe.failed
         (['ValueError'], True)
     """
-    first = not getattr(owner, "failed", False)
+    first = not owner.failed
     owner.failed = True
-    handler: Callable[[BaseException], None] | None = getattr(owner, "on_error", None)
-    if handler is not None:
-        handler(err)
+    if owner.on_error is not None:
+        owner.on_error(err)
     elif first:
         warnings.warn(
             f"[lightning-nograd] internal error in {type(owner).__name__}: {type(err).__name__}: {err}. "
@@ -46,12 +55,12 @@ def report_fault(owner: Any, err: BaseException) -> None:
         )
 
 
-def isolated(hook: Callable[P, R], owner: Any) -> Callable[P, R | None]:
+def isolated(hook: Callable[P, R], owner: Probe) -> Callable[P, R | None]:
     """``hook`` made safe to run inside the user's code, on behalf of ``owner`` (see the module doc)."""
 
     @functools.wraps(hook)
     def run(*args: P.args, **kwargs: P.kwargs) -> R | None:
-        if getattr(owner, "failed", False):
+        if owner.failed:
             return None
         try:
             return hook(*args, **kwargs)

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_nograd.core.faults import report_fault
+from lightning_nograd.core.faults import Probe, report_fault
 from lightning_nograd.core.findings import common_ancestor
 from lightning_nograd.core.patterns import named_modules
 from lightning_nograd.errors import NoGradError
@@ -66,7 +66,7 @@ def storage_bytes(tensor: torch.Tensor) -> int:
     return int(tensor.untyped_storage().nbytes())
 
 
-class GraphProbe:
+class GraphProbe(Probe):
     """Reports every (module, hook) that records an autograd graph while the probe is active.
 
     Args:
@@ -104,8 +104,6 @@ class GraphProbe:
         self.report = report
         self.is_allowed = is_allowed
         self.report_at_once = report_at_once
-        self.on_error: Callable[[BaseException], None] | None = None
-        self.failed = False
         self._names: dict[int, str] = {}
         self._param_storages: set[tuple[str, int]] = set()
         self._active = False

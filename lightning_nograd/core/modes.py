@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from lightning_nograd.core.faults import isolated
+from lightning_nograd.core.faults import Probe, isolated
 from lightning_nograd.core.patterns import NamePatterns, named_modules, parent_path
 
 MODE_SENSITIVE_TYPES: tuple[type[nn.Module], ...] = (
@@ -37,7 +37,7 @@ def mode_sensitive_descendants(module: nn.Module, prefix: str) -> list[str]:
     return found
 
 
-class ModeProbe:
+class ModeProbe(Probe):
     """Watches a module tree for forwards that run in train mode.
 
     Args:
@@ -68,8 +68,6 @@ class ModeProbe:
         on_train_forward: Callable[[str, nn.Module, bool], None],
         fix: bool,
     ) -> None:
-        self.on_error: Callable[[BaseException], None] | None = None
-        self.failed = False
         self.root = root
         self.allowed = allowed
         self.on_train_forward = on_train_forward

@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils._pytree import tree_map
 from torch.utils.hooks import RemovableHandle
 
-from lightning_nograd.core.faults import isolated
+from lightning_nograd.core.faults import Probe, isolated
 from lightning_nograd.core.graph import HUB, storage_key
 from lightning_nograd.core.measure import peak_bytes_of, synchronize
 
@@ -91,7 +91,7 @@ def is_work_module(module: nn.Module, excluded: tuple[type, ...] = ()) -> bool:
     return any(True for _ in module.parameters())
 
 
-class CallRecorder:
+class CallRecorder(Probe):
     """Records the outermost calls of ``candidates`` while active (global hooks, so fused paths stay on).
 
     Args:
@@ -110,8 +110,6 @@ class CallRecorder:
 
     def __init__(self, candidates: set[int]) -> None:
         self.candidates = candidates
-        self.on_error: Callable[[BaseException], None] | None = None
-        self.failed = False
         self.calls: list[RecordedCall] = []
         self._active: int | None = None
         self._handles: list[RemovableHandle] = []

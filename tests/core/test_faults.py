@@ -3,12 +3,12 @@ from __future__ import annotations
 import pytest
 
 from lightning_nograd import NoGradError, NoGradWarning
+from lightning_nograd.core import faults
 from lightning_nograd.core.faults import isolated
 
 
-class Probe:
+class Probe(faults.Probe):
     def __init__(self) -> None:
-        self.on_error = None
         self.calls = 0
 
     def hook(self, fail: str | None = None) -> int:
