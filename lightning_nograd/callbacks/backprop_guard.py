@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import operator
 from collections.abc import Iterable
 from typing import Any
 
@@ -24,6 +26,7 @@ from lightning_nograd.core.backprop import (
     is_frozen,
     trained_parameter_ids,
 )
+from lightning_nograd.core.cost import GRADIENT_WINDOW, ModeSwitches, visits
 from lightning_nograd.core.findings import Finding, OnViolation, display_name
 from lightning_nograd.core.graph import MIB, GraphEvent, GraphProbe, format_bytes
 from lightning_nograd.core.patterns import NamePatterns, ancestors, named_modules, parent_path
@@ -44,6 +47,7 @@ OUTSIDE_STEP_HOOKS = frozenset(
     }
 )
 
+_GRAD = operator.attrgetter("grad")
 _COUNTS = {
     "no_grad_modules": "nograd/train/no_grad_modules",
     "params_without_grad": "nograd/train/params_without_grad",
@@ -133,6 +137,8 @@ class BackpropGuard(NoGradCallback):
         self._zeroing: torch.optim.Optimizer | None = None
         self._keeps_zeros = False
         self._zero_checks: dict[int, int] = {}
+        self._modes_read_at: int | None = None  # ModeSwitches.count when the modes were last read
+        self._window_at: dict[int, int] = {}  # per optimizer, where the next gradient window starts
 
     @override
     def _state_key_settings(self) -> dict[str, Any]:
@@ -223,6 +229,7 @@ class BackpropGuard(NoGradCallback):
 
     @override
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._modes_read_at = None  # Lightning restores the modes after this hook, by assignment
         if not trainer.sanity_checking and trainer.state.fn == "fit":
             self._start_stray_graph_probe(pl_module)
 
@@ -241,6 +248,8 @@ class BackpropGuard(NoGradCallback):
         if check in (None, "stray_graph"):
             self._close_stray_graph_probe()
         if check is None:
+            ModeSwitches.stop(self)
+            self._modes_read_at = None
             self._index = None
             self._modules = []
             self._trained = []
@@ -271,6 +280,8 @@ class BackpropGuard(NoGradCallback):
             and not is_frozen(m, modules.get(parent_path(path)) if path else None, self._trained_ids)
         ]
         self._last_clean_check = hook
+        self._modes_read_at = None
+        ModeSwitches.listen(self)
 
     @guarded("index")
     def _refresh_epoch_caches(self) -> None:
@@ -324,17 +335,24 @@ class BackpropGuard(NoGradCallback):
 
     @guarded("eval_mode_leak")
     def _check_modes(self, hook: str) -> None:
+        if self._modes_read_at == ModeSwitches.count:
+            self._last_clean_check = hook  # no mode switched since the last reading: nothing new
+            return
+        self._modes_read_at = ModeSwitches.count
+        visits.modules += len(self._trained)
         leaked = [(path, module) for path, module in self._trained if not module.training]
         if not leaked:
             self._last_clean_check = hook
             return
         leaked_paths = {path for path, _ in leaked}
         tops = [(p, m) for p, m in leaked if not any(a in leaked_paths for a in ancestors(p)[:-1])]
-        where = "training_step" if hook == "training_step" else self._last_clean_check
-        if where == "on_train_batch_start":
+        # the check at the batch's end covers the training step; the one at its start covers what ran
+        # since the last clean check (the previous batch's end hooks, validation, an epoch start)
+        where = {"on_train_batch_start": "training_step", "training_step": "on_train_batch_end"}.get(
+            self._last_clean_check, self._last_clean_check
+        )
+        if hook == "training_step":
             where = "training_step"
-        elif where == "training_step":
-            where = "on_train_batch_end"
         for path, module in tops:
             self._counts["eval_mode_modules"].add(path)
             if path in self._leaks_reported:
@@ -381,15 +399,30 @@ class BackpropGuard(NoGradCallback):
                 if id(p) in index.names and not self._allowed_param(index.names[id(p)])
             ]
             self._optimizer_params[id(optimizer)] = params
-        missing = [p for p in params if p.grad is None and p.requires_grad]
-        if not self._backward_seen and len(missing) == sum(p.requires_grad for p in params):
+        zero_check = self._keeps_zeros and self._zero_checks.get(id(optimizer), 0) < self.zero_grad_steps
+        checked = params if steps == 1 or zero_check else self._gradient_window(id(optimizer), params)
+        visits.params += len(checked)
+        missing = []
+        if any(map(operator.is_, map(_GRAD, checked), itertools.repeat(None))):  # C-level pass
+            missing = [p for p in checked if p.grad is None and p.requires_grad]
+        if missing and not self._backward_seen and len(missing) == sum(p.requires_grad for p in checked):
             return  # no backward and no gradient at all: a skipped step (`training_step` returned None)
         # all-zero gradients mean "missing" only where zeroing keeps zeros (`set_to_none=False`): with
         # Lightning's default they are real gradients that happen to be zero (pruned weights, dead units)
-        if self._keeps_zeros and self._zero_checks.get(id(optimizer), 0) < self.zero_grad_steps:
+        if zero_check:
             self._zero_checks[id(optimizer)] = self._zero_checks.get(id(optimizer), 0) + 1
             self._zero_streaks.observe([p for p in params if p.requires_grad])
         self._note_missing(missing, self._zero_streaks.collect())
+
+    def _gradient_window(self, key: int, params: list[nn.Parameter]) -> list[nn.Parameter]:
+        """The next ``GRADIENT_WINDOW`` parameters, round robin: the first step of each epoch checks
+        them all, later steps a window each, so a step costs the same at any model size."""
+        if len(params) <= GRADIENT_WINDOW:
+            return params
+        start = self._window_at.get(key, 0) % len(params)
+        self._window_at[key] = start + GRADIENT_WINDOW
+        window = params[start : start + GRADIENT_WINDOW]
+        return window + params[: GRADIENT_WINDOW - len(window)]
 
     @guarded("params_without_grad")
     def _note_zeroing(self, optimizer: torch.optim.Optimizer) -> None:

@@ -45,10 +45,11 @@ class ParamIndex:
         self.names: dict[int, str] = {}
         self.owner: dict[int, str] = {}
         self.order: dict[int, int] = {}
-        self.subtree: dict[str, set[int]] = {}
+        self.ancestors: dict[int, list[str]] = {}  # the owner's path and its ancestors, outermost first
         self.modules: dict[str, nn.Module] = {}
         for path, module in named_modules(root):
             self.modules[path] = module  # under torch.compile the wrapper and its _orig_mod share a path
+            chain = ancestors(path)
             for pname, param in module.named_parameters(recurse=False):
                 if id(param) in self.names:
                     continue
@@ -57,8 +58,7 @@ class ParamIndex:
                 self.names[key] = f"{path}.{pname}" if path else pname
                 self.owner[key] = path
                 self.order[key] = len(self.order)
-                for ancestor in ancestors(path):
-                    self.subtree.setdefault(ancestor, set()).add(key)
+                self.ancestors[key] = chain
 
     def name(self, param: torch.Tensor) -> str:
         """The ``named_parameters()`` path of ``param`` (or ``"<unnamed>"``)."""
@@ -67,12 +67,21 @@ class ParamIndex:
     def group(self, params: Iterable[torch.Tensor]) -> dict[str, list[str]]:
         """Group ``params`` under the topmost module all of whose trainable parameters are among them."""
         chosen = {id(p) for p in params if id(p) in self.owner}
+        # per module: how many trainable parameters it holds, and how many of those are chosen;
+        # O(parameters x depth), one pass each (a subset test per parameter and ancestor was quadratic)
+        trainable: dict[str, int] = {}
+        trainable_chosen: dict[str, int] = {}
+        for key, param in self.params.items():
+            if param.requires_grad:
+                for ancestor in self.ancestors[key]:
+                    trainable[ancestor] = trainable.get(ancestor, 0) + 1
+                    if key in chosen:
+                        trainable_chosen[ancestor] = trainable_chosen.get(ancestor, 0) + 1
         groups: dict[str, list[str]] = {}
         for key in sorted(chosen, key=self.order.__getitem__):
             top = self.owner[key]
-            for ancestor in ancestors(top):
-                inside = {k for k in self.subtree.get(ancestor, set()) if self.params[k].requires_grad}
-                if inside and inside <= chosen:
+            for ancestor in self.ancestors[key]:
+                if trainable.get(ancestor, 0) and trainable_chosen.get(ancestor, 0) == trainable[ancestor]:
                     top = ancestor
                     break
             groups.setdefault(top, []).append(self.names[key])

@@ -1,9 +1,13 @@
 """Detects modules whose forward runs in train mode while the model should be evaluating.
 
-Cost model: a clean model (everything in eval mode) costs one pass over a cached module list per
-batch and no hooks at all, so fused inference paths (``nn.TransformerEncoderLayer``) stay on.
-Only when some module is found in train mode does a *global* forward pre-hook go in, for as long
-as it is needed; global hooks, unlike per-module hooks, do not switch off the fused paths.
+Cost model: the modes are read by one pass over a cached module list at every stage and epoch
+start, and again only after a mode switch (:class:`~lightning_nograd.core.cost.ModeSwitches`): a
+batch in which no module's mode changed visits no module. A clean model (everything in eval mode)
+gets no hooks at all, so fused inference paths (``nn.TransformerEncoderLayer``) stay on. Only when
+some module is found in train mode does a *global* forward pre-hook go in, for as long as it is
+needed; global hooks, unlike per-module hooks, do not switch off the fused paths. A mode assigned
+directly (``module.training = True``, not through ``train()``) during a batch is seen at the next
+epoch start.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from lightning_nograd.core.cost import ModeSwitches, visits
 from lightning_nograd.core.faults import Probe, isolated
 from lightning_nograd.core.patterns import NamePatterns, named_modules, parent_path
 
@@ -78,6 +83,9 @@ class ModeProbe(Probe):
         self._fixed: dict[int, str] = {}
         self._train_at_start: set[int] = set()
         self._handle: RemovableHandle | None = None
+        self._tops: dict[int, str] = {}
+        self._switches_seen: int | None = None  # None: read the modes at the next batch
+        ModeSwitches.listen(self)
 
     def refresh(self) -> None:
         """Re-read the module tree (at every stage and epoch start) and forget epoch state."""
@@ -91,9 +99,17 @@ class ModeProbe(Probe):
             modules.append((name, module, parent))
         self._modules = modules
         self._reported_this_epoch = set()
+        self._switches_seen = None
 
     def _train_mode_tops(self) -> dict[int, str]:
-        """Every non-allowed module in train mode, mapped to its topmost train-mode ancestor."""
+        """Every non-allowed module in train mode, mapped to its topmost train-mode ancestor.
+
+        Read again only when some module's mode was switched since the last reading.
+        """
+        if self._switches_seen == ModeSwitches.count:
+            return self._tops
+        self._switches_seen = ModeSwitches.count
+        visits.modules += len(self._modules)
         top_of: dict[int, str] = {}
         for name, module, parent in self._modules:
             if not module.training:
@@ -102,6 +118,7 @@ class ModeProbe(Probe):
                 top_of[id(module)] = top_of[id(parent)]
             else:
                 top_of[id(module)] = name
+        self._tops = top_of
         return top_of
 
     def before_batch(self) -> None:
@@ -133,7 +150,9 @@ class ModeProbe(Probe):
 
     def close(self) -> None:
         """Remove every hook and drop references to the model."""
+        ModeSwitches.stop(self)
         self._remove_hook()
+        self._tops = {}
         self._modules = []
         self._watch = {}
         self._fixed = {}

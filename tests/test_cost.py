@@ -1,0 +1,136 @@
+"""Per-batch work that does not grow with the model, counted (never timed): ``core.cost.visits``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch import nn
+
+from lightning_nograd import NoGradAuditor
+from lightning_nograd.core.backprop import ParamIndex
+from lightning_nograd.core.cost import GRADIENT_WINDOW, ModeSwitches, visits
+
+from .helpers import loader, nograd_warnings, trainer
+
+
+class Experts(pl.LightningModule):
+    """``n`` small parallel experts (the module count of a mixture of experts), with dropout."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.experts = nn.ModuleList(nn.Linear(8, 1) for _ in range(n))
+        self.drop = nn.Dropout(0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.drop(x)
+        return torch.stack([e(h) for e in self.experts]).mean(0)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return nn.functional.mse_loss(self(batch[0]), batch[1])
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self.log("val_loss", nn.functional.mse_loss(self(batch[0]), batch[1]))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+class VisitsPerBatch(pl.Callback):
+    """Visits counted from one batch's end to the next (placed after the auditor in the list)."""
+
+    def __init__(self) -> None:
+        self.train: list[int] = []
+        self.val: list[int] = []
+        self._last = 0
+
+    def _mark(self, into: list[int]) -> None:
+        into.append(visits.total() - self._last)
+        self._last = visits.total()
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        self._mark(self.train)
+
+    def on_validation_batch_end(self, *args: Any) -> None:
+        self._mark(self.val)
+
+    def on_train_batch_start(self, *args: Any) -> None:
+        if args[-1] == 0:  # the first batch of an epoch reads everything once
+            self._last = visits.total()
+
+    def on_validation_batch_start(self, *args: Any) -> None:
+        if args[-1] == 0:
+            self._last = visits.total()
+
+
+@pytest.mark.parametrize("experts", [10, 1000])
+def test_steady_state_batches_visit_a_bounded_number_of_modules_and_parameters(tmp_path: Path, experts: int) -> None:
+    counter = VisitsPerBatch()
+    model = Experts(experts)
+    run = trainer(tmp_path, [NoGradAuditor(monitor_savings=False), counter], limit_train_batches=6, limit_val_batches=4,
+                  num_sanity_val_steps=0)  # fmt: skip
+    with nograd_warnings() as seen:
+        run.fit(model, loader(48), loader(32))
+    assert not seen, [str(w.message) for w in seen]
+    params = sum(1 for _ in model.parameters())
+    # the first batch of each epoch reads the whole model once; every later batch a bounded amount
+    steady_train = counter.train[1:6] + counter.train[7:12]
+    steady_val = counter.val[1:4] + counter.val[5:8]
+    assert len(steady_train) == 10 and len(steady_val) == 6
+    assert max(steady_train) == min(params, GRADIENT_WINDOW)
+    assert max(steady_val) == 0
+    assert counter.train[0] > len(list(model.modules())), "the first batch of an epoch reads every module"
+
+
+def test_a_mode_switch_during_training_is_seen_at_once(tmp_path: Path) -> None:
+    class SwitchesOff(Experts):
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            if batch_idx == 3:
+                self.drop.eval()  # a leak in the middle of an epoch, after steady state was reached
+            return super().training_step(batch, batch_idx)
+
+    auditor = NoGradAuditor(monitor_savings=False)
+    run = trainer(tmp_path, [auditor], max_epochs=1, limit_train_batches=6, limit_val_batches=0)
+    with nograd_warnings():
+        run.fit(SwitchesOff(4), loader(48))
+    (leak,) = [f for f in auditor.report.findings if f.kind == "eval_mode_leak"]
+    assert (leak.subject, leak.hook, leak.batch_idx) == ("drop", "training_step", 3)
+
+
+def test_the_mode_switch_counter_is_gone_after_the_run(tmp_path: Path) -> None:
+    run = trainer(tmp_path, [NoGradAuditor()], max_epochs=1)
+    run.fit(Experts(3), loader(), loader())
+    run.validate(Experts(3), loader(), verbose=False)
+    assert not ModeSwitches.listening()
+    assert nn.Module.train is ModeSwitches.original
+
+
+def test_a_gap_mid_epoch_is_found_by_the_rotating_window(tmp_path: Path) -> None:
+    class LosesAnExpert(Experts):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            experts = self.experts if self.global_step < 3 else self.experts[:-1]  # the last stops learning
+            return torch.stack([e(x) for e in experts]).mean(0)
+
+    auditor = NoGradAuditor(monitor_savings=False)
+    steps = 2 * (2 * 300 // GRADIENT_WINDOW + 1) + 3  # enough windows to come round twice
+    run = trainer(tmp_path, [auditor], max_epochs=1, limit_train_batches=steps, limit_val_batches=0)
+    with nograd_warnings():
+        run.fit(LosesAnExpert(300), loader(8 * steps))
+    subjects = {f.subject for f in auditor.report.findings if f.kind in ("param_without_grad", "no_grad_module")}
+    assert subjects == {"experts.299"}
+
+
+def test_grouping_parameters_is_not_quadratic() -> None:
+    # 40,000 parameters, every one without a gradient: one call used to take minutes
+    net = nn.ModuleList(nn.ModuleList(nn.Linear(1, 1) for _ in range(100)) for _ in range(200))
+    index = ParamIndex(net)
+    start = visits.total()
+    groups = index.group(list(net.parameters()))
+    assert groups == {"": [n for n, _ in net.named_parameters()]}
+    assert visits.total() == start  # grouping is not a per-batch scan
+    half = [p for i, block in enumerate(net) if i % 2 == 0 for p in block.parameters()]
+    assert set(index.group(half)) == {str(i) for i in range(0, 200, 2)}
+    # (its cost is measured, not asserted, in benchmarks/scaling.py)
