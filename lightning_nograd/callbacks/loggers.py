@@ -57,7 +57,7 @@ class MetricSink:
             if id(logger) in self._failed:
                 continue
             try:
-                logger.log_metrics(dict(metrics), step=step)
+                logger.log_metrics(metrics=dict(metrics), step=step)  # by keyword, as Lightning calls it
             except Exception as err:
                 self._failed.add(id(logger))
                 log.debug("log_metrics of %s failed", type(logger).__name__, exc_info=err)

@@ -1,0 +1,269 @@
+"""How the callbacks' cost grows with the model: own time per batch from 50 to 50,000 modules.
+
+    python -m benchmarks.scaling [--quick] [--out benchmarks/results]
+
+A model of N small parallel experts (``nn.Linear(8, 1)`` each, the module count of a mixture of
+experts; 8-dim inputs, batch 8) is fitted for one epoch (8 training batches, 6 validation batches)
+with ``NoGradAuditor``, each of whose hooks is timed (``perf_counter`` around the call).
+Reported per N, for training and for validation batches: the callback's own time per steady-state
+batch (the median over batches after the first of each stage, summing that batch's hooks), that
+time as a share of the batch, and the module/parameter visits of the checks per steady-state batch
+(``lightning_nograd.core.cost.visits``). Twice: with the savings replays off
+(``monitor_savings=False``) and at the defaults. Then the one-time analyses on the largest model
+(indexing, grouping and explaining parameters without gradients, inference-tensor and eval-mode
+scans, allow-list matching), each timed once.
+
+Writes ``scaling.json``, ``scaling.png`` and ``SCALING.md`` under ``--out`` and the README's
+scaling section (between ``<!-- scaling:start -->`` and ``<!-- scaling:end -->``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_nograd import NoGradAuditor
+from lightning_nograd.core.backprop import (
+    ParamIndex,
+    eval_mode_under_trainable,
+    explain_gradient_gaps,
+    inference_tensors,
+)
+from lightning_nograd.core.cost import visits
+from lightning_nograd.core.patterns import NamePatterns, named_modules
+
+SIZES = (50, 500, 5_000, 50_000)
+QUICK_SIZES = (50, 500)
+TRAIN_BATCHES, VAL_BATCHES = 8, 6
+TRAIN_HOOKS = ("on_train_batch_start", "on_before_zero_grad", "on_before_backward", "on_after_backward",
+               "on_before_optimizer_step", "on_train_batch_end")  # fmt: skip
+VAL_HOOKS = ("on_validation_batch_start", "on_validation_batch_end")
+README = Path(__file__).resolve().parents[1] / "README.md"
+START, END = "<!-- scaling:start -->", "<!-- scaling:end -->"
+
+
+class Experts(pl.LightningModule):
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.experts = nn.ModuleList(nn.Linear(8, 1) for _ in range(n))
+        self.drop = nn.Dropout(0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.drop(x)
+        return torch.cat([e(h) for e in self.experts], dim=1).mean(1, keepdim=True)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return nn.functional.mse_loss(self(batch[0]), batch[1])
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self.log("val_loss", nn.functional.mse_loss(self(batch[0]), batch[1]))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+class _BatchClock(pl.Callback):
+    """Wall time of each batch (from its start hook to its end hook) and visits per batch."""
+
+    def __init__(self) -> None:
+        self.times: dict[str, list[float]] = {"train": [], "val": []}
+        self.visits: dict[str, list[int]] = {"train": [], "val": []}
+        self._t0 = 0.0
+        self._v0 = 0
+
+    def _start(self) -> None:
+        self._t0, self._v0 = time.perf_counter(), visits.total()
+
+    def _end(self, stage: str) -> None:
+        self.times[stage].append(time.perf_counter() - self._t0)
+        self.visits[stage].append(visits.total() - self._v0)
+
+    def on_train_batch_start(self, *args: Any) -> None:
+        self._start()
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        self._end("train")
+
+    def on_validation_batch_start(self, *args: Any) -> None:
+        self._start()
+
+    def on_validation_batch_end(self, *args: Any) -> None:
+        self._end("val")
+
+
+class _HookClock:
+    """Times every hook of ``callback`` (instance attributes wrap the bound methods)."""
+
+    def __init__(self, callback: pl.Callback, hooks: tuple[str, ...]) -> None:
+        self.durations: dict[str, list[float]] = {hook: [] for hook in hooks}
+        for hook in hooks:
+            setattr(callback, hook, self._timed(getattr(callback, hook), self.durations[hook]))
+
+    @staticmethod
+    def _timed(method: Any, into: list[float]) -> Any:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                into.append(time.perf_counter() - start)
+
+        return timed
+
+    def per_batch(self, hooks: tuple[str, ...], batches: int) -> list[float]:
+        """Per batch, the summed time of ``hooks`` (seconds)."""
+        per_batch = [0.0] * batches
+        for hook in hooks:
+            durations = self.durations[hook]
+            calls = max(1, len(durations) // batches)
+            for i, d in enumerate(durations[: batches * calls]):
+                per_batch[i // calls] += d
+        return per_batch
+
+    def total(self) -> float:
+        return sum(sum(d) for d in self.durations.values())
+
+
+ALL_HOOKS = tuple(name for name in dir(pl.Callback) if name.startswith("on_") or name in ("setup", "teardown"))
+
+
+def measure(n: int, replays: bool, root: Path) -> dict[str, Any]:
+    torch.manual_seed(0)
+    model = Experts(n)
+    data = TensorDataset(torch.randn(8 * TRAIN_BATCHES, 8), torch.randn(8 * TRAIN_BATCHES, 1))
+    clock = _BatchClock()
+    # the clock goes first: a batch's time then includes every hook of the auditor
+    auditor = NoGradAuditor(monitor_savings=replays, verbose=False)
+    hooks = _HookClock(auditor, ALL_HOOKS)
+    trainer = pl.Trainer(default_root_dir=root, max_epochs=1, limit_train_batches=TRAIN_BATCHES,
+                         limit_val_batches=VAL_BATCHES, num_sanity_val_steps=0, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[clock, auditor])  # fmt: skip
+    start = time.perf_counter()
+    trainer.fit(model, DataLoader(data, batch_size=8), DataLoader(data, batch_size=8))
+    fit_s = time.perf_counter() - start
+    row: dict[str, Any] = {"modules": len(list(model.modules())), "experts": n, "replays": replays, "fit_s": fit_s}
+    for stage, stage_hooks, batches in (("train", TRAIN_HOOKS, TRAIN_BATCHES), ("val", VAL_HOOKS, VAL_BATCHES)):
+        own = hooks.per_batch(stage_hooks, batches)[1:]  # steady state: after each stage's first batch
+        batch = clock.times[stage][1:]
+        own_med, batch_med = statistics.median(own), statistics.median(batch)
+        row[f"{stage}_own_us"] = own_med * 1e6
+        row[f"{stage}_batch_ms"] = batch_med * 1e3
+        row[f"{stage}_own_pct"] = 100 * own_med / batch_med
+        row[f"{stage}_visits"] = max(clock.visits[stage][1:])
+    row["fit_own_pct"] = 100 * hooks.total() / fit_s
+    return row
+
+
+def one_time_analyses(n: int) -> dict[str, Any]:
+    """Each one-time analysis on the largest model, timed once (seconds), every parameter without a gradient."""
+    model = Experts(n)
+    params = list(model.parameters())
+    timings: dict[str, Any] = {"experts": n, "parameters": len(params), "modules": len(list(model.modules()))}
+
+    def timed(name: str, fn: Any) -> Any:
+        start = time.perf_counter()
+        result = fn()
+        timings[name] = time.perf_counter() - start
+        return result
+
+    index = timed("index parameters (ParamIndex)", lambda: ParamIndex(model))
+    timed("group parameters without a gradient", lambda: index.group(params))
+    timed("explain parameters without a gradient", lambda: explain_gradient_gaps(index, params, None))
+    timed("inference-tensor scan", lambda: inference_tensors(model))
+    model.eval()
+    timed("eval-mode-at-start scan", lambda: eval_mode_under_trainable(model))
+    patterns = NamePatterns("allow", [r"experts\.1\d*", r"drop"])
+    timed("allow-list matching, every module path", lambda: [patterns.matches(p) for p, _ in named_modules(model)])
+    return timings
+
+
+def table(rows: list[dict[str, Any]], analyses: dict[str, Any]) -> list[str]:
+    lines = ["| modules | savings replays | train: own µs/batch | share of batch | visits/batch "
+             "| val: own µs/batch | share of batch | visits/batch | whole fit: own share |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    for r in rows:
+        lines.append(
+            f"| {r['modules']:,} | {'on' if r['replays'] else 'off'} | {r['train_own_us']:.0f} | "
+            f"{r['train_own_pct']:.2f}% | {r['train_visits']} | {r['val_own_us']:.0f} | {r['val_own_pct']:.2f}% | "
+            f"{r['val_visits']} | {r['fit_own_pct']:.1f}% |"
+        )
+    lines += ["", f"One-time analyses at {analyses['modules']:,} modules / {analyses['parameters']:,} parameters "
+              "(every parameter without a gradient), seconds:", "", "| analysis | s |", "| --- | --- |"]  # fmt: skip
+    lines += [f"| {k} | {v:.3f} |" for k, v in analyses.items() if isinstance(v, float)]
+    return lines
+
+
+def plot(rows: list[dict[str, Any]], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for replays in (False, True):
+        picked = [r for r in rows if r["replays"] == replays]
+        xs = [r["modules"] for r in picked]
+        for stage, marker in (("train", "o"), ("val", "s")):
+            label = f"{stage}, replays {'on' if replays else 'off'}"
+            ax.plot(xs, [r[f"{stage}_own_us"] for r in picked], marker=marker, label=label,
+                    linestyle="-" if replays else "--")  # fmt: skip
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("modules in the model")
+    ax.set_ylabel("callback's own time per steady-state batch, µs")
+    ax.set_title("NoGradAuditor's per-batch cost against model size")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "scaling.png", dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="two small sizes (CI's smoke run)")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+    sizes = QUICK_SIZES if args.quick else SIZES
+    start = time.perf_counter()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in sizes:
+            for replays in (False, True):
+                rows.append(measure(n, replays, Path(tmp)))
+                print(json.dumps(rows[-1]), flush=True)
+    analyses = one_time_analyses(sizes[-1])
+    minutes = (time.perf_counter() - start) / 60
+    machine = f"{platform.machine()}, {torch.get_num_threads()} threads; torch {torch.__version__}, "
+    machine += f"lightning {pl.__version__}"
+    lines = [f"Machine: CPU ({machine}). Took {minutes:.1f} min.", "", *table(rows, analyses)]
+    (out / "scaling.json").write_text(json.dumps({"rows": rows, "analyses": analyses, "machine": machine}, indent=1))
+    (out / "SCALING.md").write_text("# Scaling\n\n" + "\n".join(lines) + "\n")
+    plot(rows, out)
+    print("\n".join(lines))
+    if not args.quick and START in README.read_text():
+        before, rest = README.read_text().split(START, 1)
+        _, after = rest.split(END, 1)
+        body = "\n".join([*lines, "", f"Plot: `{out.as_posix()}/scaling.png` in the source tree."])
+        README.write_text(before + START + "\n" + body + "\n" + END + after)
+
+
+if __name__ == "__main__":
+    main()
