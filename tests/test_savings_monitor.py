@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import csv
 import gc
 import shutil
 import time
@@ -164,14 +165,35 @@ def test_no_user_code_rerun_and_measurement_reused(tmp_path: Path) -> None:
     assert [e.details["repeats"] for e in monitor.report.epochs] == [3, 3, 3]
 
 
-def test_short_run_stays_within_budget_and_says_so(tmp_path: Path) -> None:
-    monitor = SavingsMonitor()
+def test_short_run_measures_memory_and_says_why_time_waits(tmp_path: Path) -> None:
+    monitor = SavingsMonitor(budget=0.0)  # no time budget at all: whatever the machine's speed
     t = trainer(tmp_path, [monitor], limit_val_batches=2)
     t.validate(Stack(), loader())
     (epoch,) = monitor.report.epochs
-    assert "nograd/val/graph_memory_mib" not in epoch.metrics
-    assert "budget" in epoch.details["savings"]
+    assert {"nograd/val/graph_memory_mib", "nograd/val/memory_saved_mib"} <= set(epoch.metrics)
+    assert "nograd/val/time_saved_s" not in epoch.metrics
+    assert "0% time budget" in epoch.details["savings"] and "set `repeats`" in epoch.details["savings"]
     assert "nograd/val/epoch_time_s" in epoch.metrics
+
+
+def test_memory_figures_from_the_first_epoch_of_a_default_fit(tmp_path: Path) -> None:
+    loggers = [CSVLogger(tmp_path, name="csv"), TensorBoardLogger(tmp_path, name="tb")]
+    auditor = NoGradAuditor(verbose=False)  # the defaults: a 0.5% time budget
+    with nograd_warnings():
+        trainer(tmp_path, [auditor], logger=loggers, max_epochs=2).fit(Stack(), loader(), loader())
+    scalars = read_tensorboard_scalars(tmp_path / "tb")
+    for key in ("graph_memory_mib", "memory_saved_mib"):
+        assert len(csv_values(tmp_path / "csv", f"nograd/val/{key}")) == 2, key  # epochs 0 and 1
+        assert len(scalars[f"nograd/val/{key}"]) == 2, key
+    assert all(v > 0 for v in csv_values(tmp_path / "csv", "nograd/val/graph_memory_mib"))
+
+
+def test_repeats_forces_the_time_measurement(tmp_path: Path) -> None:
+    monitor = SavingsMonitor(repeats=4, budget=0.0)
+    trainer(tmp_path, [monitor], max_epochs=1).fit(Stack(), loader(), loader())
+    (epoch,) = [e for e in monitor.report.epochs if e.stage == "val"]
+    assert {"nograd/val/time_saved_s", "nograd/val/time_saved_pct"} <= set(epoch.metrics)
+    assert epoch.details["repeats"] == 4
 
 
 def test_fit_is_bit_identical_with_replays(tmp_path: Path) -> None:
@@ -339,3 +361,30 @@ def test_replays_fire_none_of_the_users_hooks(tmp_path: Path) -> None:
     assert run([monitor]) == run([]) == {"forward": 3, "pre": 3, "global": run([])["global"]}
     (epoch,) = monitor.report.epochs
     assert "nograd/val/graph_memory_mib" in epoch.metrics  # the replays did run
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_metrics_sit_at_the_step_of_the_users_epoch_metrics(tmp_path: Path, accumulate: int) -> None:
+    class LogsEpochLoss(Regressor):
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            loss = super().training_step(batch, batch_idx)
+            self.log("train_loss_epoch_mean", loss, on_step=False, on_epoch=True)
+            return loss
+
+    loggers = [CSVLogger(tmp_path, name="csv"), TensorBoardLogger(tmp_path, name="tb")]
+    t = trainer(tmp_path, [NoGradAuditor(verbose=False)], logger=loggers, max_epochs=2, limit_train_batches=4,
+                accumulate_grad_batches=accumulate)  # fmt: skip
+    with nograd_warnings():
+        t.fit(LogsEpochLoss(), loader(), loader())
+    scalars = read_tensorboard_scalars(tmp_path / "tb")
+
+    def steps(key: str) -> list[int]:
+        return [step for step, _ in scalars[key]]
+
+    assert len(steps("val_loss")) == 2
+    for key in ("nograd/val/epoch_time_s", "nograd/val/graph_memory_mib", "nograd/val/violations"):
+        assert steps(key) == steps("val_loss"), key
+    assert steps("nograd/train/params_without_grad") == steps("train_loss_epoch_mean")
+    rows = [r for r in csv.DictReader((next((tmp_path / "csv").rglob("metrics.csv"))).open())]
+    val_steps = {r["step"] for r in rows if r.get("val_loss")}
+    assert {r["step"] for r in rows if r.get("nograd/val/epoch_time_s")} == val_steps

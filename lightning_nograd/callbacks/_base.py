@@ -17,6 +17,7 @@ from lightning_nograd.callbacks._lightning import (
     Trainer,
     attach_lightning_bases,
     forget_lightning_module,
+    log_step,
     world_size,
 )
 from lightning_nograd.callbacks.loggers import MetricSink
@@ -196,7 +197,7 @@ class NoGradCallback(CallbackBase):
         try:
             step = int(trainer.global_step)
             self.report.record_epoch(stage, int(trainer.current_epoch), step, metrics, details or None)
-            self._sink.emit(trainer, metrics, step)
+            self._sink.emit(trainer, metrics, log_step(trainer, stage))
         except Exception as err:
             self.switch_off("metrics", err)
 

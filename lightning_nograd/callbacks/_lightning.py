@@ -119,3 +119,16 @@ def steps_are_compiled(pl_module: object) -> bool:
     records that in the private ``_compiler_ctx``.
     """
     return getattr(pl_module, "_compiler_ctx", None) is not None
+
+
+def log_step(trainer: Trainer, stage: str) -> int:
+    """The step at which Lightning logs the epoch-level metrics of ``stage``, for ours to sit beside them.
+
+    Lightning logs evaluation epochs at the fit loop's count of batches that stepped, and training
+    epochs one below it (the epoch's last step); ``global_step`` counts optimizer steps instead, and
+    differs under gradient accumulation and several optimizers.
+    """
+    stepped = getattr(getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None), "_batches_that_stepped", None)
+    if not isinstance(stepped, int):
+        return int(trainer.global_step)
+    return max(0, stepped - 1) if stage == "train" else stepped

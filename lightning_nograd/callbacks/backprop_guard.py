@@ -198,8 +198,10 @@ class BackpropGuard(NoGradCallback):
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor) -> None:
         self._backward_seen = True
         optimizer, self._zeroing = self._zeroing, None
-        if optimizer is not None and not self._keeps_zeros:
-            self._note_zeroing(optimizer)
+        # only the first steps of an epoch check all-zero gradients: how zeroing works is read there
+        early = optimizer is not None and self._steps_per_optimizer.get(id(optimizer), 0) < self.zero_grad_steps
+        if early and not self._keeps_zeros:
+            self._note_zeroing(optimizer)  # type: ignore[arg-type]
 
     @override
     def on_before_optimizer_step(

@@ -137,6 +137,7 @@ class SavingsMonitor(EvaluationLoopCallback):
         self._memory: EpochPeakMemory | None = None
         self._recorder: CallRecorder | None = None
         self._recorded: list[list[RecordedCall]] = []
+        self._candidates: set[int] | None = None
         self._batches = 0
         self._record_from = 1
         self._batch_started = 0.0
@@ -208,6 +209,7 @@ class SavingsMonitor(EvaluationLoopCallback):
         self._sessions = []
         self._skip_reason = None
         self._batch_seconds = []
+        self._candidates = None
         self._device = torch.device(pl_module.device)
         self._compiled_steps = steps_are_compiled(pl_module)
         self._start_epoch_measures()
@@ -241,9 +243,12 @@ class SavingsMonitor(EvaluationLoopCallback):
 
     @guarded("replay")
     def _start_recording(self, pl_module: nn.Module) -> None:
-        excluded = _excluded_types()
-        candidates = {id(m) for m in pl_module.modules() if m is not pl_module and is_work_module(m, excluded)}
-        self._recorder = CallRecorder(candidates)
+        if self._candidates is None:  # once per epoch: which modules do the model's work
+            excluded = _excluded_types()
+            self._candidates = {
+                id(m) for m in pl_module.modules() if m is not pl_module and is_work_module(m, excluded)
+            }
+        self._recorder = CallRecorder(self._candidates)
         self._recorder.on_error = lambda err: self.switch_off("replay", err)
         self._recorder.start()
 
@@ -275,28 +280,28 @@ class SavingsMonitor(EvaluationLoopCallback):
 
     @guarded("replay")
     def _start_measurement(self, trainer: Trainer, pl_module: nn.Module) -> None:
+        """Memory always (one replay with gradients on, one off); time as the budget allows.
+
+        A measurement is reused while the recorded calls stay the same; one taken without time is
+        taken again, with time, once the run has grown enough for the budget to allow it.
+        """
         batches, self._recorded = self._recorded, []
         self._signature = tuple(_signature(calls) for calls in batches)
-        cached = self._cache.get(self._signature)
-        if cached is not None:
-            self._measurement = cached
-            return
         seconds_per_batch = sorted(self._batch_seconds)[len(self._batch_seconds) // 2]
         remaining = max(0, (_total_batches(trainer, self._stage or "val") or self._batches) - self._batches)
         run_time = time.perf_counter() - self._run_started + remaining * seconds_per_batch
         allowed = self.budget * run_time - self._spent
-        if allowed < 6 * seconds_per_batch * len(batches):
-            self._skip_reason = (
-                f"run too short to measure within its {percent(self.budget)} time budget "
-                f"(raise `{self._budget_argument}`)"
-            )
+        timing = self.repeats is not None or allowed >= self.min_repeats * seconds_per_batch * len(batches)
+        cached = self._cache.get(self._signature)
+        if cached is not None and (cached[0].time_on or not timing):
+            self._measurement = cached
             return
         exclude = {storage_key(t) for t in [*pl_module.parameters(), *pl_module.buffers()] if t.numel() > 0}
         self._spent_this_measurement = 0.0
         with self._paused():
             self._sessions = [Replay(replayable(calls), self._device, exclude, _is_oom) for calls in batches]
             for session in self._sessions:
-                session.measure_memory()
+                session.measure_memory(warm_up=timing)
         if any(s.result.out_of_memory for s in self._sessions):
             self._report_oom(batches[0])
             self._finish_measurement()
@@ -304,6 +309,8 @@ class SavingsMonitor(EvaluationLoopCallback):
         pair = sum(s.pair_seconds for s in self._sessions)
         if self.repeats is not None:
             self._target = self.repeats
+        elif not timing:
+            self._target = 0
         else:
             affordable = int((allowed - self._spent_this_measurement) / max(pair, 1e-9))
             self._target = 0 if affordable < self.min_repeats else min(affordable, self.max_repeats)
@@ -394,7 +401,9 @@ class SavingsMonitor(EvaluationLoopCallback):
         metrics[f"{prefix}/memory_saved_mib"] = (result.peak_on_bytes - result.peak_off_bytes) / MIB
         if not result.time_on:
             details["savings"] = (
-                f"time not measured: the budget allowed too few repeats (raise `{self._budget_argument}`)"
+                f"time not measured yet: the run so far is too short for {self.min_repeats} timed repeats within "
+                f"its {percent(self.budget)} time budget (retried in later epochs; raise `{self._budget_argument}` "
+                "or set `repeats` to measure now)"
             )
             return metrics, details
         caveat = cpu_timing_caveat() if self._device.type == "cpu" else None

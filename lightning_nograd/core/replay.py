@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils._pytree import tree_map
 from torch.utils.hooks import RemovableHandle
 
+from lightning_nograd.core.cost import ModeSwitches
 from lightning_nograd.core.faults import Probe, isolated
 from lightning_nograd.core.graph import HUB, storage_key
 from lightning_nograd.core.measure import peak_bytes_of, synchronize
@@ -360,9 +361,11 @@ class _EvalModeAndRng:
         self._modes: list[tuple[nn.Module, bool]] = []
         self._cpu_rng: torch.Tensor | None = None
         self._cuda_rng: list[torch.Tensor] | None = None
+        self._switches = 0
 
     def __enter__(self) -> None:
         self._modes = [(m, m.training) for root in self.modules for m in root.modules()]
+        self._switches = ModeSwitches.count
         for root in self.modules:
             root.train(False)
         self._cpu_rng = torch.get_rng_state()
@@ -372,6 +375,8 @@ class _EvalModeAndRng:
     def __exit__(self, *exc: object) -> None:
         for module, mode in self._modes:
             module.training = mode
+        # the modes are as they were: our own switches are no reason for the checks to read them again
+        ModeSwitches.count = self._switches
         if self._cpu_rng is not None:
             torch.set_rng_state(self._cpu_rng)
         if self._cuda_rng is not None:
@@ -441,15 +446,17 @@ class Replay:
                 self.result.out_of_memory = True
                 self.result.time_on, self.result.time_off = [], []
 
-    def measure_memory(self) -> None:
-        """Graph bytes and peak memory with gradients on and off, then a timed warm-up pair."""
+    def measure_memory(self, warm_up: bool = True) -> None:
+        """Graph bytes and peak memory with gradients on and off, then (``warm_up``) a timed warm-up pair
+        whose cost sets :attr:`pair_seconds`; without it, three runs of the calls in all."""
 
         def work() -> None:
             calls, device = self.calls, self.device
             self.result.graph_bytes = graph_bytes_of(calls, self.exclude_storages)
             self.result.peak_on_bytes = peak_bytes_of(lambda: _run_calls(calls, grad=True), device)
             self.result.peak_off_bytes = peak_bytes_of(lambda: _run_calls(calls, grad=False), device)
-            self.pair_seconds = 3 * (_timed(calls, True, device) + _timed(calls, False, device))
+            if warm_up:
+                self.pair_seconds = 3 * (_timed(calls, True, device) + _timed(calls, False, device))
 
         self._guarded(work)
 
