@@ -123,12 +123,17 @@ class _EvaluationAudit(Probe):
             self.recorded = [RecordedCall.of(module, args, kwargs)]
         tally = tally_tensors(output)
         if tally.attached:
+            exclude = {storage_key(t) for t in [*self.model.parameters(), *self.model.buffers()] if t.numel() > 0}
+            kept = tally.kept_bytes(exclude) / MIB
             self._add(
                 "graph_in_outputs",
                 "model outputs",
-                f"the model returned {tally.attached} tensor(s) still attached to an autograd graph "
-                f"({tally.attached_mib:.3f} MiB)",
+                f"the model returned {tally.attached} tensor(s) still attached to an autograd graph, which keeps "
+                f"the whole graph alive ({kept:.3f} MiB: the tensors and what their graph saved for backward)",
                 "run the evaluation loop under `torch.no_grad()` or `torch.inference_mode()`.",
+                tensors=tally.attached,
+                mib=kept,
+                tensor_mib=tally.attached_mib,
             )
 
     def _add(self, kind: str, subject: str, problem: str, fix: str, **details: Any) -> None:

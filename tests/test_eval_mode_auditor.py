@@ -434,3 +434,45 @@ def test_whole_compiled_module_reports_grad_enabled_validation(tmp_path: Path) -
         ("grad_enabled", ""),
         ("graph_in_outputs", "validation_step outputs"),
     }
+
+
+class Wide(pl.LightningModule):
+    """A 1 MiB hidden activation per batch of 8 that ReLU saves for backward; outputs of 8 floats."""
+
+    def __init__(self, keep: bool) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 32768), nn.ReLU(), nn.Linear(32768, 1))
+        self.keep = keep
+        self.kept: list[torch.Tensor] = []
+
+    def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
+        with torch.enable_grad():
+            out = self.net(batch[0])
+        if self.keep:
+            self.kept = [out]  # one graph kept on the model, replaced every batch
+            return None
+        return out
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_graph_findings_give_the_size_of_the_graph_they_keep_alive(tmp_path: Path, keep: bool) -> None:
+    callback = EvalModeAuditor()
+    with nograd_warnings():
+        run("validate", tmp_path, Wide(keep), callback, inference_mode=False, limit_val_batches=1)
+    kind = "graph_in_attribute" if keep else "graph_in_outputs"
+    (finding,) = [f for f in callback.report.findings if f.kind == kind]
+    # ReLU's saved output (8 x 32768 float32 = 1 MiB, shared with the next Linear's saved input) plus the
+    # first Linear's saved input and the output itself (32 bytes each); the weights are not counted
+    assert finding.details["mib"] * 2**20 == 8 * 32768 * 4 + 8 * 8 * 4 + 8 * 4
+    assert finding.details["tensor_mib"] * 2**20 == 8 * 4
+    assert "1.000 MiB" in finding.message
+
+
+def test_audit_gives_the_same_kept_graph_size() -> None:
+    from lightning_nograd import audit
+
+    model = Wide(keep=False).net.eval()
+    with nograd_warnings(), audit(model, measure_savings=False) as report, torch.enable_grad():
+        model(torch.ones(8, 8))
+    (finding,) = [f for f in report.findings if f.kind == "graph_in_outputs"]
+    assert finding.details["mib"] * 2**20 == 8 * 32768 * 4 + 8 * 8 * 4 + 8 * 4

@@ -12,7 +12,15 @@ from lightning_nograd.callbacks._base import LOOP_NAMES, EvaluationLoopCallback,
 from lightning_nograd.callbacks._lightning import LightningModule, Trainer, is_sanity_checking
 from lightning_nograd.callbacks.loggers import reduce_present_max
 from lightning_nograd.core.findings import Finding, OnViolation, display_name
-from lightning_nograd.core.graph import MIB, GraphEvent, GraphProbe, format_bytes, tally_tensors, tensor_attributes
+from lightning_nograd.core.graph import (
+    MIB,
+    GraphEvent,
+    GraphProbe,
+    format_bytes,
+    storage_key,
+    tally_tensors,
+    tensor_attributes,
+)
 from lightning_nograd.core.modes import ModeProbe, mode_sensitive_descendants
 from lightning_nograd.core.patterns import NamePatterns
 from lightning_nograd.core.stack import calling_hook
@@ -117,7 +125,7 @@ class EvalModeAuditor(EvaluationLoopCallback):
 
     @override
     def _eval_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch_idx: int) -> None:
-        self._end_batch(outputs)
+        self._end_batch(pl_module, outputs)
 
     @override
     def _eval_epoch_end(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -189,10 +197,10 @@ class EvalModeAuditor(EvaluationLoopCallback):
         if self._graph is not None:
             self._graph.new_batch()
 
-    def _end_batch(self, outputs: Any) -> None:
+    def _end_batch(self, pl_module: nn.Module, outputs: Any) -> None:
         self._modes_after_batch()
         self._flush_graph_events()
-        self._check_outputs(outputs)
+        self._check_outputs(pl_module, outputs)
 
     @guarded("train_mode")
     def _modes_after_batch(self) -> None:
@@ -232,6 +240,11 @@ class EvalModeAuditor(EvaluationLoopCallback):
             self._graph = None
 
     # -- findings -------------------------------------------------------------------------------
+
+    @staticmethod
+    def _model_storages(module: nn.Module) -> set[tuple[str, int]]:
+        """Parameter and buffer storages of the model: a kept graph's size leaves them out."""
+        return {storage_key(t) for t in [*module.parameters(), *module.buffers()] if t.numel() > 0}
 
     def _stage_name(self) -> str:
         return self._stage or "val"
@@ -296,12 +309,13 @@ class EvalModeAuditor(EvaluationLoopCallback):
         )
 
     @guarded("graph_in_outputs")
-    def _check_outputs(self, outputs: Any) -> None:
+    def _check_outputs(self, pl_module: nn.Module, outputs: Any) -> None:
         if outputs is None:
             return
         tally = tally_tensors(outputs)
         if not tally.attached:
             return
+        kept = tally.kept_bytes(self._model_storages(pl_module)) / MIB
         self.add_finding(
             Finding(
                 kind="graph_in_outputs",
@@ -312,10 +326,11 @@ class EvalModeAuditor(EvaluationLoopCallback):
                 epoch=self._epoch,
                 problem=(
                     f"`{self._step_hook}` returned {tally.attached} tensor(s) still attached to an autograd "
-                    f"graph ({tally.attached_mib:.3f} MiB), which keeps the whole graph alive"
+                    f"graph, which keeps the whole graph alive ({kept:.3f} MiB: the tensors and what their graph "
+                    "saved for backward)"
                 ),
                 fix="return `.detach()`ed tensors and run the forward without gradients.",
-                details={"tensors": tally.attached, "mib": tally.attached_mib},
+                details={"tensors": tally.attached, "mib": kept, "tensor_mib": tally.attached_mib},
             )
         )
 
@@ -326,6 +341,7 @@ class EvalModeAuditor(EvaluationLoopCallback):
             tally = tally_tensors(value)
             self._attached_at_last_epoch_end[name] = tally.attached
             if tally.attached:
+                kept = tally.kept_bytes(self._model_storages(pl_module)) / MIB
                 in_training = self._fitting and name in self._attached_at_epoch_start
                 when = "during training (`training_step` or a training hook)" if in_training else ""
                 self.add_finding(
@@ -338,11 +354,11 @@ class EvalModeAuditor(EvaluationLoopCallback):
                         epoch=self._epoch,
                         problem=(
                             f"`self.{name}` on the {self._root_type} {('was filled ' + when + ' and ') if when else ''}"
-                            f"holds {tally.attached} tensor(s) still attached to an autograd graph "
-                            f"({tally.attached_mib:.3f} MiB), keeping their graphs alive"
+                            f"holds {tally.attached} tensor(s) still attached to an autograd graph, keeping their "
+                            f"graphs alive ({kept:.3f} MiB: the tensors and what their graphs saved for backward)"
                         ),
                         fix=f"store `.detach()`ed tensors in `self.{name}` (and clear it at epoch end).",
-                        details={"tensors": tally.attached, "mib": tally.attached_mib},
+                        details={"tensors": tally.attached, "mib": kept, "tensor_mib": tally.attached_mib},
                     )
                 )
             self._check_growth(stage, name, tally.tensors, tally.nbytes, sorted(tally.devices))

@@ -12,8 +12,9 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Set as AbstractSet
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
 
@@ -287,6 +288,13 @@ class TensorTally:
     nbytes: int = 0
     attached_bytes: int = 0
     devices: frozenset[str] = frozenset()
+    graph_roots: list[Any] = field(default_factory=list)  # the attached tensors' grad_fn nodes
+    attached_storages: set[tuple[str, int]] = field(default_factory=set)
+
+    def kept_bytes(self, exclude: AbstractSet[tuple[str, int]] = frozenset()) -> int:
+        """What the attached tensors keep alive: their own storages plus the tensors their graphs saved
+        for backward (each storage once; ``exclude`` holds parameter and buffer storages)."""
+        return self.attached_bytes + graph_saved_bytes(self.graph_roots, self.attached_storages | exclude)
 
     @property
     def mib(self) -> float:
@@ -300,6 +308,47 @@ class TensorTally:
 
 
 CONTAINERS = (list, tuple, dict, set)
+
+
+def graph_saved_bytes(
+    roots: Iterable[Any], exclude: AbstractSet[tuple[str, int]] = frozenset(), node_limit: int = 100_000
+) -> int:
+    """Bytes of the tensors that the autograd graphs behind ``roots`` saved for backward.
+
+    Walks each graph once (at most ``node_limit`` nodes) and reads every node's ``_saved_*``
+    tensors, each storage counted once, storages in ``exclude`` (parameters, buffers) left out.
+    A graph already used by a backward has freed what it saved, and adds nothing.
+
+    Example:
+        >>> w = torch.ones(4, 4, requires_grad=True)
+        >>> y = (torch.ones(256, 4) @ w).relu()  # the matmul saves its 256x4 input, relu its output
+        >>> graph_saved_bytes([y.grad_fn], {storage_key(w)})  # 2 x 4 KiB; the weight is left out
+        8192
+    """
+    seen_nodes: set[int] = set()
+    seen_storages: set[tuple[str, int]] = set(exclude)
+    total = 0
+    stack = [r for r in roots if r is not None]
+    while stack and len(seen_nodes) < node_limit:
+        node = stack.pop()
+        if id(node) in seen_nodes:
+            continue
+        seen_nodes.add(id(node))
+        for name in dir(node):
+            if not name.startswith("_saved_"):
+                continue
+            try:
+                value = getattr(node, name)
+            except RuntimeError:  # freed by a backward
+                continue
+            for tensor in value if isinstance(value, (list, tuple)) else (value,):
+                if isinstance(tensor, torch.Tensor) and tensor.numel() > 0:
+                    key = storage_key(tensor)
+                    if key not in seen_storages:
+                        seen_storages.add(key)
+                        total += storage_bytes(tensor)
+        stack.extend(next_node for next_node, _ in getattr(node, "next_functions", ()) if next_node is not None)
+    return total
 
 
 def tally_tensors(value: Any, limit: int = 100_000) -> TensorTally:
@@ -332,6 +381,8 @@ def tally_tensors(value: Any, limit: int = 100_000) -> TensorTally:
             if item.grad_fn is not None:
                 tally.attached += 1
                 tally.attached_bytes += size
+                tally.graph_roots.append(item.grad_fn)
+                tally.attached_storages.add(key)
         elif isinstance(item, dict):
             stack.extend(item.values())
         elif isinstance(item, CONTAINERS):
