@@ -319,3 +319,31 @@ def test_the_readme_shows_the_real_defaults() -> None:
     real = {k: repr(p.default) for k, p in inspect.signature(NoGradAuditor).parameters.items()}
     assert shown and {k: shown[k].replace('"', "'") for k in shown} == {k: real[k] for k in shown}
     assert set(shown) == set(real)
+
+
+def test_fit_validate_and_test_runs_get_rows_of_their_own(tmp_path: Path) -> None:
+    from lightning_nograd.core.summary import rows, summarise
+
+    class BuggyOnlyInFit(Regressor):
+        def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            if self.trainer.state.fn == "fit":
+                self.head[0].train()  # dropout on while evaluating, only during fit
+            return super().validation_step(batch, batch_idx)
+
+    auditor = NoGradAuditor(verbose=False)
+    model = BuggyOnlyInFit()
+    t = trainer(tmp_path, [auditor], max_epochs=2, num_sanity_val_steps=0)
+    with nograd_warnings():
+        t.fit(model, loader(), loader())
+        t.validate(model, loader(), verbose=False)
+        t.test(model, loader(), verbose=False)
+    summary = [(s.run, s.stage, s.epochs, s.counts.get("violations")) for s in summarise(auditor.report)]
+    assert summary == [("fit", "train", 2, None), ("fit", "val", 2, 1.0), ("validate", "val", 1, 0.0),
+                       ("test", "test", 1, 0.0)]  # fmt: skip
+    labels = [row[0] for row in rows(auditor.report)]
+    assert labels == ["training", "validation", "validation (validate)", "test"]
+    assert [row[-1] for row in rows(auditor.report)][1:] == ["violations: 1", "none", "none"]
+    data = auditor.report.to_dict()
+    assert {(e["run"], e["stage"]) for e in data["epochs"]} == {("fit", "train"), ("fit", "val"),
+                                                                ("validate", "val"), ("test", "test")}  # fmt: skip
+    assert {f["run"] for f in data["findings"]} == {"fit"}

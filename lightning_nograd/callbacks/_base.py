@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import warnings
@@ -83,6 +84,7 @@ class NoGradCallback(CallbackBase):
         self.report = Report()
         self.switched_off: set[str] = set()
         self._findings = FindingLog(self.on_violation, self.warning_category)
+        self._run: str | None = None  # the Trainer call under way (setup's `stage`)
         self._findings.listeners.append(self._on_new_finding)
         self._sink = MetricSink()
         self._state_key: str | None = None
@@ -129,6 +131,7 @@ class NoGradCallback(CallbackBase):
         if position is not None:
             self._state_key = base if position == 0 else f"{base}#{position + 1}"
         _LIVE_STATE_KEYS.setdefault(base, weakref.WeakSet()).add(self)
+        self._run = stage  # Lightning's `stage` here is the Trainer call: fit, validate, test, predict
 
     def _on_new_finding(self, finding: Finding) -> None:
         self.report.findings.append(finding)
@@ -140,6 +143,8 @@ class NoGradCallback(CallbackBase):
 
     def add_finding(self, finding: Finding) -> bool:
         """Report ``finding`` under this callback's ``on_violation``; returns whether it was new."""
+        if finding.run is None and self._run is not None:
+            finding = dataclasses.replace(finding, run=self._run)
         return self._findings.add(finding)
 
     def set_rank_zero(self, trainer: Trainer) -> None:
@@ -196,7 +201,7 @@ class NoGradCallback(CallbackBase):
             return
         try:
             step = int(trainer.global_step)
-            self.report.record_epoch(stage, int(trainer.current_epoch), step, metrics, details or None)
+            self.report.record_epoch(stage, int(trainer.current_epoch), step, metrics, details or None, self._run)
             self._sink.emit(trainer, metrics, log_step(trainer, stage))
         except Exception as err:
             self.switch_off("metrics", err)

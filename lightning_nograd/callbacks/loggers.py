@@ -127,12 +127,14 @@ def flat_summary(summaries: list[dict[str, Any]], findings: int) -> dict[str, An
     """Flat key -> number form of stage summaries, as summary panels want it."""
     flat: dict[str, Any] = {"findings": findings}
     for s in summaries:
+        # a `trainer.validate` run after `fit` gets keys of its own: `validate/val/...`
+        prefix = f"validate/{s['stage']}" if s.get("run") == "validate" else s["stage"]
         for key, value in s.items():
-            if key == "stage" or value is None:
+            if key in ("stage", "run") or value is None:
                 continue
             if isinstance(value, (int, float)):
-                flat[f"{s['stage']}/{key}"] = value
+                flat[f"{prefix}/{key}"] = value
             elif isinstance(value, dict):
                 for inner, number in value.items():
-                    flat[f"{s['stage']}/{inner}"] = number
+                    flat[f"{prefix}/{inner}"] = number
     return flat

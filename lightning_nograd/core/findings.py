@@ -46,6 +46,8 @@ class Finding:
         problem: one sentence on what was observed.
         fix: one sentence on how to fix it.
         details: plain, JSON-serialisable extras (sizes, counts, parameter names).
+        run: the Trainer call it happened in (``"fit"``, ``"validate"``, ``"test"``, ``"predict"``);
+            ``None`` outside Lightning (``audit()``, ``check_training_step``).
     """
 
     kind: str
@@ -57,6 +59,7 @@ class Finding:
     problem: str
     fix: str
     details: dict[str, Any] = field(default_factory=dict)
+    run: str | None = None
 
     @property
     def key(self) -> tuple[str, str, str, str]:

@@ -23,6 +23,7 @@ class EpochRecord:
         global_step: the trainer's ``global_step`` (the step metrics were logged at).
         metrics: metric key (as logged) to value.
         details: JSON-serialisable extras (spreads, sample counts, reasons for skipping).
+        run: the Trainer call (``"fit"``, ``"validate"``, ``"test"``, ``"predict"``); ``None`` outside Lightning.
     """
 
     stage: str
@@ -30,6 +31,7 @@ class EpochRecord:
     global_step: int
     metrics: dict[str, float] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
+    run: str | None = None
 
 
 @dataclass
@@ -53,14 +55,20 @@ class Report:
         global_step: int,
         metrics: dict[str, float],
         details: dict[str, Any] | None = None,
+        run: str | None = None,
     ) -> None:
-        """Add measurements; measurements of the same stage, epoch and step are merged."""
+        """Add measurements; measurements of the same run, stage, epoch and step are merged."""
         last = self.epochs[-1] if self.epochs else None
-        if last is not None and (last.stage, last.epoch, last.global_step) == (stage, epoch, global_step):
+        if last is not None and (last.run, last.stage, last.epoch, last.global_step) == (
+            run,
+            stage,
+            epoch,
+            global_step,
+        ):
             last.metrics.update(metrics)
             last.details.update(details or {})
             return
-        self.epochs.append(EpochRecord(stage, epoch, global_step, dict(metrics), dict(details or {})))
+        self.epochs.append(EpochRecord(stage, epoch, global_step, dict(metrics), dict(details or {}), run))
 
     def findings_of(self, kinds: frozenset[str] | None = None) -> list[Finding]:
         """Findings, optionally only those of some kinds."""
@@ -72,6 +80,7 @@ class Report:
             "findings": [f.to_dict() for f in self.findings],
             "epochs": [
                 {
+                    "run": e.run,
                     "stage": e.stage,
                     "epoch": e.epoch,
                     "global_step": e.global_step,

@@ -21,6 +21,7 @@ class StageSummary:
 
     stage: str
     epochs: int
+    run: str | None = None
     mean_epoch_time_s: float | None = None
     peak_memory_mib: float | None = None
     graph_memory_mib: float | None = None
@@ -39,18 +40,24 @@ def _mean(values: list[float]) -> float | None:
     return statistics.fmean(values) if values else None
 
 
+RUNS = ("fit", "validate", "test", "predict", None)
+
+
 def summarise(report: Report) -> list[StageSummary]:
-    """One :class:`StageSummary` per stage that has epochs in ``report``, in a fixed order.
+    """One :class:`StageSummary` per run kind and stage with epochs in ``report``, in a fixed order.
+
+    Validation inside ``fit`` and a ``trainer.validate`` run are kept apart.
 
     Example:
         >>> r = Report()
-        >>> r.record_epoch("val", 0, 5, {"nograd/val/epoch_time_s": 2.0, "nograd/val/violations": 0.0})
-        >>> summarise(r)[0].mean_epoch_time_s
-        2.0
+        >>> r.record_epoch("val", 0, 5, {"nograd/val/epoch_time_s": 2.0}, run="fit")
+        >>> r.record_epoch("val", 1, 10, {"nograd/val/epoch_time_s": 4.0}, run="validate")
+        >>> [(s.run, s.stage, s.mean_epoch_time_s) for s in summarise(r)]
+        [('fit', 'val', 2.0), ('validate', 'val', 4.0)]
     """
     summaries = []
-    for stage in ("train", "val", "test"):
-        epochs = [e for e in report.epochs if e.stage == stage]
+    for run, stage in ((run, stage) for run in RUNS for stage in ("train", "val", "test")):
+        epochs = [e for e in report.epochs if e.stage == stage and e.run == run]
         if not epochs:
             continue
 
@@ -61,6 +68,7 @@ def summarise(report: Report) -> list[StageSummary]:
         summary = StageSummary(
             stage=stage,
             epochs=len(epochs),
+            run=run,
             mean_epoch_time_s=_mean(values("epoch_time_s")),
             peak_memory_mib=max(peaks) if peaks else None,
             graph_memory_mib=_mean(values("graph_memory_mib")),
@@ -100,11 +108,17 @@ def _savings(summary: StageSummary) -> str:
     return "-"
 
 
+def row_label(summary: StageSummary) -> str:
+    """``validation`` inside ``fit``; ``validation (validate)`` for a ``trainer.validate`` run."""
+    word = STAGE_WORDS.get(summary.stage, summary.stage)
+    return f"{word} ({summary.run})" if summary.run == "validate" else word
+
+
 def rows(report: Report) -> list[list[str]]:
     """The table's rows: stage, epochs, mean epoch time, peak memory, graph memory, savings."""
     return [
         [
-            STAGE_WORDS.get(s.stage, s.stage),
+            row_label(s),
             str(s.epochs),
             _fmt(s.mean_epoch_time_s, " s"),
             _fmt(s.peak_memory_mib, " MiB", 1),
