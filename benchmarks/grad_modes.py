@@ -21,7 +21,8 @@ import torch
 
 from benchmarks.models import MODELS
 from benchmarks.timing import in_fresh_process
-from lightning_nograd.core.measure import MIB, peak_bytes_of, synchronize
+from lightning_nograd.core.graph import MIB
+from lightning_nograd.core.measure import peak_bytes_of, synchronize
 from lightning_nograd.core.replay import RecordedCall, graph_bytes_of
 
 MODES = ("grad", "no_grad", "inference_mode")

@@ -347,3 +347,15 @@ def test_fit_validate_and_test_runs_get_rows_of_their_own(tmp_path: Path) -> Non
     assert {(e["run"], e["stage"]) for e in data["epochs"]} == {("fit", "train"), ("fit", "val"),
                                                                 ("validate", "val"), ("test", "test")}  # fmt: skip
     assert {f["run"] for f in data["findings"]} == {"fit"}
+
+
+def test_a_subclassed_logger_gets_the_summary_of_its_base_class(tmp_path: Path) -> None:
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    class TeamTensorBoard(TensorBoardLogger):  # a company's own logger, as many teams have
+        pass
+
+    t = trainer(tmp_path, [NoGradAuditor(verbose=False)], logger=TeamTensorBoard(tmp_path, name="tb"), max_epochs=1)
+    t.fit(Regressor(), loader(), loader())
+    (text,) = read_tensorboard_text(tmp_path / "tb", "nograd/report")
+    assert "lightning-nograd report" in text

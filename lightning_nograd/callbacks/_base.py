@@ -18,6 +18,7 @@ from lightning_nograd.callbacks._lightning import (
     Trainer,
     attach_lightning_bases,
     forget_lightning_module,
+    is_global_zero,
     log_step,
     world_size,
 )
@@ -149,7 +150,7 @@ class NoGradCallback(CallbackBase):
 
     def set_rank_zero(self, trainer: Trainer) -> None:
         """Only rank zero prints warnings; every rank records findings."""
-        self._findings.may_warn = bool(getattr(trainer, "is_global_zero", True))
+        self._findings.may_warn = is_global_zero(trainer)
 
     def switch_off(self, check: str, err: BaseException) -> None:
         """Turn ``check`` off after an internal failure, warning once."""

@@ -132,3 +132,14 @@ def log_step(trainer: Trainer, stage: str) -> int:
     if not isinstance(stepped, int):
         return int(trainer.global_step)
     return max(0, stepped - 1) if stage == "train" else stepped
+
+
+def is_global_zero(trainer: Trainer) -> bool:
+    """Whether this process is rank zero (a trainer without the attribute counts as rank zero)."""
+    return bool(getattr(trainer, "is_global_zero", True))
+
+
+def is_logger(logger: object, name: str) -> bool:
+    """Whether ``logger`` is a Lightning logger class called ``name`` or a subclass of one (either
+    namespace, without importing one)."""
+    return any(cls.__name__ == name for cls in type(logger).__mro__)

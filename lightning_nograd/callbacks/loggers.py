@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from lightning_nograd.callbacks._lightning import Trainer, world_size
+from lightning_nograd.callbacks._lightning import Trainer, is_global_zero, is_logger, world_size
 from lightning_nograd.core.findings import user_stacklevel
 from lightning_nograd.errors import NoGradWarning
 
@@ -61,7 +61,7 @@ class MetricSink:
             except Exception as err:
                 self._failed.add(id(logger))
                 log.debug("log_metrics of %s failed", type(logger).__name__, exc_info=err)
-                if getattr(trainer, "is_global_zero", True):
+                if is_global_zero(trainer):
                     warnings.warn(
                         f"[lightning-nograd] {type(logger).__name__}.log_metrics failed: {type(err).__name__}: {err}. "
                         "lightning-nograd sends it no more metrics in this run (the other loggers still get "
@@ -97,19 +97,19 @@ def write_summaries(trainer: Trainer, summary: dict[str, Any], text: str) -> Non
     any logger with a ``log_dir``): ``nograd_summary.json`` next to its metrics. Only rank zero
     writes, as the loggers themselves do.
     """
-    if not getattr(trainer, "is_global_zero", True):
+    if not is_global_zero(trainer):
         return
     step = int(trainer.global_step)
     logger: Any
     for logger in trainer.loggers:
         kind = type(logger).__name__
         try:
-            if kind == "WandbLogger":
+            if is_logger(logger, "WandbLogger"):
                 logger.experiment.summary.update({f"nograd_summary/{k}": v for k, v in summary.items()})
-            elif kind == "TensorBoardLogger":
+            elif is_logger(logger, "TensorBoardLogger"):
                 logger.experiment.add_text("nograd/report", "```\n" + text + "\n```", global_step=step)
                 logger.experiment.flush()
-            elif kind == "MLFlowLogger":
+            elif is_logger(logger, "MLFlowLogger"):
                 logger.experiment.log_dict(logger.run_id, summary, "nograd_summary.json")
                 logger.experiment.set_tag(logger.run_id, "nograd.findings", str(summary.get("findings", 0)))
             else:

@@ -12,7 +12,7 @@ from typing import Any
 from typing_extensions import override
 
 from lightning_nograd.callbacks._base import NoGradCallback
-from lightning_nograd.callbacks._lightning import LightningModule, Trainer
+from lightning_nograd.callbacks._lightning import LightningModule, Trainer, is_global_zero, is_logger
 from lightning_nograd.callbacks.backprop_guard import BackpropGuard
 from lightning_nograd.callbacks.eval_mode_auditor import EvalModeAuditor
 from lightning_nograd.callbacks.loggers import flat_summary, write_summaries
@@ -132,7 +132,7 @@ class NoGradAuditor(NoGradCallback):
             self._each("on_exception", trainer, pl_module, exception)
         except Exception as err:
             log.debug("releasing after the run's exception failed", exc_info=err)
-        if getattr(trainer, "is_global_zero", True):
+        if is_global_zero(trainer):
             self._write_report()  # a crashed run is exactly what CI must see
 
     def _write_report(self) -> None:
@@ -281,11 +281,11 @@ class NoGradAuditor(NoGradCallback):
         try:
             summaries = [s.to_dict() for s in summarise(self.report)]
             # the table costs milliseconds (and rich's import): build it only for someone to read
-            wants_text = self.verbose or any(type(lg).__name__ == "TensorBoardLogger" for lg in trainer.loggers)
+            wants_text = self.verbose or any(is_logger(lg, "TensorBoardLogger") for lg in trainer.loggers)
             text = render(self.report) if wants_text else ""
             if trainer.loggers:
                 write_summaries(trainer, flat_summary(summaries, len(self.report.findings)), text)
-            if not getattr(trainer, "is_global_zero", True):
+            if not is_global_zero(trainer):
                 return
             if self.verbose:
                 print(text)

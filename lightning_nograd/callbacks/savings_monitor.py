@@ -15,8 +15,8 @@ from lightning_nograd.callbacks._lightning import LightningModule, Trainer, is_s
 from lightning_nograd.callbacks.loggers import reduce_vector
 from lightning_nograd.core.arguments import check_float, check_int
 from lightning_nograd.core.findings import Finding
-from lightning_nograd.core.graph import storage_key
-from lightning_nograd.core.measure import MIB, EpochClock, EpochPeakMemory, cpu_timing_caveat
+from lightning_nograd.core.graph import MIB, storage_key
+from lightning_nograd.core.measure import EpochClock, EpochPeakMemory, cpu_timing_caveat
 from lightning_nograd.core.replay import (
     EAGER_REPLAY_NOTE,
     CallRecorder,
@@ -62,10 +62,6 @@ def percent(share: float) -> str:
         ('0.5%', '20%', '100%')
     """
     return f"{share * 100:g}%"
-
-
-def _is_oom(err: BaseException) -> bool:
-    return isinstance(err, torch.OutOfMemoryError)
 
 
 class SavingsMonitor(EvaluationLoopCallback):
@@ -299,7 +295,7 @@ class SavingsMonitor(EvaluationLoopCallback):
         exclude = {storage_key(t) for t in [*pl_module.parameters(), *pl_module.buffers()] if t.numel() > 0}
         self._spent_this_measurement = 0.0
         with self._paused():
-            self._sessions = [Replay(replayable(calls), self._device, exclude, _is_oom) for calls in batches]
+            self._sessions = [Replay(replayable(calls), self._device, exclude) for calls in batches]
             for session in self._sessions:
                 session.measure_memory(warm_up=timing)
         if any(s.result.out_of_memory for s in self._sessions):

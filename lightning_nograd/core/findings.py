@@ -16,28 +16,13 @@ from lightning_nograd.errors import NoGradError, NoGradWarning
 OnViolation = Literal["warn", "fix", "error"]
 ON_VIOLATION_CHOICES: tuple[str, ...] = get_args(OnViolation)
 
-FindingKind = Literal[
-    "train_mode",
-    "grad_enabled",
-    "graph_in_outputs",
-    "graph_in_attribute",
-    "growing_collection",
-    "no_grad_module",
-    "param_without_grad",
-    "eval_mode_leak",
-    "eval_mode_at_start",
-    "stray_graph",
-    "inference_tensor",
-    "grad_replay_oom",
-]
-
 
 @dataclass(frozen=True)
 class Finding:
     """One distinct problem, named precisely enough to fix.
 
     Args:
-        kind: what went wrong (see ``FindingKind``).
+        kind: what went wrong (``"train_mode"``, ``"no_grad_module"``, ...; the README lists them all).
         subject: the ``named_modules()`` / ``named_parameters()`` path or attribute name.
         stage: ``"val"``, ``"test"``, ``"predict"`` or ``"train"``.
         hook: the hook or step in which it happened, e.g. ``"validation_step"``.
@@ -191,7 +176,7 @@ class FindingLog:
         self._epoch_keys: dict[str, set[tuple[str, str, str, str]]] = {}
         self.listeners: list[Callable[[Finding], None]] = []
 
-    def add(self, finding: Finding, category: type[NoGradWarning] | None = None) -> bool:
+    def add(self, finding: Finding) -> bool:
         """Record ``finding``; warn or raise when it is new. Returns whether it was new."""
         self._epoch_keys.setdefault(finding.stage, set()).add(finding.key)
         if finding.key in self._seen:
@@ -203,7 +188,7 @@ class FindingLog:
         if self.on_violation == "error":
             raise NoGradError(finding.message)
         if self.may_warn:
-            warnings.warn(finding.message, category or self.category, stacklevel=user_stacklevel())
+            warnings.warn(finding.message, self.category, stacklevel=user_stacklevel())
         return True
 
     def start_epoch(self, stage: str) -> None:
@@ -214,10 +199,6 @@ class FindingLog:
         """Distinct findings of ``stage`` seen since :meth:`start_epoch` (optionally of some kinds)."""
         keys = self._epoch_keys.get(stage, set())
         return sum(1 for key in keys if kinds is None or key[0] in kinds)
-
-    def seen(self, key: tuple[str, str, str, str]) -> bool:
-        """Whether a finding with this key was already reported in this run."""
-        return key in self._seen
 
     def state(self) -> list[list[str]]:
         """Keys already warned, as plain lists (for checkpoints)."""

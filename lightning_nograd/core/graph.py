@@ -111,11 +111,6 @@ class GraphProbe(Probe):
         self._batch_storages: set[tuple[str, int]] = set()
         self._batch_events: dict[tuple[str, str | None], GraphEvent] = {}
 
-    @property
-    def active(self) -> bool:
-        """Whether the probe is receiving saved tensors."""
-        return self._active
-
     def start(self) -> None:
         """Start receiving saved tensors (idempotent); names modules on the first start."""
         if self._active:
@@ -151,10 +146,6 @@ class GraphProbe(Probe):
         """Start counting saved bytes for a new batch."""
         self._batch_storages = set()
         self._batch_events = {}
-
-    def batch_events(self) -> list[GraphEvent]:
-        """Graphs recorded in the current batch, with their saved bytes so far."""
-        return list(self._batch_events.values())
 
     def flush(self) -> None:
         """Report this batch's graphs (one per hook, see :meth:`grouped_events`) and reset."""
@@ -295,11 +286,6 @@ class TensorTally:
         """What the attached tensors keep alive: their own storages plus the tensors their graphs saved
         for backward (each storage once; ``exclude`` holds parameter and buffer storages)."""
         return self.attached_bytes + graph_saved_bytes(self.graph_roots, self.attached_storages | exclude)
-
-    @property
-    def mib(self) -> float:
-        """Size of all the tensors' storages in MiB (each storage counted once)."""
-        return self.nbytes / MIB
 
     @property
     def attached_mib(self) -> float:

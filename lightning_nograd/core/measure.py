@@ -16,7 +16,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-MIB = float(2**20)
+from lightning_nograd.core.graph import MIB, storage_key  # MIB: one definition, there
 
 
 def synchronize(device: torch.device) -> None:
@@ -200,7 +200,7 @@ class LiveTensorMemory(TorchDispatchMode):  # type: ignore[no-untyped-call]
         self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
     ) -> Any:
         out = func(*args, **(kwargs or {}))
-        inputs = {_key(t) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        inputs = {storage_key(t) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
         for leaf in tree_leaves(out):
             if isinstance(leaf, torch.Tensor):
                 self._track(leaf, inputs)
@@ -208,7 +208,7 @@ class LiveTensorMemory(TorchDispatchMode):  # type: ignore[no-untyped-call]
 
     def _track(self, tensor: torch.Tensor, inputs: set[tuple[str, int]]) -> None:
         storage = tensor.untyped_storage()
-        key = _key(tensor)
+        key = storage_key(tensor)
         nbytes = int(storage.nbytes())
         if key in self._live or key in inputs or nbytes == 0:
             return  # a view or an in-place result: no new memory
@@ -221,10 +221,6 @@ class LiveTensorMemory(TorchDispatchMode):  # type: ignore[no-untyped-call]
         if key in self._live:
             self._live.discard(key)
             self.current_bytes -= nbytes
-
-
-def _key(tensor: torch.Tensor) -> tuple[str, int]:
-    return (str(tensor.device), tensor.untyped_storage().data_ptr())
 
 
 def peak_bytes_of(run: Callable[[], Any], device: torch.device) -> int:

@@ -87,12 +87,8 @@ class NamePatterns:
                 raise ValueError(
                     f"Expected every entry of `{argument}` to be a valid regular expression, but got {item!r} ({err})."
                 ) from None
-        self.argument = argument
         self.patterns: tuple[str, ...] = tuple(items)
         self._compiled = tuple(compiled)
-
-    def __bool__(self) -> bool:
-        return bool(self._compiled)
 
     def matches(self, path: str) -> bool:
         """Whether ``path`` or any of its ancestors full-matches one of the patterns."""

@@ -131,9 +131,6 @@ class CallRecorder(Probe):
         self._handles = []
         self._active = None
 
-    def clear(self) -> None:
-        self.calls = []
-
     def _pre(self, module: nn.Module, args: Any) -> None:
         if self._active is None and id(module) in self.candidates:
             self._active = id(module)
@@ -188,10 +185,6 @@ class ReplayResult:
     def saved_per_batch(self) -> float:
         """Median time one batch saves by running without gradients."""
         return statistics.median(self.differences) if self.time_on else 0.0
-
-    @property
-    def time_on_per_batch(self) -> float:
-        return statistics.median(self.time_on) if self.time_on else 0.0
 
     @property
     def spread(self) -> tuple[float, float]:
@@ -415,8 +408,9 @@ class Replay:
         calls: the recorded calls of one batch (inference-mode inputs already cloned).
         device: where the model runs (CUDA is synchronised around every timing).
         exclude_storages: parameter and buffer storages, not counted as graph memory.
-        is_oom: recognises an out-of-memory error of the grad-enabled run; the result then has
-            ``out_of_memory=True`` and the run goes on.
+
+    A grad-enabled run that raises ``torch.OutOfMemoryError`` leaves ``result.out_of_memory=True``
+    (its memory freed) and the run goes on.
     """
 
     def __init__(
@@ -424,12 +418,10 @@ class Replay:
         calls: list[RecordedCall],
         device: torch.device,
         exclude_storages: set[tuple[str, int]],
-        is_oom: Callable[[BaseException], bool] | None = None,
     ) -> None:
         self.calls = calls
         self.device = device
         self.exclude_storages = exclude_storages
-        self.is_oom = is_oom
         self.result = ReplayResult()
         self.pair_seconds = 0.0
         self._modules = list({id(c.module): c.module for c in calls}.values())
@@ -440,9 +432,7 @@ class Replay:
         with _EvalModeAndRng(self._modules, self.device), HUB.paused(), _user_hooks_off(self._modules):
             try:
                 work()
-            except Exception as err:
-                if self.is_oom is None or not self.is_oom(err):
-                    raise
+            except torch.OutOfMemoryError:
                 self.result.out_of_memory = True
                 self.result.time_on, self.result.time_off = [], []
 
@@ -472,21 +462,3 @@ class Replay:
                     )
 
         self._guarded(work)
-
-
-def replay(
-    calls: list[RecordedCall],
-    repeats: Callable[[float], int],
-    device: torch.device,
-    exclude_storages: set[tuple[str, int]],
-    is_oom: Callable[[BaseException], bool] | None = None,
-) -> ReplayResult:
-    """Replay ``calls`` at once: memory, then ``repeats(seconds of one pair)`` timed pairs.
-
-    Each timing is of a settled run (see :func:`_timed`), so one pair costs about six forward
-    passes. See :class:`Replay` for the arguments and for spreading the pairs over time.
-    """
-    session = Replay(calls, device, exclude_storages, is_oom)
-    session.measure_memory()
-    session.time_pairs(repeats(session.pair_seconds))
-    return session.result

@@ -70,10 +70,6 @@ class Report:
             return
         self.epochs.append(EpochRecord(stage, epoch, global_step, dict(metrics), dict(details or {}), run))
 
-    def findings_of(self, kinds: frozenset[str] | None = None) -> list[Finding]:
-        """Findings, optionally only those of some kinds."""
-        return [f for f in self.findings if kinds is None or f.kind in kinds]
-
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable form of the whole report."""
         return {

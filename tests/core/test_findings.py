@@ -41,7 +41,8 @@ def test_error_mode_raises_and_state_round_trips() -> None:
     log.add(finding())
     restored = FindingLog("warn")
     restored.load_state(json.loads(json.dumps(log.state())))
-    assert restored.seen(finding().key)
+    assert restored.state() == log.state()
+    assert not restored.add(finding()), "a restored run does not report (or warn) the finding again"
 
 
 def test_common_ancestor() -> None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lightning_nograd.core.replay import CallRecorder, ReplayResult, replay, replayable, time_savings
+from lightning_nograd.core.replay import CallRecorder, Replay, ReplayResult, replayable, time_savings
 
 
 def test_sign_test_tells_a_real_difference_from_noise() -> None:
@@ -44,7 +44,10 @@ def test_replay_restores_modes_rng_and_batch_norm_stats() -> None:
     recorder.stop()
     stats = net[1].running_mean.clone()
     rng = torch.get_rng_state()
-    result = replay(replayable(recorder.calls), lambda pair: 3, torch.device("cpu"), set())
+    session = Replay(replayable(recorder.calls), torch.device("cpu"), set())
+    session.measure_memory()
+    session.time_pairs(3)
+    result = session.result
     assert len(result.time_on) == 3 and result.graph_bytes > 0
     assert torch.equal(net[1].running_mean, stats)
     assert torch.equal(torch.get_rng_state(), rng)
