@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -344,7 +345,10 @@ def check_training_step(
     params = [p for p in params if p.requires_grad]
     saved_grads = {id(p): p.grad for p in index.params.values()}
     saved_buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
-    rng = torch.get_rng_state()
+    # CPU and every CUDA device the model uses: dropout in the checked step must not shift the user's RNG
+    cuda_devices = sorted({p.device.index or 0 for p in index.params.values() if p.device.type == "cuda"})
+    rng = contextlib.ExitStack()
+    rng.enter_context(torch.random.fork_rng(devices=cuda_devices))
     probe = GradModeProbe({id(m): path for path, m in named_modules(model) if not allowed.matches(path)})
     try:
         for p in index.params.values():
@@ -366,5 +370,5 @@ def check_training_step(
             for name, buffer in model.named_buffers():
                 if name in saved_buffers and buffer.shape == saved_buffers[name].shape:
                     buffer.copy_(saved_buffers[name])
-        torch.set_rng_state(rng)
+        rng.close()  # RNG states as they were
     return report

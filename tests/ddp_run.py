@@ -64,7 +64,7 @@ def main(out: Path, strategy: str, scenario: str = "") -> None:
     rank = trainer.global_rank
     (out / f"warnings_rank{rank}.json").write_text(json.dumps(messages))
     (out / f"findings_rank{rank}.json").write_text(json.dumps(sorted({f.kind for f in auditor.report.findings})))
-    switched = {type(p).__name__: sorted(p.switched_off) for p in auditor.parts}
+    switched = {type(p).__name__: sorted(p._switched_off) for p in auditor._parts}
     (out / f"switched_off_rank{rank}.json").write_text(json.dumps(switched))
     # Lightning leaves the process group up; PyTorch asks every process to destroy it before exit,
     # else gloo's worker threads are torn down with the interpreter and abort it now and then

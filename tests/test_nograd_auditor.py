@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
@@ -65,8 +66,8 @@ class EveryBug(Regressor):
 
 def test_parts_share_one_report_and_pass_on_violation_through(tmp_path: Path) -> None:
     auditor = NoGradAuditor(on_violation="fix", verbose=False)
-    assert [type(p) for p in auditor.parts] == [EvalModeAuditor, SavingsMonitor, BackpropGuard]
-    assert all(p.report is auditor.report for p in auditor.parts)
+    assert [type(p) for p in auditor._parts] == [EvalModeAuditor, SavingsMonitor, BackpropGuard]
+    assert all(p.report is auditor.report for p in auditor._parts)
     assert auditor.part(EvalModeAuditor).on_violation == "fix"  # type: ignore[union-attr]
     with nograd_warnings() as seen:
         trainer(tmp_path, [auditor]).fit(EveryBug(), loader(), loader())
@@ -77,7 +78,7 @@ def test_parts_share_one_report_and_pass_on_violation_through(tmp_path: Path) ->
 
 def test_parts_can_be_switched_off(tmp_path: Path) -> None:
     auditor = NoGradAuditor(guard_backprop=False, monitor_savings=False, verbose=False)
-    assert [type(p) for p in auditor.parts] == [EvalModeAuditor]
+    assert [type(p) for p in auditor._parts] == [EvalModeAuditor]
     with nograd_warnings():
         trainer(tmp_path, [auditor]).fit(EveryBug(), loader(), loader())
     assert {f.kind for f in auditor.report.findings} == {"train_mode"}
@@ -359,3 +360,15 @@ def test_a_subclassed_logger_gets_the_summary_of_its_base_class(tmp_path: Path) 
     t.fit(Regressor(), loader(), loader())
     (text,) = read_tensorboard_text(tmp_path / "tb", "nograd/report")
     assert "lightning-nograd report" in text
+
+
+@pytest.mark.parametrize("cls", [NoGradAuditor, EvalModeAuditor, SavingsMonitor, BackpropGuard])
+def test_public_names_are_the_documented_ones(cls: type) -> None:
+    import inspect
+
+    callback_names = set(dir(pl.Callback()))
+    public = {n for n in dir(cls()) if not n.startswith("_") and n not in callback_names}
+    documented = set(inspect.signature(cls).parameters) | {"report", "on_violation"}
+    if cls is NoGradAuditor:
+        documented.add("part")
+    assert public <= documented, public - documented

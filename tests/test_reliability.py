@@ -265,7 +265,7 @@ def test_a_logger_that_fails_is_skipped_and_the_others_still_get_the_metrics(tmp
     failed = [str(w.message) for w in seen if "log_metrics failed" in str(w.message)]
     assert len(failed) == 1 and "SlashFreeLogger" in failed[0] and "metric names may not contain" in failed[0]
     assert any("`head.0` (Dropout)" in str(w.message) for w in seen), "the findings are still reported"
-    assert not auditor.switched_off and not any(p.switched_off for p in auditor.parts)
+    assert not auditor._switched_off and not any(p._switched_off for p in auditor._parts)
     assert csv_values(tmp_path / "csv", "nograd/val/violations") == [1.0, 1.0, 1.0]
     assert csv_values(tmp_path / "csv", "nograd/train/no_grad_modules") == [0.0, 0.0, 0.0]
     # the strict logger still got Lightning's own metrics, and none of ours

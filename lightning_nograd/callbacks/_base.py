@@ -45,14 +45,14 @@ def guarded(check: str) -> Callable[[Callable[Concatenate[C, P], R]], Callable[C
     def decorate(method: Callable[Concatenate[C, P], R]) -> Callable[Concatenate[C, P], R | None]:
         @functools.wraps(method)
         def wrapper(self: C, *args: P.args, **kwargs: P.kwargs) -> R | None:
-            if check in self.switched_off:
+            if check in self._switched_off:
                 return None
             try:
                 return method(self, *args, **kwargs)
             except NoGradError:
                 raise
             except Exception as err:
-                self.switch_off(check, err)
+                self._switch_off(check, err)
                 return None
 
         return wrapper  # type: ignore[return-value]
@@ -73,7 +73,7 @@ class NoGradCallback(CallbackBase):
         ValueError: ``on_violation`` is not one of the allowed values.
     """
 
-    warning_category: type[NoGradWarning] = NoGradWarning
+    _warning_category: type[NoGradWarning] = NoGradWarning
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Any:
         attach_lightning_bases()  # a namespace imported after lightning_nograd joins the bases here
@@ -83,8 +83,8 @@ class NoGradCallback(CallbackBase):
         super().__init__()
         self.on_violation: OnViolation = check_choice("on_violation", on_violation, ON_VIOLATION_CHOICES)  # type: ignore[assignment]
         self.report = Report()
-        self.switched_off: set[str] = set()
-        self._findings = FindingLog(self.on_violation, self.warning_category)
+        self._switched_off: set[str] = set()
+        self._findings = FindingLog(self.on_violation, self._warning_category)
         self._run: str | None = None  # the Trainer call under way (setup's `stage`)
         self._findings.listeners.append(self._on_new_finding)
         self._sink = MetricSink()
@@ -137,28 +137,28 @@ class NoGradCallback(CallbackBase):
     def _on_new_finding(self, finding: Finding) -> None:
         self.report.findings.append(finding)
 
-    def share(self, report: Report, sink: MetricSink) -> None:
+    def _share(self, report: Report, sink: MetricSink) -> None:
         """Use ``report`` and ``sink`` shared with sibling callbacks (used by ``NoGradAuditor``)."""
         self.report = report
         self._sink = sink
 
-    def add_finding(self, finding: Finding) -> bool:
+    def _add_finding(self, finding: Finding) -> bool:
         """Report ``finding`` under this callback's ``on_violation``; returns whether it was new."""
         if finding.run is None and self._run is not None:
             finding = dataclasses.replace(finding, run=self._run)
         return self._findings.add(finding)
 
-    def set_rank_zero(self, trainer: Trainer) -> None:
+    def _set_rank_zero(self, trainer: Trainer) -> None:
         """Only rank zero prints warnings; every rank records findings."""
         self._findings.may_warn = is_global_zero(trainer)
 
-    def switch_off(self, check: str, err: BaseException) -> None:
+    def _switch_off(self, check: str, err: BaseException) -> None:
         """Turn ``check`` off after an internal failure, warning once."""
-        if check in self.switched_off:
+        if check in self._switched_off:
             return
-        self.switched_off.add(check)
+        self._switched_off.add(check)
         try:
-            self.release(check)
+            self._release(check)
         except Exception as release_err:
             log.debug("releasing check %s failed", check, exc_info=release_err)
         if self._findings.may_warn:
@@ -171,7 +171,7 @@ class NoGradCallback(CallbackBase):
             )
         log.debug("check %s failed", check, exc_info=err)
 
-    def emit_epoch_metrics(
+    def _emit_epoch_metrics(
         self,
         trainer: Trainer,
         stage: str,
@@ -187,27 +187,27 @@ class NoGradCallback(CallbackBase):
         """
         metrics: dict[str, float] = {}
         details: dict[str, Any] = {}
-        if "metrics" not in self.switched_off:
+        if "metrics" not in self._switched_off:
             try:
                 metrics, details = compute()
             except Exception as err:
-                self.switch_off("metrics", err)
+                self._switch_off("metrics", err)
                 metrics, details = {}, {}
         if world_size(trainer) > 1:
             try:
                 metrics = reduce(trainer, metrics)
             except Exception as err:
-                self.switch_off("metrics", err)
-        if "metrics" in self.switched_off:
+                self._switch_off("metrics", err)
+        if "metrics" in self._switched_off:
             return
         try:
             step = int(trainer.global_step)
             self.report.record_epoch(stage, int(trainer.current_epoch), step, metrics, details or None, self._run)
             self._sink.emit(trainer, metrics, log_step(trainer, stage))
         except Exception as err:
-            self.switch_off("metrics", err)
+            self._switch_off("metrics", err)
 
-    def release(self, check: str | None = None) -> None:
+    def _release(self, check: str | None = None) -> None:
         """Remove the hooks of ``check`` (all checks when ``None``) and drop model references.
 
         Safe to call at any time, any number of times.
@@ -215,11 +215,11 @@ class NoGradCallback(CallbackBase):
 
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        self.release()
+        self._release()
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self.release()
+        self._release()
         forget_lightning_module(self)
         _LIVE_STATE_KEYS.get(self._base_state_key(), weakref.WeakSet()).discard(self)
 
@@ -241,11 +241,11 @@ LOOP_NAMES = {"val": "validation", "test": "test", "predict": "predict"}
 class EvaluationLoopCallback(NoGradCallback):
     """Turns Lightning's validation / test / predict hooks into one set of stage-aware calls.
 
-    Subclasses override the ``_eval_*`` methods they need; ``evaluation_stages`` says which of
+    Subclasses override the ``_eval_*`` methods they need; ``_evaluation_stages`` says which of
     ``"val"``, ``"test"`` and ``"predict"`` they watch.
     """
 
-    evaluation_stages: frozenset[str] = frozenset({"val", "test", "predict"})
+    _evaluation_stages: frozenset[str] = frozenset({"val", "test", "predict"})
 
     def _eval_start(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         """The loop of ``stage`` starts (the model is already in eval mode)."""
@@ -266,7 +266,7 @@ class EvaluationLoopCallback(NoGradCallback):
         """The loop of ``stage`` ends."""
 
     def _watches(self, stage: str) -> bool:
-        return stage in self.evaluation_stages
+        return stage in self._evaluation_stages
 
     @override
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

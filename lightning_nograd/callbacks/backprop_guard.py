@@ -107,7 +107,7 @@ class BackpropGuard(NoGradCallback):
         >>> trainer = Trainer(callbacks=[BackpropGuard(allow=[r"teacher"])])
     """
 
-    warning_category = BrokenBackpropWarning
+    _warning_category = BrokenBackpropWarning
 
     def __init__(self, on_violation: OnViolation = "warn", allow: Iterable[str] = (), zero_grad_steps: int = 3) -> None:
         super().__init__(on_violation)
@@ -150,13 +150,13 @@ class BackpropGuard(NoGradCallback):
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # before the sanity check, which already runs forwards that may use the inference tensor
-        self.set_rank_zero(trainer)
+        self._set_rank_zero(trainer)
         self._root_type = type(pl_module).__name__
         self._check_inference_tensors(pl_module, "on_fit_start")
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.set_rank_zero(trainer)
+        self._set_rank_zero(trainer)
         self._root_type = type(pl_module).__name__
         self._epoch = int(trainer.current_epoch)
         self._trained_ids = trained_parameter_ids(getattr(trainer, "optimizers", []))
@@ -240,10 +240,10 @@ class BackpropGuard(NoGradCallback):
         self._collect_zero_gradients(wait=True)
         self._flush_stray_graphs()
         self._report_unexplained_suspects()
-        self.release()
+        self._release()
 
     @override
-    def release(self, check: str | None = None) -> None:
+    def _release(self, check: str | None = None) -> None:
         if check in (None, "no_grad_module") and self._probe is not None:
             self._probe.stop()
             self._probe = None
@@ -294,7 +294,7 @@ class BackpropGuard(NoGradCallback):
         return self.allow.matches(parent_path(name))
 
     def _finding(self, kind: str, subject: str, hook: str, problem: str, fix: str, **details: Any) -> None:
-        self.add_finding(
+        self._add_finding(
             Finding(kind, subject, "train", hook, self._batch_idx, self._epoch, problem, fix, dict(details))
         )
 
@@ -364,7 +364,7 @@ class BackpropGuard(NoGradCallback):
             batch_idx = self._batch_idx
             if where == "on_train_batch_end" and batch_idx:
                 batch_idx -= 1  # seen at the start of the next batch
-            self.add_finding(
+            self._add_finding(
                 Finding(
                     "eval_mode_leak",
                     path,
@@ -463,7 +463,7 @@ class BackpropGuard(NoGradCallback):
         self._pending_probe = False
         watch = {id(module): path for path, module in self._index.modules.items() if not self.allow.matches(path)}
         self._probe = GradModeProbe(watch)
-        self._probe.on_error = lambda err: self.switch_off("no_grad_module", err)
+        self._probe.on_error = lambda err: self._switch_off("no_grad_module", err)
         self._probe.start()
 
     @guarded("no_grad_module")
@@ -503,7 +503,7 @@ class BackpropGuard(NoGradCallback):
             self._graph = GraphProbe(
                 pl_module, OUTSIDE_STEP_HOOKS, self._stray_finding, self.allow.matches, self.on_violation == "error"
             )
-            self._graph.on_error = lambda err: self.switch_off("stray_graph", err)
+            self._graph.on_error = lambda err: self._switch_off("stray_graph", err)
         self._graph.start()
 
     @guarded("stray_graph")
@@ -543,4 +543,4 @@ class BackpropGuard(NoGradCallback):
 
     def _log_counts(self, trainer: Trainer) -> None:
         keys = list(_COUNTS.values())
-        self.emit_epoch_metrics(trainer, "train", self._epoch_counts, lambda t, m: reduce_present_max(t, keys, m))
+        self._emit_epoch_metrics(trainer, "train", self._epoch_counts, lambda t, m: reduce_present_max(t, keys, m))

@@ -138,8 +138,8 @@ class EvalModeAuditor(EvaluationLoopCallback):
     # -- stage, epoch and batch bookkeeping -----------------------------------------------------
 
     def _begin_stage(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self.release()
-        self.set_rank_zero(trainer)
+        self._release()
+        self._set_rank_zero(trainer)
         self._stage = stage
         self._fitting = getattr(getattr(trainer, "state", None), "fn", None) == "fit"  # a str enum
         self._step_hook = f"{LOOP_NAMES[stage]}_step"
@@ -152,7 +152,7 @@ class EvalModeAuditor(EvaluationLoopCallback):
     @guarded("train_mode")
     def _start_mode_probe(self, pl_module: nn.Module) -> None:
         self._modes = ModeProbe(pl_module, self.allow_train_mode, self._on_train_forward, self.on_violation == "fix")
-        self._modes.on_error = lambda err: self.switch_off("train_mode", err)
+        self._modes.on_error = lambda err: self._switch_off("train_mode", err)
         self._modes.keep_fixing(self._fixed_by_stage.get(self._stage_name(), set()))
 
     @guarded("grad_enabled")
@@ -160,7 +160,7 @@ class EvalModeAuditor(EvaluationLoopCallback):
         self._graph = GraphProbe(
             pl_module, EVAL_HOOK_NAMES, self._graph_finding, self.allow_grad.matches, self.on_violation == "error"
         )
-        self._graph.on_error = lambda err: self.switch_off("grad_enabled", err)
+        self._graph.on_error = lambda err: self._switch_off("grad_enabled", err)
         self._graph.start()
 
     def _begin_epoch(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -215,7 +215,7 @@ class EvalModeAuditor(EvaluationLoopCallback):
     def _end_stage(self, trainer: Trainer) -> None:
         self._flush_graph_events()
         stage = self._stage
-        self.release()
+        self._release()
         if stage in ("val", "test") and not is_sanity_checking(trainer):
             self._log_violations(trainer, stage)
         self._stage = None
@@ -226,10 +226,10 @@ class EvalModeAuditor(EvaluationLoopCallback):
         def compute() -> tuple[dict[str, float], dict[str, Any]]:
             return {key: float(self._findings.epoch_count(stage, AUDIT_KINDS))}, {}
 
-        self.emit_epoch_metrics(trainer, stage, compute, lambda t, m: reduce_present_max(t, [key], m))
+        self._emit_epoch_metrics(trainer, stage, compute, lambda t, m: reduce_present_max(t, [key], m))
 
     @override
-    def release(self, check: str | None = None) -> None:
+    def _release(self, check: str | None = None) -> None:
         if check in (None, "train_mode") and self._modes is not None:
             fixed = self._fixed_by_stage.setdefault(self._stage_name(), set())
             fixed.update(self._modes.fixed_modules())
@@ -262,7 +262,7 @@ class EvalModeAuditor(EvaluationLoopCallback):
         else:
             action = ""
         what = "ran its forward in train mode" if confirmed else "was switched to train mode during the step"
-        self.add_finding(
+        self._add_finding(
             Finding(
                 kind="train_mode",
                 subject=path,
@@ -288,7 +288,7 @@ class EvalModeAuditor(EvaluationLoopCallback):
         name = display_name(event.module, self._root_type)
         inner = [m for m in modules if m != event.module]
         where = f" (in {', '.join(inner[:5])}{', ...' if len(inner) > 5 else ''})" if inner else ""
-        self.add_finding(
+        self._add_finding(
             Finding(
                 kind="grad_enabled",
                 subject=event.module,
@@ -316,7 +316,7 @@ class EvalModeAuditor(EvaluationLoopCallback):
         if not tally.attached:
             return
         kept = tally.kept_bytes(self._model_storages(pl_module)) / MIB
-        self.add_finding(
+        self._add_finding(
             Finding(
                 kind="graph_in_outputs",
                 subject=f"{self._step_hook} outputs",
@@ -344,7 +344,7 @@ class EvalModeAuditor(EvaluationLoopCallback):
                 kept = tally.kept_bytes(self._model_storages(pl_module)) / MIB
                 in_training = self._fitting and name in self._attached_at_epoch_start
                 when = "during training (`training_step` or a training hook)" if in_training else ""
-                self.add_finding(
+                self._add_finding(
                     Finding(
                         kind="graph_in_attribute",
                         subject=f"self.{name}",
@@ -375,7 +375,7 @@ class EvalModeAuditor(EvaluationLoopCallback):
         if not (not_cleared and grew):
             return
         mib = nbytes / MIB
-        self.add_finding(
+        self._add_finding(
             Finding(
                 kind="growing_collection",
                 subject=f"self.{name}",

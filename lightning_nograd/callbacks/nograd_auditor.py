@@ -7,7 +7,7 @@ import os
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from typing_extensions import override
 
@@ -24,6 +24,9 @@ from lightning_nograd.core.summary import render, summarise
 from lightning_nograd.errors import NoGradWarning
 
 log = logging.getLogger(__name__)
+
+
+PartT = TypeVar("PartT", bound=NoGradCallback)
 
 
 class NoGradAuditor(NoGradCallback):
@@ -47,8 +50,8 @@ class NoGradAuditor(NoGradCallback):
         allow_train_mode: see :class:`EvalModeAuditor`.
         allow_grad: see :class:`EvalModeAuditor`.
         allow: see :class:`BackpropGuard`.
-        savings_budget: share of the run's time the savings replays may take (default 0.5%, so that
-            the replays and the per-step checks together stay under 1% of a fit).
+        savings_budget: share of the run's time the timed savings replays may take (default 0.5%);
+            the memory figures are measured at any budget (see the README's SavingsMonitor section).
         report_path: where to write ``report.to_dict()`` as JSON after each stage (``None``: nowhere).
 
     Raises:
@@ -84,30 +87,36 @@ class NoGradAuditor(NoGradCallback):
             ("allow", allow),
         ):
             NamePatterns(argument, patterns)
-        self.parts: list[NoGradCallback] = []
+        self._parts: list[NoGradCallback] = []
         if check_bool("audit_eval", audit_eval):
-            self.parts.append(EvalModeAuditor(on_violation, allow_train_mode, allow_grad))
+            self._parts.append(EvalModeAuditor(on_violation, allow_train_mode, allow_grad))
         if check_bool("monitor_savings", monitor_savings):
             monitor = SavingsMonitor(budget=savings_budget)
             monitor._budget_argument = "savings_budget"
-            self.parts.append(monitor)
+            self._parts.append(monitor)
         if check_bool("guard_backprop", guard_backprop):
-            self.parts.append(BackpropGuard(on_violation, allow))
+            self._parts.append(BackpropGuard(on_violation, allow))
         self._sink.holding = True
-        for part in self.parts:
-            part.share(self.report, self._sink)
+        for part in self._parts:
+            part._share(self.report, self._sink)
 
     @override
     def _state_key_settings(self) -> dict[str, Any]:
-        return {**super()._state_key_settings(), "parts": [type(p).__name__ for p in self.parts]}
+        return {**super()._state_key_settings(), "parts": [type(p).__name__ for p in self._parts]}
 
-    def part(self, kind: type[NoGradCallback]) -> NoGradCallback | None:
-        """The part of type ``kind``, if switched on."""
-        return next((p for p in self.parts if isinstance(p, kind)), None)
+    def part(self, kind: type[PartT]) -> PartT | None:
+        """The part of type ``kind`` (``EvalModeAuditor``, ``SavingsMonitor``, ``BackpropGuard``), if switched on.
+
+        Example:
+            >>> auditor = NoGradAuditor(monitor_savings=False)
+            >>> auditor.part(SavingsMonitor) is None, type(auditor.part(BackpropGuard)).__name__
+            (True, 'BackpropGuard')
+        """
+        return next((p for p in self._parts if isinstance(p, kind)), None)
 
     def _each(self, hook: str, *args: Any, **kwargs: Any) -> None:
         try:
-            for part in self.parts:
+            for part in self._parts:
                 getattr(part, hook)(*args, **kwargs)
         finally:
             self._sink.flush()
@@ -137,12 +146,12 @@ class NoGradAuditor(NoGradCallback):
 
     def _write_report(self) -> None:
         """Write the JSON report to ``report_path``; a failure is one warning, never an exception."""
-        if self.report_path is None or "report_path" in self.switched_off:
+        if self.report_path is None or "report_path" in self._switched_off:
             return
         try:
             self.report.write_json(self.report_path)
         except OSError as err:
-            self.switched_off.add("report_path")
+            self._switched_off.add("report_path")
             warnings.warn(
                 f"[lightning-nograd] could not write the report to `report_path` ({self.report_path}): "
                 f"{type(err).__name__}: {err}. The run goes on; the report is still in `callback.report`.",
@@ -264,11 +273,11 @@ class NoGradAuditor(NoGradCallback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {type(p).__name__: p.state_dict() for p in self.parts}
+        return {type(p).__name__: p.state_dict() for p in self._parts}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        for part in self.parts:
+        for part in self._parts:
             state = state_dict.get(type(part).__name__)
             if isinstance(state, dict):
                 part.load_state_dict(state)

@@ -103,7 +103,7 @@ class SavingsMonitor(EvaluationLoopCallback):
         >>> trainer = Trainer(callbacks=[SavingsMonitor(budget=0.02)])
     """
 
-    evaluation_stages = frozenset({"val", "test"})
+    _evaluation_stages = frozenset({"val", "test"})
 
     def __init__(
         self,
@@ -160,7 +160,7 @@ class SavingsMonitor(EvaluationLoopCallback):
         super().setup(trainer, pl_module, stage)
         self._run_started = time.perf_counter()
         self._spent = 0.0
-        self.set_rank_zero(trainer)
+        self._set_rank_zero(trainer)
 
     @override
     def _eval_epoch_start(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -179,7 +179,7 @@ class SavingsMonitor(EvaluationLoopCallback):
         self._end_epoch(trainer)
 
     @override
-    def release(self, check: str | None = None) -> None:
+    def _release(self, check: str | None = None) -> None:
         if self._recorder is not None:
             self._recorder.stop()
             self._recorder = None
@@ -234,7 +234,7 @@ class SavingsMonitor(EvaluationLoopCallback):
             and not self._sessions
             and self._batches >= self._record_from
             and len(self._recorded) < self.measure_batches
-            and "replay" not in self.switched_off
+            and "replay" not in self._switched_off
         )
 
     @guarded("replay")
@@ -245,7 +245,7 @@ class SavingsMonitor(EvaluationLoopCallback):
                 id(m) for m in pl_module.modules() if m is not pl_module and is_work_module(m, excluded)
             }
         self._recorder = CallRecorder(self._candidates)
-        self._recorder.on_error = lambda err: self.switch_off("replay", err)
+        self._recorder.on_error = lambda err: self._switch_off("replay", err)
         self._recorder.start()
 
     def _end_batch(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -340,7 +340,7 @@ class SavingsMonitor(EvaluationLoopCallback):
             self._cache[self._signature] = self._measurement
 
     def _report_oom(self, calls: list[RecordedCall]) -> None:
-        self.add_finding(
+        self._add_finding(
             Finding(
                 kind="grad_replay_oom",
                 subject=", ".join(sorted({type(c.module).__name__ for c in calls})),
@@ -361,7 +361,7 @@ class SavingsMonitor(EvaluationLoopCallback):
         if self._sessions:
             self._continue_timing(trainer, finish=True)
         stage = self._stage or "val"
-        self.emit_epoch_metrics(
+        self._emit_epoch_metrics(
             trainer, stage, lambda: self._epoch_metrics(stage), lambda t, m: _reduce_across_ranks(t, stage, m)
         )
         self._stage = None
@@ -375,9 +375,9 @@ class SavingsMonitor(EvaluationLoopCallback):
         prefix = f"nograd/{stage}"
         metrics: dict[str, float] = {}
         details: dict[str, Any] = {"batches": self._batches}
-        if self._clock is not None and "epoch_measures" not in self.switched_off:
+        if self._clock is not None and "epoch_measures" not in self._switched_off:
             metrics[f"{prefix}/epoch_time_s"] = self._clock.stop()
-        if self._memory is not None and "epoch_measures" not in self.switched_off:
+        if self._memory is not None and "epoch_measures" not in self._switched_off:
             metrics[f"{prefix}/peak_memory_mib"] = self._memory.peak_mib()
         measurement = self._measurement
         if measurement is None:

@@ -437,13 +437,18 @@ class Replay:
                 self.result.time_on, self.result.time_off = [], []
 
     def measure_memory(self, warm_up: bool = True) -> None:
-        """Graph bytes and peak memory with gradients on and off, then (``warm_up``) a timed warm-up pair
-        whose cost sets :attr:`pair_seconds`; without it, three runs of the calls in all."""
+        """Graph bytes and peak memory with gradients on and off (one run each), then (``warm_up``) a
+        timed warm-up pair whose cost sets :attr:`pair_seconds`."""
 
         def work() -> None:
             calls, device = self.calls, self.device
-            self.result.graph_bytes = graph_bytes_of(calls, self.exclude_storages)
-            self.result.peak_on_bytes = peak_bytes_of(lambda: _run_calls(calls, grad=True), device)
+            graph: list[int] = []
+            # one run with gradients on gives both the graph's bytes and the peak (the counting hook
+            # adds no storage), one run with them off the other peak
+            self.result.peak_on_bytes = peak_bytes_of(
+                lambda: graph.append(graph_bytes_of(calls, self.exclude_storages)), device
+            )
+            self.result.graph_bytes = graph[0]
             self.result.peak_off_bytes = peak_bytes_of(lambda: _run_calls(calls, grad=False), device)
             if warm_up:
                 self.pair_seconds = 3 * (_timed(calls, True, device) + _timed(calls, False, device))
