@@ -7,7 +7,8 @@
 * ``overhead``: what the callbacks cost, side by side with plain runs;
 * ``accuracy``: SavingsMonitor's estimate against a full A/B of whole validation epochs.
 
-From eight to thirty minutes on 2 CPU cores, as busy as the machine is; ``--quick`` (for CI) under a minute. On a GPU the same command
+From eight to thirty minutes on 2 CPU cores, as busy as the machine is; ``--quick`` (for CI) under a
+minute. On a GPU the same command
 measures CUDA time (synchronised) and the CUDA allocator's peak, counts the host-device
 synchronisations the callbacks cause (``benchmarks.gpu_sync``), writes to ``benchmarks/results/gpu``
 and fills the README's GPU section instead of the CPU one.

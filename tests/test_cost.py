@@ -10,33 +10,12 @@ import pytest
 import torch
 from torch import nn
 
+from benchmarks.scaling import Experts  # the scaling benchmark's model: N parallel experts
 from lightning_nograd import NoGradAuditor
 from lightning_nograd.core.backprop import ParamIndex
 from lightning_nograd.core.cost import GRADIENT_WINDOW, ModeSwitches, visits
 
 from .helpers import loader, nograd_warnings, trainer
-
-
-class Experts(pl.LightningModule):
-    """``n`` small parallel experts (the module count of a mixture of experts), with dropout."""
-
-    def __init__(self, n: int) -> None:
-        super().__init__()
-        self.experts = nn.ModuleList(nn.Linear(8, 1) for _ in range(n))
-        self.drop = nn.Dropout(0.1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.drop(x)
-        return torch.stack([e(h) for e in self.experts]).mean(0)
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        return nn.functional.mse_loss(self(batch[0]), batch[1])
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self.log("val_loss", nn.functional.mse_loss(self(batch[0]), batch[1]))
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.01)
 
 
 class VisitsPerBatch(pl.Callback):
