@@ -35,7 +35,7 @@ from lightning_nograd.core.findings import (
     OnViolation,
     display_name,
 )
-from lightning_nograd.core.graph import MIB, GraphEvent, GraphProbe, format_bytes, storage_key, tally_tensors
+from lightning_nograd.core.graph import MIB, GraphEvent, GraphProbe, format_bytes, tally_tensors, weight_storages
 from lightning_nograd.core.modes import ModeProbe, mode_sensitive_descendants
 from lightning_nograd.core.patterns import NamePatterns, named_modules
 from lightning_nograd.core.replay import (
@@ -124,7 +124,7 @@ class _EvaluationAudit(Probe):
             self.recorded = [RecordedCall.of(module, args, kwargs)]
         tally = tally_tensors(output)
         if tally.attached:
-            exclude = {storage_key(t) for t in [*self.model.parameters(), *self.model.buffers()] if t.numel() > 0}
+            exclude = weight_storages(self.model)
             kept = tally.kept_bytes(exclude) / MIB
             self._add(
                 "graph_in_outputs",
@@ -175,7 +175,7 @@ class _EvaluationAudit(Probe):
         if any(call.compiled for call in self.recorded):
             details["compiled"] = EAGER_REPLAY_NOTE
         device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
-        exclude = {storage_key(t) for t in [*self.model.parameters(), *self.model.buffers()] if t.numel() > 0}
+        exclude = weight_storages(self.model)
         session = Replay(replayable(self.recorded), device, exclude)
         session.measure_memory()
         session.time_pairs(self.repeats)

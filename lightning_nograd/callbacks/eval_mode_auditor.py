@@ -17,9 +17,9 @@ from lightning_nograd.core.graph import (
     GraphEvent,
     GraphProbe,
     format_bytes,
-    storage_key,
     tally_tensors,
     tensor_attributes,
+    weight_storages,
 )
 from lightning_nograd.core.modes import ModeProbe, mode_sensitive_descendants
 from lightning_nograd.core.patterns import NamePatterns
@@ -241,11 +241,6 @@ class EvalModeAuditor(EvaluationLoopCallback):
 
     # -- findings -------------------------------------------------------------------------------
 
-    @staticmethod
-    def _model_storages(module: nn.Module) -> set[tuple[str, int]]:
-        """Parameter and buffer storages of the model: a kept graph's size leaves them out."""
-        return {storage_key(t) for t in [*module.parameters(), *module.buffers()] if t.numel() > 0}
-
     def _stage_name(self) -> str:
         return self._stage or "val"
 
@@ -315,7 +310,7 @@ class EvalModeAuditor(EvaluationLoopCallback):
         tally = tally_tensors(outputs)
         if not tally.attached:
             return
-        kept = tally.kept_bytes(self._model_storages(pl_module)) / MIB
+        kept = tally.kept_bytes(weight_storages(pl_module)) / MIB
         self._add_finding(
             Finding(
                 kind="graph_in_outputs",
@@ -341,7 +336,7 @@ class EvalModeAuditor(EvaluationLoopCallback):
             tally = tally_tensors(value)
             self._attached_at_last_epoch_end[name] = tally.attached
             if tally.attached:
-                kept = tally.kept_bytes(self._model_storages(pl_module)) / MIB
+                kept = tally.kept_bytes(weight_storages(pl_module)) / MIB
                 in_training = self._fitting and name in self._attached_at_epoch_start
                 when = "during training (`training_step` or a training hook)" if in_training else ""
                 self._add_finding(

@@ -15,7 +15,7 @@ from lightning_nograd.callbacks._lightning import LightningModule, Trainer, is_s
 from lightning_nograd.callbacks.loggers import reduce_vector
 from lightning_nograd.core.arguments import check_float, check_int
 from lightning_nograd.core.findings import Finding
-from lightning_nograd.core.graph import MIB, storage_key
+from lightning_nograd.core.graph import MIB, weight_storages
 from lightning_nograd.core.measure import EpochClock, EpochPeakMemory, cpu_timing_caveat
 from lightning_nograd.core.replay import (
     EAGER_REPLAY_NOTE,
@@ -292,7 +292,7 @@ class SavingsMonitor(EvaluationLoopCallback):
         if cached is not None and (cached[0].time_on or not timing):
             self._measurement = cached
             return
-        exclude = {storage_key(t) for t in [*pl_module.parameters(), *pl_module.buffers()] if t.numel() > 0}
+        exclude = weight_storages(pl_module)
         self._spent_this_measurement = 0.0
         with self._paused():
             self._sessions = [Replay(replayable(calls), self._device, exclude) for calls in batches]

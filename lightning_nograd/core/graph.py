@@ -62,6 +62,12 @@ def storage_key(tensor: torch.Tensor) -> tuple[str, int]:
     return (str(tensor.device), storage.data_ptr())
 
 
+def weight_storages(module: nn.Module) -> set[tuple[str, int]]:
+    """Storage keys of ``module``'s parameters and buffers: memory that exists anyway, left out of
+    graph and kept-graph sizes."""
+    return {storage_key(t) for t in [*module.parameters(), *module.buffers()] if t.numel() > 0}
+
+
 def storage_bytes(tensor: torch.Tensor) -> int:
     """Bytes of the whole storage behind ``tensor`` (not just the view)."""
     return int(tensor.untyped_storage().nbytes())
@@ -124,9 +130,7 @@ class GraphProbe(Probe):
     def rename(self) -> None:
         """Re-read module names and parameter storages (after the model changed)."""
         self._names = {id(m): name for name, m in named_modules(self.root)}
-        self._param_storages = {
-            storage_key(t) for t in [*self.root.parameters(), *self.root.buffers()] if t.numel() > 0
-        }
+        self._param_storages = weight_storages(self.root)
 
     def stop(self) -> None:
         """Stop receiving saved tensors; :meth:`start` resumes cheaply."""
