@@ -1,6 +1,6 @@
 """Run every benchmark and write ``benchmarks/results/``: a markdown report and PNG plots.
 
-    python -m benchmarks.run [--quick] [--out benchmarks/results]
+    python -m benchmarks.run [--quick] [--out benchmarks/results] [--parts accuracy,overhead]
 
 * ``grad_modes``: what gradients cost in evaluation (ms/batch, graph bytes, peak memory), with
   gradients on, under ``no_grad`` and under ``inference_mode``;
@@ -149,8 +149,8 @@ def report(results: dict[str, Any], quick: bool, cuda: bool) -> list[str]:
     lines = [
         "# lightning-nograd benchmarks" + (" (quick smoke run: not for reading)" if quick else ""),
         "",
-        f"Machine: {results['machine']}. Took {results['minutes']:.1f} min"
-        + (f", code at commit {results['commit']}" if results.get("commit") else "")
+        f"Machine: {results['machine']}. {took(results)}"
+        + at_commits(results)
         + ". Each model runs in a fresh process",
         "with glibc's allocator settled (`SETTLED_MALLOC_ENV` in `lightning_nograd/core/measure.py`)",
         "unless a row says otherwise.",
@@ -168,6 +168,25 @@ def report(results: dict[str, Any], quick: bool, cuda: bool) -> list[str]:
     return lines
 
 
+def took(results: dict[str, Any]) -> str:
+    """How long the run that wrote ``results`` took, naming its parts when others were kept."""
+    latest = results.get("latest") or []
+    if latest and len(latest) < len([name for name in SECTIONS if name in results]):
+        return f"The last run ({', '.join(latest)}) took {results['minutes']:.1f} min"
+    return f"Took {results['minutes']:.1f} min"
+
+
+def at_commits(results: dict[str, Any]) -> str:
+    """ ", code at commit X", or which parts were measured at which commit when they differ."""
+    commits = {name: c for name, c in (results.get("commits") or {}).items() if name in results}
+    if len(set(commits.values())) > 1:
+        by_commit: dict[str, list[str]] = {}
+        for name, c in commits.items():
+            by_commit.setdefault(str(c), []).append(name.replace("_", " "))
+        return ", code at commit " + "; ".join(f"{c} ({', '.join(names)})" for c, names in by_commit.items())
+    return f", code at commit {results['commit']}" if results.get("commit") else ""
+
+
 def commit() -> str | None:
     """The checkout's commit, when it is a git checkout."""
     import subprocess
@@ -176,11 +195,41 @@ def commit() -> str | None:
     return done.stdout.strip() or None
 
 
+def measure(results: dict[str, Any], parts: dict[str, Callable[[], list[dict[str, Any]]]], path: Path) -> None:
+    """Run ``parts`` in order into ``results``, each labelled with the commit that measured it."""
+    started = time.perf_counter()
+    here = commit()
+    for name, run in parts.items():
+        results[name] = run()
+        results.setdefault("commits", {})[name] = here
+        results["minutes"] = (time.perf_counter() - started) / 60
+        results["latest"] = [*results.get("latest", []), name]
+        # written after every part: a later failure (or a time limit) loses nothing measured so far
+        path.write_text(json.dumps(results, indent=2))
+
+
+def kept_from(path: Path, machine: str, keep: list[str]) -> dict[str, Any]:
+    """The parts ``keep`` of an earlier results file, if it was measured on this same machine."""
+    if not path.exists():
+        return {}
+    earlier = json.loads(path.read_text())
+    if earlier.get("machine") != machine:
+        return {}
+    commits = earlier.get("commits") or {name: earlier.get("commit") for name in SECTIONS}
+    kept = {name: earlier[name] for name in keep if name in earlier}
+    return {**kept, "commits": {name: commits.get(name) for name in kept}} if kept else {}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a smoke run for CI (under a minute)")
     parser.add_argument("--out", help="default: benchmarks/results, or benchmarks/results/gpu on a GPU")
     parser.add_argument("--report-only", action="store_true", help="re-render the report from OUT/results.json")
+    parser.add_argument(
+        "--parts",
+        help="comma-separated parts to measure, in this order (default: all); the others are kept from "
+        "OUT/results.json when it was measured on the same machine, each labelled with its commit",
+    )
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
     out = Path(args.out or ("benchmarks/results/gpu" if cuda else "benchmarks/results"))
@@ -191,8 +240,6 @@ def main() -> None:
         results: dict[str, Any] = json.loads(results_path.read_text())
         cuda = not results["machine"].startswith("CPU")  # as `overhead.environment()` writes it
     else:
-        started = time.perf_counter()
-        results = {"machine": overhead.environment(), "commit": commit(), "minutes": 0.0}
         parts: dict[str, Callable[[], list[dict[str, Any]]]] = {
             "grad_modes": lambda: grad_modes.run_all(args.quick),
             "overhead": lambda: overhead.run_all(args.quick),
@@ -200,11 +247,14 @@ def main() -> None:
         }
         if cuda:
             parts["gpu_sync"] = lambda: [gpu_sync.count("resnet", 3, callback) for callback in (False, True)]
-        for name, run in parts.items():
-            results[name] = run()
-            results["minutes"] = (time.perf_counter() - started) / 60
-            # written after every part: a later failure (or a time limit) loses nothing measured so far
-            results_path.write_text(json.dumps(results, indent=2))
+        chosen = args.parts.split(",") if args.parts else list(parts)
+        unknown = [name for name in chosen if name not in parts]
+        if unknown:
+            parser.error(f"--parts: expected names from {', '.join(parts)}, got {', '.join(unknown)}")
+        machine = overhead.environment()
+        kept = kept_from(results_path, machine, [name for name in parts if name not in chosen])
+        results = {"machine": machine, "commit": commit(), "minutes": 0.0, **kept}
+        measure(results, {name: parts[name] for name in chosen}, results_path)
     images = plot(results, out)
     lines = report(results, args.quick, cuda)
     (out / f"RESULTS{suffix}.md").write_text("\n".join(lines))

@@ -174,3 +174,30 @@ def test_report_names_the_parts_a_stopped_run_did_not_measure() -> None:
     assert "Not measured in this run (it was stopped first): overhead, accuracy, gpu_sync." in lines
     assert "## What gradients cost in evaluation" in lines and "## What the callbacks cost" not in lines
     assert any(line.startswith("Machine: NVIDIA H100. Took 5.0 min, code at commit abc1234") for line in lines)
+
+
+def test_parts_kept_from_an_earlier_run_are_labelled_with_their_commit(tmp_path: Path) -> None:
+    import json
+
+    from benchmarks.run import commit, kept_from, measure, report
+
+    grad_row = {"model": "mlp", "mode": "grad", "ms_median": 1.0, "ms_q1": 0.9, "ms_q3": 1.1}
+    grad_row |= {"saved_vs_grad_pct": 0.0, "graph_mib": 2.0, "peak_mib": 1.0}
+    accuracy_row = {"model": "mlp", "ab_time_saved_pct": 20.0, "ab_iqr_pct": [18.0, 22.0]}
+    accuracy_row |= {"estimate_time_saved_pct": 19.0, "estimate_iqr_pct": [18.5, 19.5], "difference_pp": -1.0}
+    accuracy_row |= {"within_noise": True}
+    path = tmp_path / "results.json"
+    earlier = {"machine": "NVIDIA H100", "commit": "0ld0ld0", "minutes": 5.0, "grad_modes": [grad_row]}
+    path.write_text(json.dumps(earlier))
+    assert kept_from(path, "NVIDIA H200", ["grad_modes"]) == {}  # another machine: nothing is kept
+    kept = kept_from(path, "NVIDIA H100", ["grad_modes", "overhead"])
+    assert kept == {"grad_modes": [grad_row], "commits": {"grad_modes": "0ld0ld0"}}
+
+    results = {"machine": "NVIDIA H100", "commit": commit(), "minutes": 0.0, **kept}
+    measure(results, {"accuracy": lambda: [accuracy_row]}, path)
+    assert json.loads(path.read_text())["accuracy"] == [accuracy_row]
+    lines = report(results, quick=False, cuda=True)
+    header = next(line for line in lines if line.startswith("Machine:"))
+    assert header.startswith("Machine: NVIDIA H100. The last run (accuracy) took 0.0 min")
+    assert f"code at commit 0ld0ld0 (grad modes); {commit()} (accuracy)" in header
+    assert "Not measured in this run (it was stopped first): overhead, gpu_sync." in lines
