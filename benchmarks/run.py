@@ -188,8 +188,16 @@ def at_commits(results: dict[str, Any]) -> str:
 
 
 def commit() -> str | None:
-    """The checkout's commit, when it is a git checkout."""
+    """The checkout's commit, when it is a git checkout; ``BENCH_COMMIT`` overrides it.
+
+    (A device machine may get this working tree on top of an older ``.git``: the command that
+    sends it names the commit.)
+    """
+    import os
     import subprocess
+
+    if os.environ.get("BENCH_COMMIT"):
+        return os.environ["BENCH_COMMIT"]
 
     done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False)
     return done.stdout.strip() or None

@@ -350,6 +350,28 @@ def test_fit_validate_and_test_runs_get_rows_of_their_own(tmp_path: Path) -> Non
     assert {f["run"] for f in data["findings"]} == {"fit"}
 
 
+@pytest.mark.parametrize("cls", [NoGradAuditor, SavingsMonitor])
+def test_repeated_trainer_calls_keep_an_epoch_record_each(tmp_path: Path, cls: type) -> None:
+    # found on the H100: two `trainer.validate()` calls (epoch 0, step 0 both times) left one record
+    callback = cls(verbose=False) if cls is NoGradAuditor else cls(repeats=2, budget=1000.0)
+    t = trainer(tmp_path, [callback])
+    for _ in range(2):
+        t.validate(Regressor(), loader(), verbose=False)
+    t.test(Regressor(), loader(), verbose=False)
+    epochs = callback.report.epochs
+    assert [(e.call, e.run, e.stage, e.epoch, e.global_step) for e in epochs] == [
+        (1, "validate", "val", 0, 0),
+        (2, "validate", "val", 0, 0),
+        (3, "test", "test", 0, 0),
+    ]
+    for record in epochs:  # the epoch's own measurements, from every part of NoGradAuditor, in one record
+        stage = record.stage
+        assert {f"nograd/{stage}/epoch_time_s", f"nograd/{stage}/graph_memory_mib"} <= set(record.metrics)
+        if cls is NoGradAuditor:
+            assert f"nograd/{stage}/violations" in record.metrics
+    assert [e["call"] for e in callback.report.to_dict()["epochs"]] == [1, 2, 3]
+
+
 def test_a_subclassed_logger_gets_the_summary_of_its_base_class(tmp_path: Path) -> None:
     from lightning.pytorch.loggers import TensorBoardLogger
 

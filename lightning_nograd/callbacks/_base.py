@@ -89,6 +89,7 @@ class NoGradCallback(CallbackBase):
         self._findings.listeners.append(self._on_new_finding)
         self._sink = MetricSink()
         self._state_key: str | None = None
+        self._shared = False
 
     def _state_key_settings(self) -> dict[str, Any]:
         """The constructor settings that tell two instances of this callback apart in a checkpoint."""
@@ -133,6 +134,8 @@ class NoGradCallback(CallbackBase):
             self._state_key = base if position == 0 else f"{base}#{position + 1}"
         _LIVE_STATE_KEYS.setdefault(base, weakref.WeakSet()).add(self)
         self._run = stage  # Lightning's `stage` here is the Trainer call: fit, validate, test, predict
+        if not self._shared:  # a shared report is counted by its owner
+            self.report.start_call()
 
     def _on_new_finding(self, finding: Finding) -> None:
         self.report.findings.append(finding)
@@ -141,6 +144,7 @@ class NoGradCallback(CallbackBase):
         """Use ``report`` and ``sink`` shared with sibling callbacks (used by ``NoGradAuditor``)."""
         self.report = report
         self._sink = sink
+        self._shared = True
 
     def _add_finding(self, finding: Finding) -> bool:
         """Report ``finding`` under this callback's ``on_violation``; returns whether it was new."""

@@ -384,16 +384,19 @@ def _timed(calls: list[RecordedCall], grad: bool, device: torch.device) -> float
     no_grad run), which hides the very difference being measured; one settling run was not always
     enough after a 50 MiB graph was freed, two were. An evaluation epoch runs every batch in one
     mode, so the settled run is the one that matches it.
+
+    The outputs are dropped inside the timed window: every real batch frees its graph (each
+    node and saved tensor, host work that is most of the difference where kernels are fast), so
+    freeing it is part of what gradients cost.
     """
     _run_calls(calls, grad)
     _run_calls(calls, grad)
     synchronize(device)
     start = time.perf_counter()
     outputs = _run_calls(calls, grad)
-    synchronize(device)
-    elapsed = time.perf_counter() - start
     del outputs
-    return elapsed
+    synchronize(device)
+    return time.perf_counter() - start
 
 
 class Replay:

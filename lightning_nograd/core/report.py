@@ -24,6 +24,8 @@ class EpochRecord:
         metrics: metric key (as logged) to value.
         details: JSON-serialisable extras (spreads, sample counts, reasons for skipping).
         run: the Trainer call (``"fit"``, ``"validate"``, ``"test"``, ``"predict"``); ``None`` outside Lightning.
+        call: which Trainer call it was, counting from 1 in the order the callback saw them (two
+            ``trainer.validate()`` calls give epoch 0 twice, as calls 1 and 2); 0 outside Lightning.
     """
 
     stage: str
@@ -32,6 +34,7 @@ class EpochRecord:
     metrics: dict[str, float] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
     run: str | None = None
+    call: int = 0
 
 
 @dataclass
@@ -47,6 +50,12 @@ class Report:
 
     findings: list[Finding] = field(default_factory=list)
     epochs: list[EpochRecord] = field(default_factory=list)
+    calls: int = 0
+
+    def start_call(self) -> int:
+        """Count one more Trainer call; epochs recorded from now on belong to it."""
+        self.calls += 1
+        return self.calls
 
     def record_epoch(
         self,
@@ -57,18 +66,19 @@ class Report:
         details: dict[str, Any] | None = None,
         run: str | None = None,
     ) -> None:
-        """Add measurements; measurements of the same run, stage, epoch and step are merged."""
+        """Add measurements; those of the same Trainer call, stage, epoch and step are merged.
+
+        Callbacks sharing this report (the parts of ``NoGradAuditor``) each record the epoch they
+        watched; a second Trainer call (:meth:`start_call`) starts new records even where the
+        epoch and step repeat.
+        """
         last = self.epochs[-1] if self.epochs else None
-        if last is not None and (last.run, last.stage, last.epoch, last.global_step) == (
-            run,
-            stage,
-            epoch,
-            global_step,
-        ):
+        key = (self.calls, run, stage, epoch, global_step)
+        if last is not None and (last.call, last.run, last.stage, last.epoch, last.global_step) == key:
             last.metrics.update(metrics)
             last.details.update(details or {})
             return
-        self.epochs.append(EpochRecord(stage, epoch, global_step, dict(metrics), dict(details or {}), run))
+        self.epochs.append(EpochRecord(stage, epoch, global_step, dict(metrics), dict(details or {}), run, self.calls))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable form of the whole report."""
@@ -77,6 +87,7 @@ class Report:
             "epochs": [
                 {
                     "run": e.run,
+                    "call": e.call,
                     "stage": e.stage,
                     "epoch": e.epoch,
                     "global_step": e.global_step,

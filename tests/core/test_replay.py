@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+from typing import Any
+
+import pytest
 import torch
 from torch import nn
 
@@ -60,3 +63,42 @@ def test_time_savings_are_logged_within_noise_too() -> None:
     assert set(metrics) == {"time_saved_s", "time_saved_pct"}
     assert details["within_noise"] and details["savings"].startswith("time difference within noise")
     assert "sign test p=" in details["savings"]
+
+
+def test_timed_replay_counts_freeing_the_graph(monkeypatch: pytest.MonkeyPatch) -> None:
+    # a real grad-enabled batch frees its graph before the next one: that host work is a cost of gradients
+    from lightning_nograd.core import replay
+
+    events: list[str] = []
+
+    class Noted:
+        def __del__(self) -> None:
+            events.append("graph freed")
+
+    class Keep(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+            ctx.note = Noted()  # lives exactly as long as the graph node
+            return x * 2
+
+        @staticmethod
+        def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+            return grad * 2
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(2, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return Keep.apply(self.linear(x))
+
+    net = Net()
+    recorder = CallRecorder({id(net)})
+    recorder.start()
+    with torch.no_grad():
+        net(torch.ones(1, 2))
+    recorder.stop()
+    monkeypatch.setattr(replay, "synchronize", lambda device: events.append("clock"))
+    replay._timed(recorder.calls, grad=True, device=torch.device("cpu"))
+    assert events[-3:] == ["clock", "graph freed", "clock"]  # freed between the clock's start and stop
