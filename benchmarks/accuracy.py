@@ -154,7 +154,7 @@ if __name__ == "__main__":
     parser.add_argument("--json", action="store_true", help="print the row(s) as JSON")
     args = parser.parse_args()
     if args.model:
-        repeats, batches = (3, 6) if args.quick else (7 if torch.cuda.is_available() else 9, 30)
+        repeats, batches = (3, 6) if args.quick else (21 if torch.cuda.is_available() else 9, 30)
         rows = [compare(args.model, repeats, batches)]
     else:
         rows = run_all(args.quick)
