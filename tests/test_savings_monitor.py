@@ -388,3 +388,132 @@ def test_metrics_sit_at_the_step_of_the_users_epoch_metrics(tmp_path: Path, accu
     rows = [r for r in csv.DictReader((next((tmp_path / "csv").rglob("metrics.csv"))).open())]
     val_steps = {r["step"] for r in rows if r.get("val_loss")}
     assert {r["step"] for r in rows if r.get("nograd/val/epoch_time_s")} == val_steps
+
+
+class _ResidualConv(nn.Module):  # a ResNet-18-like block
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(width, width, 3, padding=1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
+            nn.Conv2d(width, width, 3, padding=1, bias=False),
+            nn.BatchNorm2d(width),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x + self.body(x))
+
+
+class _InvertedResidual(nn.Module):  # an EfficientNet-like block: expand, depthwise, project
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(width, 4 * width, 1, bias=False),
+            nn.BatchNorm2d(4 * width),
+            nn.SiLU(),
+            nn.Conv2d(4 * width, 4 * width, 3, padding=1, groups=4 * width, bias=False),
+            nn.BatchNorm2d(4 * width),
+            nn.SiLU(),
+            nn.Conv2d(4 * width, width, 1, bias=False),
+            nn.BatchNorm2d(width),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+class _Recurrent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(32, 64, num_layers=2, batch_first=True)
+        self.head = nn.Linear(64, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.lstm(x)[0][:, -1])
+
+
+def _stem_and(block: Any, width: int) -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, width, 3, padding=1), *[block(width) for _ in range(4)])
+
+
+FAMILIES: dict[str, tuple[Any, tuple[int, ...]]] = {
+    "conv_resnet": (lambda: _stem_and(_ResidualConv, 32), (8, 3, 32, 32)),
+    "conv_efficientnet": (lambda: _stem_and(_InvertedResidual, 16), (8, 3, 32, 32)),
+    "attention": (
+        lambda: nn.TransformerEncoder(nn.TransformerEncoderLayer(64, 4, 128, batch_first=True), 2),
+        (8, 50, 64),
+    ),
+    "recurrent": (_Recurrent, (8, 40, 32)),
+}
+
+
+class _Family(pl.LightningModule):
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        (x,) = batch
+        self.log("val_mean", self.net(x).float().mean())
+
+
+def _profiler_peak(net: nn.Module, x: torch.Tensor, grad: bool) -> int:
+    """The reference: torch.profiler's CPU allocation timeline for one forward (outputs freed)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def forward() -> None:
+        with torch.set_grad_enabled(grad):
+            out = net(x)
+        del out
+
+    forward()  # kernels' first-call set-up is not the batch's memory
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        forward()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    current = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        current += event.nbytes()
+        peak = max(peak, current)
+    return peak
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_cpu_memory_saved_matches_the_profilers_allocation_timeline(tmp_path: Path, family: str) -> None:
+    # what kernels allocate inside (convolution columns, attention buffers, LSTM workspaces) counts too
+    factory, shape = FAMILIES[family]
+    torch.manual_seed(0)
+    net = factory()
+    x = torch.randn(*shape)
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=shape[0])
+    monitor = SavingsMonitor(measure_batches=1)
+    t = trainer(tmp_path, [monitor], logger=CSVLogger(tmp_path, name="csv"), limit_val_batches=1)
+    t.validate(_Family(net), data, verbose=False)
+    (logged,) = csv_values(tmp_path / "csv", "nograd/val/memory_saved_mib")
+
+    net.eval()
+    reference = (_profiler_peak(net, x, grad=True) - _profiler_peak(net, x, grad=False)) / 2**20
+    assert reference > 0.5
+    assert logged == pytest.approx(reference, rel=0.05), f"{family}: logged {logged:.3f} MiB, profiler {reference:.3f}"
+
+
+def test_cpu_memory_measure_prints_nothing_and_gives_way_to_the_users_profiler(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    factory, shape = FAMILIES["attention"]
+    x = torch.randn(*shape)
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=shape[0])
+    monitor = SavingsMonitor(measure_batches=1)
+    t = trainer(tmp_path, [monitor], limit_val_batches=1)
+    with nograd_warnings() as seen:
+        t.validate(_Family(factory()), data, verbose=False)
+    # the profiler's start and stop print "USDT: ... profiler_start" to the process's stderr
+    assert "profiler_start" not in capfd.readouterr().err
+
+    with profile(activities=[ProfilerActivity.CPU]) as users_profiler, nograd_warnings() as seen_profiled:
+        t.validate(_Family(factory()), data, verbose=False)
+    assert seen == [] and seen_profiled == []
+    assert any(e.name == "aten::addmm" for e in users_profiler.events())  # theirs ran undisturbed
+    assert [e.metrics["nograd/val/memory_saved_mib"] > 0 for e in monitor.report.epochs] == [True, True]

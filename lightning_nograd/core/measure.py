@@ -5,9 +5,12 @@ Framework-free. CUDA is synchronised before every clock read on a CUDA device.
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -223,11 +226,78 @@ class LiveTensorMemory(TorchDispatchMode):  # type: ignore[no-untyped-call]
             self.current_bytes -= nbytes
 
 
+@contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """Send the process's own stderr (file descriptor 2) to the null device while active.
+
+    The profiler prints two lines to it from C++ on every start and stop (``USDT: ...
+    profiler_start``, torch 2.13), which would appear in the user's console; only those two calls
+    run inside this, never user code.
+    """
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):
+        yield
+        return
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+
+
+def profiler_available() -> bool:
+    """Whether :func:`allocator_peak_bytes` can run: no profiler of the user's is active."""
+    return not torch._C._autograd._profiler_enabled()
+
+
+def allocator_peak_bytes(run: Callable[[], Any]) -> int:
+    """Peak bytes the CPU allocator handed out during ``run()``, above what was allocated before.
+
+    From the allocation events of PyTorch's profiler (``profile_memory=True``, the legacy
+    collector: no Kineto start-up, nothing recorded but ops and allocations), which see what
+    kernels allocate inside (convolution columns, attention buffers, recurrent workspaces) as
+    well as the tensors ops return. Whatever ``run`` returns is dropped inside the window.
+
+    Example:
+        >>> def run():
+        ...     a = torch.ones(256)  # 1 KiB
+        ...     b = a * 2
+        ...     del a, b
+        ...     return torch.ones(128)
+        >>> allocator_peak_bytes(run) // 1024  # KiB
+        2
+    """
+    profiler: Any = torch.autograd.profiler.profile(use_kineto=False, profile_memory=True)
+    with _native_stderr_silenced():
+        profiler.__enter__()
+    try:
+        result = run()
+        del result
+    finally:
+        with _native_stderr_silenced():
+            profiler.__exit__(None, None, None)
+    cpu = torch._C._autograd.DeviceType.CPU
+    events: list[Any] = [
+        e for e in profiler.kineto_results.events() if e.name() == "[memory]" and e.device_type() == cpu
+    ]
+    current = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        current += int(event.nbytes())
+        peak = max(peak, current)
+    return peak
+
+
 def peak_bytes_of(run: Callable[[], Any], device: torch.device) -> int:
     """Peak memory that ``run()`` needs above what was allocated before it (exact).
 
-    CUDA: allocator peak; CPU: :class:`LiveTensorMemory`. Whatever ``run`` returns is dropped
-    before the measurement ends, as a step's graph would be.
+    CUDA: allocator peak; CPU: the allocator's own events (:func:`allocator_peak_bytes`), or
+    :class:`LiveTensorMemory` (tensors that ops return) while a profiler of the user's is active.
+    Whatever ``run`` returns is dropped before the measurement ends, as a step's graph would be.
     """
     if device.type == "cuda":
         synchronize(device)
@@ -238,6 +308,8 @@ def peak_bytes_of(run: Callable[[], Any], device: torch.device) -> int:
         peak = torch.cuda.max_memory_allocated(device) - before
         del result
         return int(peak)
+    if profiler_available():
+        return allocator_peak_bytes(run)
     with LiveTensorMemory() as memory:
         result = run()
         del result
