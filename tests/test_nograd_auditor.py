@@ -394,3 +394,27 @@ def test_public_names_are_the_documented_ones(cls: type) -> None:
     if cls is NoGradAuditor:
         documented.add("part")
     assert public <= documented, public - documented
+
+
+def test_quickstart_shows_the_memory_savings_from_its_first_epoch_at_the_defaults(tmp_path: Path) -> None:
+    # the README's first command, run as a user runs it; NoGradAuditor() at its defaults (0.5% budget).
+    # Its time figures come once the run is long enough for the timing replays, which depends on the
+    # machine's load: not asserted here (`test_repeats_forces_the_time_measurement` forces them).
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, str(root / "examples" / "quickstart.py"), "--root-dir", str(tmp_path)],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "lightning-nograd report" in done.stdout
+    scalars = read_tensorboard_scalars(tmp_path / "lightning_logs")
+    steps = [step for step, _ in scalars["val_loss"]]
+    assert len(steps) == 10
+    for key in ("epoch_time_s", "peak_memory_mib", "graph_memory_mib", "memory_saved_mib"):
+        assert [step for step, _ in scalars[f"nograd/val/{key}"]] == steps, key  # every epoch, the first too
+    time_steps = [step for step, _ in scalars.get("nograd/val/time_saved_pct", [])]
+    assert time_steps == steps[len(steps) - len(time_steps) :]  # once measured, every epoch after

@@ -517,3 +517,34 @@ def test_cpu_memory_measure_prints_nothing_and_gives_way_to_the_users_profiler(
     assert seen == [] and seen_profiled == []
     assert any(e.name == "aten::addmm" for e in users_profiler.events())  # theirs ran undisturbed
     assert [e.metrics["nograd/val/memory_saved_mib"] > 0 for e in monitor.report.epochs] == [True, True]
+
+
+class _SlowsDownWithGradients(nn.Module):
+    """Fast for the replays that size the timing (one grad-on run to measure memory, three in the
+    warm-up pair), then 0.2 s a grad-on run: a machine that got busy after the warm-up."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(8, 1)
+        self.grad_calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            self.grad_calls += 1
+            if self.grad_calls > 4:
+                time.sleep(0.2)
+        return self.linear(x)
+
+
+def test_timed_pairs_stop_at_the_budget_when_they_cost_more_than_the_warm_up_said(tmp_path: Path) -> None:
+    net = _SlowsDownWithGradients()
+    model = _Family(net)
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(64, 8)), batch_size=8)
+    monitor = SavingsMonitor(measure_batches=1, budget=0.05)
+    trainer(tmp_path, [monitor], limit_val_batches=8).validate(model, data, verbose=False)
+    (epoch,) = monitor.report.epochs
+    # each timed pair costs 0.6 s: the 5% budget of a run this short stops them after one or two
+    assert (net.grad_calls - 4) // 3 <= 2, f"{(net.grad_calls - 4) // 3} slow pairs taken"
+    assert "nograd/val/time_saved_s" not in epoch.metrics  # fewer than min_repeats pairs: no time figure
+    assert {"nograd/val/graph_memory_mib", "nograd/val/memory_saved_mib"} <= set(epoch.metrics)
+    assert "time not measured yet" in epoch.details["savings"]

@@ -139,6 +139,11 @@ class SavingsMonitor(EvaluationLoopCallback):
         self._batch_started = 0.0
         self._batch_seconds: list[float] = []
         self._cache: dict[tuple[Any, ...], tuple[ReplayResult, dict[str, Any]]] = {}
+        # what one timed pair of each recorded-call signature costs (estimated, then measured)
+        self._pair_costs: dict[tuple[Any, ...], float] = {}
+        self._pair_measured: set[tuple[Any, ...]] = set()
+        self._allowed = 0.0  # seconds the measurement under way may take
+        self._memory_from: ReplayResult | None = None
         self._measurement: tuple[ReplayResult, dict[str, Any]] | None = None
         self._sessions: list[Replay] = []
         self._signature: tuple[Any, ...] = ()
@@ -278,8 +283,13 @@ class SavingsMonitor(EvaluationLoopCallback):
     def _start_measurement(self, trainer: Trainer, pl_module: nn.Module) -> None:
         """Memory always (one replay with gradients on, one off); time as the budget allows.
 
-        A measurement is reused while the recorded calls stay the same; one taken without time is
-        taken again, with time, once the run has grown enough for the budget to allow it.
+        What the replays cost is measured, not guessed from the batch time: a pair's cost is first
+        estimated from the memory replay's two runs (a pair runs the calls six times: three times
+        theirs), and a warm-up pair is taken once the budget covers it; its exact cost then sets how
+        many timed pairs follow (none below ``min_repeats``, at most ``max_repeats``), and whether
+        a later epoch has room for a warm-up and ``min_repeats`` pairs. A measurement is reused while
+        the recorded calls stay the same; one taken without time gets its time later (its memory
+        figures kept), once the run has grown.
         """
         batches, self._recorded = self._recorded, []
         self._signature = tuple(_signature(calls) for calls in batches)
@@ -287,22 +297,38 @@ class SavingsMonitor(EvaluationLoopCallback):
         remaining = max(0, (_total_batches(trainer, self._stage or "val") or self._batches) - self._batches)
         run_time = time.perf_counter() - self._run_started + remaining * seconds_per_batch
         allowed = self.budget * run_time - self._spent
-        timing = self.repeats is not None or allowed >= self.min_repeats * seconds_per_batch * len(batches)
         cached = self._cache.get(self._signature)
-        if cached is not None and (cached[0].time_on or not timing):
+        if cached is not None and (cached[0].time_on or not self._can_time(allowed)):
             self._measurement = cached
             return
         exclude = weight_storages(pl_module)
         self._spent_this_measurement = 0.0
+        self._memory_from = cached[0] if cached is not None else None
         with self._paused():
             self._sessions = [Replay(replayable(calls), self._device, exclude) for calls in batches]
-            for session in self._sessions:
-                session.measure_memory(warm_up=timing)
+            if self._memory_from is None:
+                for session in self._sessions:
+                    session.measure_memory(warm_up=False)
+        if self._memory_from is None:
+            self._pair_costs.setdefault(self._signature, 3 * sum(s.memory_run_seconds for s in self._sessions))
         if any(s.result.out_of_memory for s in self._sessions):
             self._report_oom(batches[0])
             self._finish_measurement()
             return
-        pair = sum(s.pair_seconds for s in self._sessions)
+        self._allowed = allowed
+        timing = self._can_time(allowed - self._spent_this_measurement)
+        if timing:
+            with self._paused():
+                for session in self._sessions:
+                    session.warm_up()
+            # the least a pair has cost: a warm-up slowed by a busy machine must not stop timing for good
+            pair = sum(s.pair_seconds for s in self._sessions)
+            if self._signature in self._pair_measured:
+                pair = min(pair, self._pair_costs[self._signature])
+            self._pair_costs[self._signature] = pair
+            self._pair_measured.add(self._signature)
+        else:
+            pair = 0.0
         if self.repeats is not None:
             self._target = self.repeats
         elif not timing:
@@ -320,18 +346,44 @@ class SavingsMonitor(EvaluationLoopCallback):
             return
         done = min(len(s.result.time_on) for s in self._sessions)
         todo = self._target - done if finish else min(self._pairs_per_batch, self._target - done)
-        if todo > 0:
+        pair = self._pair_costs.get(self._signature, 0.0)
+        for _ in range(max(0, todo)):
+            if self.repeats is None and self._spent_this_measurement + pair > self._allowed:
+                # pairs cost more than the warm-up said (a machine that got busy): stop at the budget,
+                # keeping the time only if `min_repeats` pairs were taken (else it is retried later)
+                if min(len(s.result.time_on) for s in self._sessions) < self.min_repeats:
+                    for session in self._sessions:
+                        session.result.time_on, session.result.time_off = [], []
+                self._finish_measurement()
+                return
             with self._paused():
                 for session in self._sessions:
-                    session.time_pairs(todo)
+                    session.time_pairs(1)
         if any(s.result.out_of_memory for s in self._sessions):
             self._report_oom(self._sessions[0].calls)
         if finish or min(len(s.result.time_on) for s in self._sessions) >= self._target:
             self._finish_measurement()
 
+    def _can_time(self, allowed: float) -> bool:
+        """Whether ``allowed`` seconds cover the next step of timing the current calls (always, with
+        ``repeats``): while a pair's cost is only estimated, the warm-up pair that measures it; once
+        measured, a warm-up and ``min_repeats`` timed pairs."""
+        if self.repeats is not None:
+            return True
+        pair = self._pair_costs.get(self._signature)
+        if pair is None:
+            return False
+        if self._signature not in self._pair_measured:
+            return allowed >= pair
+        return allowed >= (1 + self.min_repeats) * pair
+
     def _finish_measurement(self) -> None:
         sessions, self._sessions = self._sessions, []
         merged = _merge([s.result for s in sessions])
+        if self._memory_from is not None:  # timed later: the memory figures of the first measurement
+            memory = self._memory_from
+            merged.graph_bytes, merged.peak_on_bytes = memory.graph_bytes, memory.peak_on_bytes
+            merged.peak_off_bytes = memory.peak_off_bytes
         info: dict[str, Any] = {"repeats": len(merged.time_on), "batches_replayed": len(sessions)}
         if any(call.compiled for session in sessions for call in session.calls):
             info["compiled"] = EAGER_REPLAY_NOTE

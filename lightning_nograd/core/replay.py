@@ -402,7 +402,9 @@ def _timed(calls: list[RecordedCall], grad: bool, device: torch.device) -> float
 class Replay:
     """Replays one batch's recorded calls, a little at a time.
 
-    :meth:`measure_memory` runs once (graph bytes and both peaks, plus a warm-up pair);
+    :meth:`measure_memory` runs once (graph bytes and both peaks, plus a warm-up pair unless told
+    not to, then :meth:`warm_up` takes it); :attr:`memory_run_seconds` is what its two runs took,
+    the profiler's start and stop left out;
     :meth:`time_pairs` adds interleaved, settled on/off timings and can be called after several
     later batches, so the repeats are spread over the epoch instead of bunched into one moment
     that a transient slowdown of the machine would skew.
@@ -427,6 +429,7 @@ class Replay:
         self.exclude_storages = exclude_storages
         self.result = ReplayResult()
         self.pair_seconds = 0.0
+        self.memory_run_seconds = 0.0
         self._modules = list({id(c.module): c.module for c in calls}.values())
 
     def _guarded(self, work: Callable[[], None]) -> None:
@@ -449,14 +452,34 @@ class Replay:
             # one run with gradients on gives both the graph's bytes and the peak (the counting hook
             # adds no storage), one run with them off the other peak
             self.result.peak_on_bytes = peak_bytes_of(
-                lambda: graph.append(graph_bytes_of(calls, self.exclude_storages)), device
+                self._clocked(lambda: graph.append(graph_bytes_of(calls, self.exclude_storages))), device
             )
             self.result.graph_bytes = graph[0]
-            self.result.peak_off_bytes = peak_bytes_of(lambda: _run_calls(calls, grad=False), device)
+            self.result.peak_off_bytes = peak_bytes_of(self._clocked(lambda: _run_calls(calls, grad=False)), device)
             if warm_up:
-                self.pair_seconds = 3 * (_timed(calls, True, device) + _timed(calls, False, device))
+                self._warm_up()
 
         self._guarded(work)
+
+    def _clocked(self, run: Callable[[], Any]) -> Callable[[], Any]:
+        """``run``, adding what it takes to :attr:`memory_run_seconds`."""
+
+        def clocked() -> Any:
+            start = time.perf_counter()
+            try:
+                return run()
+            finally:
+                synchronize(self.device)
+                self.memory_run_seconds += time.perf_counter() - start
+
+        return clocked
+
+    def warm_up(self) -> None:
+        """A timed warm-up pair, whose cost sets :attr:`pair_seconds` (what one timed pair costs)."""
+        self._guarded(self._warm_up)
+
+    def _warm_up(self) -> None:
+        self.pair_seconds = 3 * (_timed(self.calls, True, self.device) + _timed(self.calls, False, self.device))
 
     def time_pairs(self, pairs: int) -> None:
         """Add ``pairs`` timed on/off pairs, alternating which mode goes first."""
