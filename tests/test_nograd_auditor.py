@@ -418,3 +418,24 @@ def test_quickstart_shows_the_memory_savings_from_its_first_epoch_at_the_default
         assert [step for step, _ in scalars[f"nograd/val/{key}"]] == steps, key  # every epoch, the first too
     time_steps = [step for step, _ in scalars.get("nograd/val/time_saved_pct", [])]
     assert time_steps == steps[len(steps) - len(time_steps) :]  # once measured, every epoch after
+
+
+def test_every_hook_a_part_overrides_is_forwarded_by_the_auditor() -> None:
+    # a hook a part overrides but NoGradAuditor does not forward would silently never fire in it
+    import inspect
+
+    from lightning_nograd.callbacks._base import NoGradCallback
+
+    hooks = [name for name in vars(pl.Callback) if not name.startswith("_") and callable(getattr(pl.Callback, name))]
+    assert len(hooks) > 25 and "on_validation_batch_end" in hooks
+    parts = (EvalModeAuditor, SavingsMonitor, BackpropGuard, NoGradCallback)
+    overridden = sorted({h for h in hooks for cls in parts if getattr(cls, h) is not getattr(pl.Callback, h)})
+    assert {"setup", "on_validation_batch_start", "on_before_optimizer_step"} <= set(overridden)
+    unforwarded = []
+    for hook in overridden:
+        own = vars(NoGradAuditor).get(hook)
+        source = inspect.getsource(own) if own is not None else ""
+        # through `_each`, or part by part (state_dict / load_state_dict, keyed by part)
+        if f'_each("{hook}"' not in source and not ("self._parts" in source and f".{hook}(" in source):
+            unforwarded.append(hook)
+    assert unforwarded == []
