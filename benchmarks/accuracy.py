@@ -93,7 +93,7 @@ def compare(name: str, repeats: int, batches: int, max_repeats: int = 24) -> dic
         noisy.append(within_noise)
     # the A/B figure is the median of the paired differences (each repeat's on and off epochs run
     # back to back): the medians of on and off taken apart can pair a fast epoch with a slow one
-    # (on the H100 they once gave -23.7% where every paired difference was 6 to 9%)
+    # (on the H100 they once gave -23.7% where half the paired differences lay between 6 and 9%)
     paired = sorted(100 * (a - b) / a for a, b in zip(on, off, strict=True))
     ab_pct = statistics.median(paired)
     ab_q1, _, ab_q3 = statistics.quantiles(paired, n=4)
