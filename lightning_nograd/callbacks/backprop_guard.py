@@ -447,9 +447,8 @@ class BackpropGuard(NoGradCallback):
             return
         for param in missing:
             self._counts["params_without_grad"].add(index.name(param))
-        if self.on_violation == "error":
-            self._report_gaps(explain_gradient_gaps(index, missing, None))
-            return
+        # also under on_violation="error": the next step, watched, names the cause (a `no_grad` branch is
+        # `no_grad_module`) before the run is stopped, one step later than the gap was seen
         missing = [p for p in missing if id(p) not in self._explained]
         new = [p for p in missing if id(p) not in self._suspects]
         self._suspects.update({id(p): index.name(p) for p in missing})
