@@ -308,9 +308,8 @@ class SavingsMonitor(EvaluationLoopCallback):
             self._sessions = [Replay(replayable(calls), self._device, exclude) for calls in batches]
             if self._memory_from is None:
                 for session in self._sessions:
-                    session.measure_memory(warm_up=False)
-        if self._memory_from is None:
-            self._pair_costs.setdefault(self._signature, 3 * sum(s.memory_run_seconds for s in self._sessions))
+                    session.measure_memory()
+                self._pair_costs.setdefault(self._signature, 3 * sum(s.memory_run_seconds for s in self._sessions))
         if any(s.result.out_of_memory for s in self._sessions):
             self._report_oom(batches[0])
             self._finish_measurement()

@@ -402,9 +402,9 @@ def _timed(calls: list[RecordedCall], grad: bool, device: torch.device) -> float
 class Replay:
     """Replays one batch's recorded calls, a little at a time.
 
-    :meth:`measure_memory` runs once (graph bytes and both peaks, plus a warm-up pair unless told
-    not to, then :meth:`warm_up` takes it); :attr:`memory_run_seconds` is what its two runs took,
-    the profiler's start and stop left out;
+    :meth:`measure_memory` runs once (graph bytes and both peaks; :attr:`memory_run_seconds` is
+    what its two runs took, the profiler's start and stop left out); :meth:`warm_up` times one pair
+    to learn what a pair costs (:attr:`pair_seconds`);
     :meth:`time_pairs` adds interleaved, settled on/off timings and can be called after several
     later batches, so the repeats are spread over the epoch instead of bunched into one moment
     that a transient slowdown of the machine would skew.
@@ -442,9 +442,8 @@ class Replay:
                 self.result.out_of_memory = True
                 self.result.time_on, self.result.time_off = [], []
 
-    def measure_memory(self, warm_up: bool = True) -> None:
-        """Graph bytes and peak memory with gradients on and off (one run each), then (``warm_up``) a
-        timed warm-up pair whose cost sets :attr:`pair_seconds`."""
+    def measure_memory(self) -> None:
+        """Graph bytes and peak memory with gradients on and off (one run each)."""
 
         def work() -> None:
             calls, device = self.calls, self.device
@@ -456,8 +455,6 @@ class Replay:
             )
             self.result.graph_bytes = graph[0]
             self.result.peak_off_bytes = peak_bytes_of(self._clocked(lambda: _run_calls(calls, grad=False)), device)
-            if warm_up:
-                self._warm_up()
 
         self._guarded(work)
 
@@ -476,10 +473,11 @@ class Replay:
 
     def warm_up(self) -> None:
         """A timed warm-up pair, whose cost sets :attr:`pair_seconds` (what one timed pair costs)."""
-        self._guarded(self._warm_up)
 
-    def _warm_up(self) -> None:
-        self.pair_seconds = 3 * (_timed(self.calls, True, self.device) + _timed(self.calls, False, self.device))
+        def work() -> None:
+            self.pair_seconds = 3 * (_timed(self.calls, True, self.device) + _timed(self.calls, False, self.device))
+
+        self._guarded(work)
 
     def time_pairs(self, pairs: int) -> None:
         """Add ``pairs`` timed on/off pairs, alternating which mode goes first."""
