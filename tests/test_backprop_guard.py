@@ -218,6 +218,44 @@ def test_stray_forward_outside_training_step_is_named(tmp_path: Path) -> None:
     assert "first at batch 0" in message
 
 
+class StrayOnSomeBatches(Net):
+    """A forward outside the step on some batches only (sample logging every few batches)."""
+
+    def __init__(self, batches: set[int]) -> None:
+        super().__init__()
+        self.stray_batches = batches
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if batch_idx in self.stray_batches:
+            self.head(self.encoder(self.probe_input))
+
+
+@pytest.mark.parametrize(
+    ("stray_batches", "named_at"),
+    [({0}, 0), ({3, 6}, 6), (set(), None)],
+    ids=["first-batch", "recurring-mid-epoch", "clean"],
+)
+def test_stray_forward_is_named_by_the_probe_the_node_counter_arms(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stray_batches: set[int], named_at: int | None
+) -> None:
+    # the saved-tensor probe watches the first stretch of an epoch and the one after a validation; the
+    # other stretches only read autograd's node counter, which arms the probe once it moved
+    from lightning_nograd.core.graph import HUB
+
+    registered: list[int] = []
+    register = HUB.register
+    monkeypatch.setattr(HUB, "register", lambda probe: (registered.append(1), register(probe))[1])
+    guard = BackpropGuard()
+    with nograd_warnings():
+        trainer(tmp_path, [guard], max_epochs=1, limit_train_batches=8, limit_val_batches=0).fit(
+            StrayOnSomeBatches(stray_batches), loader(64)
+        )
+    stray = [(f.subject, f.hook, f.batch_idx) for f in guard.report.findings if f.kind == "stray_graph"]
+    assert stray == ([] if named_at is None else [("", "on_train_batch_end", named_at)])
+    # clean: the first stretch only; a stray forward at batch 3: the probe from batch 4 until it names it at 6
+    assert len(registered) == {None: 1, 0: 1, 6: 1 + 3}[named_at]
+
+
 def test_inference_tensor_from_validate_is_named_before_the_crash(tmp_path: Path) -> None:
     class Rotary(Net):
         def __init__(self) -> None:

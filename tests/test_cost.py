@@ -13,7 +13,7 @@ from torch import nn
 from benchmarks.scaling import Experts  # the scaling benchmark's model: N parallel experts
 from lightning_nograd import NoGradAuditor
 from lightning_nograd.core.backprop import ParamIndex
-from lightning_nograd.core.cost import GRADIENT_WINDOW, ModeSwitches, visits
+from lightning_nograd.core.cost import GRADIENT_EVERY, GRADIENT_WINDOW, ModeSwitches, visits
 
 from .helpers import loader, nograd_warnings, trainer
 
@@ -49,19 +49,22 @@ class VisitsPerBatch(pl.Callback):
 def test_steady_state_batches_visit_a_bounded_number_of_modules_and_parameters(tmp_path: Path, experts: int) -> None:
     counter = VisitsPerBatch()
     model = Experts(experts)
-    run = trainer(tmp_path, [NoGradAuditor(monitor_savings=False), counter], limit_train_batches=6, limit_val_batches=4,
-                  num_sanity_val_steps=0)  # fmt: skip
+    batches = GRADIENT_EVERY + 2  # one gradient window falls after the first batch of each epoch
+    run = trainer(tmp_path, [NoGradAuditor(monitor_savings=False), counter], limit_train_batches=batches,
+                  limit_val_batches=4, num_sanity_val_steps=0)  # fmt: skip
     with nograd_warnings() as seen:
-        run.fit(model, loader(48), loader(32))
+        run.fit(model, loader(8 * batches), loader(32))
     assert not seen, [str(w.message) for w in seen]
     params = sum(1 for _ in model.parameters())
-    # the first batch of each epoch reads the whole model once; every later batch a bounded amount
-    steady_train = counter.train[1:6] + counter.train[7:12]
-    steady_val = counter.val[1:4] + counter.val[5:8]
-    assert len(steady_train) == 10 and len(steady_val) == 6
-    assert max(steady_train) == min(params, GRADIENT_WINDOW)
-    assert max(steady_val) == 0
-    assert counter.train[0] > len(list(model.modules())), "the first batch of an epoch reads every module"
+    # the first batch of each epoch reads the whole model once; every later batch a bounded amount:
+    # nothing, or one window of parameters every GRADIENT_EVERY steps
+    assert len(counter.train) == 2 * batches and len(counter.val) == 8
+    for epoch in range(2):
+        train = counter.train[epoch * batches : (epoch + 1) * batches]
+        assert train[0] > len(list(model.modules())), "the first batch of an epoch reads every module"
+        windows = {i: visited for i, visited in enumerate(train) if i and visited}
+        assert windows == {GRADIENT_EVERY - 1: min(params, GRADIENT_WINDOW)}  # the GRADIENT_EVERY-th step
+    assert counter.val[1:4] + counter.val[5:8] == [0] * 6
 
 
 def test_a_mode_switch_during_training_is_seen_at_once(tmp_path: Path) -> None:
@@ -94,12 +97,14 @@ def test_a_gap_mid_epoch_is_found_by_the_rotating_window(tmp_path: Path) -> None
             return torch.stack([e(x) for e in experts]).mean(0)
 
     auditor = NoGradAuditor(monitor_savings=False)
-    steps = 2 * (2 * 300 // GRADIENT_WINDOW + 1) + 3  # enough windows to come round twice
+    experts = 4 * GRADIENT_WINDOW  # 8 windows of parameters: found only when the windows come round to it
+    steps = GRADIENT_EVERY * (2 * experts // GRADIENT_WINDOW + 1) + 3
     run = trainer(tmp_path, [auditor], max_epochs=1, limit_train_batches=steps, limit_val_batches=0)
     with nograd_warnings():
-        run.fit(LosesAnExpert(300), loader(8 * steps))
-    subjects = {f.subject for f in auditor.report.findings if f.kind in ("param_without_grad", "no_grad_module")}
-    assert subjects == {"experts.299"}
+        run.fit(LosesAnExpert(experts), loader(8 * steps))
+    found = [f for f in auditor.report.findings if f.kind in ("param_without_grad", "no_grad_module")]
+    assert {f.subject for f in found} == {f"experts.{experts - 1}"}
+    assert all(f.batch_idx is not None and f.batch_idx > 3 for f in found)  # mid-epoch, by a window
 
 
 def test_grouping_parameters_is_not_quadratic() -> None:

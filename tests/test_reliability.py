@@ -218,7 +218,7 @@ def test_every_hook_is_removed_and_nothing_keeps_the_model(tmp_path: Path) -> No
         t.test(model, loader())
     assert not torch.nn.modules.module._global_forward_pre_hooks
     assert not torch.nn.modules.module._global_forward_hooks
-    assert HUB.probes == [] and HUB._context is None
+    assert HUB.probes == [] and not HUB.pushed
     del model, t
     gc.collect()
     assert ref() is None

@@ -26,9 +26,9 @@ from lightning_nograd.core.backprop import (
     is_frozen,
     trained_parameter_ids,
 )
-from lightning_nograd.core.cost import GRADIENT_WINDOW, ModeSwitches, visits
+from lightning_nograd.core.cost import GRADIENT_EVERY, GRADIENT_WINDOW, ModeSwitches, visits
 from lightning_nograd.core.findings import Finding, OnViolation, display_name
-from lightning_nograd.core.graph import MIB, GraphEvent, GraphProbe, format_bytes
+from lightning_nograd.core.graph import MIB, GraphEvent, GraphProbe, StrayGraphWatch, format_bytes
 from lightning_nograd.core.patterns import NamePatterns, ancestors, named_modules, parent_path
 from lightning_nograd.errors import BrokenBackpropWarning
 
@@ -122,7 +122,7 @@ class BackpropGuard(NoGradCallback):
         self._optimizer_params: dict[int, list[nn.Parameter]] = {}
         self._suspects: dict[int, str] = {}
         self._probe: GradModeProbe | None = None
-        self._graph: GraphProbe | None = None
+        self._stray: StrayGraphWatch | None = None
         self._zero_streaks = ZeroGradientStreaks(self.zero_grad_steps)
         self._batch_idx: int | None = None
         self._epoch = 0
@@ -166,13 +166,13 @@ class BackpropGuard(NoGradCallback):
     @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._epoch = int(trainer.current_epoch)
-        if self._graph is not None:
-            self._graph.rename()
         self._steps_per_optimizer = {}
         self._zero_checks = {}
         self._explained = set()
         self._counts = {key: set() for key in _COUNTS}
-        self._stop_stray_graph_probe()
+        if self._stray is not None:
+            self._stray.close()
+            self._stray.new_epoch()
         # frozen or unfrozen between epochs (BackboneFinetuning): what is trained is read again
         self._trained_ids = trained_parameter_ids(getattr(trainer, "optimizers", []))
         if self._index is None:
@@ -183,10 +183,14 @@ class BackpropGuard(NoGradCallback):
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        self._stop_stray_graph_probe()
+        # every batch pays for this hook and the next four: each does its cheap test inline and calls
+        # into a check only when there is work (modes switched, a gap to explain, a graph to report)
+        if self._stray is not None:
+            self._stray.close()
         self._batch_idx = batch_idx
         self._check_modes("on_train_batch_start")
-        self._start_grad_mode_probe()
+        if self._pending_probe:
+            self._start_grad_mode_probe()
 
     @override
     def on_before_zero_grad(
@@ -197,48 +201,66 @@ class BackpropGuard(NoGradCallback):
     @override
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor) -> None:
         self._backward_seen = True
-        optimizer, self._zeroing = self._zeroing, None
+        optimizer = self._zeroing
+        if optimizer is None:
+            return
+        self._zeroing = None
         # only the first steps of an epoch check all-zero gradients: how zeroing works is read there
-        early = optimizer is not None and self._steps_per_optimizer.get(id(optimizer), 0) < self.zero_grad_steps
-        if early and not self._keeps_zeros:
-            self._note_zeroing(optimizer)  # type: ignore[arg-type]
+        if not self._keeps_zeros and self._steps_per_optimizer.get(id(optimizer), 0) < self.zero_grad_steps:
+            self._note_zeroing(optimizer)
 
     @override
     def on_before_optimizer_step(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        self._check_gradients(optimizer)
+        key = id(optimizer)
+        steps = self._steps_per_optimizer.get(key, 0) + 1
+        self._steps_per_optimizer[key] = steps
+        # the first step of an epoch checks every parameter, then one window every GRADIENT_EVERY steps;
+        # all-zero gradients are checked in the first steps of an epoch, where zeroing keeps them
+        if (
+            steps == 1
+            or not steps % GRADIENT_EVERY
+            or self._zero_streaks.pending
+            or (self._keeps_zeros and self._zero_checks.get(key, 0) < self.zero_grad_steps)
+        ):
+            self._check_gradients(optimizer, steps)
         self._backward_seen = False
 
     @override
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self._finish_grad_mode_probe()
+        if self._probe is not None:
+            self._finish_grad_mode_probe()
         self._check_modes("training_step")
-        self._start_stray_graph_probe(pl_module)
+        if self._stray is not None:
+            self._stray.open(pl_module)
+        else:
+            self._watch_stray_graphs(pl_module)
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._collect_zero_gradients(wait=False)
-        self._flush_stray_graphs()
+        self._flush_stray_graphs()  # the stretch goes on: Lightning calls the module's epoch-end hook next
         self._log_counts(trainer)
 
     @override
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._flush_stray_graphs()
-        self._stop_stray_graph_probe()
+        if self._stray is not None:
+            self._stray.close()
 
     @override
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._modes_read_at = None  # Lightning restores the modes after this hook, by assignment
         if not trainer.sanity_checking and trainer.state.fn == "fit":
-            self._start_stray_graph_probe(pl_module)
+            self._watch_stray_graphs(pl_module, probe=True)
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._collect_zero_gradients(wait=True)
-        self._flush_stray_graphs()
+        if self._stray is not None:
+            self._stray.close()
         self._report_unexplained_suspects()
         self._release()
 
@@ -248,7 +270,9 @@ class BackpropGuard(NoGradCallback):
             self._probe.stop()
             self._probe = None
         if check in (None, "stray_graph"):
-            self._close_stray_graph_probe()
+            stray, self._stray = self._stray, None
+            if stray is not None:
+                stray.release()
         if check is None:
             ModeSwitches.stop(self)
             self._modes_read_at = None
@@ -335,11 +359,14 @@ class BackpropGuard(NoGradCallback):
                 layers=layers,
             )
 
-    @guarded("eval_mode_leak")
     def _check_modes(self, hook: str) -> None:
         if self._modes_read_at == ModeSwitches.count:
             self._last_clean_check = hook  # no mode switched since the last reading: nothing new
             return
+        self._read_modes(hook)
+
+    @guarded("eval_mode_leak")
+    def _read_modes(self, hook: str) -> None:
         self._modes_read_at = ModeSwitches.count
         visits.modules += len(self._trained)
         leaked = [(path, module) for path, module in self._trained if not module.training]
@@ -386,12 +413,10 @@ class BackpropGuard(NoGradCallback):
     # -- gradients -------------------------------------------------------------------------------
 
     @guarded("params_without_grad")
-    def _check_gradients(self, optimizer: torch.optim.Optimizer) -> None:
+    def _check_gradients(self, optimizer: torch.optim.Optimizer, steps: int) -> None:
         index = self._index
         if index is None:
             return
-        steps = self._steps_per_optimizer.get(id(optimizer), 0) + 1
-        self._steps_per_optimizer[id(optimizer)] = steps
         params = self._optimizer_params.get(id(optimizer))
         if params is None or steps == 1:
             params = [
@@ -418,7 +443,8 @@ class BackpropGuard(NoGradCallback):
 
     def _gradient_window(self, key: int, params: list[nn.Parameter]) -> list[nn.Parameter]:
         """The next ``GRADIENT_WINDOW`` parameters, round robin: the first step of each epoch checks
-        them all, later steps a window each, so a step costs the same at any model size."""
+        them all, every ``GRADIENT_EVERY``-th step after it a window, so a step costs the same at any
+        model size."""
         if len(params) <= GRADIENT_WINDOW:
             return params
         start = self._window_at.get(key, 0) % len(params)
@@ -496,30 +522,25 @@ class BackpropGuard(NoGradCallback):
     # -- stray graphs ----------------------------------------------------------------------------
 
     @guarded("stray_graph")
-    def _start_stray_graph_probe(self, pl_module: nn.Module) -> None:
-        if self._graph is None or self._graph.root is not pl_module:
-            self._close_stray_graph_probe()
-            self._graph = GraphProbe(
-                pl_module, OUTSIDE_STEP_HOOKS, self._stray_finding, self.allow.matches, self.on_violation == "error"
-            )
-            self._graph.on_error = lambda err: self._switch_off("stray_graph", err)
-        self._graph.start()
+    def _watch_stray_graphs(self, pl_module: nn.Module, probe: bool = False) -> None:
+        """Start the stretch outside the training step; ``probe`` watches it with the saved-tensor probe."""
+        if self._stray is None:
+            self._stray = StrayGraphWatch(self._new_graph_probe)
+            self._stray.on_error = self._stray_graph_failed
+        self._stray.open(pl_module, probe)
+
+    def _new_graph_probe(self, pl_module: nn.Module) -> GraphProbe:
+        return GraphProbe(
+            pl_module, OUTSIDE_STEP_HOOKS, self._stray_finding, self.allow.matches, self.on_violation == "error"
+        )
+
+    def _stray_graph_failed(self, err: BaseException) -> None:
+        self._switch_off("stray_graph", err)
 
     @guarded("stray_graph")
     def _flush_stray_graphs(self) -> None:
-        if self._graph is not None:
-            self._graph.flush()
-
-    def _stop_stray_graph_probe(self) -> None:
-        self._flush_stray_graphs()
-        if self._graph is not None:
-            self._graph.stop()
-
-    def _close_stray_graph_probe(self) -> None:
-        self._flush_stray_graphs()
-        graph, self._graph = self._graph, None
-        if graph is not None:
-            graph.close()
+        if self._stray is not None and self._stray.probe is not None:
+            self._stray.probe.flush()
 
     def _stray_finding(self, event: GraphEvent, modules: list[str]) -> None:
         hook = event.hook or "on_train_batch_end"

@@ -44,6 +44,11 @@ class MetricSink:
             return
         self._write(trainer, metrics, step)
 
+    @property
+    def held(self) -> bool:
+        """Whether metrics wait for :meth:`flush`."""
+        return bool(self._held)
+
     def flush(self) -> None:
         """Send held metrics."""
         held, self._held = self._held, {}

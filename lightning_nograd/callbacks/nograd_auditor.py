@@ -28,6 +28,11 @@ log = logging.getLogger(__name__)
 
 PartT = TypeVar("PartT", bound=NoGradCallback)
 
+#: The hooks Lightning calls on every batch (or step).
+PER_BATCH_HOOKS = tuple(
+    f"on_{loop}_batch_{when}" for loop in ("train", "validation", "test", "predict") for when in ("start", "end")
+) + ("on_before_zero_grad", "on_before_backward", "on_after_backward", "on_before_optimizer_step")
+
 
 class NoGradAuditor(NoGradCallback):
     """Everything in one line: ``Trainer(callbacks=[NoGradAuditor()])``.
@@ -99,6 +104,9 @@ class NoGradAuditor(NoGradCallback):
         self._sink.holding = True
         for part in self._parts:
             part._share(self.report, self._sink)
+        # per hook, the parts whose class implements it: a batch hook reaches only those (the
+        # per-batch cost is a few Python calls, paid on every batch of every run)
+        self._receivers: dict[str, tuple[NoGradCallback, ...]] = {}
 
     @override
     def _state_key_settings(self) -> dict[str, Any]:
@@ -115,11 +123,15 @@ class NoGradAuditor(NoGradCallback):
         return next((p for p in self._parts if isinstance(p, kind)), None)
 
     def _each(self, hook: str, *args: Any, **kwargs: Any) -> None:
+        receivers = self._receivers.get(hook)
+        if receivers is None:
+            receivers = self._receivers[hook] = tuple(p for p in self._parts if implements(p, hook))
         try:
-            for part in self._parts:
+            for part in receivers:
                 getattr(part, hook)(*args, **kwargs)
         finally:
-            self._sink.flush()
+            if self._sink.held:
+                self._sink.flush()
 
     # -- every Lightning hook goes to every part, in order ----------------------------------------
 
@@ -127,11 +139,19 @@ class NoGradAuditor(NoGradCallback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         self._each("setup", trainer, pl_module, stage)
+        # a per-batch hook that one part alone implements goes straight to it: Lightning finds the
+        # part's method on this instance, one call instead of three (batch hooks log no metrics)
+        for hook in PER_BATCH_HOOKS:
+            receivers = [p for p in self._parts if implements(p, hook)]
+            if len(receivers) == 1:
+                setattr(self, hook, getattr(receivers[0], hook))
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._each("teardown", trainer, pl_module, stage)
         super().teardown(trainer, pl_module, stage)
+        for hook in PER_BATCH_HOOKS:
+            self.__dict__.pop(hook, None)
         self._end_of_stage_report(trainer, stage)
 
     @override
@@ -301,6 +321,12 @@ class NoGradAuditor(NoGradCallback):
             self._write_report()
         except Exception as err:  # the report is a courtesy: it must never fail the run
             log.warning("lightning-nograd could not produce its end-of-stage report: %s", err)
+
+
+def implements(part: NoGradCallback, hook: str) -> bool:
+    """Whether ``part``'s class (not Lightning's no-op ``Callback``) defines ``hook``."""
+    owner = next((cls for cls in type(part).__mro__ if hook in vars(cls)), None)
+    return owner is not None and owner.__module__.startswith("lightning_nograd.")
 
 
 def _check_path(value: Any) -> Path | None:

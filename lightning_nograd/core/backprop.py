@@ -197,6 +197,11 @@ class ZeroGradientStreaks:
         if parts:
             self._pending.append(_StepCheck(parts))
 
+    @property
+    def pending(self) -> bool:
+        """Whether some observed step is not collected yet."""
+        return bool(self._pending)
+
     def collect(self, wait: bool = False) -> list[nn.Parameter]:
         """Parameters whose streak reached ``steps`` in the checks read now (each once)."""
         reached: dict[int, nn.Parameter] = {}

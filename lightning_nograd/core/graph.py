@@ -113,31 +113,38 @@ class GraphProbe(Probe):
         self.report_at_once = report_at_once
         self._names: dict[int, str] = {}
         self._param_storages: set[tuple[str, int]] = set()
-        self._active = False
+        self.active = False
         self._batch_storages: set[tuple[str, int]] = set()
         self._batch_events: dict[tuple[str, str | None], GraphEvent] = {}
 
     def start(self) -> None:
         """Start receiving saved tensors (idempotent); names modules on the first start."""
-        if self._active:
+        if self.active:
             return
         if not self._names:
             self.rename()
-        self.new_batch()
+        if self._batch_events:
+            self.new_batch()
         HUB.register(self)
-        self._active = True
+        self.active = True
 
     def rename(self) -> None:
         """Re-read module names and parameter storages (after the model changed)."""
         self._names = {id(m): name for name, m in named_modules(self.root)}
         self._param_storages = weight_storages(self.root)
 
+    @property
+    def has_events(self) -> bool:
+        """Whether a graph was recorded since the last :meth:`flush`."""
+        return bool(self._batch_events)
+
     def stop(self) -> None:
-        """Stop receiving saved tensors; :meth:`start` resumes cheaply."""
-        if self._active:
+        """Stop receiving saved tensors (forgetting what was not flushed); :meth:`start` resumes cheaply."""
+        if self.active:
             HUB.unregister(self)
-            self._active = False
-        self.new_batch()
+            self.active = False
+        if self._batch_events:  # (a storage is only counted together with its event)
+            self.new_batch()
 
     def close(self) -> None:
         """Stop and drop every reference to the model."""
@@ -153,6 +160,8 @@ class GraphProbe(Probe):
 
     def flush(self) -> None:
         """Report this batch's graphs (one per hook, see :meth:`grouped_events`) and reset."""
+        if not self._batch_events:
+            return
         grouped = self.grouped_events()
         self.new_batch()
         for event, modules in grouped:
@@ -221,6 +230,119 @@ class GraphProbe(Probe):
         return (module if module is not None else ""), None
 
 
+class StrayGraphWatch(Probe):
+    """Watches the stretches between training steps for forwards that record an autograd graph.
+
+    A :class:`GraphProbe` names the module and hook, but installing and removing its saved-tensor
+    hooks around every training step costs a few microseconds a batch, more as the model grows (the
+    CPU caches then hold the model). So the probe watches the first stretch of each epoch and the
+    stretch after each validation; every other stretch is watched by autograd's own node counter
+    (``torch._C._autograd._get_sequence_nr``: every graph node this thread creates takes the next
+    number), read once as it starts and once as it ends. When the counter moved, the probe watches
+    the stretches that follow until it names the graph: a forward outside the step is named the
+    first time it runs in a watched stretch, or the next time it runs after that.
+
+    Args:
+        new_probe: builds the probe for a model (its ``report`` receives the graphs found).
+
+    Example:
+        >>> net = nn.Linear(2, 2)
+        >>> found = []
+        >>> watch = StrayGraphWatch(lambda root: GraphProbe(root, frozenset(), lambda e, m: found.append(e.module),
+        ...                                                  lambda name: False))
+        >>> watch.new_epoch()
+        >>> for step in range(4):
+        ...     watch.open(net)  # a training step ended
+        ...     if step == 1:
+        ...         _ = net(torch.ones(1, 2))  # a forward outside the step, under the counter only
+        ...     if step == 2:
+        ...         _ = net(torch.ones(1, 2))  # again: the probe watches since the counter moved
+        ...     watch.close()  # the next training step starts
+        >>> found, watch.probing
+        ([''], False)
+    """
+
+    def __init__(self, new_probe: Callable[[nn.Module], GraphProbe]) -> None:
+        self._new_probe = new_probe
+        self.probe: GraphProbe | None = None
+        self._counter_at: int | None = None
+        self._armed = False  # the counter moved: probe until the graph is named
+        self._probe_next = True  # the first stretch of an epoch, the one after a validation
+
+    @property
+    def probing(self) -> bool:
+        """Whether the probe watches the current stretch."""
+        return self.probe is not None and self.probe.active
+
+    def new_epoch(self) -> None:
+        """Probe the next stretch, and name modules anew (the model may have changed)."""
+        self._probe_next = True
+        if self.probe is not None:
+            self.probe.rename()
+
+    def open(self, root: nn.Module, probe: bool = False) -> None:
+        """A stretch outside the training step begins; ``probe`` watches it with the probe."""
+        if self.failed:
+            return
+        try:
+            current = self.probe
+            if not (probe or self._armed or self._probe_next or current is None or current.root is not root):
+                self._counter_at = _sequence_nr()
+                return
+            self._probe_next = False
+            if current is None or current.root is not root:
+                self._drop_probe()
+                current = self.probe = self._new_probe(root)
+                current.on_error = self._probe_failed
+            current.start()
+        except NoGradError:
+            raise
+        except Exception as err:
+            report_fault(self, err)
+
+    def close(self) -> None:
+        """The stretch ends: report what the probe saw, or arm the probe if the counter moved."""
+        counter_at, self._counter_at = self._counter_at, None
+        if counter_at is not None:
+            if _sequence_nr() != counter_at:
+                self._armed = True
+            return
+        if self.failed or not self.probing:
+            return
+        try:
+            probe = self.probe
+            assert probe is not None
+            if probe.has_events:
+                self._armed = False
+            try:
+                probe.flush()  # reports this stretch's graphs (may stop the run, under on_violation="error")
+            finally:
+                probe.stop()
+        except NoGradError:
+            raise
+        except Exception as err:
+            report_fault(self, err)
+
+    def release(self) -> None:
+        """Stop, report what is left, and drop every reference to the model."""
+        self._counter_at = None
+        try:
+            self.close()
+        finally:
+            self._drop_probe()
+
+    def _drop_probe(self) -> None:
+        probe, self.probe = self.probe, None
+        if probe is not None:
+            probe.close()
+
+    def _probe_failed(self, err: BaseException) -> None:
+        report_fault(self, err)
+
+
+_sequence_nr = torch._C._autograd._get_sequence_nr
+
+
 class _SavedTensorsHub:
     """Owns the one ``saved_tensors_hooks`` entry all probes share.
 
@@ -231,7 +353,7 @@ class _SavedTensorsHub:
 
     def __init__(self) -> None:
         self.probes: list[GraphProbe] = []
-        self._context: torch.autograd.graph.saved_tensors_hooks | None = None
+        self.pushed = False
         self._paused = 0
 
     @contextmanager
@@ -246,17 +368,18 @@ class _SavedTensorsHub:
     def register(self, probe: GraphProbe) -> None:
         if probe not in self.probes:
             self.probes.append(probe)
-        if self._context is None:
-            context = torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack)
-            context.__enter__()
-            self._context = context
+        if not self.pushed:
+            # what `saved_tensors_hooks.__enter__/__exit__` call, without the context object: a
+            # training batch starts and stops the stray-graph probe once each
+            torch._C._autograd._push_saved_tensors_default_hooks(self._pack, _unpack)
+            self.pushed = True
 
     def unregister(self, probe: GraphProbe) -> None:
         if probe in self.probes:
             self.probes.remove(probe)
-        if not self.probes and self._context is not None:
-            context, self._context = self._context, None
-            context.__exit__(None, None, None)
+        if not self.probes and self.pushed:
+            self.pushed = False
+            torch._C._autograd._pop_saved_tensors_default_hooks()
 
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
         if self._paused:

@@ -21,7 +21,7 @@ def test_probe_sees_graphs_only_and_names_the_deepest_common_module() -> None:
         probe.close()
     assert merged.module == "" and modules == ["0", "1", "2"]
     assert merged.saved_bytes == 2 * 4 * 4 + 2 * 4 * 4  # the input, and the ReLU output (saved once)
-    assert HUB._context is None
+    assert not HUB.pushed
 
 
 def test_two_probes_share_one_hook_entry_and_pause_hides_graphs() -> None:
@@ -39,7 +39,7 @@ def test_two_probes_share_one_hook_entry_and_pause_hides_graphs() -> None:
     b.close()
     a.close()
     assert seen_a == [] and len(seen_b) == 1
-    assert HUB.probes == [] and HUB._context is None
+    assert HUB.probes == [] and not HUB.pushed
 
 
 def test_tally_and_tensor_attributes() -> None:
