@@ -29,9 +29,10 @@ log = logging.getLogger(__name__)
 PartT = TypeVar("PartT", bound=NoGradCallback)
 
 #: The hooks Lightning calls on every batch (or step).
-PER_BATCH_HOOKS = tuple(
-    f"on_{loop}_batch_{when}" for loop in ("train", "validation", "test", "predict") for when in ("start", "end")
-) + ("on_before_zero_grad", "on_before_backward", "on_after_backward", "on_before_optimizer_step")
+PER_BATCH_HOOKS = (
+    *(f"on_{loop}_batch_{when}" for loop in ("train", "validation", "test", "predict") for when in ("start", "end")),
+    *("on_before_zero_grad", "on_before_backward", "on_after_backward", "on_before_optimizer_step"),
+)
 
 
 class NoGradAuditor(NoGradCallback):
