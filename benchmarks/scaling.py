@@ -3,16 +3,20 @@
     python -m benchmarks.scaling [--quick] [--out benchmarks/results]
 
 A model of N small parallel experts (``nn.Linear(8, 1)`` each, the module count of a mixture of
-experts; 8-dim inputs, batch 8) is fitted for two epochs (8 training batches, 6 validation batches
-each) with ``NoGradAuditor``, each of whose hooks is timed (``perf_counter`` around the call).
-Reported per N, for training and for validation batches: the callback's own time per steady-state
-batch (the median over the second epoch's batches after its first, summing that batch's hooks; the
-first epoch holds the one-time reads and the savings measurement), that time as a share of the
-batch, and the most module/parameter visits of the checks in one such batch
-(``lightning_nograd.core.cost.visits``). Twice: with the savings replays off
-(``monitor_savings=False``) and at the defaults. Then the one-time analyses on the largest model
-(indexing, grouping and explaining parameters without gradients, inference-tensor and eval-mode
-scans, allow-list matching), each timed once.
+experts; 8-dim inputs, batch 8) is fitted for one epoch (17 training batches, 17 validation
+batches) with ``NoGradAuditor``, each of whose hooks is timed (``perf_counter`` around the call).
+Reported per N: the callback's own time per steady-state batch (the batches after the first of
+each loop, which reads the whole model once), summing that batch's hooks: for training the mean
+over the 16 steady batches (one of which checks a window of gradients, as one step in
+``GRADIENT_EVERY`` does), for validation the median (the batches that record and replay for the
+savings measurement are a budgeted measurement, counted in the last column instead). Then the
+same for an empty ``Callback`` in a run of its own: between a forward and the next hook the CPU
+caches hold the model, so even an empty hook (and the clock around it) costs a microsecond or
+more, growing with the model. Also the share of the batch, and the most module/parameter visits
+of the checks in one such batch (``lightning_nograd.core.cost.visits``). Twice: with the savings
+replays off (``monitor_savings=False``) and at the defaults. Then the one-time analyses on the
+largest model (indexing, grouping and explaining parameters without gradients, inference-tensor
+and eval-mode scans, allow-list matching), each timed once.
 
 Writes ``scaling.json``, ``scaling.png`` and ``SCALING.md`` under ``--out`` and the README's
 scaling section (between ``<!-- scaling:start -->`` and ``<!-- scaling:end -->``).
@@ -37,18 +41,19 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_nograd import NoGradAuditor
+from lightning_nograd.callbacks.nograd_auditor import PER_BATCH_HOOKS
 from lightning_nograd.core.backprop import (
     ParamIndex,
     eval_mode_under_trainable,
     explain_gradient_gaps,
     inference_tensors,
 )
-from lightning_nograd.core.cost import visits
+from lightning_nograd.core.cost import GRADIENT_EVERY, visits
 from lightning_nograd.core.patterns import NamePatterns, named_modules
 
 SIZES = (50, 500, 5_000, 50_000)
 QUICK_SIZES = (50, 500)
-TRAIN_BATCHES, VAL_BATCHES = 8, 6
+TRAIN_BATCHES = VAL_BATCHES = GRADIENT_EVERY + 1  # the first batch, then one period of gradient windows
 TRAIN_HOOKS = ("on_train_batch_start", "on_before_zero_grad", "on_before_backward", "on_after_backward",
                "on_before_optimizer_step", "on_train_batch_end")  # fmt: skip
 VAL_HOOKS = ("on_validation_batch_start", "on_validation_batch_end")
@@ -106,12 +111,17 @@ class _BatchClock(pl.Callback):
 
 
 class _HookClock:
-    """Times every hook of ``callback`` (instance attributes wrap the bound methods)."""
+    """Times hooks of ``callback`` (instance attributes wrap what the instance would call)."""
 
     def __init__(self, callback: pl.Callback, hooks: tuple[str, ...]) -> None:
-        self.durations: dict[str, list[float]] = {hook: [] for hook in hooks}
+        self.callback = callback
+        self.durations: dict[str, list[float]] = {}
+        self.wrap(hooks)
+
+    def wrap(self, hooks: tuple[str, ...]) -> None:
         for hook in hooks:
-            setattr(callback, hook, self._timed(getattr(callback, hook), self.durations[hook]))
+            into = self.durations.setdefault(hook, [])
+            setattr(self.callback, hook, self._timed(getattr(self.callback, hook), into))
 
     @staticmethod
     def _timed(method: Any, into: list[float]) -> Any:
@@ -141,31 +151,45 @@ class _HookClock:
 ALL_HOOKS = tuple(name for name in dir(pl.Callback) if name.startswith("on_") or name in ("setup", "teardown"))
 
 
-def measure(n: int, replays: bool, root: Path) -> dict[str, Any]:
+class _WrapBatchHooks(pl.Callback):
+    """Starts timing the per-batch hooks once ``setup`` has run: NoGradAuditor binds them there."""
+
+    def __init__(self, clocks: list[_HookClock]) -> None:
+        self.clocks = clocks
+
+    def setup(self, *args: Any, **kwargs: Any) -> None:
+        for clock in self.clocks:
+            clock.wrap(PER_BATCH_HOOKS)
+
+
+def measure(n: int, replays: bool | None, root: Path) -> dict[str, Any]:
+    """One fit of ``Experts(n)`` with the auditor (``replays``: its savings replays on) or, for
+    ``replays=None``, with an empty callback in its place."""
     torch.manual_seed(0)
     model = Experts(n)
     data = TensorDataset(torch.randn(8 * TRAIN_BATCHES, 8), torch.randn(8 * TRAIN_BATCHES, 1))
     clock = _BatchClock()
-    # the clock goes first: a batch's time then includes every hook of the auditor
-    auditor = NoGradAuditor(monitor_savings=replays, verbose=False)
-    hooks = _HookClock(auditor, ALL_HOOKS)
-    trainer = pl.Trainer(default_root_dir=root, max_epochs=2, limit_train_batches=TRAIN_BATCHES,
+    # the batch clock goes first: a batch's time then includes every hook of the auditor
+    auditor = pl.Callback() if replays is None else NoGradAuditor(monitor_savings=replays, verbose=False)
+    hooks = _HookClock(auditor, tuple(hook for hook in ALL_HOOKS if hook not in PER_BATCH_HOOKS))
+    trainer = pl.Trainer(default_root_dir=root, max_epochs=1, limit_train_batches=TRAIN_BATCHES,
                          limit_val_batches=VAL_BATCHES, num_sanity_val_steps=0, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         callbacks=[clock, auditor])  # fmt: skip
+                         callbacks=[clock, auditor, _WrapBatchHooks([hooks])])  # fmt: skip
     start = time.perf_counter()
     trainer.fit(model, DataLoader(data, batch_size=8), DataLoader(data, batch_size=8))
     fit_s = time.perf_counter() - start
     row: dict[str, Any] = {"modules": len(list(model.modules())), "experts": n, "replays": replays, "fit_s": fit_s}
     for stage, stage_hooks, batches in (("train", TRAIN_HOOKS, TRAIN_BATCHES), ("val", VAL_HOOKS, VAL_BATCHES)):
-        # steady state: the second epoch, after its first batch
-        own = hooks.per_batch(stage_hooks, 2 * batches)[batches + 1 :]
-        batch = clock.times[stage][batches + 1 :]
-        own_med, batch_med = statistics.median(own), statistics.median(batch)
-        row[f"{stage}_own_us"] = own_med * 1e6
-        row[f"{stage}_batch_ms"] = batch_med * 1e3
-        row[f"{stage}_own_pct"] = 100 * own_med / batch_med
-        row[f"{stage}_visits"] = max(clock.visits[stage][batches + 1 :])
+        # steady state: after the first batch; training the mean (a gradient window every GRADIENT_EVERY
+        # steps included), validation the median (a batch that replays is a budgeted measurement)
+        average = statistics.mean if stage == "train" else statistics.median
+        own = average(hooks.per_batch(stage_hooks, batches)[1:])
+        batch = statistics.median(clock.times[stage][1:])
+        row[f"{stage}_own_us"] = own * 1e6
+        row[f"{stage}_batch_ms"] = batch * 1e3
+        row[f"{stage}_own_pct"] = 100 * own / batch
+        row[f"{stage}_visits"] = max(clock.visits[stage][1:])
     row["fit_own_pct"] = 100 * hooks.total() / fit_s
     return row
 
@@ -194,14 +218,19 @@ def one_time_analyses(n: int) -> dict[str, Any]:
 
 
 def table(rows: list[dict[str, Any]], analyses: dict[str, Any]) -> list[str]:
-    lines = ["| modules | savings replays | train: own µs/batch | share of batch | visits/batch "
-             "| val: own µs/batch | share of batch | visits/batch | 2-epoch fit: own share, one-time work included |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    lines = ["| modules | savings replays | train: own µs/batch | an empty callback's | share of batch "
+             "| most visits/batch | val: own µs/batch | an empty callback's | share of batch | most visits/batch "
+             "| whole fit: own share, one-time work included |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    empty = {r["modules"]: r for r in rows if r["replays"] is None}
     for r in rows:
+        if r["replays"] is None:
+            continue
+        e = empty[r["modules"]]
         lines.append(
             f"| {r['modules']:,} | {'on' if r['replays'] else 'off'} | {r['train_own_us']:.0f} | "
-            f"{r['train_own_pct']:.2f}% | {r['train_visits']} | {r['val_own_us']:.0f} | {r['val_own_pct']:.2f}% | "
-            f"{r['val_visits']} | {r['fit_own_pct']:.1f}% |"
+            f"{e['train_own_us']:.0f} | {r['train_own_pct']:.2f}% | {r['train_visits']} | {r['val_own_us']:.0f} | "
+            f"{e['val_own_us']:.0f} | {r['val_own_pct']:.2f}% | {r['val_visits']} | {r['fit_own_pct']:.1f}% |"
         )
     lines += ["", f"One-time analyses at {analyses['modules']:,} modules / {analyses['parameters']:,} parameters "
               "(every parameter without a gradient), seconds:", "", "| analysis | s |", "| --- | --- |"]  # fmt: skip
@@ -217,12 +246,16 @@ def plot(rows: list[dict[str, Any]], out: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for replays in (False, True):
-        picked = [r for r in rows if r["replays"] == replays]
+        picked = [r for r in rows if r["replays"] is replays]
         xs = [r["modules"] for r in picked]
         for stage, marker in (("train", "o"), ("val", "s")):
             label = f"{stage}, replays {'on' if replays else 'off'}"
             ax.plot(xs, [r[f"{stage}_own_us"] for r in picked], marker=marker, label=label,
                     linestyle="-" if replays else "--")  # fmt: skip
+    for stage, marker in (("train", "o"), ("val", "s")):
+        picked = [r for r in rows if r["replays"] is None]
+        ax.plot([r["modules"] for r in picked], [r[f"{stage}_own_us"] for r in picked], marker=marker,
+                color="grey", linestyle=":", label=f"{stage}, an empty callback")  # fmt: skip
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("modules in the model")
@@ -248,7 +281,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for n in sizes:
-            for replays in (False, True):
+            for replays in (None, False, True):
                 rows.append(measure(n, replays, Path(tmp)))
                 print(json.dumps(rows[-1]), flush=True)
     analyses = one_time_analyses(sizes[-1])

@@ -246,7 +246,8 @@ class EvaluationLoopCallback(NoGradCallback):
     """Turns Lightning's validation / test / predict hooks into one set of stage-aware calls.
 
     Subclasses override the ``_eval_*`` methods they need; ``_evaluation_stages`` says which of
-    ``"val"``, ``"test"`` and ``"predict"`` they watch.
+    ``"val"``, ``"test"`` and ``"predict"`` they watch. The batch methods are called in every stage
+    (a batch pays for no stage lookup) and must do nothing outside an epoch the subclass watches.
     """
 
     _evaluation_stages: frozenset[str] = frozenset({"val", "test", "predict"})
@@ -304,33 +305,27 @@ class EvaluationLoopCallback(NoGradCallback):
 
     @override
     def on_validation_batch_start(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
-        if self._watches("val"):
-            self._eval_batch_start(trainer, pl_module, args[1])
+        self._eval_batch_start(trainer, pl_module, args[1])
 
     @override
     def on_test_batch_start(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
-        if self._watches("test"):
-            self._eval_batch_start(trainer, pl_module, args[1])
+        self._eval_batch_start(trainer, pl_module, args[1])
 
     @override
     def on_predict_batch_start(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
-        if self._watches("predict"):
-            self._eval_batch_start(trainer, pl_module, args[1])
+        self._eval_batch_start(trainer, pl_module, args[1])
 
     @override
     def on_validation_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
-        if self._watches("val"):
-            self._eval_batch_end(trainer, pl_module, args[0], args[2])
+        self._eval_batch_end(trainer, pl_module, args[0], args[2])
 
     @override
     def on_test_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
-        if self._watches("test"):
-            self._eval_batch_end(trainer, pl_module, args[0], args[2])
+        self._eval_batch_end(trainer, pl_module, args[0], args[2])
 
     @override
     def on_predict_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
-        if self._watches("predict"):
-            self._eval_batch_end(trainer, pl_module, args[0], args[2])
+        self._eval_batch_end(trainer, pl_module, args[0], args[2])
 
     @override
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -188,7 +188,10 @@ class BackpropGuard(NoGradCallback):
         if self._stray is not None:
             self._stray.close()
         self._batch_idx = batch_idx
-        self._check_modes("on_train_batch_start")
+        if self._modes_read_at == ModeSwitches.count:
+            self._last_clean_check = "on_train_batch_start"
+        else:
+            self._read_modes("on_train_batch_start")
         if self._pending_probe:
             self._start_grad_mode_probe()
 
@@ -233,11 +236,14 @@ class BackpropGuard(NoGradCallback):
     ) -> None:
         if self._probe is not None:
             self._finish_grad_mode_probe()
-        self._check_modes("training_step")
-        if self._stray is not None:
-            self._stray.open(pl_module)
+        if self._modes_read_at == ModeSwitches.count:
+            self._last_clean_check = "training_step"
         else:
-            self._watch_stray_graphs(pl_module)
+            self._read_modes("training_step")
+        stray = self._stray
+        if stray is not None and stray.counting(pl_module):
+            return
+        self._watch_stray_graphs(pl_module)
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -359,14 +365,10 @@ class BackpropGuard(NoGradCallback):
                 layers=layers,
             )
 
-    def _check_modes(self, hook: str) -> None:
-        if self._modes_read_at == ModeSwitches.count:
-            self._last_clean_check = hook  # no mode switched since the last reading: nothing new
-            return
-        self._read_modes(hook)
-
     @guarded("eval_mode_leak")
     def _read_modes(self, hook: str) -> None:
+        """Read the trained modules' modes at ``hook``; called only when some mode switched since the last
+        reading (a batch hook compares ``ModeSwitches.count`` and otherwise notes ``hook`` as clean)."""
         self._modes_read_at = ModeSwitches.count
         visits.modules += len(self._trained)
         leaked = [(path, module) for path, module in self._trained if not module.training]

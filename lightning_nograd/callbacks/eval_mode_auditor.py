@@ -121,11 +121,26 @@ class EvalModeAuditor(EvaluationLoopCallback):
 
     @override
     def _eval_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch_idx: int) -> None:
-        self._begin_batch(batch_idx)
+        # every batch pays for this and the next hook: each does its cheap test inline and calls into a
+        # check only when there is work (a mode to read or watch, a graph recorded, outputs to look at)
+        self._batch_idx = batch_idx
+        modes = self._modes
+        if modes is not None and not modes.settled:
+            self._modes_before_batch()
+        graph = self._graph
+        if graph is not None and graph.has_events:
+            self._graph_new_batch()
 
     @override
     def _eval_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch_idx: int) -> None:
-        self._end_batch(pl_module, outputs)
+        modes = self._modes
+        if modes is not None and not modes.settled:
+            self._modes_after_batch()
+        graph = self._graph
+        if graph is not None and graph.has_events:
+            self._flush_graph_events()
+        if outputs is not None:
+            self._check_outputs(pl_module, outputs)
 
     @override
     def _eval_epoch_end(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -182,11 +197,6 @@ class EvalModeAuditor(EvaluationLoopCallback):
             name for name, tally in tallies.items() if tally.attached > self._attached_at_last_epoch_end.get(name, 0)
         }
 
-    def _begin_batch(self, batch_idx: int) -> None:
-        self._batch_idx = batch_idx
-        self._modes_before_batch()
-        self._graph_new_batch()
-
     @guarded("train_mode")
     def _modes_before_batch(self) -> None:
         if self._modes is not None:
@@ -196,11 +206,6 @@ class EvalModeAuditor(EvaluationLoopCallback):
     def _graph_new_batch(self) -> None:
         if self._graph is not None:
             self._graph.new_batch()
-
-    def _end_batch(self, pl_module: nn.Module, outputs: Any) -> None:
-        self._modes_after_batch()
-        self._flush_graph_events()
-        self._check_outputs(pl_module, outputs)
 
     @guarded("train_mode")
     def _modes_after_batch(self) -> None:

@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 from typing_extensions import override
 
-from lightning_nograd.callbacks._base import NoGradCallback
+from lightning_nograd.callbacks._base import EvaluationLoopCallback, NoGradCallback
 from lightning_nograd.callbacks._lightning import LightningModule, Trainer, is_global_zero, is_logger
 from lightning_nograd.callbacks.backprop_guard import BackpropGuard
 from lightning_nograd.callbacks.eval_mode_auditor import EvalModeAuditor
@@ -140,12 +140,14 @@ class NoGradAuditor(NoGradCallback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         self._each("setup", trainer, pl_module, stage)
-        # a per-batch hook that one part alone implements goes straight to it: Lightning finds the
-        # part's method on this instance, one call instead of three (batch hooks log no metrics)
+        # a per-batch hook goes straight to the parts implementing it: Lightning finds their methods
+        # on this instance (batch hooks log no metrics, so nothing waits in the sink)
         for hook in PER_BATCH_HOOKS:
-            receivers = [p for p in self._parts if implements(p, hook)]
-            if len(receivers) == 1:
-                setattr(self, hook, getattr(receivers[0], hook))
+            methods = tuple(getattr(p, hook) for p in self._parts if implements(p, hook) and _watches(p, hook))
+            if len(methods) == 1:
+                setattr(self, hook, methods[0])
+            elif methods:
+                setattr(self, hook, _Fanout(methods))
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -322,6 +324,24 @@ class NoGradAuditor(NoGradCallback):
             self._write_report()
         except Exception as err:  # the report is a courtesy: it must never fail the run
             log.warning("lightning-nograd could not produce its end-of-stage report: %s", err)
+
+
+class _Fanout:
+    """Calls each of ``methods`` with the same arguments (picklable, unlike a closure)."""
+
+    def __init__(self, methods: tuple[Any, ...]) -> None:
+        self.methods = methods
+
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
+        for method in self.methods:
+            method(*args, **kwargs)
+
+
+def _watches(part: NoGradCallback, hook: str) -> bool:
+    """Whether ``part`` watches the stage of the batch hook ``hook`` (``on_test_batch_end``: ``test``)."""
+    loop = hook.split("_")[1]
+    stage = {"validation": "val", "test": "test", "predict": "predict"}.get(loop)
+    return stage is None or not isinstance(part, EvaluationLoopCallback) or part._watches(stage)
 
 
 def implements(part: NoGradCallback, hook: str) -> bool:

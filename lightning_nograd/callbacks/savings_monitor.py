@@ -173,11 +173,28 @@ class SavingsMonitor(EvaluationLoopCallback):
 
     @override
     def _eval_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch_idx: int) -> None:
-        self._begin_batch(trainer, pl_module)
+        # once this epoch's measurement is taken (or refused) a batch costs a counter and, where the
+        # kernel's peak RSS cannot be read, one RSS sample
+        if self._stage is None or self._measurement is not None or self._skip_reason is not None:
+            return
+        self._batch_started = time.perf_counter()  # the batch times until then estimate the run's length
+        if self._wants_recording():
+            self._start_recording(pl_module)
 
     @override
     def _eval_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch_idx: int) -> None:
-        self._end_batch(trainer, pl_module)
+        if self._stage is None:
+            return
+        self._batches += 1
+        if self._memory is not None and self._memory.sampled:
+            self._memory.sample()
+        if self._measurement is not None or self._skip_reason is not None:
+            return
+        self._batch_seconds.append(time.perf_counter() - self._batch_started)
+        if self._recorder is not None:
+            self._finish_recording(trainer, pl_module)
+        elif self._sessions:
+            self._continue_timing(trainer)
 
     @override
     def _eval_epoch_end(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -225,17 +242,10 @@ class SavingsMonitor(EvaluationLoopCallback):
         self._memory.start()
         self._clock.start()
 
-    def _begin_batch(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not self._active(trainer):
-            return
-        self._batch_started = time.perf_counter()
-        if self._wants_recording():
-            self._start_recording(pl_module)
-
     def _wants_recording(self) -> bool:
         return (
-            self._skip_reason is None
-            and self._measurement is None
+            self._measurement is None
+            and self._skip_reason is None
             and not self._sessions
             and self._batches >= self._record_from
             and len(self._recorded) < self.measure_batches
@@ -252,18 +262,6 @@ class SavingsMonitor(EvaluationLoopCallback):
         self._recorder = CallRecorder(self._candidates)
         self._recorder.on_error = lambda err: self._switch_off("replay", err)
         self._recorder.start()
-
-    def _end_batch(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not self._active(trainer):
-            return
-        self._batches += 1
-        self._batch_seconds.append(time.perf_counter() - self._batch_started)
-        if self._memory is not None:
-            self._memory.sample()
-        if self._recorder is not None:
-            self._finish_recording(trainer, pl_module)
-        elif self._sessions:
-            self._continue_timing(trainer)
 
     @guarded("replay")
     def _finish_recording(self, trainer: Trainer, pl_module: nn.Module) -> None:

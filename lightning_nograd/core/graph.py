@@ -280,15 +280,21 @@ class StrayGraphWatch(Probe):
         if self.probe is not None:
             self.probe.rename()
 
+    def counting(self, root: nn.Module) -> bool:
+        """Begin a stretch under the counter alone, if the probe need not watch it; whether it did."""
+        if self._armed or self._probe_next or self.failed or self.probe is None or self.probe.root is not root:
+            return False
+        self._counter_at = _sequence_nr()
+        return True
+
     def open(self, root: nn.Module, probe: bool = False) -> None:
         """A stretch outside the training step begins; ``probe`` watches it with the probe."""
         if self.failed:
             return
         try:
-            current = self.probe
-            if not (probe or self._armed or self._probe_next or current is None or current.root is not root):
-                self._counter_at = _sequence_nr()
+            if not probe and self.counting(root):
                 return
+            current = self.probe
             self._probe_next = False
             if current is None or current.root is not root:
                 self._drop_probe()

@@ -163,9 +163,14 @@ class EpochPeakMemory:
             return _read_hwm_bytes() or self._rss()
         return self._rss()
 
+    @property
+    def sampled(self) -> bool:
+        """Whether the peak comes from :meth:`sample` calls (CPU, where the kernel's peak cannot be read)."""
+        return self.device.type != "cuda" and not self._hwm
+
     def sample(self) -> None:
         """Take an RSS sample where the kernel peak cannot be read (cheap; CPU only)."""
-        if self.device.type != "cuda" and not self._hwm:
+        if self.sampled:
             self._banked = max(self._banked, self._rss())
 
     def pause(self) -> None:

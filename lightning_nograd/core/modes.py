@@ -121,6 +121,12 @@ class ModeProbe(Probe):
         self._tops = top_of
         return top_of
 
+    @property
+    def settled(self) -> bool:
+        """Every module was read in eval mode, none switched since, none to keep fixed: the usual batch,
+        for which :meth:`before_batch` and :meth:`after_batch` have nothing to do."""
+        return self._switches_seen == ModeSwitches.count and not self._tops and not self._fixed and self._handle is None
+
     def before_batch(self) -> None:
         """Find train-mode modules and, if any need watching, install the global pre-hook."""
         top_of = self._train_mode_tops()
