@@ -296,7 +296,11 @@ def main(argv: list[str] | None = None) -> None:
     if not args.quick and START in README.read_text():
         before, rest = README.read_text().split(START, 1)
         _, after = rest.split(END, 1)
-        body = "\n".join([*lines, "", f"Plot: `{out.as_posix()}/scaling.png` in the source tree."])
+        try:
+            shown = out.resolve().relative_to(README.parent).as_posix()
+        except ValueError:
+            shown = out.as_posix()
+        body = "\n".join([*lines, "", f"Plot: `{shown}/scaling.png` in the source tree."])
         README.write_text(before + START + "\n" + body + "\n" + END + after)
 
 

@@ -201,3 +201,34 @@ def test_parts_kept_from_an_earlier_run_are_labelled_with_their_commit(tmp_path:
     assert header.startswith("Machine: NVIDIA H100. The last run (accuracy) took 0.0 min")
     assert f"code at commit 0ld0ld0 (grad modes); {commit()} (accuracy)" in header
     assert "Not measured in this run (it was stopped first): overhead, gpu_sync." in lines
+
+
+@needs_cuda
+def test_replay_and_check_training_step_restore_the_cuda_generator_too() -> None:
+    # dropout on the GPU draws from the CUDA generator, which the CPU-side RNG tests never see
+    from lightning_nograd import check_training_step
+    from lightning_nograd.core.replay import CallRecorder, Replay, replayable
+
+    device = torch.device("cuda")
+    net = nn.Sequential(nn.Linear(4, 4), nn.Dropout(), nn.Linear(4, 1)).to(device).train()
+    recorder = CallRecorder({id(net)})
+    recorder.start()
+    with torch.inference_mode():
+        net.eval()
+        net(torch.randn(8, 4, device=device))
+        net.train()
+    recorder.stop()
+    cpu, cuda = torch.get_rng_state(), torch.cuda.get_rng_state_all()
+    session = Replay(replayable(recorder.calls), device, set())
+    session.measure_memory()
+    session.time_pairs(2)
+    assert torch.equal(torch.get_rng_state(), cpu)
+    assert all(torch.equal(a, b) for a, b in zip(torch.cuda.get_rng_state_all(), cuda, strict=True))
+
+    def loss_fn(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return nn.functional.mse_loss(model(batch[0]), batch[1])
+
+    batch = (torch.randn(8, 4, device=device), torch.randn(8, 1, device=device))
+    check_training_step(net, batch, loss_fn, torch.optim.SGD(net.parameters(), lr=0.1))
+    assert torch.equal(torch.get_rng_state(), cpu)
+    assert all(torch.equal(a, b) for a, b in zip(torch.cuda.get_rng_state_all(), cuda, strict=True))

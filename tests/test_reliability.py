@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, default_collate
 
 from lightning_nograd import BackpropGuard, EvalModeAuditor, NoGradAuditor, NoGradWarning, SavingsMonitor
 from lightning_nograd.core.backprop import GradModeProbe
@@ -302,7 +302,18 @@ ARGUMENT_VALUES = st.one_of(
 )
 
 CONSTRUCTORS = {
-    NoGradAuditor: ["on_violation", "verbose", "audit_eval", "allow_grad", "allow", "savings_budget", "report_path"],
+    NoGradAuditor: [
+        "on_violation",
+        "verbose",
+        "audit_eval",
+        "monitor_savings",
+        "guard_backprop",
+        "allow_train_mode",
+        "allow_grad",
+        "allow",
+        "savings_budget",
+        "report_path",
+    ],
     EvalModeAuditor: ["on_violation", "allow_train_mode", "allow_grad"],
     BackpropGuard: ["on_violation", "allow", "zero_grad_steps"],
     SavingsMonitor: ["measure_batches", "repeats", "budget", "min_repeats", "max_repeats"],
@@ -331,11 +342,19 @@ def test_any_argument_gives_a_working_callback_or_a_clear_error(cls: type, data:
 def test_unpicklable_batch_and_odd_outputs_do_not_break(tmp_path: Path) -> None:
     class OddOutputs(Regressor):
         def validation_step(self, batch: Any, batch_idx: int) -> Any:
-            super().validation_step(batch, batch_idx)
-            return {"nested": [object(), {"t": torch.ones(2)}], "text": "x"}
+            x, y, handle = batch
+            loss = torch.nn.functional.mse_loss(self(x), y)
+            self.log("val_loss", loss)
+            return {"nested": [object(), {"t": torch.ones(2)}], "text": "x", "handle": handle}
 
+    def with_a_lambda(items: list[Any]) -> tuple[Any, ...]:
+        return (*default_collate(items), lambda: None)  # a batch no pickle can copy
+
+    val = DataLoader(loader().dataset, batch_size=8, collate_fn=with_a_lambda)
+    with pytest.raises((pickle.PicklingError, AttributeError, TypeError)):
+        pickle.dumps(next(iter(val)))
     with nograd_warnings() as seen:
-        trainer(tmp_path, [NoGradAuditor(verbose=False)]).fit(OddOutputs(), loader(), DataLoader(loader().dataset))
+        trainer(tmp_path, [NoGradAuditor(verbose=False)]).fit(OddOutputs(), loader(), val)
     assert not [w for w in seen if issubclass(w.category, NoGradWarning)]
 
 

@@ -309,6 +309,9 @@ class NoGradAuditor(NoGradCallback):
 
     def _end_of_stage_report(self, trainer: Trainer, stage: str) -> None:
         if stage not in ("fit", "validate", "test"):
+            # predict has no epoch metrics to summarise, but its findings belong in the JSON report
+            if stage == "predict" and is_global_zero(trainer):
+                self._write_report()
             return
         try:
             summaries = [s.to_dict() for s in summarise(self.report)]
