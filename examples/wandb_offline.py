@@ -29,7 +29,7 @@ def main() -> None:
     logger = WandbLogger(project="lightning-nograd-example", save_dir=args.root_dir, offline=True)
     trainer = pl.Trainer(
         max_epochs=2,
-        callbacks=[NoGradAuditor(savings_budget=0.05)],
+        callbacks=[NoGradAuditor(budget=0.05)],
         logger=logger,
         enable_progress_bar=False,
         enable_checkpointing=False,

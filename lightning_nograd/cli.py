@@ -141,7 +141,7 @@ def run_audit(args: argparse.Namespace) -> int:
     data_kwargs = _json_object(args.data_init_args, "--data-init-args")
     model = _build(model_cls, model_kwargs, "MODEL")
     datamodule = _build(data_cls, data_kwargs, "--data") if data_cls is not None else None
-    auditor = NoGradAuditor(verbose=False, savings_budget=1.0)
+    auditor = NoGradAuditor(verbose=False, budget=1.0)
     options: dict[str, Any] = dict(
         callbacks=[auditor],
         max_epochs=2,

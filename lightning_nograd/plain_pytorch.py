@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -63,7 +64,7 @@ class _EvaluationAudit(Probe):
         log: FindingLog,
         allow_train_mode: NamePatterns,
         allow_grad: NamePatterns,
-        measure_savings: bool,
+        monitor_savings: bool,
         repeats: int,
     ) -> None:
         self.model = model
@@ -72,7 +73,7 @@ class _EvaluationAudit(Probe):
         self.root_type = type(model).__name__
         self.batch = -1
         self.depth = 0
-        self.measure_savings = measure_savings
+        self.monitor_savings = monitor_savings
         self.repeats = repeats
         self.modes = ModeProbe(model, allow_train_mode, self._on_train_forward, log.on_violation == "fix")
         self.graph = GraphProbe(
@@ -120,7 +121,7 @@ class _EvaluationAudit(Probe):
             return
         self.modes.after_batch()
         self._flush_graph()
-        if self.measure_savings and self.batch <= 1:  # the second batch is past the slow first forward
+        if self.monitor_savings and self.batch <= 1:  # the second batch is past the slow first forward
             self.recorded = [RecordedCall.of(module, args, kwargs)]
         tally = tally_tensors(output)
         if tally.attached:
@@ -195,8 +196,10 @@ def audit(
     on_violation: OnViolation = "warn",
     allow_train_mode: Iterable[str] = (),
     allow_grad: Iterable[str] = (),
-    measure_savings: bool = True,
+    monitor_savings: bool = True,
     repeats: int = 10,
+    *,
+    measure_savings: bool | None = None,
 ) -> Iterator[Report]:
     """Audit a plain PyTorch evaluation loop: ``with audit(model) as report: ...``.
 
@@ -212,8 +215,10 @@ def audit(
             ``"error"`` (:class:`~lightning_nograd.NoGradError` at the first violation).
         allow_train_mode: regular expressions of module paths allowed to stay in train mode.
         allow_grad: regular expressions of module paths allowed to record a graph.
-        measure_savings: replay one batch to measure the savings when the block ends.
+        monitor_savings: replay one batch to measure the savings when the block ends (the name
+            ``NoGradAuditor`` uses for its savings part).
         repeats: timed on/off pairs for the time measurement.
+        measure_savings: deprecated name of ``monitor_savings`` (a ``FutureWarning``; removed in 0.3).
 
     Raises:
         ValueError, TypeError: bad arguments, naming the argument.
@@ -223,7 +228,7 @@ def audit(
         >>> net = nn.Sequential(nn.Linear(4, 8), nn.Dropout(), nn.Linear(8, 1))
         >>> with warnings.catch_warnings():
         ...     warnings.simplefilter("ignore")
-        ...     with audit(net, measure_savings=False) as report:  # forgot net.eval() and no_grad
+        ...     with audit(net, monitor_savings=False) as report:  # forgot net.eval() and no_grad
         ...         for _ in range(3):
         ...             _ = net(torch.randn(2, 4))
         >>> sorted(f.kind for f in report.findings)
@@ -231,6 +236,15 @@ def audit(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"Expected argument `model` to be a torch.nn.Module, but got {type(model).__name__}.")
+    savings_argument = "monitor_savings"
+    if measure_savings is not None:
+        warnings.warn(
+            "[lightning-nograd] `audit(measure_savings=...)` is deprecated and will be removed in 0.3; it is "
+            "`monitor_savings` now, as in `NoGradAuditor`.",
+            FutureWarning,
+            stacklevel=3,  # this generator runs in contextlib's __enter__, called from the user's `with`
+        )
+        monitor_savings, savings_argument = measure_savings, "measure_savings"
     log = FindingLog(check_choice("on_violation", on_violation, ON_VIOLATION_CHOICES))  # type: ignore[arg-type]
     report = Report()
     log.listeners.append(report.findings.append)
@@ -240,7 +254,7 @@ def audit(
         log,
         NamePatterns("allow_train_mode", allow_train_mode),
         NamePatterns("allow_grad", allow_grad),
-        check_bool("measure_savings", measure_savings),
+        check_bool(savings_argument, monitor_savings),
         check_int("repeats", repeats, 1),
     )
     session.start()
@@ -252,7 +266,7 @@ def audit(
         session.stop()
     metrics: dict[str, float] = {}
     details: dict[str, Any] = {}
-    if measure_savings and not session.failed:
+    if monitor_savings and not session.failed:
         try:
             metrics, details = session.savings(loop_seconds)
         except Exception as err:  # the replay runs at the end of the user's `with` block: never raise there

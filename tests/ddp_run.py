@@ -40,7 +40,7 @@ def main(out: Path, strategy: str, scenario: str = "") -> None:
     if scenario == "metrics_fail_on_rank1":
         break_metrics_on_rank_one()
     pl.seed_everything(0)
-    auditor = NoGradAuditor(verbose=False, savings_budget=1000.0)
+    auditor = NoGradAuditor(verbose=False, budget=1000.0)
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=2,

@@ -472,7 +472,7 @@ def test_audit_gives_the_same_kept_graph_size() -> None:
     from lightning_nograd import audit
 
     model = Wide(keep=False).net.eval()
-    with nograd_warnings(), audit(model, measure_savings=False) as report, torch.enable_grad():
+    with nograd_warnings(), audit(model, monitor_savings=False) as report, torch.enable_grad():
         model(torch.ones(8, 8))
     (finding,) = [f for f in report.findings if f.kind == "graph_in_outputs"]
     assert finding.details["mib"] * 2**20 == 8 * 32768 * 4 + 8 * 8 * 4 + 8 * 4

@@ -155,7 +155,7 @@ def _bf16_compiled_fit(tmp_path: Path, callbacks: list[Any]) -> torch.Tensor:
 def test_bf16_compiled_model_is_silent_and_bit_identical(tmp_path: Path, budget: float | None) -> None:
     torch._dynamo.reset()
     plain = _bf16_compiled_fit(tmp_path / "plain", [])
-    auditor = NoGradAuditor(verbose=False) if budget is None else NoGradAuditor(verbose=False, savings_budget=budget)
+    auditor = NoGradAuditor(verbose=False) if budget is None else NoGradAuditor(verbose=False, budget=budget)
     with nograd_warnings() as seen:
         watched = _bf16_compiled_fit(tmp_path / "watched", [auditor])
     assert seen == [] and auditor.report.findings == []

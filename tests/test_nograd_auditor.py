@@ -35,9 +35,9 @@ from tests.helpers import (
         ({"guard_backprop": 1}, TypeError, r"`guard_backprop`.*bool.*1"),
         ({"report_path": 3}, TypeError, r"`report_path`.*got 3"),
         ({"allow_grad": ["("]}, ValueError, r"`allow_grad`"),
-        ({"savings_budget": -1}, ValueError, r"`savings_budget`.*got -1"),
+        ({"budget": -1}, ValueError, r"`budget`.*got -1"),
         # checked whatever the switches say
-        ({"savings_budget": -1, "monitor_savings": False}, ValueError, r"`savings_budget`.*got -1"),
+        ({"budget": -1, "monitor_savings": False}, ValueError, r"`budget`.*got -1"),
         ({"allow_grad": "[", "audit_eval": False}, ValueError, r"`allow_grad`.*'\['"),
         ({"allow": ["("], "guard_backprop": False}, ValueError, r"`allow`.*'\('"),
         # iterables that are not lists of patterns are refused whole
@@ -218,7 +218,7 @@ trainer:
   callbacks:
     - class_path: lightning_nograd.NoGradAuditor
       init_args:
-        savings_budget: 0.2
+        budget: 0.2
         verbose: false
         report_path: {report}
 """
@@ -238,7 +238,7 @@ def test_lightning_cli_builds_the_auditor(tmp_path: Path, form: str) -> None:
             *("--trainer.logger=false", "--trainer.enable_checkpointing=false"),
             "--trainer.callbacks+=lightning_nograd.NoGradAuditor",
             f"--trainer.callbacks.report_path={report}",
-            "--trainer.callbacks.savings_budget=0.2",
+            "--trainer.callbacks.budget=0.2",
             "--trainer.callbacks.verbose=false",
         ]
     root = Path(__file__).resolve().parents[1]
@@ -298,17 +298,14 @@ def test_report_path_failing_at_run_time_never_costs_the_run(
 
 
 @pytest.mark.parametrize("front_end", ["NoGradAuditor", "SavingsMonitor"])
-def test_savings_messages_name_the_argument_of_the_class_the_user_built(tmp_path: Path, front_end: str) -> None:
+def test_savings_messages_name_the_budget_argument_both_front_ends_share(tmp_path: Path, front_end: str) -> None:
     # a zero budget refuses every measurement, whatever the machine's speed
-    callback = (
-        NoGradAuditor(verbose=False, savings_budget=0.0) if front_end == "NoGradAuditor" else SavingsMonitor(budget=0.0)
-    )
+    callback = NoGradAuditor(verbose=False, budget=0.0) if front_end == "NoGradAuditor" else SavingsMonitor(budget=0.0)
     with nograd_warnings():
         trainer(tmp_path, [callback], max_epochs=1).fit(Regressor(), loader(), loader())
     (epoch,) = [e for e in callback.report.epochs if e.stage == "val"]
-    argument = "savings_budget" if front_end == "NoGradAuditor" else "budget"
     assert "within its 0% time budget" in epoch.details["savings"], epoch.details
-    assert f"raise `{argument}`" in epoch.details["savings"]
+    assert "raise `budget`" in epoch.details["savings"]  # one name in both
     # memory is measured at any budget; only time waits for it
     assert "nograd/val/graph_memory_mib" in epoch.metrics and "nograd/val/time_saved_s" not in epoch.metrics
 
@@ -320,9 +317,13 @@ def test_the_readme_shows_the_real_defaults() -> None:
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     block = readme.split("NoGradAuditor(\n", 1)[1].split("\n)\n", 1)[0]
     shown = dict(re.findall(r"^\s+(\w+)=(.+?),\s+#", block, flags=re.M))
-    real = {k: repr(p.default) for k, p in inspect.signature(NoGradAuditor).parameters.items()}
+    parameters = inspect.signature(NoGradAuditor).parameters.values()
+    real = {p.name: repr(p.default) for p in parameters if p.kind is not p.KEYWORD_ONLY}
     assert shown and {k: shown[k].replace('"', "'") for k in shown} == {k: real[k] for k in shown}
     assert set(shown) == set(real)
+    # the keyword-only ones are deprecated names, each introduced as such beside the block
+    for old in (p.name for p in parameters if p.kind is p.KEYWORD_ONLY):
+        assert f"`{old}`, the old name of" in readme, old
 
 
 def test_fit_validate_and_test_runs_get_rows_of_their_own(tmp_path: Path) -> None:
@@ -442,3 +443,12 @@ def test_every_hook_a_part_overrides_is_forwarded_by_the_auditor() -> None:
         if f'_each("{hook}"' not in source and not ("self._parts" in source and f".{hook}(" in source):
             unforwarded.append(hook)
     assert unforwarded == []
+
+
+def test_the_old_budget_name_still_works_with_a_future_warning() -> None:
+    with pytest.warns(FutureWarning, match=r"`NoGradAuditor\(savings_budget=...\)` is deprecated.*`budget`"):
+        auditor = NoGradAuditor(savings_budget=0.25)
+    monitor = auditor.part(SavingsMonitor)
+    assert monitor is not None and monitor.budget == 0.25
+    with pytest.raises(ValueError, match=r"`savings_budget`.*got -1"), pytest.warns(FutureWarning):
+        NoGradAuditor(savings_budget=-1)

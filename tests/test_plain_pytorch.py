@@ -43,7 +43,7 @@ def test_correct_evaluation_loop_is_clean_and_savings_are_measured() -> None:
 
 def test_buggy_evaluation_loop_gets_the_same_findings_as_the_callbacks() -> None:
     net = make_net()  # left in train mode, no no_grad
-    with pytest.warns(NoGradWarning) as seen, audit(net, measure_savings=False) as report:
+    with pytest.warns(NoGradWarning) as seen, audit(net, monitor_savings=False) as report:
         for _ in range(3):
             net(torch.randn(16, 8))
     kinds = sorted(f.kind for f in report.findings)
@@ -59,7 +59,7 @@ def test_fix_and_error_modes() -> None:
     net = make_net()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with audit(net, on_violation="fix", measure_savings=False), torch.no_grad():
+        with audit(net, on_violation="fix", monitor_savings=False), torch.no_grad():
             net(torch.randn(4, 8))
             assert not net.training
     net = make_net()
@@ -122,6 +122,18 @@ def test_warnings_skip_installed_third_party_frames(tmp_path: Path, monkeypatch:
     from fakeharness import evaluate  # type: ignore[import-not-found]
 
     net = make_net()  # left in train mode: a finding on every batch
-    with pytest.warns(NoGradWarning) as seen, audit(net, measure_savings=False), torch.no_grad():
+    with pytest.warns(NoGradWarning) as seen, audit(net, monitor_savings=False), torch.no_grad():
         evaluate(net, [torch.randn(16, 8) for _ in range(2)])
     assert seen and {w.filename for w in seen} == {__file__}, [(w.filename, str(w.message)) for w in seen]
+
+
+def test_the_old_argument_name_still_works_with_a_future_warning() -> None:
+    net = nn.Sequential(nn.Linear(4, 4), nn.Dropout())
+    with pytest.warns(FutureWarning, match=r"`audit\(measure_savings=...\)` is deprecated.*`monitor_savings`") as seen:
+        with audit(net, measure_savings=False) as report, torch.no_grad():
+            net.eval()(torch.randn(2, 4))
+    assert seen[0].filename == __file__  # points at the user's `with`
+    assert "nograd/val/graph_memory_mib" not in report.epochs[0].metrics  # it still switched the replay off
+    with pytest.raises(TypeError, match=r"`measure_savings`.*got 'no'"):
+        with audit(net, measure_savings="no"):  # type: ignore[arg-type]
+            pass

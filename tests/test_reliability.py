@@ -48,7 +48,7 @@ CONFIGS: list[tuple[str, dict[str, Any]]] = [
 
 @pytest.mark.parametrize(("name", "options"), CONFIGS, ids=[c[0] for c in CONFIGS])
 def test_trainer_configurations_run_clean(tmp_path: Path, name: str, options: dict[str, Any]) -> None:
-    auditor = NoGradAuditor(verbose=False, savings_budget=1000.0)
+    auditor = NoGradAuditor(verbose=False, budget=1000.0)
     with nograd_warnings() as seen:
         trainer(tmp_path, [auditor], **options).fit(Regressor(), loader(), loader())
     assert seen == []
@@ -56,7 +56,7 @@ def test_trainer_configurations_run_clean(tmp_path: Path, name: str, options: di
 
 
 def test_several_validation_dataloaders(tmp_path: Path) -> None:
-    auditor = NoGradAuditor(verbose=False, savings_budget=1000.0)
+    auditor = NoGradAuditor(verbose=False, budget=1000.0)
     with nograd_warnings() as seen:
         t = trainer(tmp_path, [auditor])
         t.fit(TwoValLoaders(set_head_dropout_train), loader(), [loader(seed=1), loader(seed=2)])
@@ -68,7 +68,7 @@ def test_several_validation_dataloaders(tmp_path: Path) -> None:
 @pytest.mark.parametrize("entry", ["validate", "test", "predict"])
 @pytest.mark.parametrize("inference_mode", [True, False])
 def test_evaluation_entry_points_alone(tmp_path: Path, entry: str, inference_mode: bool) -> None:
-    auditor = NoGradAuditor(verbose=False, savings_budget=1000.0)
+    auditor = NoGradAuditor(verbose=False, budget=1000.0)
     t = trainer(tmp_path, [auditor], inference_mode=inference_mode)
     with nograd_warnings() as seen:
         getattr(t, entry)(Regressor(), loader())
@@ -78,7 +78,7 @@ def test_evaluation_entry_points_alone(tmp_path: Path, entry: str, inference_mod
 def test_compiled_model(tmp_path: Path) -> None:
     model = Regressor()
     model.backbone = torch.compile(model.backbone, backend="eager")  # type: ignore[assignment]
-    auditor = NoGradAuditor(verbose=False, savings_budget=1000.0)
+    auditor = NoGradAuditor(verbose=False, budget=1000.0)
     with nograd_warnings() as seen:
         trainer(tmp_path, [auditor]).fit(model, loader(), loader())
     assert seen == []
@@ -88,7 +88,7 @@ def test_pytorch_lightning_trainer(tmp_path: Path) -> None:
     pytorch_lightning = pytest.importorskip("pytorch_lightning")
     from pytorch_lightning.demos.boring_classes import BoringModel
 
-    auditor = NoGradAuditor(verbose=False, savings_budget=1000.0)
+    auditor = NoGradAuditor(verbose=False, budget=1000.0)
     t = pytorch_lightning.Trainer(
         default_root_dir=tmp_path,
         max_epochs=2,
@@ -177,7 +177,7 @@ def run_for_weights(tmp_path: Path, callbacks: list[pl.Callback], resume: bool =
 @pytest.mark.parametrize("resume", [False, True], ids=["fit", "resumed"])
 def test_bit_identical_with_and_without_nograd_auditor(tmp_path: Path, budget: float, resume: bool) -> None:
     plain = run_for_weights(tmp_path / "plain", [], resume=resume, num_sanity_val_steps=2)
-    auditor = NoGradAuditor(verbose=False, savings_budget=budget)
+    auditor = NoGradAuditor(verbose=False, budget=budget)
     with nograd_warnings() as seen:
         watched = run_for_weights(tmp_path / "watched", [auditor], resume=resume, num_sanity_val_steps=2)
     assert seen == []
@@ -209,7 +209,7 @@ def test_checkpoint_keeps_callback_state(tmp_path: Path) -> None:
 
 
 def test_every_hook_is_removed_and_nothing_keeps_the_model(tmp_path: Path) -> None:
-    auditor = NoGradAuditor(verbose=False, savings_budget=1000.0)
+    auditor = NoGradAuditor(verbose=False, budget=1000.0)
     model = Regressor(set_head_dropout_train)
     ref = weakref.ref(model)
     with nograd_warnings():
@@ -311,7 +311,7 @@ CONSTRUCTORS = {
         "allow_train_mode",
         "allow_grad",
         "allow",
-        "savings_budget",
+        "budget",
         "report_path",
     ],
     EvalModeAuditor: ["on_violation", "allow_train_mode", "allow_grad"],

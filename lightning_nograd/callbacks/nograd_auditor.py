@@ -56,9 +56,10 @@ class NoGradAuditor(NoGradCallback):
         allow_train_mode: see :class:`EvalModeAuditor`.
         allow_grad: see :class:`EvalModeAuditor`.
         allow: see :class:`BackpropGuard`.
-        savings_budget: share of the run's time the timed savings replays may take (default 0.5%);
-            the memory figures are measured at any budget (see the README's SavingsMonitor section).
+        budget: share of the run's time the timed savings replays may take (default 0.5%); the
+            memory figures are measured at any budget (see the README's SavingsMonitor section).
         report_path: where to write ``report.to_dict()`` as JSON after each stage (``None``: nowhere).
+        savings_budget: deprecated name of ``budget`` (a ``FutureWarning``; removed in 0.3).
 
     Raises:
         ValueError: ``on_violation`` is not ``"warn"``, ``"fix"`` or ``"error"``, or a pattern is bad.
@@ -79,14 +80,24 @@ class NoGradAuditor(NoGradCallback):
         allow_train_mode: Iterable[str] = (),
         allow_grad: Iterable[str] = (),
         allow: Iterable[str] = (),
-        savings_budget: float = 0.005,
+        budget: float = 0.005,
         report_path: str | Path | None = None,
+        *,
+        savings_budget: float | None = None,
     ) -> None:
         super().__init__(on_violation)
         self.verbose = check_bool("verbose", verbose)
         self.report_path = _check_path(report_path)
         # every argument is checked, and under its own name, whether or not its part is switched on
-        check_float("savings_budget", savings_budget, 0.0, 1000.0)
+        if savings_budget is not None:
+            warnings.warn(
+                "[lightning-nograd] `NoGradAuditor(savings_budget=...)` is deprecated and will be removed in "
+                "0.3; it is `budget` now, as in `SavingsMonitor`.",
+                FutureWarning,
+                stacklevel=2,
+            )
+            budget = savings_budget
+        check_float("savings_budget" if savings_budget is not None else "budget", budget, 0.0, 1000.0)
         for argument, patterns in (
             ("allow_train_mode", allow_train_mode),
             ("allow_grad", allow_grad),
@@ -97,9 +108,7 @@ class NoGradAuditor(NoGradCallback):
         if check_bool("audit_eval", audit_eval):
             self._parts.append(EvalModeAuditor(on_violation, allow_train_mode, allow_grad))
         if check_bool("monitor_savings", monitor_savings):
-            monitor = SavingsMonitor(budget=savings_budget)
-            monitor._budget_argument = "savings_budget"
-            self._parts.append(monitor)
+            self._parts.append(SavingsMonitor(budget=budget))
         if check_bool("guard_backprop", guard_backprop):
             self._parts.append(BackpropGuard(on_violation, allow))
         self._sink.holding = True

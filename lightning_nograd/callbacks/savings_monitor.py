@@ -128,7 +128,6 @@ class SavingsMonitor(EvaluationLoopCallback):
         self._spent = 0.0
         self._device = torch.device("cpu")
         self._compiled_steps = False
-        self._budget_argument = "budget"  # NoGradAuditor's users know it as `savings_budget`
         self._clock: EpochClock | None = None
         self._memory: EpochPeakMemory | None = None
         self._recorder: CallRecorder | None = None
@@ -447,7 +446,7 @@ class SavingsMonitor(EvaluationLoopCallback):
         if not result.time_on:
             details["savings"] = (
                 f"time not measured yet: the run so far is too short for {self.min_repeats} timed repeats within "
-                f"its {percent(self.budget)} time budget (retried in later epochs; raise `{self._budget_argument}` "
+                f"its {percent(self.budget)} time budget (retried in later epochs; raise `budget` "
                 "or set `repeats` to measure now)"
             )
             return metrics, details
