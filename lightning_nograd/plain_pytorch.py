@@ -37,7 +37,7 @@ from lightning_nograd.core.findings import (
     display_name,
 )
 from lightning_nograd.core.graph import MIB, GraphEvent, GraphProbe, format_bytes, tally_tensors, weight_storages
-from lightning_nograd.core.modes import ModeProbe, mode_sensitive_descendants
+from lightning_nograd.core.modes import ModeProbe, train_mode_finding
 from lightning_nograd.core.patterns import NamePatterns, named_modules
 from lightning_nograd.core.replay import (
     EAGER_REPLAY_NOTE,
@@ -142,16 +142,10 @@ class _EvaluationAudit(Probe):
         self.log.add(Finding(kind, subject, "val", _LOOP, self.batch, 0, problem, fix, dict(details)))
 
     def _on_train_forward(self, path: str, module: nn.Module, confirmed: bool) -> None:
-        layers = [s for s in mode_sensitive_descendants(module, path) if not s.startswith(f"{path} (")]
-        detail = f"; layers that behave differently in train mode: {', '.join(layers[:5])}" if layers else ""
-        what = "ran its forward in train mode" if confirmed else "was switched to train mode during the batch"
-        self._add(
-            "train_mode",
-            path,
-            f"{display_name(path, self.root_type)} ({type(module).__name__}) {what}{detail}",
-            "call `model.eval()` before the evaluation loop.",
-            mode_sensitive_layers=layers,
+        problem, fix, details = train_mode_finding(
+            path, module, self.root_type, confirmed, "call `model.eval()` before the evaluation loop", "the batch"
         )
+        self._add("train_mode", path, problem, fix, **details)
 
     def _flush_graph(self) -> None:
         self.graph.flush()

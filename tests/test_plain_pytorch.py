@@ -137,3 +137,44 @@ def test_the_old_argument_name_still_works_with_a_future_warning() -> None:
     with pytest.raises(TypeError, match=r"`measure_savings`.*got 'no'"):
         with audit(net, measure_savings="no"):  # type: ignore[arg-type]
             pass
+
+
+class SwitchesDropoutOn(nn.Module):
+    """Evaluated correctly from outside, but its forward switches its dropout to train mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.drop = nn.Linear(8, 8), nn.Dropout(0.5)
+        self.head = nn.Linear(8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.drop.train()
+        return self.head(self.drop(self.body(x)))
+
+
+def test_audit_and_the_callback_give_a_train_mode_switch_the_same_subject_and_fix(tmp_path: Path) -> None:
+    import lightning.pytorch as pl
+
+    from lightning_nograd import EvalModeAuditor
+    from tests.helpers import loader, nograd_warnings, trainer
+
+    class Lit(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = SwitchesDropoutOn()
+
+        def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+            self.net(batch[0])
+
+    auditor = EvalModeAuditor()
+    with nograd_warnings():
+        trainer(tmp_path, [auditor]).validate(Lit(), loader())
+    net = SwitchesDropoutOn().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with audit(net, monitor_savings=False) as report, torch.no_grad():
+            net(torch.randn(4, 8))
+    from_callback = [(f.kind, f.subject.removeprefix("net."), f.fix) for f in auditor.report.findings]
+    from_audit = [(f.kind, f.subject, f.fix) for f in report.findings]
+    assert from_callback == from_audit == [("train_mode", "drop", from_audit[0][2])]
+    assert from_audit[0][2].startswith("remove the `.train()` call")  # not "call model.eval()": it was in eval

@@ -21,7 +21,7 @@ from lightning_nograd.core.graph import (
     tensor_attributes,
     weight_storages,
 )
-from lightning_nograd.core.modes import ModeProbe, mode_sensitive_descendants
+from lightning_nograd.core.modes import ModeProbe, train_mode_finding
 from lightning_nograd.core.patterns import NamePatterns
 from lightning_nograd.core.stack import calling_hook
 
@@ -250,10 +250,14 @@ class EvalModeAuditor(EvaluationLoopCallback):
         return self._stage or "val"
 
     def _on_train_forward(self, path: str, module: nn.Module, confirmed: bool) -> None:
-        sensitive = [s for s in mode_sensitive_descendants(module, path) if not s.startswith(f"{path} (")]
-        detail = f"; layers that behave differently in train mode: {', '.join(sensitive[:5])}" if sensitive else ""
-        if len(sensitive) > 5:
-            detail += f" and {len(sensitive) - 5} more"
+        problem, fix, details = train_mode_finding(
+            path,
+            module,
+            self._root_type,
+            confirmed,
+            "remove the `.train()` call that runs during evaluation",
+            "the step",
+        )
         hook = (calling_hook(None, EVAL_HOOK_NAMES) if confirmed else None) or self._step_hook
         if self.on_violation == "fix":
             action = "; it was put in eval mode for the rest of the stage"
@@ -261,7 +265,6 @@ class EvalModeAuditor(EvaluationLoopCallback):
                 action = "; it is kept in eval mode from the next batch on"
         else:
             action = ""
-        what = "ran its forward in train mode" if confirmed else "was switched to train mode during the step"
         self._add_finding(
             Finding(
                 kind="train_mode",
@@ -270,12 +273,9 @@ class EvalModeAuditor(EvaluationLoopCallback):
                 hook=hook,
                 batch_idx=self._batch_idx,
                 epoch=self._epoch,
-                problem=(f"{display_name(path, self._root_type)} ({type(module).__name__}) {what}{detail}{action}"),
-                fix=(
-                    "remove the `.train()` call that runs during evaluation, or add the module to "
-                    "`allow_train_mode` if it must stay in train mode (e.g. MC dropout)."
-                ),
-                details={"mode_sensitive_layers": sensitive},
+                problem=problem + action,
+                fix=fix,
+                details=details,
             )
         )
 
