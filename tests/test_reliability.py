@@ -478,3 +478,39 @@ def test_importing_loads_no_lightning_namespace_and_both_namespaces_work(case: s
         [sys.executable, "-c", NAMESPACE_SCRIPTS[case]], capture_output=True, text=True, timeout=300, check=False
     )
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_the_readmes_architecture_map_matches_the_package() -> None:
+    import ast
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    block = readme.split("## Architecture", 1)[1].split("```", 2)[1]
+    named = set(re.findall(r"([\w]+\.py)", block))
+    package = root / "lightning_nograd"
+    files = {p.name for p in package.glob("*.py")} | {p.name for p in package.glob("*/*.py")}
+    # every module is on the map (package __init__ and __main__ aside), and the map names no other
+    assert files - named - {"__init__.py", "__main__.py"} == set()
+    assert named <= files, named - files
+    # the classes and functions the map names exist where it says
+    for line in block.splitlines():
+        module = re.search(r"([\w]+)\.py", line)
+        if module is None or "/" in line:
+            continue
+        path = next(package.rglob(f"{module.group(1)}.py"))
+        defined = {
+            n.name for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, (ast.ClassDef, ast.FunctionDef))
+        }
+        for name in re.findall(r"\b([A-Z][A-Za-z]+|[a-z_]+_finding|audit(?=\(\))|check_training_step)\b", line):
+            if name != "Lightning":
+                assert name in defined, (path.name, name)
+    # "never Lightning": no core module imports it
+    for path in (package / "core").glob("*.py"):
+        imported = {
+            (n.module or "") if isinstance(n, ast.ImportFrom) else a.name
+            for n in ast.walk(ast.parse(path.read_text()))
+            if isinstance(n, (ast.Import, ast.ImportFrom))
+            for a in (n.names if isinstance(n, ast.Import) else [n])
+        }
+        assert not {m for m in imported if m.split(".")[0] in ("lightning", "pytorch_lightning")}, path.name
