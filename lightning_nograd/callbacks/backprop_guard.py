@@ -541,8 +541,8 @@ class BackpropGuard(NoGradCallback):
 
     @guarded("stray_graph")
     def _flush_stray_graphs(self) -> None:
-        if self._stray is not None and self._stray.probe is not None:
-            self._stray.probe.flush()
+        if self._stray is not None:
+            self._stray.flush()
 
     def _stray_finding(self, event: GraphEvent, modules: list[str]) -> None:
         hook = event.hook or "on_train_batch_end"

@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 from typing_extensions import override
 
-from lightning_nograd.callbacks._base import EvaluationLoopCallback, NoGradCallback
+from lightning_nograd.callbacks._base import LOOP_NAMES, EvaluationLoopCallback, NoGradCallback
 from lightning_nograd.callbacks._lightning import LightningModule, Trainer, is_global_zero, is_logger
 from lightning_nograd.callbacks.backprop_guard import BackpropGuard
 from lightning_nograd.callbacks.eval_mode_auditor import EvalModeAuditor
@@ -114,9 +114,6 @@ class NoGradAuditor(NoGradCallback):
         self._sink.holding = True
         for part in self._parts:
             part._share(self.report, self._sink)
-        # per hook, the parts whose class implements it: a batch hook reaches only those (the
-        # per-batch cost is a few Python calls, paid on every batch of every run)
-        self._receivers: dict[str, tuple[NoGradCallback, ...]] = {}
 
     @override
     def _state_key_settings(self) -> dict[str, Any]:
@@ -133,11 +130,8 @@ class NoGradAuditor(NoGradCallback):
         return next((p for p in self._parts if isinstance(p, kind)), None)
 
     def _each(self, hook: str, *args: Any, **kwargs: Any) -> None:
-        receivers = self._receivers.get(hook)
-        if receivers is None:
-            receivers = self._receivers[hook] = tuple(p for p in self._parts if implements(p, hook))
         try:
-            for part in receivers:
+            for part in self._parts:
                 getattr(part, hook)(*args, **kwargs)
         finally:
             if self._sink.held:
@@ -351,8 +345,7 @@ class _Fanout:
 
 def _watches(part: NoGradCallback, hook: str) -> bool:
     """Whether ``part`` watches the stage of the batch hook ``hook`` (``on_test_batch_end``: ``test``)."""
-    loop = hook.split("_")[1]
-    stage = {"validation": "val", "test": "test", "predict": "predict"}.get(loop)
+    stage = {loop: stage for stage, loop in LOOP_NAMES.items()}.get(hook.split("_")[1])
     return stage is None or not isinstance(part, EvaluationLoopCallback) or part._watches(stage)
 
 

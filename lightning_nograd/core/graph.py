@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_nograd.core.faults import Probe, report_fault
+from lightning_nograd.core.faults import Probe, isolated, report_fault
 from lightning_nograd.core.findings import common_ancestor
 from lightning_nograd.core.patterns import named_modules
 from lightning_nograd.errors import NoGradError
@@ -289,22 +289,17 @@ class StrayGraphWatch(Probe):
 
     def open(self, root: nn.Module, probe: bool = False) -> None:
         """A stretch outside the training step begins; ``probe`` watches it with the probe."""
-        if self.failed:
-            return
-        try:
-            if not probe and self.counting(root):
-                return
-            current = self.probe
-            self._probe_next = False
-            if current is None or current.root is not root:
-                self._drop_probe()
-                current = self.probe = self._new_probe(root)
-                current.on_error = self._probe_failed
-            current.start()
-        except NoGradError:
-            raise
-        except Exception as err:
-            report_fault(self, err)
+        if not self.failed and (probe or not self.counting(root)):
+            isolated(self._start_probe, self)(root)
+
+    def _start_probe(self, root: nn.Module) -> None:
+        self._probe_next = False
+        current = self.probe
+        if current is None or current.root is not root:
+            self._drop_probe()
+            current = self.probe = self._new_probe(root)
+            current.on_error = self._probe_failed
+        current.start()
 
     def close(self) -> None:
         """The stretch ends: report what the probe saw, or arm the probe if the counter moved."""
@@ -313,21 +308,23 @@ class StrayGraphWatch(Probe):
             if _sequence_nr() != counter_at:
                 self._armed = True
             return
-        if self.failed or not self.probing:
-            return
+        if not self.failed and self.probing:
+            isolated(self._stop_probe, self)()
+
+    def _stop_probe(self) -> None:
+        probe = self.probe
+        assert probe is not None
+        if probe.has_events:
+            self._armed = False
         try:
-            probe = self.probe
-            assert probe is not None
-            if probe.has_events:
-                self._armed = False
-            try:
-                probe.flush()  # reports this stretch's graphs (may stop the run, under on_violation="error")
-            finally:
-                probe.stop()
-        except NoGradError:
-            raise
-        except Exception as err:
-            report_fault(self, err)
+            probe.flush()  # reports this stretch's graphs (may stop the run, under on_violation="error")
+        finally:
+            probe.stop()
+
+    def flush(self) -> None:
+        """Report what the probe saw so far; the stretch goes on."""
+        if not self.failed and self.probe is not None:
+            isolated(self.probe.flush, self)()
 
     def release(self) -> None:
         """Stop, report what is left, and drop every reference to the model."""
