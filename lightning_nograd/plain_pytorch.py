@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from lightning_nograd.core import kinds
 from lightning_nograd.core.arguments import check_bool, check_choice, check_int
 from lightning_nograd.core.backprop import (
     GradModeProbe,
@@ -27,24 +28,21 @@ from lightning_nograd.core.backprop import (
     eval_mode_under_trainable,
     explain_gradient_gaps,
     inference_tensors,
+    without_gradient,
 )
-from lightning_nograd.core.faults import Probe, isolated, report_fault
-from lightning_nograd.core.findings import (
-    ON_VIOLATION_CHOICES,
-    Finding,
-    FindingLog,
-    OnViolation,
-    display_name,
-)
-from lightning_nograd.core.graph import MIB, GraphEvent, GraphProbe, format_bytes, tally_tensors, weight_storages
-from lightning_nograd.core.modes import ModeProbe, train_mode_finding
+from lightning_nograd.core.faults import Probe, report_fault
+from lightning_nograd.core.findings import ON_VIOLATION_CHOICES, Finding, FindingLog, OnViolation
+from lightning_nograd.core.graph import MIB, GraphEvent, GraphProbe, tally_tensors, weight_storages
+from lightning_nograd.core.modes import ModeProbe
 from lightning_nograd.core.patterns import NamePatterns, named_modules
 from lightning_nograd.core.replay import (
     EAGER_REPLAY_NOTE,
+    CallRecorder,
     RecordedCall,
     Replay,
+    call_hooks,
     replayable,
-    time_savings,
+    savings_metrics,
 )
 from lightning_nograd.core.report import Report
 from lightning_nograd.errors import BrokenBackpropWarning
@@ -60,7 +58,6 @@ class _EvaluationAudit(Probe):
     def __init__(
         self,
         model: nn.Module,
-        report: Report,
         log: FindingLog,
         allow_train_mode: NamePatterns,
         allow_grad: NamePatterns,
@@ -68,36 +65,36 @@ class _EvaluationAudit(Probe):
         repeats: int,
     ) -> None:
         self.model = model
-        self.report = report
         self.log = log
         self.root_type = type(model).__name__
         self.batch = -1
         self.depth = 0
-        self.monitor_savings = monitor_savings
+        self.grad_off_around = True  # gradients were off as the batch started: a graph was enabled inside
         self.repeats = repeats
         self.modes = ModeProbe(model, allow_train_mode, self._on_train_forward, log.on_violation == "fix")
         self.graph = GraphProbe(
             model, frozenset(), self._graph_finding, allow_grad.matches, log.on_violation == "error"
         )
+        # the second batch's call is the one replayed: the first pays for lazy set-up and warm caches
+        self.recorder = CallRecorder({id(model)}) if monitor_savings else None
         self.recorded: list[RecordedCall] = []
         self.handles: list[RemovableHandle] = []
-        self.outputs_attached = 0
 
     def start(self) -> None:
         self.modes.refresh()
         self.graph.start()
-        self.handles = [
-            nn.modules.module.register_module_forward_pre_hook(isolated(self._pre, self)),
-            nn.modules.module.register_module_forward_hook(
-                isolated(self._post, self), with_kwargs=True, always_call=True
-            ),
-        ]
+        if self.recorder is not None:
+            self.recorder.on_error = lambda err: report_fault(self, err)
+            self.recorder.start()  # before the batch hooks: its post-hook has run when theirs does
+        self.handles = call_hooks(self, self._pre, self._post)
 
     def stop(self) -> None:
         for handle in self.handles:
             handle.remove()
         self.handles = []
-        self._flush_graph()
+        if self.recorder is not None:
+            self.recorder.stop()
+        self.graph.flush()
         self.modes.close()
         self.graph.close()
 
@@ -108,61 +105,45 @@ class _EvaluationAudit(Probe):
         if self.depth > 1:
             return
         self.batch += 1
+        self.grad_off_around = not torch.is_grad_enabled()
+        if self.batch == 2 and self.recorder is not None:
+            self.recorder.stop()
         self.graph.new_batch()
         self.modes.before_batch()
 
-    def _post(self, module: nn.Module, args: Any, kwargs: Any = None, output: Any = None) -> None:
-        # when a forward raises, PyTorch calls always-called global hooks as (module, args, None)
-        kwargs = kwargs if isinstance(kwargs, dict) else {}
+    def _post(self, module: nn.Module, args: Any, kwargs: dict[str, Any], output: Any) -> None:
         if module is not self.model:
             return
         self.depth -= 1
         if self.depth > 0:
             return
         self.modes.after_batch()
-        self._flush_graph()
-        if self.monitor_savings and self.batch <= 1:  # the second batch is past the slow first forward
-            self.recorded = [RecordedCall.of(module, args, kwargs)]
+        self.graph.flush()
+        if self.recorder is not None and self.batch <= 1:
+            self.recorded = self.recorder.calls[-1:] or self.recorded
+            self.recorder.calls = []
         tally = tally_tensors(output)
         if tally.attached:
-            exclude = weight_storages(self.model)
-            kept = tally.kept_bytes(exclude) / MIB
+            kept = tally.kept_bytes(weight_storages(self.model)) / MIB
             self._add(
                 "graph_in_outputs",
                 "model outputs",
-                f"the model returned {tally.attached} tensor(s) still attached to an autograd graph, which keeps "
-                f"the whole graph alive ({kept:.3f} MiB: the tensors and what their graph saved for backward)",
-                "run the evaluation loop under `torch.no_grad()` or `torch.inference_mode()`.",
-                tensors=tally.attached,
-                mib=kept,
-                tensor_mib=tally.attached_mib,
+                kinds.graph_in_outputs("the model", tally, kept, self.grad_off_around),
             )
 
-    def _add(self, kind: str, subject: str, problem: str, fix: str, **details: Any) -> None:
-        self.log.add(Finding(kind, subject, "val", _LOOP, self.batch, 0, problem, fix, dict(details)))
+    def _add(self, kind: str, subject: str, text: kinds.Explanation) -> None:
+        self.log.add(Finding(kind, subject, "val", _LOOP, self.batch, 0, *text))
 
     def _on_train_forward(self, path: str, module: nn.Module, confirmed: bool) -> None:
-        problem, fix, details = train_mode_finding(
-            path, module, self.root_type, confirmed, "call `model.eval()` before the evaluation loop", "the batch"
-        )
-        self._add("train_mode", path, problem, fix, **details)
-
-    def _flush_graph(self) -> None:
-        self.graph.flush()
+        self._add("train_mode", path, kinds.train_mode(path, module, self.root_type, confirmed, "the batch"))
 
     def _graph_finding(self, event: GraphEvent, modules: list[str]) -> None:
         self._add(
-            "grad_enabled",
-            event.module,
-            f"{display_name(event.module, self.root_type)} ran with gradients enabled and recorded an autograd "
-            f"graph: {format_bytes(event.saved_bytes)} saved for backward in one batch",
-            "wrap the evaluation loop in `torch.no_grad()` or `torch.inference_mode()`.",
-            saved_mib=event.saved_bytes / MIB,
-            modules=modules,
+            "grad_enabled", event.module, kinds.grad_enabled(event, modules, self.root_type, self.grad_off_around)
         )
 
     def savings(self, loop_seconds: float) -> tuple[dict[str, float], dict[str, Any]]:
-        metrics: dict[str, float] = {"nograd/val/epoch_time_s": loop_seconds}
+        metrics: dict[str, float] = {"epoch_time_s": loop_seconds}
         details: dict[str, Any] = {"batches": self.batch + 1}
         if not self.recorded:
             details["savings"] = "no forward of the model was recorded"
@@ -170,17 +151,17 @@ class _EvaluationAudit(Probe):
         if any(call.compiled for call in self.recorded):
             details["compiled"] = EAGER_REPLAY_NOTE
         device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
-        exclude = weight_storages(self.model)
-        session = Replay(replayable(self.recorded), device, exclude)
+        session = Replay(replayable(self.recorded), device, weight_storages(self.model))
         session.measure_memory()
-        session.time_pairs(self.repeats)
+        if not session.result.out_of_memory:
+            session.time_pairs(self.repeats)
         result = session.result
-        metrics["nograd/val/graph_memory_mib"] = result.graph_bytes / MIB
-        metrics["nograd/val/memory_saved_mib"] = (result.peak_on_bytes - result.peak_off_bytes) / MIB
+        if result.out_of_memory:
+            self._add("grad_replay_oom", type(self.model).__name__, kinds.grad_replay_oom())
         details["repeats"] = len(result.time_on)
-        times, time_details = time_savings(result, self.batch + 1, loop_seconds)
-        metrics.update({f"nograd/val/{key}": value for key, value in times.items()})
-        details.update(time_details)
+        savings, savings_details = savings_metrics(result, self.batch + 1, loop_seconds, device, "time not measured")
+        metrics.update(savings)
+        details.update(savings_details)
         return metrics, details
 
 
@@ -244,7 +225,6 @@ def audit(
     log.listeners.append(report.findings.append)
     session = _EvaluationAudit(
         model,
-        report,
         log,
         NamePatterns("allow_train_mode", allow_train_mode),
         NamePatterns("allow_grad", allow_grad),
@@ -266,6 +246,7 @@ def audit(
         except Exception as err:  # the replay runs at the end of the user's `with` block: never raise there
             report_fault(session, err)
             metrics, details = {}, {"savings": f"not measured: internal error ({type(err).__name__})"}
+    metrics = {f"nograd/val/{key}": value for key, value in metrics.items()}
     metrics["nograd/val/violations"] = float(log.epoch_count("val"))
     report.record_epoch("val", 0, 0, metrics, details)
 
@@ -321,36 +302,16 @@ def check_training_step(
     log.listeners.append(report.findings.append)
     root_type = type(model).__name__
 
-    def add(kind: str, subject: str, hook: str, problem: str, fix: str, **details: Any) -> None:
-        if not allowed.matches(subject.rsplit(".", 1)[0] if kind == "inference_tensor" else subject):
-            log.add(Finding(kind, subject, "train", hook, 0, 0, problem, fix, dict(details)))
+    def add(kind: str, subject: str, hook: str, text: kinds.Explanation) -> None:
+        log.add(Finding(kind, subject, "train", hook, 0, 0, *text))
 
-    for path, kind in inference_tensors(model):
-        add(
-            "inference_tensor",
-            path,
-            "before the step",
-            f"the {kind} `{path}` was created under `torch.inference_mode`; the backward that uses it fails "
-            "with 'Inference tensors cannot be saved for backward'",
-            "rebuild it outside inference mode (`.clone()`), or evaluate under `torch.no_grad()` instead.",
-        )
-    for path, layers in eval_mode_under_trainable(model):
-        add(
-            "eval_mode_at_start",
-            path,
-            "before the step",
-            f"{display_name(path, root_type)} is in eval mode, with trainable parameters around layers that "
-            f"behave differently in train mode: {', '.join(layers[:5])}",
-            "call `model.train()` before training.",
-            layers=layers,
-        )
+    for path, kind in inference_tensors(model, allowed.matches):
+        add("inference_tensor", path, "before the step", kinds.inference_tensor(path, kind))
+    for path, layers in eval_mode_under_trainable(model, None, allowed.matches):
+        add("eval_mode_at_start", path, "before the step", kinds.eval_mode_at_start(path, layers, root_type))
 
     index = ParamIndex(model)
-    if optimizer is not None:
-        params = [p for g in optimizer.param_groups for p in g["params"] if id(p) in index.names]
-    else:
-        params = list(index.params.values())
-    params = [p for p in params if p.requires_grad]
+    params = index.stepped(optimizer, allowed.matches)
     saved_grads = {id(p): p.grad for p in index.params.values()}
     saved_buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
     # CPU and every CUDA device the model uses: dropout in the checked step must not shift the user's RNG
@@ -368,9 +329,8 @@ def check_training_step(
             probe.stop()
         if loss.requires_grad:
             loss.backward()  # type: ignore[no-untyped-call]
-        missing = [p for p in params if p.grad is None and not allowed.matches(index.owner[id(p)])]
-        for gap in explain_gradient_gaps(index, missing, probe):
-            add(gap.kind, gap.subject, "training step", gap.problem(root_type), gap.fix(), parameters=gap.parameters)
+        for gap in explain_gradient_gaps(index, without_gradient(params), probe):
+            add(gap.kind, gap.subject, "training step", gap.explanation(root_type))
     finally:
         for p in index.params.values():
             p.grad = saved_grads.get(id(p))

@@ -178,3 +178,145 @@ def test_audit_and_the_callback_give_a_train_mode_switch_the_same_subject_and_fi
     from_audit = [(f.kind, f.subject, f.fix) for f in report.findings]
     assert from_callback == from_audit == [("train_mode", "drop", from_audit[0][2])]
     assert from_audit[0][2].startswith("remove the `.train()` call")  # not "call model.eval()": it was in eval
+
+
+class EnablesGradInside(nn.Module):
+    """Evaluated correctly from outside (eval mode, no_grad), but its forward turns both back on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.drop, self.head = nn.Linear(8, 8), nn.Dropout(0.5), nn.Linear(8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.drop.train()
+        with torch.enable_grad():
+            return self.head(self.drop(self.body(x)))
+
+
+def test_the_same_evaluation_bugs_get_the_same_findings_from_audit_and_the_callback(tmp_path: Path) -> None:
+    """Every evaluation kind that both can see, through both: equal kind, subject and fix."""
+    import lightning.pytorch as pl
+
+    from lightning_nograd import EvalModeAuditor
+    from tests.helpers import loader, nograd_warnings, trainer
+
+    class Lit(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = EnablesGradInside()
+
+        def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+            return self.net(batch[0])  # attached: the graph comes back with the output
+
+    auditor = EvalModeAuditor()
+    with nograd_warnings():
+        trainer(tmp_path, [auditor], inference_mode=False).validate(Lit(), loader())
+    net = EnablesGradInside().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with audit(net, monitor_savings=False) as report, torch.no_grad():
+            net(torch.randn(4, 8))
+
+    def seen(findings: list, root: str, outputs: str) -> set[tuple[str, str, str]]:
+        # the same module under its own path: `net.body` in the LightningModule is `body` for audit(net)
+        subjects = {outputs: "outputs", root: ""}
+        return {(f.kind, subjects.get(f.subject, f.subject.removeprefix(f"{root}.")), f.fix) for f in findings}
+
+    from_callback = seen(auditor.report.findings, "net", "validation_step outputs")
+    from_audit = seen(report.findings, "", "model outputs")
+    assert from_callback == from_audit
+    assert {kind for kind, _, _ in from_audit} == {"train_mode", "grad_enabled", "graph_in_outputs"}
+    fixes = {kind: fix for kind, _, fix in from_audit}
+    assert fixes["grad_enabled"].startswith("remove the `torch.enable_grad()`")  # not "wrap the loop in no_grad"
+    assert fixes["graph_in_outputs"].startswith("return `.detach()`ed tensors")
+
+
+def test_a_loop_without_no_grad_is_told_to_add_it() -> None:
+    net = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 1)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with audit(net, monitor_savings=False) as report:
+            net(torch.randn(4, 8))
+    fixes = {f.kind: f.fix for f in report.findings}
+    assert set(fixes) == {"grad_enabled", "graph_in_outputs"}
+    assert all(fix.startswith("run the evaluation loop under `torch.no_grad()`") for fix in fixes.values())
+
+
+class Student(nn.Module):
+    """One module of each training bug: a `no_grad` branch, an unused head, an eval-mode dropout in a
+    trainable block, an inference tensor at the top level and one in a submodule."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(8, 8), nn.ReLU())
+        self.block = nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.1)).eval()
+        self.head, self.unused = nn.Linear(8, 1), nn.Linear(8, 1)
+        with torch.inference_mode():
+            self.cache = torch.ones(2)
+            self.block.table = torch.ones(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            h = self.encoder(x)
+        return self.head(self.block(h))
+
+
+def test_the_same_training_bugs_get_the_same_findings_from_check_training_step_and_the_guard(tmp_path: Path) -> None:
+    import lightning.pytorch as pl
+
+    from lightning_nograd import BackpropGuard
+    from tests.helpers import loader, nograd_warnings, trainer
+
+    class Lit(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = Student()
+
+        def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+            return nn.functional.mse_loss(self.net(batch[0]), batch[1])
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    for allow in ([], [r"net\.block"]):
+        guard = BackpropGuard(allow=allow)
+        with nograd_warnings():
+            trainer(tmp_path, [guard], max_epochs=1, limit_train_batches=3).fit(Lit(), loader())
+        lit = Lit()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            report = check_training_step(
+                lit,
+                (torch.randn(8, 8), torch.randn(8, 1)),
+                lambda model, batch: nn.functional.mse_loss(model.net(batch[0]), batch[1]),
+                lit.configure_optimizers(),
+                allow=allow,
+            )
+        from_guard = {(f.kind, f.subject, f.fix) for f in guard.report.findings}
+        from_check = {(f.kind, f.subject, f.fix) for f in report.findings}
+        assert from_guard == from_check
+        subjects = {(kind, subject) for kind, subject, _ in from_check}
+        expected = {("no_grad_module", "net.encoder"), ("param_without_grad", "net.unused")}
+        expected |= {("inference_tensor", "net.cache")}
+        if not allow:  # the allow-list leaves out the block and the tensor it holds
+            expected |= {("eval_mode_at_start", "net.block"), ("inference_tensor", "net.block.table")}
+        assert subjects == expected
+
+
+@pytest.mark.parametrize("settled", [False, True])
+def test_audit_notes_the_cpu_timing_caveat_as_the_callback_does(monkeypatch: pytest.MonkeyPatch, settled: bool) -> None:
+    from lightning_nograd.core.measure import SETTLED_MALLOC_ENV, cpu_timing_caveat
+
+    if cpu_timing_caveat({}) is None:
+        pytest.skip("the caveat is about glibc's malloc")
+    for name, value in SETTLED_MALLOC_ENV.items():
+        monkeypatch.setenv(name, value) if settled else monkeypatch.delenv(name, raising=False)
+    for name in ("GLIBC_TUNABLES", "LD_PRELOAD"):
+        monkeypatch.delenv(name, raising=False)
+    net = make_net().eval()
+    with audit(net, repeats=6) as report, torch.no_grad():
+        for _ in range(3):
+            net(torch.randn(16, 8))
+    (epoch,) = report.epochs
+    assert "nograd/val/time_saved_s" in epoch.metrics
+    assert ("timing_caveat" in epoch.details) is not settled

@@ -14,6 +14,7 @@ from typing_extensions import override
 from lightning_nograd.callbacks._base import NoGradCallback, guarded
 from lightning_nograd.callbacks._lightning import LightningModule, Trainer
 from lightning_nograd.callbacks.loggers import reduce_present_max
+from lightning_nograd.core import kinds
 from lightning_nograd.core.arguments import check_int
 from lightning_nograd.core.backprop import (
     GradientGap,
@@ -27,8 +28,8 @@ from lightning_nograd.core.backprop import (
     trained_parameter_ids,
 )
 from lightning_nograd.core.cost import GRADIENT_EVERY, GRADIENT_WINDOW, ModeSwitches, visits
-from lightning_nograd.core.findings import Finding, OnViolation, display_name
-from lightning_nograd.core.graph import MIB, GraphEvent, GraphProbe, StrayGraphWatch, format_bytes
+from lightning_nograd.core.findings import Finding, OnViolation
+from lightning_nograd.core.graph import GraphEvent, GraphProbe, StrayGraphWatch
 from lightning_nograd.core.patterns import NamePatterns, ancestors, named_modules, parent_path
 from lightning_nograd.errors import BrokenBackpropWarning
 
@@ -323,47 +324,26 @@ class BackpropGuard(NoGradCallback):
     def _allowed_param(self, name: str) -> bool:
         return self.allow.matches(parent_path(name))
 
-    def _finding(self, kind: str, subject: str, hook: str, problem: str, fix: str, **details: Any) -> None:
-        self._add_finding(
-            Finding(kind, subject, "train", hook, self._batch_idx, self._epoch, problem, fix, dict(details))
-        )
+    def _finding(self, kind: str, subject: str, hook: str, text: kinds.Explanation) -> None:
+        self._add_finding(Finding(kind, subject, "train", hook, self._batch_idx, self._epoch, *text))
 
     # -- inference tensors ----------------------------------------------------------------------
 
     @guarded("inference_tensor")
     def _check_inference_tensors(self, pl_module: nn.Module, hook: str) -> None:
-        for path, kind in inference_tensors(pl_module):
-            if path in self._inference_reported or self.allow.matches(parent_path(path)):
+        for path, kind in inference_tensors(pl_module, self.allow.matches):
+            if path in self._inference_reported:
                 continue
             self._inference_reported.add(path)
-            self._finding(
-                "inference_tensor",
-                path,
-                hook,
-                f"the {kind} `{path}` was created under `torch.inference_mode` (e.g. during `trainer.validate`); "
-                "the next backward that uses it fails with 'Inference tensors cannot be saved for backward'",
-                "rebuild it when training starts (`self.x = self.x.clone()` outside inference mode), or run "
-                "evaluation with `Trainer(inference_mode=False)`.",
-            )
+            self._finding("inference_tensor", path, hook, kinds.inference_tensor(path, kind))
 
     # -- modes -----------------------------------------------------------------------------------
 
     @guarded("eval_mode_at_start")
     def _check_eval_mode_at_start(self, pl_module: nn.Module) -> None:
-        for path, layers in eval_mode_under_trainable(pl_module, self._trained_ids):
-            if self.allow.matches(path):
-                continue
-            shown = ", ".join(layers[:5]) + (f" and {len(layers) - 5} more" if len(layers) > 5 else "")
-            self._finding(
-                "eval_mode_at_start",
-                path,
-                "on_train_start",
-                f"{display_name(path, self._root_type)} is in eval mode as training starts, with trainable "
-                f"parameters around layers that behave differently in train mode: {shown}",
-                "call `.train()` on it before `trainer.fit` (models loaded with `from_pretrained` arrive in eval "
-                "mode), or freeze its parameters if it is meant to stay fixed.",
-                layers=layers,
-            )
+        for path, layers in eval_mode_under_trainable(pl_module, self._trained_ids, self.allow.matches):
+            text = kinds.eval_mode_at_start(path, layers, self._root_type)
+            self._finding("eval_mode_at_start", path, "on_train_start", text)
 
     @guarded("eval_mode_leak")
     def _read_modes(self, hook: str) -> None:
@@ -389,24 +369,11 @@ class BackpropGuard(NoGradCallback):
             if path in self._leaks_reported:
                 continue
             self._leaks_reported.add(path)
-            fixed = "; it was put back in train mode" if self.on_violation == "fix" else ""
             batch_idx = self._batch_idx
             if where == "on_train_batch_end" and batch_idx:
                 batch_idx -= 1  # seen at the start of the next batch
-            self._add_finding(
-                Finding(
-                    "eval_mode_leak",
-                    path,
-                    "train",
-                    where,
-                    batch_idx,
-                    self._epoch,
-                    f"{display_name(path, self._root_type)} ({type(module).__name__}) is in eval mode during "
-                    "training although it was in train mode earlier in the fit: something called `.eval()` and "
-                    f"did not switch back{fixed}",
-                    "call `.train()` again after the code that evaluates it.",
-                )
-            )
+            text = kinds.eval_mode_leak(path, module, self._root_type, fixed=self.on_violation == "fix")
+            self._add_finding(Finding("eval_mode_leak", path, "train", where, batch_idx, self._epoch, *text))
         if self.on_violation == "fix":
             for _path, module in leaked:
                 module.training = True
@@ -516,10 +483,7 @@ class BackpropGuard(NoGradCallback):
             if gap.kind == "no_grad_module":
                 self._counts["no_grad_modules"].add(gap.subject)
             hook = "training_step" if gap.kind == "no_grad_module" else "on_before_optimizer_step"
-            details: dict[str, Any] = {"parameters": gap.parameters}
-            if gap.cause:
-                details["cause"] = gap.cause
-            self._finding(gap.kind, gap.subject, hook, gap.problem(self._root_type), gap.fix(), **details)
+            self._finding(gap.kind, gap.subject, hook, gap.explanation(self._root_type))
 
     # -- stray graphs ----------------------------------------------------------------------------
 
@@ -546,17 +510,7 @@ class BackpropGuard(NoGradCallback):
 
     def _stray_finding(self, event: GraphEvent, modules: list[str]) -> None:
         hook = event.hook or "on_train_batch_end"
-        self._finding(
-            "stray_graph",
-            event.module,
-            hook,
-            f"{display_name(event.module, self._root_type)} ran a forward in `{hook}`, outside the training step, "
-            f"with gradients on: it recorded an autograd graph that no backward will use "
-            f"({format_bytes(event.saved_bytes)} saved for backward)",
-            "wrap that code in `torch.no_grad()` (or `torch.inference_mode()`).",
-            saved_mib=event.saved_bytes / MIB,
-            modules=modules,
-        )
+        self._finding("stray_graph", event.module, hook, kinds.stray_graph(event, modules, hook, self._root_type))
 
     # -- metrics ---------------------------------------------------------------------------------
 

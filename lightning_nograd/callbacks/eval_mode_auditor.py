@@ -11,17 +11,17 @@ from typing_extensions import override
 from lightning_nograd.callbacks._base import LOOP_NAMES, EvaluationLoopCallback, guarded
 from lightning_nograd.callbacks._lightning import LightningModule, Trainer, is_sanity_checking
 from lightning_nograd.callbacks.loggers import reduce_present_max
-from lightning_nograd.core.findings import Finding, OnViolation, display_name
+from lightning_nograd.core import kinds
+from lightning_nograd.core.findings import Finding, OnViolation
 from lightning_nograd.core.graph import (
     MIB,
     GraphEvent,
     GraphProbe,
-    format_bytes,
     tally_tensors,
     tensor_attributes,
     weight_storages,
 )
-from lightning_nograd.core.modes import ModeProbe, train_mode_finding
+from lightning_nograd.core.modes import ModeProbe
 from lightning_nograd.core.patterns import NamePatterns
 from lightning_nograd.core.stack import calling_hook
 
@@ -250,34 +250,18 @@ class EvalModeAuditor(EvaluationLoopCallback):
         return self._stage or "val"
 
     def _on_train_forward(self, path: str, module: nn.Module, confirmed: bool) -> None:
-        problem, fix, details = train_mode_finding(
-            path,
-            module,
-            self._root_type,
-            confirmed,
-            "remove the `.train()` call that runs during evaluation",
-            "the step",
-        )
+        text = kinds.train_mode(path, module, self._root_type, confirmed, "the step")
         hook = (calling_hook(None, EVAL_HOOK_NAMES) if confirmed else None) or self._step_hook
+        action = ""
         if self.on_violation == "fix":
             action = "; it was put in eval mode for the rest of the stage"
-            if not confirmed:
-                action = "; it is kept in eval mode from the next batch on"
-        else:
-            action = ""
-        self._add_finding(
-            Finding(
-                kind="train_mode",
-                subject=path,
-                stage=self._stage_name(),
-                hook=hook,
-                batch_idx=self._batch_idx,
-                epoch=self._epoch,
-                problem=problem + action,
-                fix=fix,
-                details=details,
-            )
-        )
+            action = action if confirmed else "; it is kept in eval mode from the next batch on"
+        self._finding("train_mode", path, hook, text._replace(problem=text.problem + action))
+
+    def _finding(self, kind: str, subject: str, hook: str, text: kinds.Explanation, stage: str | None = None) -> None:
+        stage = stage or self._stage_name()
+        batch_idx = None if kind in ("graph_in_attribute", "growing_collection") else self._batch_idx
+        self._add_finding(Finding(kind, subject, stage, hook, batch_idx, self._epoch, *text))
 
     @guarded("grad_enabled")
     def _flush_graph_events(self) -> None:
@@ -285,54 +269,17 @@ class EvalModeAuditor(EvaluationLoopCallback):
             self._graph.flush()
 
     def _graph_finding(self, event: GraphEvent, modules: list[str]) -> None:
-        name = display_name(event.module, self._root_type)
-        inner = [m for m in modules if m != event.module]
-        where = f" (in {', '.join(inner[:5])}{', ...' if len(inner) > 5 else ''})" if inner else ""
-        self._add_finding(
-            Finding(
-                kind="grad_enabled",
-                subject=event.module,
-                stage=self._stage_name(),
-                hook=event.hook or self._step_hook,
-                batch_idx=self._batch_idx,
-                epoch=self._epoch,
-                problem=(
-                    f"{name} ran with gradients enabled and recorded an autograd graph{where}: "
-                    f"{format_bytes(event.saved_bytes)} saved for backward in one batch"
-                ),
-                fix=(
-                    "remove the `torch.enable_grad()` (or `set_grad_enabled(True)`) around this code, "
-                    "or add the module to `allow_grad` if it needs gradients (saliency, physics)."
-                ),
-                details={"saved_mib": event.saved_bytes / MIB, "modules": modules},
-            )
-        )
+        # Lightning's loops run under no_grad / inference_mode: a graph means gradients were enabled inside
+        text = kinds.grad_enabled(event, modules, self._root_type, grad_off_around=True)
+        self._finding("grad_enabled", event.module, event.hook or self._step_hook, text)
 
     @guarded("graph_in_outputs")
     def _check_outputs(self, pl_module: nn.Module, outputs: Any) -> None:
-        if outputs is None:
-            return
         tally = tally_tensors(outputs)
-        if not tally.attached:
-            return
-        kept = tally.kept_bytes(weight_storages(pl_module)) / MIB
-        self._add_finding(
-            Finding(
-                kind="graph_in_outputs",
-                subject=f"{self._step_hook} outputs",
-                stage=self._stage_name(),
-                hook=self._step_hook,
-                batch_idx=self._batch_idx,
-                epoch=self._epoch,
-                problem=(
-                    f"`{self._step_hook}` returned {tally.attached} tensor(s) still attached to an autograd "
-                    f"graph, which keeps the whole graph alive ({kept:.3f} MiB: the tensors and what their graph "
-                    "saved for backward)"
-                ),
-                fix="return `.detach()`ed tensors and run the forward without gradients.",
-                details={"tensors": tally.attached, "mib": kept, "tensor_mib": tally.attached_mib},
-            )
-        )
+        if tally.attached:
+            kept = tally.kept_bytes(weight_storages(pl_module)) / MIB
+            text = kinds.graph_in_outputs(f"`{self._step_hook}`", tally, kept, grad_off_around=True)
+            self._finding("graph_in_outputs", f"{self._step_hook} outputs", self._step_hook, text)
 
     @guarded("graph_in_attribute")
     def _check_attributes(self, pl_module: nn.Module) -> None:
@@ -344,23 +291,9 @@ class EvalModeAuditor(EvaluationLoopCallback):
                 kept = tally.kept_bytes(weight_storages(pl_module)) / MIB
                 in_training = self._fitting and name in self._attached_at_epoch_start
                 when = "during training (`training_step` or a training hook)" if in_training else ""
-                self._add_finding(
-                    Finding(
-                        kind="graph_in_attribute",
-                        subject=f"self.{name}",
-                        stage="train" if in_training else stage,
-                        hook="training_step" if in_training else f"on_{LOOP_NAMES.get(stage, stage)}_epoch_end",
-                        batch_idx=None,
-                        epoch=self._epoch,
-                        problem=(
-                            f"`self.{name}` on the {self._root_type} {('was filled ' + when + ' and ') if when else ''}"
-                            f"holds {tally.attached} tensor(s) still attached to an autograd graph, keeping their "
-                            f"graphs alive ({kept:.3f} MiB: the tensors and what their graphs saved for backward)"
-                        ),
-                        fix=f"store `.detach()`ed tensors in `self.{name}` (and clear it at epoch end).",
-                        details={"tensors": tally.attached, "mib": kept, "tensor_mib": tally.attached_mib},
-                    )
-                )
+                text = kinds.graph_in_attribute(name, self._root_type, tally, kept, when)
+                hook = "training_step" if in_training else f"on_{LOOP_NAMES.get(stage, stage)}_epoch_end"
+                self._finding("graph_in_attribute", f"self.{name}", hook, text, "train" if in_training else stage)
             self._check_growth(stage, name, tally.tensors, tally.nbytes, sorted(tally.devices))
 
     @guarded("growing_collection")
@@ -374,20 +307,6 @@ class EvalModeAuditor(EvaluationLoopCallback):
         grew = tensors - at_start > 1 or nbytes - previous[1] >= 2**20
         if not (not_cleared and grew):
             return
-        mib = nbytes / MIB
-        self._add_finding(
-            Finding(
-                kind="growing_collection",
-                subject=f"self.{name}",
-                stage=stage,
-                hook=f"on_{LOOP_NAMES.get(stage, stage)}_epoch_end",
-                batch_idx=None,
-                epoch=self._epoch,
-                problem=(
-                    f"`self.{name}` keeps growing across epochs: it now holds {tensors} tensors "
-                    f"({mib:.3f} MiB on {', '.join(devices)}) and is never cleared"
-                ),
-                fix=f"call `self.{name}.clear()` at the end of `on_{LOOP_NAMES.get(stage, stage)}_epoch_end`.",
-                details={"tensors": tensors, "mib": mib, "devices": devices},
-            )
-        )
+        hook = f"on_{LOOP_NAMES.get(stage, stage)}_epoch_end"
+        text = kinds.growing_collection(name, tensors, nbytes / MIB, devices, hook)
+        self._finding("growing_collection", f"self.{name}", hook, text, stage)

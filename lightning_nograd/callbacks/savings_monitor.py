@@ -13,10 +13,11 @@ from typing_extensions import override
 from lightning_nograd.callbacks._base import LOOP_NAMES, EvaluationLoopCallback, guarded
 from lightning_nograd.callbacks._lightning import LightningModule, Trainer, is_sanity_checking, steps_are_compiled
 from lightning_nograd.callbacks.loggers import reduce_vector
+from lightning_nograd.core import kinds
 from lightning_nograd.core.arguments import check_float, check_int
 from lightning_nograd.core.findings import Finding
-from lightning_nograd.core.graph import MIB, weight_storages
-from lightning_nograd.core.measure import EpochClock, EpochPeakMemory, cpu_timing_caveat
+from lightning_nograd.core.graph import weight_storages
+from lightning_nograd.core.measure import EpochClock, EpochPeakMemory
 from lightning_nograd.core.replay import (
     EAGER_REPLAY_NOTE,
     CallRecorder,
@@ -25,7 +26,7 @@ from lightning_nograd.core.replay import (
     ReplayResult,
     is_work_module,
     replayable,
-    time_savings,
+    savings_metrics,
 )
 
 log = logging.getLogger(__name__)
@@ -375,7 +376,7 @@ class SavingsMonitor(EvaluationLoopCallback):
 
     def _finish_measurement(self) -> None:
         sessions, self._sessions = self._sessions, []
-        merged = _merge([s.result for s in sessions])
+        merged = ReplayResult.merge([s.result for s in sessions])
         if self._memory_from is not None:  # timed later: the memory figures of the first measurement
             memory = self._memory_from
             merged.graph_bytes, merged.peak_on_bytes = memory.graph_bytes, memory.peak_on_bytes
@@ -388,17 +389,12 @@ class SavingsMonitor(EvaluationLoopCallback):
             self._cache[self._signature] = self._measurement
 
     def _report_oom(self, calls: list[RecordedCall]) -> None:
+        stage = self._stage or "val"
+        subject = ", ".join(sorted({type(c.module).__name__ for c in calls}))
+        text = kinds.grad_replay_oom()
         self._add_finding(
             Finding(
-                kind="grad_replay_oom",
-                subject=", ".join(sorted({type(c.module).__name__ for c in calls})),
-                stage=self._stage or "val",
-                hook=f"{LOOP_NAMES[self._stage or 'val']}_step",
-                batch_idx=self._batches - 1,
-                epoch=self._epoch,
-                problem="with gradients on, this batch does not fit in memory: no_grad is what makes it run",
-                fix="keep evaluation under `torch.no_grad()` / `inference_mode` (Lightning's default); nothing "
-                "else to do, this is what the savings metrics would have shown.",
+                "grad_replay_oom", subject, stage, f"{LOOP_NAMES[stage]}_step", self._batches - 1, self._epoch, *text
             )
         )
 
@@ -438,24 +434,15 @@ class SavingsMonitor(EvaluationLoopCallback):
             return metrics, details
         result, info = measurement
         details.update(info)
-        if result.out_of_memory:
-            details["savings"] = "with gradients on, a batch does not fit in memory"
-            return metrics, details
-        metrics[f"{prefix}/graph_memory_mib"] = result.graph_bytes / MIB
-        metrics[f"{prefix}/memory_saved_mib"] = (result.peak_on_bytes - result.peak_off_bytes) / MIB
-        if not result.time_on:
-            details["savings"] = (
-                f"time not measured yet: the run so far is too short for {self.min_repeats} timed repeats within "
-                f"its {percent(self.budget)} time budget (retried in later epochs; raise `budget` "
-                "or set `repeats` to measure now)"
-            )
-            return metrics, details
-        caveat = cpu_timing_caveat() if self._device.type == "cpu" else None
-        if caveat is not None:
-            details["timing_caveat"] = caveat
-        times, time_details = time_savings(result, self._batches, metrics.get(f"{prefix}/epoch_time_s", 0.0))
-        metrics.update({f"{prefix}/{key}": value for key, value in times.items()})
-        details.update(time_details)
+        untimed = (
+            f"time not measured yet: the run so far is too short for {self.min_repeats} timed repeats within "
+            f"its {percent(self.budget)} time budget (retried in later epochs; raise `budget` "
+            "or set `repeats` to measure now)"
+        )
+        epoch_seconds = metrics.get(f"{prefix}/epoch_time_s", 0.0)
+        savings, savings_details = savings_metrics(result, self._batches, epoch_seconds, self._device, untimed)
+        metrics.update({f"{prefix}/{key}": value for key, value in savings.items()})
+        details.update(savings_details)
         return metrics, details
 
 
@@ -503,22 +490,6 @@ def _reduce_across_ranks(trainer: Trainer, stage: str, metrics: dict[str, float]
             continue
         reduced[key] = maxima[i] if i < 2 else sums[i] / count
     return reduced
-
-
-def _merge(results: list[ReplayResult]) -> ReplayResult:
-    """One per-batch result from several replayed batches: their means, pair by pair."""
-    if len(results) == 1:
-        return results[0]
-    merged = ReplayResult()
-    merged.out_of_memory = any(r.out_of_memory for r in results)
-    n = len(results)
-    merged.graph_bytes = sum(r.graph_bytes for r in results) // n
-    merged.peak_on_bytes = sum(r.peak_on_bytes for r in results) // n
-    merged.peak_off_bytes = sum(r.peak_off_bytes for r in results) // n
-    pairs = min(len(r.time_on) for r in results)
-    merged.time_on = [sum(r.time_on[i] for r in results) / n for i in range(pairs)]
-    merged.time_off = [sum(r.time_off[i] for r in results) / n for i in range(pairs)]
-    return merged
 
 
 def _total_batches(trainer: Trainer, stage: str) -> int | None:

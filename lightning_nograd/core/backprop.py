@@ -13,8 +13,10 @@
 
 from __future__ import annotations
 
+import itertools
+import operator
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +26,7 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_nograd.core.faults import Probe, isolated
 from lightning_nograd.core.findings import display_name
+from lightning_nograd.core.kinds import Explanation
 from lightning_nograd.core.modes import MODE_SENSITIVE_TYPES, is_grad_recording
 from lightning_nograd.core.patterns import ancestors, named_modules, parent_path
 
@@ -59,6 +62,17 @@ class ParamIndex:
                 self.owner[key] = path
                 self.order[key] = len(self.order)
                 self.ancestors[key] = chain
+
+    def stepped(self, optimizer: torch.optim.Optimizer | None, allowed: Callable[[str], bool]) -> list[nn.Parameter]:
+        """The parameters whose gradient a step must produce, in the optimizer's order: those of
+        ``optimizer`` (``None``: every parameter of the model) owned by a module that is not ``allowed``.
+        Whether they require grad is read when they are checked (:func:`without_gradient`)."""
+        if optimizer is None:
+            candidates: Iterable[nn.Parameter] = self.params.values()
+        else:
+            candidates = (p for group in optimizer.param_groups for p in group["params"])
+        owner = self.owner
+        return [p for p in candidates if id(p) in owner and not allowed(owner[id(p)])]
 
     def name(self, param: torch.Tensor) -> str:
         """The ``named_parameters()`` path of ``param`` (or ``"<unnamed>"``)."""
@@ -231,10 +245,30 @@ def _to_host(flags: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, A
     return host, event
 
 
-def inference_tensors(root: nn.Module) -> list[tuple[str, str]]:
+_GRAD = operator.attrgetter("grad")
+
+
+def without_gradient(params: list[nn.Parameter]) -> list[nn.Parameter]:
+    """The parameters of ``params`` that require grad and reached the step with no gradient.
+
+    A step where every one has a gradient (the usual case) costs one pass in C, no Python loop.
+
+    Example:
+        >>> a, b = nn.Parameter(torch.ones(1)), nn.Parameter(torch.ones(1))
+        >>> a.grad = torch.ones(1)
+        >>> without_gradient([a, b]) == [b]
+        True
+    """
+    if not any(map(operator.is_, map(_GRAD, params), itertools.repeat(None))):
+        return []
+    return [p for p in params if p.grad is None and p.requires_grad]
+
+
+def inference_tensors(root: nn.Module, allowed: Callable[[str], bool] | None = None) -> list[tuple[str, str]]:
     """Buffers and tensor attributes created under ``torch.inference_mode``: (path, kind).
 
     A list, tuple or dict attribute is reported once, with how many inference tensors it holds.
+    Those held by an ``allowed`` module path are left out.
 
     Example:
         >>> net = nn.Linear(2, 2)
@@ -246,6 +280,8 @@ def inference_tensors(root: nn.Module) -> list[tuple[str, str]]:
     """
     found: list[tuple[str, str]] = []
     for path, module in named_modules(root):
+        if allowed is not None and allowed(path):
+            continue
         prefix = f"{path}." if path else ""
         for name, buffer in module.named_buffers(recurse=False):
             if buffer is not None and buffer.is_inference():
@@ -300,12 +336,14 @@ def is_frozen(module: nn.Module, parent: nn.Module | None, trained: set[int] | N
     return not any(is_trained(p, trained) for p in params)
 
 
-def eval_mode_under_trainable(root: nn.Module, trained: set[int] | None = None) -> list[tuple[str, list[str]]]:
+def eval_mode_under_trainable(
+    root: nn.Module, trained: set[int] | None = None, allowed: Callable[[str], bool] | None = None
+) -> list[tuple[str, list[str]]]:
     """Dropout / batch-norm layers in eval mode whose block has trainable parameters.
 
-    Returns (topmost eval-mode module containing them, the layers). A frozen backbone in eval mode
-    (parameters that do not require grad, or that no optimizer in ``trained`` steps) has no trainable
-    parameters around its layers and is not returned.
+    Returns (topmost eval-mode module containing them, the layers), leaving out ``allowed`` paths.
+    A frozen backbone in eval mode (parameters that do not require grad, or that no optimizer in
+    ``trained`` steps) has no trainable parameters around its layers and is not returned.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(2, 2), nn.Dropout()).eval()
@@ -329,7 +367,7 @@ def eval_mode_under_trainable(root: nn.Module, trained: set[int] | None = None) 
                 break
             top = ancestor
         groups.setdefault(top, []).append(f"{path} ({type(module).__name__})")
-    return list(groups.items())
+    return [(top, layers) for top, layers in groups.items() if allowed is None or not allowed(top)]
 
 
 def topmost_in(path: str, paths: set[str]) -> str:
@@ -387,6 +425,13 @@ class GradientGap:
             f"{len(self.parameters)} trainable parameter(s) of {name} reached the optimizer step with no gradient "
             f"({_shown(self.parameters)}): {reason}"
         )
+
+    def explanation(self, root_type: str) -> Explanation:
+        """The finding's text: problem, fix, and the parameters (and cause) as details."""
+        details: dict[str, Any] = {"parameters": self.parameters}
+        if self.cause:
+            details["cause"] = self.cause
+        return Explanation(self.problem(root_type), self.fix(), details)
 
     def fix(self) -> str:
         if self.kind == "no_grad_module":

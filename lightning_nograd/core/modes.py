@@ -21,7 +21,6 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_nograd.core.cost import ModeSwitches, visits
 from lightning_nograd.core.faults import Probe, isolated
-from lightning_nograd.core.findings import display_name
 from lightning_nograd.core.patterns import NamePatterns, named_modules, parent_path
 
 MODE_SENSITIVE_TYPES: tuple[type[nn.Module], ...] = (
@@ -32,31 +31,6 @@ MODE_SENSITIVE_TYPES: tuple[type[nn.Module], ...] = (
     nn.TransformerEncoderLayer,
     nn.TransformerDecoderLayer,
 )
-
-
-def train_mode_finding(
-    path: str, module: nn.Module, root_type: str, confirmed: bool, before_loop_fix: str, during: str
-) -> tuple[str, str, dict[str, Any]]:
-    """``(problem, fix, details)`` of a ``train_mode`` finding, for the callbacks and ``audit()`` alike.
-
-    ``confirmed``: the module ran its forward in train mode (it was in train mode as the batch
-    started); else it was switched to train mode during the batch, by code that runs inside it.
-    ``before_loop_fix`` is the fix for a module already in train mode as a batch starts (``audit()``:
-    call ``model.eval()``; Lightning: remove the ``.train()`` call, since Lightning set eval mode);
-    ``during`` names the unit of work (``"the step"``, ``"the batch"``).
-    """
-    layers = [s for s in mode_sensitive_descendants(module, path) if not s.startswith(f"{path} (")]
-    detail = f"; layers that behave differently in train mode: {', '.join(layers[:5])}" if layers else ""
-    if len(layers) > 5:
-        detail += f" and {len(layers) - 5} more"
-    what = "ran its forward in train mode" if confirmed else f"was switched to train mode during {during}"
-    problem = f"{display_name(path, root_type)} ({type(module).__name__}) {what}{detail}"
-    allow = "or add the module to `allow_train_mode` if it must stay in train mode (e.g. MC dropout)."
-    if confirmed:
-        fix = f"{before_loop_fix}, {allow}"
-    else:
-        fix = f"remove the `.train()` call that runs during evaluation, {allow}"
-    return problem, fix, {"mode_sensitive_layers": layers}
 
 
 def mode_sensitive_descendants(module: nn.Module, prefix: str) -> list[str]:

@@ -24,8 +24,8 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_nograd.core.cost import ModeSwitches
 from lightning_nograd.core.faults import Probe, isolated
-from lightning_nograd.core.graph import HUB, storage_key
-from lightning_nograd.core.measure import peak_bytes_of, synchronize
+from lightning_nograd.core.graph import HUB, MIB, storage_key
+from lightning_nograd.core.measure import cpu_timing_caveat, peak_bytes_of, synchronize
 
 
 @dataclass
@@ -92,6 +92,27 @@ def is_work_module(module: nn.Module, excluded: tuple[type, ...] = ()) -> bool:
     return any(True for _ in module.parameters())
 
 
+def call_hooks(
+    probe: Probe,
+    pre: Callable[[nn.Module, Any], None],
+    post: Callable[[nn.Module, Any, dict[str, Any], Any], None],
+) -> list[RemovableHandle]:
+    """Global hooks around every module call, isolated as ``probe``'s: ``pre(module, args)`` and
+    ``post(module, args, kwargs, output)``, the latter also when the forward raises (``output`` None).
+
+    Global hooks, unlike per-module ones, leave fused kernels (``nn.TransformerEncoderLayer``) on.
+    """
+
+    def after(module: nn.Module, args: Any, kwargs: Any = None, output: Any = None) -> None:
+        # when a forward raises, PyTorch calls always-called global hooks as (module, args, None)
+        post(module, args, kwargs if isinstance(kwargs, dict) else {}, output)
+
+    return [
+        nn.modules.module.register_module_forward_pre_hook(isolated(pre, probe)),
+        nn.modules.module.register_module_forward_hook(isolated(after, probe), with_kwargs=True, always_call=True),
+    ]
+
+
 class CallRecorder(Probe):
     """Records the outermost calls of ``candidates`` while active (global hooks, so fused paths stay on).
 
@@ -116,14 +137,8 @@ class CallRecorder(Probe):
         self._handles: list[RemovableHandle] = []
 
     def start(self) -> None:
-        if self._handles:
-            return
-        self._handles = [
-            nn.modules.module.register_module_forward_pre_hook(isolated(self._pre, self)),
-            nn.modules.module.register_module_forward_hook(
-                isolated(self._post, self), with_kwargs=True, always_call=True
-            ),
-        ]
+        if not self._handles:
+            self._handles = call_hooks(self, self._pre, self._post)
 
     def stop(self) -> None:
         for handle in self._handles:
@@ -135,9 +150,7 @@ class CallRecorder(Probe):
         if self._active is None and id(module) in self.candidates:
             self._active = id(module)
 
-    def _post(self, module: nn.Module, args: Any, kwargs: Any = None, output: Any = None) -> None:
-        # when a forward raises, PyTorch calls always-called global hooks as (module, args, None)
-        kwargs = kwargs if isinstance(kwargs, dict) else {}
+    def _post(self, module: nn.Module, args: Any, kwargs: dict[str, Any], output: Any) -> None:
         if self._active == id(module):
             self._active = None
             self.calls.append(RecordedCall.of(module, args, kwargs))
@@ -209,6 +222,30 @@ class ReplayResult:
         """Whether the time difference cannot be told from noise at level ``alpha``."""
         return self.sign_test_p >= alpha
 
+    @classmethod
+    def merge(cls, results: list[ReplayResult]) -> ReplayResult:
+        """One per-batch result from several replayed batches: their means, pair by pair.
+
+        Example:
+            >>> a = ReplayResult(time_on=[3.0, 5.0], time_off=[1.0, 1.0], graph_bytes=10)
+            >>> b = ReplayResult(time_on=[5.0], time_off=[3.0], graph_bytes=20)
+            >>> merged = ReplayResult.merge([a, b])
+            >>> merged.time_on, merged.time_off, merged.graph_bytes
+            ([4.0], [2.0], 15)
+        """
+        if len(results) == 1:
+            return results[0]
+        n = len(results)
+        pairs = min(len(r.time_on) for r in results)
+        return cls(
+            time_on=[sum(r.time_on[i] for r in results) / n for i in range(pairs)],
+            time_off=[sum(r.time_off[i] for r in results) / n for i in range(pairs)],
+            graph_bytes=sum(r.graph_bytes for r in results) // n,
+            peak_on_bytes=sum(r.peak_on_bytes for r in results) // n,
+            peak_off_bytes=sum(r.peak_off_bytes for r in results) // n,
+            out_of_memory=any(r.out_of_memory for r in results),
+        )
+
 
 def time_savings(result: ReplayResult, batches: int, epoch_seconds: float) -> tuple[dict[str, float], dict[str, Any]]:
     """``time_saved_s`` and ``time_saved_pct`` of an epoch of ``batches``, and the details behind them.
@@ -238,6 +275,40 @@ def time_savings(result: ReplayResult, batches: int, epoch_seconds: float) -> tu
             f"time difference within noise: {result.saved_per_batch * 1e3:+.3f} ms per batch "
             f"(IQR {low * 1e3:+.3f} to {high * 1e3:+.3f} ms, sign test p={result.sign_test_p:.2f})"
         )
+    return metrics, details
+
+
+def savings_metrics(
+    result: ReplayResult, batches: int, epoch_seconds: float, device: torch.device, untimed: str
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """The savings metrics of one epoch (keys without the ``nograd/{stage}/`` prefix) and their details.
+
+    For ``SavingsMonitor`` and ``audit()`` alike: ``graph_memory_mib``, ``memory_saved_mib`` and,
+    once time was measured, ``time_saved_s`` and ``time_saved_pct`` (:func:`time_savings`), with a
+    caveat when CPU timings share the cores with other threads. ``untimed`` says why time is missing.
+
+    Example:
+        >>> result = ReplayResult(time_on=[0.004] * 6, time_off=[0.001] * 6, graph_bytes=2**20)
+        >>> metrics, _ = savings_metrics(result, 10, 0.07, torch.device("cuda"), "not timed")
+        >>> sorted(metrics)
+        ['graph_memory_mib', 'memory_saved_mib', 'time_saved_pct', 'time_saved_s']
+    """
+    metrics: dict[str, float] = {}
+    details: dict[str, Any] = {}
+    if result.out_of_memory:
+        details["savings"] = "with gradients on, a batch does not fit in memory"
+        return metrics, details
+    metrics["graph_memory_mib"] = result.graph_bytes / MIB
+    metrics["memory_saved_mib"] = (result.peak_on_bytes - result.peak_off_bytes) / MIB
+    if not result.time_on:
+        details["savings"] = untimed
+        return metrics, details
+    caveat = cpu_timing_caveat() if device.type == "cpu" else None
+    if caveat is not None:
+        details["timing_caveat"] = caveat
+    times, time_details = time_savings(result, batches, epoch_seconds)
+    metrics.update(times)
+    details.update(time_details)
     return metrics, details
 
 

@@ -1,0 +1,171 @@
+"""What each finding kind says: one constructor per kind, for the callbacks and the plain-PyTorch API.
+
+Each function returns an :class:`Explanation` (problem, fix, details); the caller adds where
+and when it happened (stage, hook, batch) to make a :class:`~lightning_nograd.core.findings.Finding`.
+Where the right fix depends on what was observed (a module already in train mode as the batch
+started, or switched to it inside; gradients on around the whole loop, or enabled inside it),
+the constructor takes that observation, never the caller's framework: the same bug gets the same
+text from ``NoGradAuditor`` and from ``audit()`` / ``check_training_step``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+from torch import nn
+
+from lightning_nograd.core.findings import display_name
+from lightning_nograd.core.graph import MIB, GraphEvent, TensorTally, format_bytes
+from lightning_nograd.core.modes import mode_sensitive_descendants
+
+
+class Explanation(NamedTuple):
+    """The text of a finding: what was observed, how to fix it, and plain extras."""
+
+    problem: str
+    fix: str
+    details: dict[str, Any]
+
+
+def shown(items: list[str], limit: int = 5) -> str:
+    """The first ``limit`` items, comma-separated, and how many more.
+
+    Example:
+        >>> shown(["a", "b", "c"], limit=2)
+        'a, b and 1 more'
+    """
+    return ", ".join(items[:limit]) + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+_ALLOW_TRAIN_MODE = "or add the module to `allow_train_mode` if it must stay in train mode (e.g. MC dropout)."
+
+
+def train_mode(path: str, module: nn.Module, root_type: str, confirmed: bool, during: str) -> Explanation:
+    """A module ran (``confirmed``) or was switched to (not ``confirmed``) train mode while evaluating.
+
+    ``confirmed``: it was in train mode as the batch started, so the evaluation loop left it
+    there (Lightning sets eval mode itself: then a ``.train()`` call in an evaluation hook put it
+    back); else code inside the batch switched it, after some of its forward may have run.
+    ``during`` names the unit of work (``"the step"``, ``"the batch"``).
+    """
+    layers = [s for s in mode_sensitive_descendants(module, path) if not s.startswith(f"{path} (")]
+    detail = f"; layers that behave differently in train mode: {shown(layers)}" if layers else ""
+    what = "ran its forward in train mode" if confirmed else f"was switched to train mode during {during}"
+    problem = f"{display_name(path, root_type)} ({type(module).__name__}) {what}{detail}"
+    if confirmed:
+        fix = (
+            "put the model in eval mode before evaluating: call `model.eval()` and remove any `.train()` call that "
+            "runs after it (under Lightning, which calls `.eval()` itself, a `.train()` in an evaluation hook), "
+            f"{_ALLOW_TRAIN_MODE}"
+        )
+    else:
+        fix = f"remove the `.train()` call that runs during evaluation, {_ALLOW_TRAIN_MODE}"
+    return Explanation(problem, fix, {"mode_sensitive_layers": layers})
+
+
+def grad_enabled(event: GraphEvent, modules: list[str], root_type: str, grad_off_around: bool) -> Explanation:
+    """A forward recorded an autograd graph while evaluating.
+
+    ``grad_off_around``: gradients were off around the batch (Lightning's loops, a loop under
+    ``no_grad``), so code inside the forward switched them on; else the whole loop ran with them.
+    """
+    inner = [m for m in modules if m != event.module]
+    where = f" (in {shown(inner)})" if inner else ""
+    problem = (
+        f"{display_name(event.module, root_type)} ran with gradients enabled and recorded an autograd graph{where}: "
+        f"{format_bytes(event.saved_bytes)} saved for backward in one batch"
+    )
+    allow = "or add the module to `allow_grad` if it needs gradients (saliency, physics)."
+    if grad_off_around:
+        fix = f"remove the `torch.enable_grad()` (or `set_grad_enabled(True)`) around this code, {allow}"
+    else:
+        fix = f"run the evaluation loop under `torch.no_grad()` or `torch.inference_mode()`, {allow}"
+    return Explanation(problem, fix, {"saved_mib": event.saved_bytes / MIB, "modules": modules})
+
+
+def graph_in_outputs(returned_by: str, tally: TensorTally, kept_mib: float, grad_off_around: bool) -> Explanation:
+    """``returned_by`` (the step, the model) returned tensors still attached to an autograd graph."""
+    problem = (
+        f"{returned_by} returned {tally.attached} tensor(s) still attached to an autograd graph, which keeps the "
+        f"whole graph alive ({kept_mib:.3f} MiB: the tensors and what their graph saved for backward)"
+    )
+    if grad_off_around:
+        fix = "return `.detach()`ed tensors, and remove the `torch.enable_grad()` the forward ran under."
+    else:
+        fix = "run the evaluation loop under `torch.no_grad()` or `torch.inference_mode()`."
+    return Explanation(problem, fix, {"tensors": tally.attached, "mib": kept_mib, "tensor_mib": tally.attached_mib})
+
+
+def graph_in_attribute(name: str, root_type: str, tally: TensorTally, kept_mib: float, when: str) -> Explanation:
+    """An attribute of the model holds tensors attached to a graph at an evaluation epoch's end."""
+    filled = f"was filled {when} and " if when else ""
+    return Explanation(
+        f"`self.{name}` on the {root_type} {filled}holds {tally.attached} tensor(s) still attached to an autograd "
+        f"graph, keeping their graphs alive ({kept_mib:.3f} MiB: the tensors and what their graphs saved for backward)",
+        f"store `.detach()`ed tensors in `self.{name}` (and clear it at epoch end).",
+        {"tensors": tally.attached, "mib": kept_mib, "tensor_mib": tally.attached_mib},
+    )
+
+
+def growing_collection(name: str, tensors: int, mib: float, devices: list[str], epoch_end_hook: str) -> Explanation:
+    """An attribute's collection of tensors grows from epoch to epoch and is never cleared."""
+    return Explanation(
+        f"`self.{name}` keeps growing across epochs: it now holds {tensors} tensors "
+        f"({mib:.3f} MiB on {', '.join(devices)}) and is never cleared",
+        f"call `self.{name}.clear()` at the end of `{epoch_end_hook}`.",
+        {"tensors": tensors, "mib": mib, "devices": devices},
+    )
+
+
+def grad_replay_oom() -> Explanation:
+    """The replay with gradients on ran out of memory: no_grad is what lets the batch run."""
+    return Explanation(
+        "with gradients on, this batch does not fit in memory: no_grad is what makes it run",
+        "keep evaluation under `torch.no_grad()` / `inference_mode` (Lightning's default); nothing else to do, this "
+        "is what the savings metrics would have shown.",
+        {},
+    )
+
+
+def inference_tensor(path: str, kind: str) -> Explanation:
+    """A buffer or tensor attribute created under ``torch.inference_mode`` is held as training starts."""
+    return Explanation(
+        f"the {kind} `{path}` was created under `torch.inference_mode` (e.g. while evaluating); the next backward "
+        "that uses it fails with 'Inference tensors cannot be saved for backward'",
+        "rebuild it outside inference mode before training (`self.x = self.x.clone()`), or evaluate under "
+        "`torch.no_grad()` instead (Lightning: `Trainer(inference_mode=False)`).",
+        {},
+    )
+
+
+def eval_mode_at_start(path: str, layers: list[str], root_type: str) -> Explanation:
+    """Dropout / batch-norm layers in eval mode inside a trainable block as training starts."""
+    return Explanation(
+        f"{display_name(path, root_type)} is in eval mode as training starts, with trainable parameters around "
+        f"layers that behave differently in train mode: {shown(layers)}",
+        "call `.train()` on it before training (models loaded with `from_pretrained` arrive in eval mode), or "
+        "freeze its parameters if it is meant to stay fixed.",
+        {"layers": layers},
+    )
+
+
+def eval_mode_leak(path: str, module: nn.Module, root_type: str, fixed: bool) -> Explanation:
+    """A module that trained earlier is in eval mode during training: an ``.eval()`` not undone."""
+    action = "; it was put back in train mode" if fixed else ""
+    return Explanation(
+        f"{display_name(path, root_type)} ({type(module).__name__}) is in eval mode during training although it "
+        f"was in train mode earlier in the fit: something called `.eval()` and did not switch back{action}",
+        "call `.train()` again after the code that evaluates it.",
+        {},
+    )
+
+
+def stray_graph(event: GraphEvent, modules: list[str], hook: str, root_type: str) -> Explanation:
+    """A forward outside the training step recorded a graph that no backward will use."""
+    return Explanation(
+        f"{display_name(event.module, root_type)} ran a forward in `{hook}`, outside the training step, with "
+        f"gradients on: it recorded an autograd graph that no backward will use "
+        f"({format_bytes(event.saved_bytes)} saved for backward)",
+        "wrap that code in `torch.no_grad()` (or `torch.inference_mode()`).",
+        {"saved_mib": event.saved_bytes / MIB, "modules": modules},
+    )
