@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
-import operator
 from collections.abc import Iterable
 from typing import Any
 
@@ -17,20 +15,19 @@ from lightning_nograd.callbacks.loggers import reduce_present_max
 from lightning_nograd.core import kinds
 from lightning_nograd.core.arguments import check_int
 from lightning_nograd.core.backprop import (
+    EvalModeLeaks,
+    GradientCheck,
     GradientGap,
     GradModeProbe,
-    ParamIndex,
-    ZeroGradientStreaks,
     eval_mode_under_trainable,
     explain_gradient_gaps,
     inference_tensors,
-    is_frozen,
     trained_parameter_ids,
 )
-from lightning_nograd.core.cost import GRADIENT_EVERY, GRADIENT_WINDOW, ModeSwitches, visits
+from lightning_nograd.core.cost import ModeSwitches
 from lightning_nograd.core.findings import Finding, OnViolation
 from lightning_nograd.core.graph import GraphEvent, GraphProbe, StrayGraphWatch
-from lightning_nograd.core.patterns import NamePatterns, ancestors, named_modules, parent_path
+from lightning_nograd.core.patterns import NamePatterns
 from lightning_nograd.errors import BrokenBackpropWarning
 
 OUTSIDE_STEP_HOOKS = frozenset(
@@ -48,7 +45,6 @@ OUTSIDE_STEP_HOOKS = frozenset(
     }
 )
 
-_GRAD = operator.attrgetter("grad")
 _COUNTS = {
     "no_grad_modules": "nograd/train/no_grad_modules",
     "params_without_grad": "nograd/train/params_without_grad",
@@ -82,9 +78,10 @@ class BackpropGuard(NoGradCallback):
     Correct models report nothing: frozen backbones, GANs with manual optimization, EMA teachers
     updated without gradients, parameters in no optimizer, allow-listed modules.
 
-    Cost: no module hooks in a clean run; one pass over the module list per step and one pass
-    over the stepped optimizer's parameters. A global forward pre-hook is installed for a single
-    step only after parameters were found without gradients, to tell why.
+    Cost: no module hooks in a clean run, and per step a few tests that do not grow with the model:
+    modes are read only after some module's mode switched, gradients are checked for every stepped
+    parameter at an epoch's first step and for a window of them every 16th step. A global forward
+    pre-hook is installed for a single step only after parameters were found without gradients, to tell why.
 
     Logged metrics (every training epoch):
         ``nograd/train/no_grad_modules``, ``nograd/train/params_without_grad``,
@@ -114,32 +111,17 @@ class BackpropGuard(NoGradCallback):
         super().__init__(on_violation)
         self.allow = NamePatterns("allow", allow)
         self.zero_grad_steps = check_int("zero_grad_steps", zero_grad_steps, 1)
-        self._index: ParamIndex | None = None
-        self._modules: list[tuple[str, nn.Module]] = []
-        self._train_mode_seen: set[str] = set()
-        self._trained: list[tuple[str, nn.Module]] = []
-        self._leaks_reported: set[str] = set()
+        self._gradients = GradientCheck(self.zero_grad_steps, self.allow.matches)
+        self._leaks = EvalModeLeaks(self.allow.matches)
         self._inference_reported: set[str] = set()
-        self._optimizer_params: dict[int, list[nn.Parameter]] = {}
-        self._suspects: dict[int, str] = {}
         self._probe: GradModeProbe | None = None
+        self._pending_probe = False
         self._stray: StrayGraphWatch | None = None
-        self._zero_streaks = ZeroGradientStreaks(self.zero_grad_steps)
+        self._trained_ids: set[int] | None = None
         self._batch_idx: int | None = None
         self._epoch = 0
         self._root_type = "LightningModule"
         self._counts: dict[str, set[str]] = {key: set() for key in _COUNTS}
-        self._last_clean_check = "on_train_start"
-        self._pending_probe = False
-        self._steps_per_optimizer: dict[int, int] = {}
-        self._explained: set[int] = set()
-        self._trained_ids: set[int] | None = None
-        self._backward_seen = False
-        self._zeroing: torch.optim.Optimizer | None = None
-        self._keeps_zeros = False
-        self._zero_checks: dict[int, int] = {}
-        self._modes_read_at: int | None = None  # ModeSwitches.count when the modes were last read
-        self._window_at: dict[int, int] = {}  # per optimizer, where the next gradient window starts
 
     @override
     def _state_key_settings(self) -> dict[str, Any]:
@@ -167,19 +149,17 @@ class BackpropGuard(NoGradCallback):
     @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._epoch = int(trainer.current_epoch)
-        self._steps_per_optimizer = {}
-        self._zero_checks = {}
-        self._explained = set()
+        self._gradients.new_epoch()
         self._counts = {key: set() for key in _COUNTS}
         if self._stray is not None:
             self._stray.close()
             self._stray.new_epoch()
         # frozen or unfrozen between epochs (BackboneFinetuning): what is trained is read again
         self._trained_ids = trained_parameter_ids(getattr(trainer, "optimizers", []))
-        if self._index is None:
+        if self._gradients.index is None:
             self._index_model(pl_module)
         else:
-            self._refresh_epoch_caches()
+            self._note_train_mode("on_train_epoch_start")
         self._check_inference_tensors(pl_module, "on_train_epoch_start")
 
     @override
@@ -189,8 +169,9 @@ class BackpropGuard(NoGradCallback):
         if self._stray is not None:
             self._stray.close()
         self._batch_idx = batch_idx
-        if self._modes_read_at == ModeSwitches.count:
-            self._last_clean_check = "on_train_batch_start"
+        leaks = self._leaks
+        if leaks.read_at == ModeSwitches.count:
+            leaks.clean_at = "on_train_batch_start"
         else:
             self._read_modes("on_train_batch_start")
         if self._pending_probe:
@@ -200,36 +181,19 @@ class BackpropGuard(NoGradCallback):
     def on_before_zero_grad(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        self._zeroing = optimizer
+        self._gradients.zeroing = optimizer
 
     @override
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor) -> None:
-        self._backward_seen = True
-        optimizer = self._zeroing
-        if optimizer is None:
-            return
-        self._zeroing = None
-        # only the first steps of an epoch check all-zero gradients: how zeroing works is read there
-        if not self._keeps_zeros and self._steps_per_optimizer.get(id(optimizer), 0) < self.zero_grad_steps:
-            self._note_zeroing(optimizer)
+        self._note_backward()
 
     @override
     def on_before_optimizer_step(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        key = id(optimizer)
-        steps = self._steps_per_optimizer.get(key, 0) + 1
-        self._steps_per_optimizer[key] = steps
-        # the first step of an epoch checks every parameter, then one window every GRADIENT_EVERY steps;
-        # all-zero gradients are checked in the first steps of an epoch, where zeroing keeps them
-        if (
-            steps == 1
-            or not steps % GRADIENT_EVERY
-            or self._zero_streaks.pending
-            or (self._keeps_zeros and self._zero_checks.get(key, 0) < self.zero_grad_steps)
-        ):
+        steps = self._gradients.count_step(optimizer)  # 0 unless this step is checked
+        if steps:
             self._check_gradients(optimizer, steps)
-        self._backward_seen = False
 
     @override
     def on_train_batch_end(
@@ -237,8 +201,9 @@ class BackpropGuard(NoGradCallback):
     ) -> None:
         if self._probe is not None:
             self._finish_grad_mode_probe()
-        if self._modes_read_at == ModeSwitches.count:
-            self._last_clean_check = "training_step"
+        leaks = self._leaks
+        if leaks.read_at == ModeSwitches.count:
+            leaks.clean_at = "training_step"
         else:
             self._read_modes("training_step")
         stray = self._stray
@@ -259,7 +224,7 @@ class BackpropGuard(NoGradCallback):
 
     @override
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._modes_read_at = None  # Lightning restores the modes after this hook, by assignment
+        self._leaks.read_at = None  # Lightning restores the modes after this hook, by assignment
         if not trainer.sanity_checking and trainer.state.fn == "fit":
             self._watch_stray_graphs(pl_module, probe=True)
 
@@ -281,48 +246,21 @@ class BackpropGuard(NoGradCallback):
             if stray is not None:
                 stray.release()
         if check is None:
-            ModeSwitches.stop(self)
-            self._modes_read_at = None
-            self._index = None
-            self._modules = []
-            self._trained = []
-            self._optimizer_params = {}
-            self._suspects = {}
-            self._zero_streaks.clear()
+            self._leaks.stop()
+            self._gradients.clear()
 
     # -- set-up ----------------------------------------------------------------------------------
 
     @guarded("index")
     def _index_model(self, pl_module: nn.Module) -> None:
-        self._index = ParamIndex(pl_module)
-        self._modules = [(path, m) for path, m in named_modules(pl_module) if not self.allow.matches(path)]
+        self._gradients.index_model(pl_module)
+        self._leaks.index(pl_module)
         self._note_train_mode("on_train_start")
-        self._optimizer_params = {}
 
+    @guarded("eval_mode_leak")
     def _note_train_mode(self, hook: str) -> None:
-        """Remember modules in train mode now: from here on, eval mode in a training step is a leak.
-
-        Frozen modules (no parameter of theirs learns) are left out: keeping them in eval is a choice.
-        """
-        modules = self._index.modules if self._index is not None else {}
-        self._train_mode_seen |= {path for path, m in self._modules if m.training}
-        self._trained = [
-            (path, m)
-            for path, m in self._modules
-            if path in self._train_mode_seen
-            and not is_frozen(m, modules.get(parent_path(path)) if path else None, self._trained_ids)
-        ]
-        self._last_clean_check = hook
-        self._modes_read_at = None
-        ModeSwitches.listen(self)
-
-    @guarded("index")
-    def _refresh_epoch_caches(self) -> None:
-        self._note_train_mode("on_train_epoch_start")
-        self._optimizer_params = {}
-
-    def _allowed_param(self, name: str) -> bool:
-        return self.allow.matches(parent_path(name))
+        index = self._gradients.index
+        self._leaks.note_train_mode(index.modules if index is not None else {}, self._trained_ids, hook)
 
     def _finding(self, kind: str, subject: str, hook: str, text: kinds.Explanation) -> None:
         self._add_finding(Finding(kind, subject, "train", hook, self._batch_idx, self._epoch, *text))
@@ -347,136 +285,69 @@ class BackpropGuard(NoGradCallback):
 
     @guarded("eval_mode_leak")
     def _read_modes(self, hook: str) -> None:
-        """Read the trained modules' modes at ``hook``; called only when some mode switched since the last
-        reading (a batch hook compares ``ModeSwitches.count`` and otherwise notes ``hook`` as clean)."""
-        self._modes_read_at = ModeSwitches.count
-        visits.modules += len(self._trained)
-        leaked = [(path, module) for path, module in self._trained if not module.training]
-        if not leaked:
-            self._last_clean_check = hook
-            return
-        leaked_paths = {path for path, _ in leaked}
-        tops = [(p, m) for p, m in leaked if not any(a in leaked_paths for a in ancestors(p)[:-1])]
-        # the check at the batch's end covers the training step; the one at its start covers what ran
-        # since the last clean check (the previous batch's end hooks, validation, an epoch start)
-        where = {"on_train_batch_start": "training_step", "training_step": "on_train_batch_end"}.get(
-            self._last_clean_check, self._last_clean_check
-        )
-        if hook == "training_step":
-            where = "training_step"
-        for path, module in tops:
-            self._counts["eval_mode_modules"].add(path)
-            if path in self._leaks_reported:
-                continue
-            self._leaks_reported.add(path)
-            batch_idx = self._batch_idx
-            if where == "on_train_batch_end" and batch_idx:
-                batch_idx -= 1  # seen at the start of the next batch
-            text = kinds.eval_mode_leak(path, module, self._root_type, fixed=self.on_violation == "fix")
-            self._add_finding(Finding("eval_mode_leak", path, "train", where, batch_idx, self._epoch, *text))
+        """Called only when some mode switched since the last reading (the batch hooks compare counts)."""
+        leaked, leaks = self._leaks.read(hook, self._batch_idx)
+        for leak in leaks:
+            self._counts["eval_mode_modules"].add(leak.path)
+            if leak.new:
+                text = kinds.eval_mode_leak(leak.path, leak.module, self._root_type, self.on_violation == "fix")
+                self._add_finding(
+                    Finding("eval_mode_leak", leak.path, "train", leak.where, leak.batch_idx, self._epoch, *text)
+                )
         if self.on_violation == "fix":
-            for _path, module in leaked:
+            for module in leaked:
                 module.training = True
-        self._last_clean_check = hook
 
     # -- gradients -------------------------------------------------------------------------------
 
     @guarded("params_without_grad")
-    def _check_gradients(self, optimizer: torch.optim.Optimizer, steps: int) -> None:
-        index = self._index
-        if index is None:
-            return
-        params = self._optimizer_params.get(id(optimizer))
-        if params is None or steps == 1:
-            params = [
-                p
-                for group in optimizer.param_groups
-                for p in group["params"]
-                if id(p) in index.names and not self._allowed_param(index.names[id(p)])
-            ]
-            self._optimizer_params[id(optimizer)] = params
-        zero_check = self._keeps_zeros and self._zero_checks.get(id(optimizer), 0) < self.zero_grad_steps
-        checked = params if steps == 1 or zero_check else self._gradient_window(id(optimizer), params)
-        visits.params += len(checked)
-        missing = []
-        if any(map(operator.is_, map(_GRAD, checked), itertools.repeat(None))):  # C-level pass
-            missing = [p for p in checked if p.grad is None and p.requires_grad]
-        if missing and not self._backward_seen and len(missing) == sum(p.requires_grad for p in checked):
-            return  # no backward and no gradient at all: a skipped step (`training_step` returned None)
-        # all-zero gradients mean "missing" only where zeroing keeps zeros (`set_to_none=False`): with
-        # Lightning's default they are real gradients that happen to be zero (pruned weights, dead units)
-        if zero_check:
-            self._zero_checks[id(optimizer)] = self._zero_checks.get(id(optimizer), 0) + 1
-            self._zero_streaks.observe([p for p in params if p.requires_grad])
-        self._note_missing(missing, self._zero_streaks.collect())
-
-    def _gradient_window(self, key: int, params: list[nn.Parameter]) -> list[nn.Parameter]:
-        """The next ``GRADIENT_WINDOW`` parameters, round robin: the first step of each epoch checks
-        them all, every ``GRADIENT_EVERY``-th step after it a window, so a step costs the same at any
-        model size."""
-        if len(params) <= GRADIENT_WINDOW:
-            return params
-        start = self._window_at.get(key, 0) % len(params)
-        self._window_at[key] = start + GRADIENT_WINDOW
-        window = params[start : start + GRADIENT_WINDOW]
-        return window + params[: GRADIENT_WINDOW - len(window)]
+    def _note_backward(self) -> None:
+        self._gradients.backward()
 
     @guarded("params_without_grad")
-    def _note_zeroing(self, optimizer: torch.optim.Optimizer) -> None:
-        """Right after ``zero_grad``: a gradient still there means zeros are kept (``set_to_none=False``)."""
-        params = (p for group in optimizer.param_groups for p in group["params"] if p.requires_grad)
-        self._keeps_zeros = any(p.grad is not None for _, p in zip(range(8), params, strict=False))
+    def _check_gradients(self, optimizer: torch.optim.Optimizer, steps: int) -> None:
+        self._note_missing(self._gradients.check(optimizer, steps))
 
     @guarded("params_without_grad")
     def _collect_zero_gradients(self, wait: bool) -> None:
-        self._note_missing([], self._zero_streaks.collect(wait))
+        self._note_missing(self._gradients.collect(wait))
 
-    def _note_missing(self, missing: list[nn.Parameter], zero: list[nn.Parameter]) -> None:
-        """Count and report (or queue for explanation) parameters that reached a step without a gradient."""
-        index = self._index
-        if index is None:
-            return
-        seen = {id(p) for p in missing}
-        missing = missing + [p for p in zero if id(p) not in seen and p.requires_grad]
-        if not missing:
+    def _note_missing(self, missing: list[nn.Parameter]) -> None:
+        """Count parameters that reached a step without a gradient; new suspects get the next step watched.
+
+        Also under on_violation="error": the watched step names the cause (a `no_grad` branch is
+        `no_grad_module`) before the run is stopped, one step later than the gap was seen."""
+        index = self._gradients.index
+        if not missing or index is None:
             return
         for param in missing:
             self._counts["params_without_grad"].add(index.name(param))
-        # also under on_violation="error": the next step, watched, names the cause (a `no_grad` branch is
-        # `no_grad_module`) before the run is stopped, one step later than the gap was seen
-        missing = [p for p in missing if id(p) not in self._explained]
-        new = [p for p in missing if id(p) not in self._suspects]
-        self._suspects.update({id(p): index.name(p) for p in missing})
-        if new and self._probe is None:
+        if self._gradients.suspects and self._probe is None:
             self._pending_probe = True
 
     @guarded("no_grad_module")
     def _start_grad_mode_probe(self) -> None:
-        if not self._pending_probe or self._index is None:
+        index = self._gradients.index
+        if not self._pending_probe or index is None:
             return
         self._pending_probe = False
-        watch = {id(module): path for path, module in self._index.modules.items() if not self.allow.matches(path)}
-        self._probe = GradModeProbe(watch)
+        self._probe = GradModeProbe({id(m): path for path, m in index.modules.items() if not self.allow.matches(path)})
         self._probe.on_error = lambda err: self._switch_off("no_grad_module", err)
         self._probe.start()
 
     @guarded("no_grad_module")
     def _finish_grad_mode_probe(self) -> None:
         probe, self._probe = self._probe, None
-        if probe is None or self._index is None:
+        index = self._gradients.index
+        if probe is None or index is None:
             return
         probe.stop()
-        suspects = [self._index.params[key] for key in self._suspects if key in self._index.params]
-        self._explained |= set(self._suspects)
-        self._suspects = {}
-        self._report_gaps(explain_gradient_gaps(self._index, suspects, probe))
+        self._report_gaps(explain_gradient_gaps(index, self._gradients.take_suspects(), probe))
 
     def _report_unexplained_suspects(self) -> None:
-        if self._index is None or not self._suspects:
-            return
-        params = [self._index.params[k] for k in self._suspects if k in self._index.params]
-        self._suspects = {}
-        self._report_gaps(explain_gradient_gaps(self._index, params, None))
+        index = self._gradients.index
+        if index is not None and self._gradients.suspects:
+            self._report_gaps(explain_gradient_gaps(index, self._gradients.take_suspects(), None))
 
     def _report_gaps(self, gaps: list[GradientGap]) -> None:
         for gap in gaps:

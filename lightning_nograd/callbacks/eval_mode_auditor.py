@@ -15,10 +15,10 @@ from lightning_nograd.core import kinds
 from lightning_nograd.core.findings import Finding, OnViolation
 from lightning_nograd.core.graph import (
     MIB,
+    AttributeTensors,
     GraphEvent,
     GraphProbe,
     tally_tensors,
-    tensor_attributes,
     weight_storages,
 )
 from lightning_nograd.core.modes import ModeProbe
@@ -98,11 +98,8 @@ class EvalModeAuditor(EvaluationLoopCallback):
         self._modes: ModeProbe | None = None
         self._graph: GraphProbe | None = None
         self._fixed_by_stage: dict[str, set[str]] = {}
-        self._collections_at_epoch_start: dict[str, int] = {}
-        self._attached_at_epoch_start: set[str] = set()
-        self._attached_at_last_epoch_end: dict[str, int] = {}
+        self._attributes = AttributeTensors()
         self._fitting = False
-        self._collections_at_last_epoch_end: dict[tuple[str, str], tuple[int, int]] = {}
 
     @override
     def _state_key_settings(self) -> dict[str, Any]:
@@ -188,14 +185,9 @@ class EvalModeAuditor(EvaluationLoopCallback):
         if self._modes is not None:
             self._modes.refresh()
 
-    @guarded("growing_collection")
+    @guarded("graph_in_attribute")
     def _count_collections(self, pl_module: nn.Module) -> None:
-        tallies = {name: tally_tensors(value) for name, value in tensor_attributes(pl_module)}
-        self._collections_at_epoch_start = {name: tally.tensors for name, tally in tallies.items()}
-        # graphs that appeared since the last evaluation epoch ended were stored in between: in training
-        self._attached_at_epoch_start = {
-            name for name, tally in tallies.items() if tally.attached > self._attached_at_last_epoch_end.get(name, 0)
-        }
+        self._attributes.epoch_start(pl_module)
 
     @guarded("train_mode")
     def _modes_before_batch(self) -> None:
@@ -284,29 +276,17 @@ class EvalModeAuditor(EvaluationLoopCallback):
     @guarded("graph_in_attribute")
     def _check_attributes(self, pl_module: nn.Module) -> None:
         stage = self._stage_name()
-        for name, value in tensor_attributes(pl_module):
-            tally = tally_tensors(value)
-            self._attached_at_last_epoch_end[name] = tally.attached
+        epoch_end = f"on_{LOOP_NAMES.get(stage, stage)}_epoch_end"
+        for kept in self._attributes.epoch_end(pl_module, stage):
+            name, tally = kept.name, kept.tally
             if tally.attached:
-                kept = tally.kept_bytes(weight_storages(pl_module)) / MIB
-                in_training = self._fitting and name in self._attached_at_epoch_start
+                mib = tally.kept_bytes(weight_storages(pl_module)) / MIB
+                in_training = self._fitting and kept.attached_between
                 when = "during training (`training_step` or a training hook)" if in_training else ""
-                text = kinds.graph_in_attribute(name, self._root_type, tally, kept, when)
-                hook = "training_step" if in_training else f"on_{LOOP_NAMES.get(stage, stage)}_epoch_end"
-                self._finding("graph_in_attribute", f"self.{name}", hook, text, "train" if in_training else stage)
-            self._check_growth(stage, name, tally.tensors, tally.nbytes, sorted(tally.devices))
-
-    @guarded("growing_collection")
-    def _check_growth(self, stage: str, name: str, tensors: int, nbytes: int, devices: list[str]) -> None:
-        at_start = self._collections_at_epoch_start.get(name, 0)
-        previous = self._collections_at_last_epoch_end.get((stage, name))
-        self._collections_at_last_epoch_end[(stage, name)] = (tensors, nbytes)
-        if previous is None or previous[0] == 0:
-            return
-        not_cleared = at_start >= previous[0]
-        grew = tensors - at_start > 1 or nbytes - previous[1] >= 2**20
-        if not (not_cleared and grew):
-            return
-        hook = f"on_{LOOP_NAMES.get(stage, stage)}_epoch_end"
-        text = kinds.growing_collection(name, tensors, nbytes / MIB, devices, hook)
-        self._finding("growing_collection", f"self.{name}", hook, text, stage)
+                text = kinds.graph_in_attribute(name, self._root_type, tally, mib, when)
+                hook, where = ("training_step", "train") if in_training else (epoch_end, stage)
+                self._finding("graph_in_attribute", f"self.{name}", hook, text, where)
+            if kept.grows:
+                devices = sorted(tally.devices)
+                text = kinds.growing_collection(name, tally.tensors, tally.nbytes / MIB, devices, epoch_end)
+                self._finding("growing_collection", f"self.{name}", epoch_end, text, stage)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -17,17 +18,9 @@ from lightning_nograd.core import kinds
 from lightning_nograd.core.arguments import check_float, check_int
 from lightning_nograd.core.findings import Finding
 from lightning_nograd.core.graph import weight_storages
-from lightning_nograd.core.measure import EpochClock, EpochPeakMemory
-from lightning_nograd.core.replay import (
-    EAGER_REPLAY_NOTE,
-    CallRecorder,
-    RecordedCall,
-    Replay,
-    ReplayResult,
-    is_work_module,
-    replayable,
-    savings_metrics,
-)
+from lightning_nograd.core.measure import EpochMeasures
+from lightning_nograd.core.replay import CallRecorder, RecordedCall, ReplayResult, is_work_module, savings_metrics
+from lightning_nograd.core.schedule import Measurement, ReplayBudget, call_signature
 
 log = logging.getLogger(__name__)
 
@@ -38,21 +31,6 @@ def _excluded_types() -> tuple[type, ...]:
     except ImportError:  # torchmetrics is a dependency, but the check must not depend on it
         return ()
     return (Metric,)
-
-
-def _signature(calls: list[RecordedCall]) -> tuple[Any, ...]:
-    """What a measurement depends on: which modules ran, on what input shapes, in which grad mode."""
-
-    def describe(value: Any) -> Any:
-        if isinstance(value, torch.Tensor):
-            return (tuple(value.shape), str(value.dtype), str(value.device))
-        if isinstance(value, (list, tuple)):
-            return tuple(describe(v) for v in value)
-        if isinstance(value, dict):
-            return tuple(sorted((k, describe(v)) for k, v in value.items()))
-        return type(value).__name__
-
-    return tuple((id(c.module), describe(c.args), describe(c.kwargs), c.inference_mode) for c in calls)
 
 
 def percent(share: float) -> str:
@@ -125,12 +103,10 @@ class SavingsMonitor(EvaluationLoopCallback):
                 f"Expected argument `max_repeats` to be >= `min_repeats` ({self.min_repeats}), "
                 f"but got max_repeats={self.max_repeats} and min_repeats={self.min_repeats}."
             )
-        self._run_started = time.perf_counter()
-        self._spent = 0.0
+        self._budget = ReplayBudget(self.budget, self.repeats, self.min_repeats, self.max_repeats)
         self._device = torch.device("cpu")
         self._compiled_steps = False
-        self._clock: EpochClock | None = None
-        self._memory: EpochPeakMemory | None = None
+        self._measures: EpochMeasures | None = None
         self._recorder: CallRecorder | None = None
         self._recorded: list[list[RecordedCall]] = []
         self._candidates: set[int] | None = None
@@ -138,18 +114,9 @@ class SavingsMonitor(EvaluationLoopCallback):
         self._record_from = 1
         self._batch_started = 0.0
         self._batch_seconds: list[float] = []
-        self._cache: dict[tuple[Any, ...], tuple[ReplayResult, dict[str, Any]]] = {}
-        # what one timed pair of each recorded-call signature costs (estimated, then measured)
-        self._pair_costs: dict[tuple[Any, ...], float] = {}
-        self._pair_measured: set[tuple[Any, ...]] = set()
-        self._allowed = 0.0  # seconds the measurement under way may take
-        self._memory_from: ReplayResult | None = None
+        self._running: Measurement | None = None
         self._measurement: tuple[ReplayResult, dict[str, Any]] | None = None
-        self._sessions: list[Replay] = []
-        self._signature: tuple[Any, ...] = ()
-        self._target = 0
-        self._pairs_per_batch = 1
-        self._spent_this_measurement = 0.0
+        self._cache: dict[tuple[Any, ...], tuple[ReplayResult, dict[str, Any]]] = {}
         self._skip_reason: str | None = None
         self._stage: str | None = None
         self._epoch = 0
@@ -163,8 +130,7 @@ class SavingsMonitor(EvaluationLoopCallback):
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        self._run_started = time.perf_counter()
-        self._spent = 0.0
+        self._budget.start_run()
         self._set_rank_zero(trainer)
 
     @override
@@ -186,15 +152,16 @@ class SavingsMonitor(EvaluationLoopCallback):
         if self._stage is None:
             return
         self._batches += 1
-        if self._memory is not None and self._memory.sampled:
-            self._memory.sample()
+        measures = self._measures
+        if measures is not None and measures.memory.sampled:
+            measures.memory.sample()
         if self._measurement is not None or self._skip_reason is not None:
             return
         self._batch_seconds.append(time.perf_counter() - self._batch_started)
         if self._recorder is not None:
             self._finish_recording(trainer, pl_module)
-        elif self._sessions:
-            self._continue_timing(trainer)
+        elif self._running is not None:
+            self._continue_timing()
 
     @override
     def _eval_epoch_end(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -206,7 +173,7 @@ class SavingsMonitor(EvaluationLoopCallback):
             self._recorder.stop()
             self._recorder = None
         self._recorded = []
-        self._sessions = []
+        self._running = None
         if check is None:
             self._measurement = None
 
@@ -224,7 +191,7 @@ class SavingsMonitor(EvaluationLoopCallback):
         self._batches = 0
         self._recorded = []
         self._measurement = None
-        self._sessions = []
+        self._running = None
         self._skip_reason = None
         self._batch_seconds = []
         self._candidates = None
@@ -237,16 +204,14 @@ class SavingsMonitor(EvaluationLoopCallback):
 
     @guarded("epoch_measures")
     def _start_epoch_measures(self) -> None:
-        self._clock = EpochClock(self._device)
-        self._memory = EpochPeakMemory(self._device)
-        self._memory.start()
-        self._clock.start()
+        self._measures = EpochMeasures(self._device)
+        self._measures.start()
 
     def _wants_recording(self) -> bool:
         return (
             self._measurement is None
             and self._skip_reason is None
-            and not self._sessions
+            and self._running is None
             and self._batches >= self._record_from
             and len(self._recorded) < self.measure_batches
             and "replay" not in self._switched_off
@@ -274,119 +239,53 @@ class SavingsMonitor(EvaluationLoopCallback):
         if len(self._recorded) >= self.measure_batches:
             self._start_measurement(trainer, pl_module)
 
-    def _paused(self) -> _PausedMeasures:
-        return _PausedMeasures(self)
+    def _paused(self) -> AbstractContextManager[None]:
+        return self._measures.paused() if self._measures is not None else nullcontext()
 
     @guarded("replay")
     def _start_measurement(self, trainer: Trainer, pl_module: nn.Module) -> None:
-        """Memory always (one replay with gradients on, one off); time as the budget allows.
-
-        What the replays cost is measured, not guessed from the batch time: a pair's cost is first
-        estimated from the memory replay's two runs (a pair runs the calls six times: three times
-        theirs), and a warm-up pair is taken once the budget covers it; its exact cost then sets how
-        many timed pairs follow (none below ``min_repeats``, at most ``max_repeats``), and whether
-        a later epoch has room for a warm-up and ``min_repeats`` pairs. A measurement is reused while
-        the recorded calls stay the same; one taken without time gets its time later (its memory
-        figures kept), once the run has grown.
-        """
+        """Memory always (one replay with gradients on, one off); time as the budget allows
+        (:mod:`~lightning_nograd.core.schedule`). A measurement is reused while the recorded calls stay the same."""
         batches, self._recorded = self._recorded, []
-        self._signature = tuple(_signature(calls) for calls in batches)
+        signature = tuple(call_signature(calls) for calls in batches)
         seconds_per_batch = sorted(self._batch_seconds)[len(self._batch_seconds) // 2]
         remaining = max(0, (_total_batches(trainer, self._stage or "val") or self._batches) - self._batches)
-        run_time = time.perf_counter() - self._run_started + remaining * seconds_per_batch
-        allowed = self.budget * run_time - self._spent
-        cached = self._cache.get(self._signature)
-        if cached is not None and (cached[0].time_on or not self._can_time(allowed)):
+        allowed = self._budget.allowed(remaining * seconds_per_batch)
+        cached = self._cache.get(signature)
+        if cached is not None and self._budget.reusable(cached[0], signature, allowed):
             self._measurement = cached
             return
+        memory_from = cached[0] if cached is not None else None
         exclude = weight_storages(pl_module)
-        self._spent_this_measurement = 0.0
-        self._memory_from = cached[0] if cached is not None else None
-        with self._paused():
-            self._sessions = [Replay(replayable(calls), self._device, exclude) for calls in batches]
-            if self._memory_from is None:
-                for session in self._sessions:
-                    session.measure_memory()
-                self._pair_costs.setdefault(self._signature, 3 * sum(s.memory_run_seconds for s in self._sessions))
-        if any(s.result.out_of_memory for s in self._sessions):
+        measurement = Measurement(
+            self._budget, batches, signature, self._device, exclude, allowed, memory_from, self._paused
+        )
+        self._running = measurement
+        measurement.start(remaining)
+        if measurement.out_of_memory:
             self._report_oom(batches[0])
             self._finish_measurement()
             return
-        self._allowed = allowed
-        timing = self._can_time(allowed - self._spent_this_measurement)
-        if timing:
-            with self._paused():
-                for session in self._sessions:
-                    session.warm_up()
-            # the least a pair has cost: a warm-up slowed by a busy machine must not stop timing for good
-            pair = sum(s.pair_seconds for s in self._sessions)
-            if self._signature in self._pair_measured:
-                pair = min(pair, self._pair_costs[self._signature])
-            self._pair_costs[self._signature] = pair
-            self._pair_measured.add(self._signature)
-        else:
-            pair = 0.0
-        if self.repeats is not None:
-            self._target = self.repeats
-        elif not timing:
-            self._target = 0
-        else:
-            affordable = int((allowed - self._spent_this_measurement) / max(pair, 1e-9))
-            self._target = 0 if affordable < self.min_repeats else min(affordable, self.max_repeats)
-        # spread the timed pairs over the rest of the epoch, a few after each batch
-        self._pairs_per_batch = max(1, -(-self._target // max(1, remaining)))
-        self._continue_timing(trainer)
+        self._continue_timing()
 
     @guarded("replay")
-    def _continue_timing(self, trainer: Trainer, finish: bool = False) -> None:
-        if not self._sessions:
+    def _continue_timing(self, finish: bool = False) -> None:
+        measurement = self._running
+        if measurement is None:
             return
-        done = min(len(s.result.time_on) for s in self._sessions)
-        todo = self._target - done if finish else min(self._pairs_per_batch, self._target - done)
-        pair = self._pair_costs.get(self._signature, 0.0)
-        for _ in range(max(0, todo)):
-            if self.repeats is None and self._spent_this_measurement + pair > self._allowed:
-                # pairs cost more than the warm-up said (a machine that got busy): stop at the budget,
-                # keeping the time only if `min_repeats` pairs were taken (else it is retried later)
-                if min(len(s.result.time_on) for s in self._sessions) < self.min_repeats:
-                    for session in self._sessions:
-                        session.result.time_on, session.result.time_off = [], []
-                self._finish_measurement()
-                return
-            with self._paused():
-                for session in self._sessions:
-                    session.time_pairs(1)
-        if any(s.result.out_of_memory for s in self._sessions):
-            self._report_oom(self._sessions[0].calls)
-        if finish or min(len(s.result.time_on) for s in self._sessions) >= self._target:
+        done = measurement.time(finish)
+        if measurement.out_of_memory:
+            self._report_oom(measurement.sessions[0].calls)
+        if done:
             self._finish_measurement()
 
-    def _can_time(self, allowed: float) -> bool:
-        """Whether ``allowed`` seconds cover the next step of timing the current calls (always, with
-        ``repeats``): while a pair's cost is only estimated, the warm-up pair that measures it; once
-        measured, a warm-up and ``min_repeats`` timed pairs."""
-        if self.repeats is not None:
-            return True
-        pair = self._pair_costs.get(self._signature)
-        if pair is None:
-            return False
-        if self._signature not in self._pair_measured:
-            return allowed >= pair
-        return allowed >= (1 + self.min_repeats) * pair
-
     def _finish_measurement(self) -> None:
-        sessions, self._sessions = self._sessions, []
-        merged = ReplayResult.merge([s.result for s in sessions])
-        if self._memory_from is not None:  # timed later: the memory figures of the first measurement
-            memory = self._memory_from
-            merged.graph_bytes, merged.peak_on_bytes = memory.graph_bytes, memory.peak_on_bytes
-            merged.peak_off_bytes = memory.peak_off_bytes
-        info: dict[str, Any] = {"repeats": len(merged.time_on), "batches_replayed": len(sessions)}
-        if any(call.compiled for session in sessions for call in session.calls):
-            info["compiled"] = EAGER_REPLAY_NOTE
-        self._measurement = (merged, info)
-        if not merged.out_of_memory:
-            self._cache[self._signature] = self._measurement
+        measurement, self._running = self._running, None
+        if measurement is None:
+            return
+        self._measurement = measurement.result()
+        if not self._measurement[0].out_of_memory:
+            self._cache[measurement.signature] = self._measurement
 
     def _report_oom(self, calls: list[RecordedCall]) -> None:
         stage = self._stage or "val"
@@ -402,8 +301,8 @@ class SavingsMonitor(EvaluationLoopCallback):
         if not self._active(trainer):
             return
         self._stop_recording()
-        if self._sessions:
-            self._continue_timing(trainer, finish=True)
+        if self._running is not None:
+            self._continue_timing(finish=True)
         stage = self._stage or "val"
         self._emit_epoch_metrics(
             trainer, stage, lambda: self._epoch_metrics(stage), lambda t, m: _reduce_across_ranks(t, stage, m)
@@ -419,10 +318,8 @@ class SavingsMonitor(EvaluationLoopCallback):
         prefix = f"nograd/{stage}"
         metrics: dict[str, float] = {}
         details: dict[str, Any] = {"batches": self._batches}
-        if self._clock is not None and "epoch_measures" not in self._switched_off:
-            metrics[f"{prefix}/epoch_time_s"] = self._clock.stop()
-        if self._memory is not None and "epoch_measures" not in self._switched_off:
-            metrics[f"{prefix}/peak_memory_mib"] = self._memory.peak_mib()
+        if self._measures is not None and "epoch_measures" not in self._switched_off:
+            metrics[f"{prefix}/epoch_time_s"], metrics[f"{prefix}/peak_memory_mib"] = self._measures.stop()
         measurement = self._measurement
         if measurement is None:
             details["savings"] = self._skip_reason or (
@@ -444,30 +341,6 @@ class SavingsMonitor(EvaluationLoopCallback):
         metrics.update({f"{prefix}/{key}": value for key, value in savings.items()})
         details.update(savings_details)
         return metrics, details
-
-
-class _PausedMeasures:
-    """Keeps our own replay out of the epoch's time and peak memory, and adds it to the spend."""
-
-    def __init__(self, monitor: SavingsMonitor) -> None:
-        self.monitor = monitor
-        self.started = 0.0
-
-    def __enter__(self) -> None:
-        if self.monitor._clock is not None:
-            self.monitor._clock.pause()
-        if self.monitor._memory is not None:
-            self.monitor._memory.pause()
-        self.started = time.perf_counter()
-
-    def __exit__(self, *exc: object) -> None:
-        spent = time.perf_counter() - self.started
-        self.monitor._spent += spent
-        self.monitor._spent_this_measurement += spent
-        if self.monitor._memory is not None:
-            self.monitor._memory.resume()
-        if self.monitor._clock is not None:
-            self.monitor._clock.resume()
 
 
 _KEYS = ("epoch_time_s", "peak_memory_mib", "graph_memory_mib", "memory_saved_mib", "time_saved_s", "time_saved_pct")

@@ -9,6 +9,8 @@
 * :func:`inference_tensors` finds buffers and tensor attributes created under inference mode.
 * :func:`eval_mode_under_trainable` finds dropout / batch-norm layers left in eval mode inside
   trainable blocks (``from_pretrained`` models arrive that way).
+* :class:`GradientCheck` finds, step by step, the stepped parameters that got no gradient;
+  :class:`EvalModeLeaks` the modules an ``.eval()`` left in eval mode during training.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from lightning_nograd.core.cost import GRADIENT_EVERY, GRADIENT_WINDOW, ModeSwitches, visits
 from lightning_nograd.core.faults import Probe, isolated
 from lightning_nograd.core.findings import display_name
 from lightning_nograd.core.kinds import Explanation
@@ -478,3 +481,215 @@ def explain_gradient_gaps(
     for cause, members in by_cause.items():
         gaps.extend(GradientGap("param_without_grad", top, names, cause) for top, names in index.group(members).items())
     return gaps
+
+
+class GradientCheck:
+    """Which parameters a stepped optimizer holds reach its step with no gradient, at a cost that does not grow
+    with the model: every parameter at an epoch's first step, then ``GRADIENT_WINDOW`` of them every
+    ``GRADIENT_EVERY``-th step, round robin (see :mod:`~lightning_nograd.core.cost`).
+
+    Where gradients are zeroed with ``set_to_none=False`` a missing gradient is all zeros: that is
+    learnt right after ``zero_grad`` in the first steps of an epoch (:meth:`backward`), and then
+    ``zero_grad_steps`` consecutive all-zero steps make a gradient missing (:class:`ZeroGradientStreaks`).
+    With ``set_to_none=True`` (Lightning's default) a zero gradient is a real one (pruned weights).
+    A step with no backward and no gradient at all was skipped (``training_step`` returned ``None``).
+
+    Parameters found missing become *suspects* until explained (:meth:`take_suspects`); a suspect
+    is explained once per epoch.
+
+    Args:
+        zero_grad_steps: consecutive all-zero steps that make a kept-zero gradient missing.
+        allowed: module paths whose parameters are never checked.
+    """
+
+    def __init__(self, zero_grad_steps: int, allowed: Callable[[str], bool]) -> None:
+        self.zero_grad_steps = zero_grad_steps
+        self.allowed = allowed
+        self.index: ParamIndex | None = None
+        self.streaks = ZeroGradientStreaks(zero_grad_steps)
+        self.suspects: dict[int, str] = {}
+        self.explained: set[int] = set()
+        self.keeps_zeros = False
+        self.zeroing: torch.optim.Optimizer | None = None  # the optimizer whose zero_grad ran last
+        self._backward_seen = False
+        self._params: dict[int, list[nn.Parameter]] = {}
+        self._steps: dict[int, int] = {}
+        self._zero_checks: dict[int, int] = {}
+        self._window_at: dict[int, int] = {}
+
+    def index_model(self, root: nn.Module) -> None:
+        """Index ``root``'s parameters (when training starts)."""
+        self.index = ParamIndex(root)
+        self._params = {}
+
+    def new_epoch(self) -> None:
+        """Start an epoch: its first step checks every parameter, and each suspect is explained again."""
+        self._params = {}
+        self._steps = {}
+        self._zero_checks = {}
+        self.explained = set()
+
+    def backward(self) -> None:
+        """A backward is about to run (after ``zero_grad``, where the loop calls it)."""
+        self._backward_seen = True
+        optimizer, self.zeroing = self.zeroing, None
+        if optimizer is None or self.keeps_zeros or self._steps.get(id(optimizer), 0) >= self.zero_grad_steps:
+            return
+        # right after zero_grad: a gradient still there means zeros are kept (`set_to_none=False`)
+        params = (p for group in optimizer.param_groups for p in group["params"] if p.requires_grad)
+        self.keeps_zeros = any(p.grad is not None for _, p in zip(range(8), params, strict=False))
+
+    def count_step(self, optimizer: torch.optim.Optimizer) -> int:
+        """Count a step of ``optimizer``; the step's number in the epoch if it is checked, else 0."""
+        key = id(optimizer)
+        steps = self._steps.get(key, 0) + 1
+        self._steps[key] = steps
+        if (
+            steps == 1
+            or not steps % GRADIENT_EVERY
+            or self.streaks.pending
+            or (self.keeps_zeros and self._zero_checks.get(key, 0) < self.zero_grad_steps)
+        ):
+            return steps
+        self._backward_seen = False
+        return 0
+
+    def check(self, optimizer: torch.optim.Optimizer, steps: int) -> list[nn.Parameter]:
+        """Check step ``steps`` of ``optimizer``: the parameters found without a gradient now (missing, or
+        all zero for ``zero_grad_steps`` steps), each counted in every step it is missing."""
+        backward_seen, self._backward_seen = self._backward_seen, False
+        index = self.index
+        if index is None:
+            return []
+        key = id(optimizer)
+        params = self._params.get(key)
+        if params is None or steps == 1:
+            params = self._params[key] = index.stepped(optimizer, self.allowed)
+        zero_check = self.keeps_zeros and self._zero_checks.get(key, 0) < self.zero_grad_steps
+        checked = params if steps == 1 or zero_check else self._window(key, params)
+        visits.params += len(checked)
+        missing = without_gradient(checked)
+        if missing and not backward_seen and len(missing) == sum(p.requires_grad for p in checked):
+            return []  # no backward and no gradient at all: a skipped step (`training_step` returned None)
+        if zero_check:
+            self._zero_checks[key] = self._zero_checks.get(key, 0) + 1
+            self.streaks.observe([p for p in params if p.requires_grad])
+        return self._suspect(missing, self.streaks.collect())
+
+    def collect(self, wait: bool) -> list[nn.Parameter]:
+        """Parameters whose all-zero streak completed in checks read now (``wait``: all of them, at the end)."""
+        return self._suspect([], self.streaks.collect(wait))
+
+    def _window(self, key: int, params: list[nn.Parameter]) -> list[nn.Parameter]:
+        if len(params) <= GRADIENT_WINDOW:
+            return params
+        start = self._window_at.get(key, 0) % len(params)
+        self._window_at[key] = start + GRADIENT_WINDOW
+        window = params[start : start + GRADIENT_WINDOW]
+        return window + params[: GRADIENT_WINDOW - len(window)]
+
+    def _suspect(self, missing: list[nn.Parameter], zero: list[nn.Parameter]) -> list[nn.Parameter]:
+        if self.index is None:
+            return []
+        seen = {id(p) for p in missing}
+        missing = missing + [p for p in zero if id(p) not in seen and p.requires_grad]
+        self.suspects.update({id(p): self.index.name(p) for p in missing if id(p) not in self.explained})
+        return missing
+
+    def take_suspects(self) -> list[nn.Parameter]:
+        """The suspects to explain now; they count as explained for the rest of the epoch."""
+        if self.index is None:
+            return []
+        params = [self.index.params[key] for key in self.suspects if key in self.index.params]
+        self.explained |= set(self.suspects)
+        self.suspects = {}
+        return params
+
+    def clear(self) -> None:
+        """Forget the model (at the end of training)."""
+        self.index = None
+        self._params = {}
+        self.suspects = {}
+        self.streaks.clear()
+
+
+@dataclass
+class Leak:
+    """A module that trained earlier in the fit and is in eval mode now (the topmost such)."""
+
+    path: str
+    module: nn.Module
+    where: str  # the hook or step during which it was switched
+    batch_idx: int | None
+    new: bool  # not reported before in this fit
+
+
+class EvalModeLeaks:
+    """Modules in eval mode during training although they were in train mode earlier: an ``.eval()``
+    (a callback's, a hook's) that was not undone.
+
+    Modes are read only after some module's mode switched (:class:`~lightning_nograd.core.cost.ModeSwitches`);
+    a batch compares ``read_at`` with ``ModeSwitches.count`` and otherwise notes its hook in
+    ``clean_at``. Frozen modules (no parameter of theirs learns) are left out: keeping them in eval is a choice.
+
+    Args:
+        allowed: module paths never reported.
+    """
+
+    def __init__(self, allowed: Callable[[str], bool]) -> None:
+        self.allowed = allowed
+        self.read_at: int | None = None  # ModeSwitches.count when the modes were last read
+        self.clean_at = "on_train_start"  # the last hook at which no trained module was in eval mode
+        self._modules: list[tuple[str, nn.Module]] = []
+        self._seen_training: set[str] = set()
+        self._watched: list[tuple[str, nn.Module]] = []
+        self._reported: set[str] = set()
+
+    def index(self, root: nn.Module) -> None:
+        """The modules to watch, once per fit."""
+        self._modules = [(path, m) for path, m in named_modules(root) if not self.allowed(path)]
+
+    def note_train_mode(self, modules: dict[str, nn.Module], trained: set[int] | None, hook: str) -> None:
+        """Remember modules in train mode now (at training and each epoch's start): from here on, eval mode in
+        a training step is a leak. ``modules`` are all paths (for a module's parent), ``trained`` the
+        parameters some optimizer steps."""
+        self._seen_training |= {path for path, m in self._modules if m.training}
+        self._watched = [
+            (path, m)
+            for path, m in self._modules
+            if path in self._seen_training
+            and not is_frozen(m, modules.get(parent_path(path)) if path else None, trained)
+        ]
+        self.clean_at = hook
+        self.read_at = None
+        ModeSwitches.listen(self)
+
+    def read(self, hook: str, batch_idx: int | None) -> tuple[list[nn.Module], list[Leak]]:
+        """Read the watched modules' modes at ``hook``: every leaked module, and the topmost ones as leaks."""
+        self.read_at = ModeSwitches.count
+        visits.modules += len(self._watched)
+        leaked = [(path, module) for path, module in self._watched if not module.training]
+        leaks: list[Leak] = []
+        if leaked:
+            paths = {path for path, _ in leaked}
+            # the check at the batch's end covers the training step; the one at its start covers what ran
+            # since the last clean check (the previous batch's end hooks, validation, an epoch start)
+            where = {"on_train_batch_start": "training_step", "training_step": "on_train_batch_end"}.get(
+                self.clean_at, self.clean_at
+            )
+            if hook == "training_step":
+                where = "training_step"
+            seen_at = batch_idx - 1 if where == "on_train_batch_end" and batch_idx else batch_idx
+            for path, module in leaked:
+                if not any(a in paths for a in ancestors(path)[:-1]):
+                    leaks.append(Leak(path, module, where, seen_at, path not in self._reported))
+                    self._reported.add(path)
+        self.clean_at = hook
+        return [module for _, module in leaked], leaks
+
+    def stop(self) -> None:
+        """Stop counting mode switches and forget the model (at the end of training)."""
+        ModeSwitches.stop(self)
+        self.read_at = None
+        self._modules = []
+        self._watched = []

@@ -523,3 +523,63 @@ def tensor_attributes(module: nn.Module) -> Iterable[tuple[str, Any]]:
             continue
         if isinstance(value, torch.Tensor) or (isinstance(value, CONTAINERS) and value):
             yield name, value
+
+
+@dataclass
+class KeptTensors:
+    """What an attribute of the model holds at an evaluation epoch's end."""
+
+    name: str
+    tally: TensorTally
+    attached_between: bool  # its attached tensors appeared between two evaluation epochs (in training)
+    grows: bool  # a collection that grew since the last epoch of this stage and was never cleared
+
+
+class AttributeTensors:
+    """Tensors a model keeps in plain attributes across evaluation epochs (``self.outputs.append(...)``).
+
+    :meth:`epoch_start` and :meth:`epoch_end` are called around each evaluation epoch. A collection
+    *grows* when it was not cleared since the last epoch of the same stage ended (it holds at least
+    as many tensors at this epoch's start) and gained more than one tensor, or 1 MiB, in this epoch.
+
+    Example:
+        >>> net, watch = nn.Linear(1, 1), AttributeTensors()
+        >>> net.outputs = []
+        >>> for epoch in range(3):
+        ...     watch.epoch_start(net)
+        ...     net.outputs.extend(torch.ones(1) for _ in range(4))
+        ...     kept = watch.epoch_end(net, "val")
+        >>> [(k.name, k.tally.tensors, k.grows) for k in kept]
+        [('outputs', 12, True)]
+    """
+
+    def __init__(self) -> None:
+        self._tensors_at_start: dict[str, int] = {}
+        self._attached_between: set[str] = set()
+        self._attached_at_end: dict[str, int] = {}
+        self._at_end: dict[tuple[str, str], tuple[int, int]] = {}
+
+    def epoch_start(self, root: nn.Module) -> None:
+        tallies = {name: tally_tensors(value) for name, value in tensor_attributes(root)}
+        self._tensors_at_start = {name: tally.tensors for name, tally in tallies.items()}
+        # graphs that appeared since the last evaluation epoch ended were stored in between: in training
+        self._attached_between = {
+            name for name, tally in tallies.items() if tally.attached > self._attached_at_end.get(name, 0)
+        }
+
+    def epoch_end(self, root: nn.Module, stage: str) -> list[KeptTensors]:
+        kept = []
+        for name, value in tensor_attributes(root):
+            tally = tally_tensors(value)
+            self._attached_at_end[name] = tally.attached
+            at_start = self._tensors_at_start.get(name, 0)
+            previous = self._at_end.get((stage, name))
+            self._at_end[(stage, name)] = (tally.tensors, tally.nbytes)
+            grows = (
+                previous is not None
+                and previous[0] > 0
+                and at_start >= previous[0]  # not cleared since the last epoch ended
+                and (tally.tensors - at_start > 1 or tally.nbytes - previous[1] >= 2**20)
+            )
+            kept.append(KeptTensors(name, tally, name in self._attached_between, grows))
+        return kept

@@ -183,6 +183,43 @@ class EpochPeakMemory:
         return max(self._banked, self._current_peak()) / MIB
 
 
+class EpochMeasures:
+    """An epoch's wall time and peak memory, with our own work (the replays) kept out of both.
+
+    Example:
+        >>> measures = EpochMeasures(torch.device("cpu"))
+        >>> measures.start()
+        >>> with measures.paused():
+        ...     pass
+        >>> seconds, peak_mib = measures.stop()
+        >>> seconds >= 0 and peak_mib > 0
+        True
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.clock = EpochClock(device)
+        self.memory = EpochPeakMemory(device)
+
+    def start(self) -> None:
+        self.memory.start()
+        self.clock.start()
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Neither the time nor the memory of the block counts for the epoch."""
+        self.clock.pause()
+        self.memory.pause()
+        try:
+            yield
+        finally:
+            self.memory.resume()
+            self.clock.resume()
+
+    def stop(self) -> tuple[float, float]:
+        """The epoch's seconds and peak MiB, pauses left out."""
+        return self.clock.stop(), self.memory.peak_mib()
+
+
 class LiveTensorMemory(TorchDispatchMode):  # type: ignore[no-untyped-call]
     """Exact peak of the bytes of tensor storages created while active, freed ones subtracted.
 
