@@ -4,6 +4,8 @@ import torch
 from torch import nn
 
 from lightning_nograd.core.backprop import (
+    EvalModeLeaks,
+    GradientCheck,
     GradModeProbe,
     ParamIndex,
     ZeroGradientStreaks,
@@ -11,6 +13,7 @@ from lightning_nograd.core.backprop import (
     explain_gradient_gaps,
     inference_tensors,
 )
+from lightning_nograd.core.cost import ModeSwitches
 
 
 def test_gaps_are_explained_by_cause() -> None:
@@ -57,3 +60,83 @@ def test_zero_gradient_streaks_reset_and_skip_sparse_gradients() -> None:
     assert id(sparse) not in streaks.streak
     streaks.clear()
     assert streaks.collect(wait=True) == [] and streaks.streak == {}
+
+
+def _train_step(net: nn.Module, optimizer: torch.optim.Optimizer, check: GradientCheck, cut: bool = False) -> list:
+    """One plain training step with the check's calls where a loop makes them; what the check found."""
+    optimizer.zero_grad(set_to_none=True)
+    check.zeroing = optimizer
+    h = net[0](torch.randn(4, 2))
+    loss = net[1](h.detach() if cut else h).sum()
+    check.backward()
+    loss.backward()
+    steps = check.count_step(optimizer)
+    return check.check(optimizer, steps) if steps else []
+
+
+def test_gradient_check_first_step_then_windows_and_suspects_once_per_epoch() -> None:
+    from lightning_nograd.core.cost import GRADIENT_EVERY, visits
+
+    net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    check = GradientCheck(zero_grad_steps=3, allowed=lambda path: False)
+    check.index_model(net)
+    check.new_epoch()
+    missing = _train_step(net, optimizer, check, cut=True)
+    assert sorted(check.index.name(p) for p in missing) == ["0.bias", "0.weight"]
+    assert sorted(check.take_suspects(), key=id) == sorted(net[0].parameters(), key=id)
+    # explained for the rest of the epoch: found again (counted), but no new suspect
+    before = visits.params
+    for _ in range(GRADIENT_EVERY - 1):
+        missing = _train_step(net, optimizer, check, cut=True)
+    assert visits.params - before == 4, "steps 2..15 check nothing, the 16th a window (all 4 here)"
+    assert len(missing) == 2 and check.suspects == {}
+    check.new_epoch()
+    assert len(_train_step(net, optimizer, check, cut=True)) == 2 and len(check.suspects) == 2
+
+
+def test_gradient_check_skipped_step_allow_list_and_kept_zeros() -> None:
+    net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    check = GradientCheck(zero_grad_steps=2, allowed=lambda path: path == "0")
+    check.index_model(net)
+    check.new_epoch()
+    assert _train_step(net, optimizer, check, cut=True) == [], "the allowed module's parameters are not checked"
+    check.new_epoch()
+    optimizer.zero_grad(set_to_none=True)
+    assert check.check(optimizer, check.count_step(optimizer)) == [], "no backward, no gradient: a skipped step"
+    # zeroing that keeps zeros: an all-zero gradient two steps running is missing
+    check = GradientCheck(zero_grad_steps=2, allowed=lambda path: False)
+    check.index_model(net)
+    check.new_epoch()
+    found: list = []
+    for _ in range(3):
+        optimizer.zero_grad(set_to_none=False)
+        check.zeroing = optimizer
+        check.backward()
+        net[1](net[0](torch.randn(4, 2)).detach()).sum().backward()
+        steps = check.count_step(optimizer)
+        found += check.check(optimizer, steps) if steps else []
+    assert check.keeps_zeros
+    assert {check.index.name(p) for p in found} == {"0.weight", "0.bias"}
+
+
+def test_eval_mode_leaks_read_only_after_a_switch_and_name_the_topmost_module() -> None:
+    net = nn.Sequential(nn.Sequential(nn.Linear(2, 2), nn.Dropout()), nn.Linear(2, 1)).train()
+    leaks = EvalModeLeaks(allowed=lambda path: False)
+    leaks.index(net)
+    leaks.note_train_mode(dict(net.named_modules()), None, "on_train_start")
+    try:
+        assert leaks.read_at is None
+        leaked, found = leaks.read("on_train_batch_start", 0)
+        assert leaked == [] and found == [] and leaks.read_at == ModeSwitches.count
+        net[0].eval()  # a callback evaluates the block and forgets to switch back
+        assert leaks.read_at != ModeSwitches.count, "the switch is seen without reading any module"
+        leaked, found = leaks.read("training_step", 0)
+        assert [(leak.path, leak.where, leak.new) for leak in found] == [("0", "training_step", True)]
+        assert len(leaked) == 3  # the block and its two layers: all put back under on_violation="fix"
+        _, found = leaks.read("on_train_batch_start", 1)
+        assert [leak.new for leak in found] == [False], "reported once per fit"
+    finally:
+        leaks.stop()
+    assert not ModeSwitches.listening()
