@@ -181,11 +181,17 @@ class BackpropGuard(NoGradCallback):
     def on_before_zero_grad(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        self._gradients.zeroing = optimizer
+        gradients = self._gradients
+        if not gradients.keeps_zeros and gradients.steps.get(id(optimizer), 0) < self.zero_grad_steps:
+            gradients.zeroing = optimizer  # the backward that follows reads how zeroing works
 
     @override
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor) -> None:
-        self._note_backward()
+        gradients = self._gradients
+        if gradients.zeroing is None:
+            gradients.backward_seen = True
+        else:
+            self._note_backward()
 
     @override
     def on_before_optimizer_step(

@@ -510,10 +510,12 @@ class GradientCheck:
         self.suspects: dict[int, str] = {}
         self.explained: set[int] = set()
         self.keeps_zeros = False
-        self.zeroing: torch.optim.Optimizer | None = None  # the optimizer whose zero_grad ran last
-        self._backward_seen = False
+        # the optimizer whose zero_grad ran last, set by the loop only in a step that reads how zeroing works:
+        # while zeros are not known to be kept, in each optimizer's first `zero_grad_steps` steps of an epoch
+        self.zeroing: torch.optim.Optimizer | None = None
+        self.backward_seen = False
         self._params: dict[int, list[nn.Parameter]] = {}
-        self._steps: dict[int, int] = {}
+        self.steps: dict[int, int] = {}  # per optimizer (by id), its steps in this epoch
         self._zero_checks: dict[int, int] = {}
         self._window_at: dict[int, int] = {}
 
@@ -525,15 +527,16 @@ class GradientCheck:
     def new_epoch(self) -> None:
         """Start an epoch: its first step checks every parameter, and each suspect is explained again."""
         self._params = {}
-        self._steps = {}
+        self.steps = {}
         self._zero_checks = {}
         self.explained = set()
 
     def backward(self) -> None:
-        """A backward is about to run (after ``zero_grad``, where the loop calls it)."""
-        self._backward_seen = True
+        """A backward is about to run (after ``zero_grad``, where the loop calls it). The loop may instead
+        set ``backward_seen`` itself while ``zeroing`` is ``None`` (the usual step: nothing else to do)."""
+        self.backward_seen = True
         optimizer, self.zeroing = self.zeroing, None
-        if optimizer is None or self.keeps_zeros or self._steps.get(id(optimizer), 0) >= self.zero_grad_steps:
+        if optimizer is None or self.keeps_zeros or self.steps.get(id(optimizer), 0) >= self.zero_grad_steps:
             return
         # right after zero_grad: a gradient still there means zeros are kept (`set_to_none=False`)
         params = (p for group in optimizer.param_groups for p in group["params"] if p.requires_grad)
@@ -542,8 +545,8 @@ class GradientCheck:
     def count_step(self, optimizer: torch.optim.Optimizer) -> int:
         """Count a step of ``optimizer``; the step's number in the epoch if it is checked, else 0."""
         key = id(optimizer)
-        steps = self._steps.get(key, 0) + 1
-        self._steps[key] = steps
+        steps = self.steps.get(key, 0) + 1
+        self.steps[key] = steps
         if (
             steps == 1
             or not steps % GRADIENT_EVERY
@@ -551,13 +554,13 @@ class GradientCheck:
             or (self.keeps_zeros and self._zero_checks.get(key, 0) < self.zero_grad_steps)
         ):
             return steps
-        self._backward_seen = False
+        self.backward_seen = False
         return 0
 
     def check(self, optimizer: torch.optim.Optimizer, steps: int) -> list[nn.Parameter]:
         """Check step ``steps`` of ``optimizer``: the parameters found without a gradient now (missing, or
         all zero for ``zero_grad_steps`` steps), each counted in every step it is missing."""
-        backward_seen, self._backward_seen = self._backward_seen, False
+        backward_seen, self.backward_seen = self.backward_seen, False
         index = self.index
         if index is None:
             return []
