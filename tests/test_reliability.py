@@ -231,7 +231,8 @@ def test_internal_failure_switches_one_check_off_and_the_run_goes_on(
     def broken(self: ModeProbe) -> None:
         raise KeyError("simulated bug in the train-mode check")
 
-    monkeypatch.setattr(ModeProbe, "before_batch", broken)
+    # inside the check that every batch calls (the probe's methods isolate their own failures)
+    monkeypatch.setattr(ModeProbe, "_train_mode_tops", broken)
 
     def body(model: Regressor, x: torch.Tensor) -> torch.Tensor:
         model.head[0].train()

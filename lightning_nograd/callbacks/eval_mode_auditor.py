@@ -106,50 +106,11 @@ class EvalModeAuditor(EvaluationLoopCallback):
         settings = super()._state_key_settings()
         return {**settings, "allow_train_mode": self.allow_train_mode.patterns, "allow_grad": self.allow_grad.patterns}
 
-    # -- the evaluation loops' events, as probe calls ---------------------------------------------
+    # -- the evaluation loops' events, as calls into core ---------------------------------------
+    # (the probes' methods isolate their own failures: one switches that check off, the run goes on)
 
     @override
     def _eval_start(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self._begin_stage(trainer, pl_module, stage)
-
-    @override
-    def _eval_epoch_start(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self._begin_epoch(trainer, pl_module)
-
-    @override
-    def _eval_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch_idx: int) -> None:
-        # every batch pays for this and the next hook: each does its cheap test inline and calls into a
-        # check only when there is work (a mode to read or watch, a graph recorded, outputs to look at)
-        self._batch_idx = batch_idx
-        modes = self._modes
-        if modes is not None and not modes.settled:
-            self._modes_before_batch()
-        graph = self._graph
-        if graph is not None and graph.has_events:
-            self._graph_new_batch()
-
-    @override
-    def _eval_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch_idx: int) -> None:
-        modes = self._modes
-        if modes is not None and not modes.settled:
-            self._modes_after_batch()
-        graph = self._graph
-        if graph is not None and graph.has_events:
-            self._flush_graph_events()
-        if outputs is not None:
-            self._check_outputs(pl_module, outputs)
-
-    @override
-    def _eval_epoch_end(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self._end_epoch(pl_module)
-
-    @override
-    def _eval_end(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self._end_stage(trainer)
-
-    # -- stage, epoch and batch bookkeeping -----------------------------------------------------
-
-    def _begin_stage(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._release()
         self._set_rank_zero(trainer)
         self._stage = stage
@@ -160,6 +121,52 @@ class EvalModeAuditor(EvaluationLoopCallback):
         self._findings.start_epoch(stage)
         self._start_mode_probe(pl_module)
         self._start_graph_probe(pl_module)
+
+    @override
+    def _eval_epoch_start(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._epoch = int(trainer.current_epoch)
+        if self._modes is not None:
+            self._modes.refresh()
+        self._count_collections(pl_module)
+
+    @override
+    def _eval_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch_idx: int) -> None:
+        # every batch pays for this and the next hook: each does its cheap test inline and calls into a
+        # check only when there is work (a mode to read or watch, a graph recorded, outputs to look at)
+        self._batch_idx = batch_idx
+        modes = self._modes
+        if modes is not None and not modes.settled:
+            modes.before_batch()
+        graph = self._graph
+        if graph is not None and graph.has_events:
+            graph.new_batch()
+
+    @override
+    def _eval_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch_idx: int) -> None:
+        modes = self._modes
+        if modes is not None and not modes.settled:
+            modes.after_batch()
+        graph = self._graph
+        if graph is not None and graph.has_events:
+            graph.flush()
+        if outputs is not None:
+            self._check_outputs(pl_module, outputs)
+
+    @override
+    def _eval_epoch_end(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._batch_idx = None
+        if self._graph is not None:
+            self._graph.flush()
+        self._check_attributes(pl_module)
+
+    @override
+    def _eval_end(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self._graph is not None:
+            self._graph.flush()
+        self._release()
+        if stage in ("val", "test") and not is_sanity_checking(trainer):
+            self._log_violations(trainer, stage)
+        self._stage = None
 
     @guarded("train_mode")
     def _start_mode_probe(self, pl_module: nn.Module) -> None:
@@ -175,47 +182,9 @@ class EvalModeAuditor(EvaluationLoopCallback):
         self._graph.on_error = lambda err: self._switch_off("grad_enabled", err)
         self._graph.start()
 
-    def _begin_epoch(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._epoch = int(trainer.current_epoch)
-        self._refresh_modes()
-        self._count_collections(pl_module)
-
-    @guarded("train_mode")
-    def _refresh_modes(self) -> None:
-        if self._modes is not None:
-            self._modes.refresh()
-
     @guarded("graph_in_attribute")
     def _count_collections(self, pl_module: nn.Module) -> None:
         self._attributes.epoch_start(pl_module)
-
-    @guarded("train_mode")
-    def _modes_before_batch(self) -> None:
-        if self._modes is not None:
-            self._modes.before_batch()
-
-    @guarded("grad_enabled")
-    def _graph_new_batch(self) -> None:
-        if self._graph is not None:
-            self._graph.new_batch()
-
-    @guarded("train_mode")
-    def _modes_after_batch(self) -> None:
-        if self._modes is not None:
-            self._modes.after_batch()
-
-    def _end_epoch(self, pl_module: LightningModule) -> None:
-        self._batch_idx = None
-        self._flush_graph_events()
-        self._check_attributes(pl_module)
-
-    def _end_stage(self, trainer: Trainer) -> None:
-        self._flush_graph_events()
-        stage = self._stage
-        self._release()
-        if stage in ("val", "test") and not is_sanity_checking(trainer):
-            self._log_violations(trainer, stage)
-        self._stage = None
 
     def _log_violations(self, trainer: Trainer, stage: str) -> None:
         key = f"nograd/{stage}/violations"
@@ -254,11 +223,6 @@ class EvalModeAuditor(EvaluationLoopCallback):
         stage = stage or self._stage_name()
         batch_idx = None if kind in ("graph_in_attribute", "growing_collection") else self._batch_idx
         self._add_finding(Finding(kind, subject, stage, hook, batch_idx, self._epoch, *text))
-
-    @guarded("grad_enabled")
-    def _flush_graph_events(self) -> None:
-        if self._graph is not None:
-            self._graph.flush()
 
     def _graph_finding(self, event: GraphEvent, modules: list[str]) -> None:
         # Lightning's loops run under no_grad / inference_mode: a graph means gradients were enabled inside

@@ -135,7 +135,23 @@ class SavingsMonitor(EvaluationLoopCallback):
 
     @override
     def _eval_epoch_start(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self._begin_epoch(trainer, pl_module, stage)
+        if is_sanity_checking(trainer):
+            self._stage = None
+            return
+        self._stage = stage
+        self._epoch = int(trainer.current_epoch)
+        self._batches = 0
+        self._recorded = []
+        self._measurement = None
+        self._running = None
+        self._batch_seconds = []
+        self._candidates = None
+        self._device = torch.device(pl_module.device)
+        self._compiled_steps = steps_are_compiled(pl_module)
+        self._start_epoch_measures()
+        total = _total_batches(trainer, stage)
+        self._record_from = 1 if total is None or total > self.measure_batches else 0
+        self._skip_reason = _replay_refusal(trainer)
 
     @override
     def _eval_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch_idx: int) -> None:
@@ -165,7 +181,15 @@ class SavingsMonitor(EvaluationLoopCallback):
 
     @override
     def _eval_epoch_end(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self._end_epoch(trainer)
+        if self._stage is None or is_sanity_checking(trainer):
+            return
+        self._stop_recording()
+        if self._running is not None:
+            self._continue_timing(finish=True)
+        self._emit_epoch_metrics(
+            trainer, stage, lambda: self._epoch_metrics(stage), lambda t, m: _reduce_across_ranks(t, stage, m)
+        )
+        self._stage = None
 
     @override
     def _release(self, check: str | None = None) -> None:
@@ -178,29 +202,6 @@ class SavingsMonitor(EvaluationLoopCallback):
             self._measurement = None
 
     # -- epoch -----------------------------------------------------------------------------------
-
-    def _active(self, trainer: Trainer) -> bool:
-        return self._stage is not None and not is_sanity_checking(trainer)
-
-    def _begin_epoch(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if is_sanity_checking(trainer):
-            self._stage = None
-            return
-        self._stage = stage
-        self._epoch = int(trainer.current_epoch)
-        self._batches = 0
-        self._recorded = []
-        self._measurement = None
-        self._running = None
-        self._skip_reason = None
-        self._batch_seconds = []
-        self._candidates = None
-        self._device = torch.device(pl_module.device)
-        self._compiled_steps = steps_are_compiled(pl_module)
-        self._start_epoch_measures()
-        total = _total_batches(trainer, stage)
-        self._record_from = 1 if total is None or total > self.measure_batches else 0
-        self._skip_reason = _replay_refusal(trainer)
 
     @guarded("epoch_measures")
     def _start_epoch_measures(self) -> None:
@@ -296,18 +297,6 @@ class SavingsMonitor(EvaluationLoopCallback):
                 "grad_replay_oom", subject, stage, f"{LOOP_NAMES[stage]}_step", self._batches - 1, self._epoch, *text
             )
         )
-
-    def _end_epoch(self, trainer: Trainer) -> None:
-        if not self._active(trainer):
-            return
-        self._stop_recording()
-        if self._running is not None:
-            self._continue_timing(finish=True)
-        stage = self._stage or "val"
-        self._emit_epoch_metrics(
-            trainer, stage, lambda: self._epoch_metrics(stage), lambda t, m: _reduce_across_ranks(t, stage, m)
-        )
-        self._stage = None
 
     def _stop_recording(self) -> None:
         if self._recorder is not None:

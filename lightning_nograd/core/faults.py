@@ -12,13 +12,14 @@ from __future__ import annotations
 import functools
 import warnings
 from collections.abc import Callable
-from typing import ParamSpec, TypeVar
+from typing import Concatenate, ParamSpec, TypeVar
 
 from lightning_nograd.core.findings import user_stacklevel
 from lightning_nograd.errors import NoGradError, NoGradWarning
 
 P = ParamSpec("P")
 R = TypeVar("R")
+T = TypeVar("T", bound="Probe")
 
 
 class Probe:
@@ -71,3 +72,22 @@ def isolated(hook: Callable[P, R], owner: Probe) -> Callable[P, R | None]:
             return None
 
     return run
+
+
+def isolated_method(method: Callable[Concatenate[T, P], R]) -> Callable[Concatenate[T, P], R | None]:
+    """A probe's method, called by a callback or ``audit()``, made safe like its hooks: a failure goes to
+    the probe's ``on_error`` (the check is switched off) and a failed probe's methods do nothing."""
+
+    @functools.wraps(method)
+    def run(self: T, *args: P.args, **kwargs: P.kwargs) -> R | None:
+        if self.failed:
+            return None
+        try:
+            return method(self, *args, **kwargs)
+        except NoGradError:
+            raise
+        except Exception as err:
+            report_fault(self, err)
+            return None
+
+    return run  # type: ignore[return-value]

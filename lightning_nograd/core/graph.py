@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_nograd.core.faults import Probe, isolated, report_fault
+from lightning_nograd.core.faults import Probe, isolated, isolated_method, report_fault
 from lightning_nograd.core.findings import common_ancestor
 from lightning_nograd.core.patterns import named_modules
 from lightning_nograd.errors import NoGradError
@@ -153,11 +153,13 @@ class GraphProbe(Probe):
         self._param_storages = set()
         self.root = nn.Module()
 
+    @isolated_method
     def new_batch(self) -> None:
         """Start counting saved bytes for a new batch."""
         self._batch_storages = set()
         self._batch_events = {}
 
+    @isolated_method
     def flush(self) -> None:
         """Report this batch's graphs (one per hook, see :meth:`grouped_events`) and reset."""
         if not self._batch_events:

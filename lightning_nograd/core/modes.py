@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from lightning_nograd.core.cost import ModeSwitches, visits
-from lightning_nograd.core.faults import Probe, isolated
+from lightning_nograd.core.faults import Probe, isolated, isolated_method
 from lightning_nograd.core.patterns import NamePatterns, named_modules, parent_path
 
 MODE_SENSITIVE_TYPES: tuple[type[nn.Module], ...] = (
@@ -87,6 +87,7 @@ class ModeProbe(Probe):
         self._switches_seen: int | None = None  # None: read the modes at the next batch
         ModeSwitches.listen(self)
 
+    @isolated_method
     def refresh(self) -> None:
         """Re-read the module tree (at every stage and epoch start) and forget epoch state."""
         by_name: dict[str, nn.Module] = {}
@@ -127,6 +128,7 @@ class ModeProbe(Probe):
         for which :meth:`before_batch` and :meth:`after_batch` have nothing to do."""
         return self._switches_seen == ModeSwitches.count and not self._tops and not self._fixed and self._handle is None
 
+    @isolated_method
     def before_batch(self) -> None:
         """Find train-mode modules and, if any need watching, install the global pre-hook."""
         top_of = self._train_mode_tops()
@@ -139,6 +141,7 @@ class ModeProbe(Probe):
         elif not watch:
             self._remove_hook()
 
+    @isolated_method
     def after_batch(self) -> None:
         """Remove the global pre-hook; report modules switched to train mode during the batch."""
         self._remove_hook()

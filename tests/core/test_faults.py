@@ -37,3 +37,32 @@ def test_a_handler_gets_the_error_and_no_grad_error_passes() -> None:
         isolated(probe.hook, probe)("stop")
     isolated(probe.hook, probe)("bug")
     assert [type(e) for e in seen] == [KeyError]
+
+
+def test_a_failing_probe_method_goes_to_on_error_and_the_probe_then_does_nothing() -> None:
+    from lightning_nograd.core.faults import isolated_method
+
+    class Counter(Probe):
+        calls = 0
+
+        @isolated_method
+        def step(self, fail: bool) -> int:
+            self.calls += 1
+            if fail:
+                raise KeyError("bug")
+            return self.calls
+
+    seen: list[BaseException] = []
+    probe = Counter()
+    probe.on_error = seen.append
+    assert probe.step(False) == 1
+    assert probe.step(True) is None and [type(e) for e in seen] == [KeyError] and probe.failed
+    assert probe.step(False) is None and probe.calls == 2, "a failed probe's methods do nothing"
+
+    class Stops(Probe):
+        @isolated_method
+        def step(self) -> None:
+            raise NoGradError("the user asked to stop")
+
+    with pytest.raises(NoGradError):
+        Stops().step()
