@@ -149,7 +149,7 @@ class BackpropGuard(NoGradCallback):
     @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._epoch = int(trainer.current_epoch)
-        self._gradients.new_epoch()
+        self._gradients.new_epoch(len(getattr(trainer, "optimizers", [])))
         self._counts = {key: set() for key in _COUNTS}
         if self._stray is not None:
             self._stray.close()
@@ -182,7 +182,9 @@ class BackpropGuard(NoGradCallback):
         self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         gradients = self._gradients
-        if not gradients.keeps_zeros and gradients.steps.get(id(optimizer), 0) < self.zero_grad_steps:
+        if gradients.skip or gradients.keeps_zeros:
+            return
+        if gradients.steps.get(id(optimizer), 0) < self.zero_grad_steps:
             gradients.zeroing = optimizer  # the backward that follows reads how zeroing works
 
     @override
@@ -197,7 +199,12 @@ class BackpropGuard(NoGradCallback):
     def on_before_optimizer_step(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        steps = self._gradients.count_step(optimizer)  # 0 unless this step is checked
+        gradients = self._gradients
+        if gradients.skip:  # a steady step: nothing to check (GradientCheck says how many)
+            gradients.skip -= 1
+            gradients.backward_seen = False
+            return
+        steps = gradients.count_step(optimizer)  # 0 unless this step is checked
         if steps:
             self._check_gradients(optimizer, steps)
 

@@ -497,6 +497,11 @@ class GradientCheck:
     Parameters found missing become *suspects* until explained (:meth:`take_suspects`); a suspect
     is explained once per epoch.
 
+    The loop calls :meth:`count_step` at each optimizer step, unless ``skip`` is positive: then the
+    step needs nothing (a run with one optimizer, between two checks, zeroing already read) and the
+    loop only decrements ``skip`` and clears ``backward_seen``. A steady step so costs two attribute
+    writes, whatever the model's size.
+
     Args:
         zero_grad_steps: consecutive all-zero steps that make a kept-zero gradient missing.
         allowed: module paths whose parameters are never checked.
@@ -516,6 +521,8 @@ class GradientCheck:
         self.backward_seen = False
         self._params: dict[int, list[nn.Parameter]] = {}
         self.steps: dict[int, int] = {}  # per optimizer (by id), its steps in this epoch
+        self.skip = 0  # steps the loop may let pass without calling count_step (see the class doc)
+        self.optimizers = 0  # how many optimizers the loop has this epoch (0: not known)
         self._zero_checks: dict[int, int] = {}
         self._window_at: dict[int, int] = {}
 
@@ -524,8 +531,11 @@ class GradientCheck:
         self.index = ParamIndex(root)
         self._params = {}
 
-    def new_epoch(self) -> None:
-        """Start an epoch: its first step checks every parameter, and each suspect is explained again."""
+    def new_epoch(self, optimizers: int = 0) -> None:
+        """Start an epoch of a loop with ``optimizers`` optimizers (0: not known): its first step checks
+        every parameter, and each suspect is explained again."""
+        self.optimizers = optimizers
+        self.skip = 0
         self._params = {}
         self.steps = {}
         self._zero_checks = {}
@@ -555,7 +565,18 @@ class GradientCheck:
         ):
             return steps
         self.backward_seen = False
+        self._plan(key, steps)
         return 0
+
+    def _plan(self, key: int, steps: int) -> None:
+        """After step ``steps``, how many steps need nothing until the next check (``skip``): only with one
+        optimizer, once zeroing was read, kept zeros checked and no zero check pending."""
+        if self.optimizers != 1 or len(self.steps) != 1 or steps < self.zero_grad_steps or self.streaks.pending:
+            return
+        if self.keeps_zeros and self._zero_checks.get(key, 0) < self.zero_grad_steps:
+            return
+        self.skip = GRADIENT_EVERY - 1 - steps % GRADIENT_EVERY
+        self.steps[key] = steps + self.skip  # counted now: the skipped steps do not call count_step
 
     def check(self, optimizer: torch.optim.Optimizer, steps: int) -> list[nn.Parameter]:
         """Check step ``steps`` of ``optimizer``: the parameters found without a gradient now (missing, or
@@ -577,7 +598,9 @@ class GradientCheck:
         if zero_check:
             self._zero_checks[key] = self._zero_checks.get(key, 0) + 1
             self.streaks.observe([p for p in params if p.requires_grad])
-        return self._suspect(missing, self.streaks.collect())
+        found = self._suspect(missing, self.streaks.collect())
+        self._plan(key, steps)
+        return found
 
     def collect(self, wait: bool) -> list[nn.Parameter]:
         """Parameters whose all-zero streak completed in checks read now (``wait``: all of them, at the end)."""

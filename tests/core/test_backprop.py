@@ -65,11 +65,16 @@ def test_zero_gradient_streaks_reset_and_skip_sparse_gradients() -> None:
 def _train_step(net: nn.Module, optimizer: torch.optim.Optimizer, check: GradientCheck, cut: bool = False) -> list:
     """One plain training step with the check's calls where a loop makes them; what the check found."""
     optimizer.zero_grad(set_to_none=True)
-    check.zeroing = optimizer
+    if not check.skip and not check.keeps_zeros and check.steps.get(id(optimizer), 0) < check.zero_grad_steps:
+        check.zeroing = optimizer
     h = net[0](torch.randn(4, 2))
     loss = net[1](h.detach() if cut else h).sum()
     check.backward()
     loss.backward()
+    if check.skip:  # as BackpropGuard does: a steady step only counts down
+        check.skip -= 1
+        check.backward_seen = False
+        return []
     steps = check.count_step(optimizer)
     return check.check(optimizer, steps) if steps else []
 
@@ -140,3 +145,34 @@ def test_eval_mode_leaks_read_only_after_a_switch_and_name_the_topmost_module() 
     finally:
         leaks.stop()
     assert not ModeSwitches.listening()
+
+
+def test_with_one_optimizer_steady_steps_are_skipped_on_the_same_schedule() -> None:
+    from lightning_nograd.core.cost import GRADIENT_EVERY
+
+    def checked_steps(optimizers: int) -> list[int]:
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+        check = GradientCheck(zero_grad_steps=3, allowed=lambda path: False)
+        check.index_model(net)
+        check.new_epoch(optimizers)
+        checked = []
+        for step in range(1, 3 * GRADIENT_EVERY + 1):
+            if _train_step(net, optimizer, check, cut=True):
+                checked.append(step)
+        return checked
+
+    expected = [1] + [GRADIENT_EVERY * k for k in (1, 2, 3)]
+    assert checked_steps(0) == checked_steps(1) == expected
+    check = GradientCheck(zero_grad_steps=3, allowed=lambda path: False)
+    net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    check.index_model(net)
+    check.new_epoch(1)
+    skips = []
+    for _ in range(GRADIENT_EVERY):
+        _train_step(net, optimizer, check)
+        skips.append(check.skip)
+    # zeroing is read in the first zero_grad_steps steps, then the steps up to the 16th pass by counting down
+    assert skips[:3] == [0, 0, GRADIENT_EVERY - 4] and skips[-2:] == [0, GRADIENT_EVERY - 1]
