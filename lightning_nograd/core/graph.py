@@ -114,6 +114,7 @@ class GraphProbe(Probe):
         self._names: dict[int, str] = {}
         self._param_storages: set[tuple[str, int]] = set()
         self.active = False
+        self.has_events = False  # a graph was recorded since the last flush (an attribute: read every batch)
         self._batch_storages: set[tuple[str, int]] = set()
         self._batch_events: dict[tuple[str, str | None], GraphEvent] = {}
 
@@ -132,11 +133,6 @@ class GraphProbe(Probe):
         """Re-read module names and parameter storages (after the model changed)."""
         self._names = {id(m): name for name, m in named_modules(self.root)}
         self._param_storages = weight_storages(self.root)
-
-    @property
-    def has_events(self) -> bool:
-        """Whether a graph was recorded since the last :meth:`flush`."""
-        return bool(self._batch_events)
 
     def stop(self) -> None:
         """Stop receiving saved tensors (forgetting what was not flushed); :meth:`start` resumes cheaply."""
@@ -158,6 +154,7 @@ class GraphProbe(Probe):
         """Start counting saved bytes for a new batch."""
         self._batch_storages = set()
         self._batch_events = {}
+        self.has_events = False
 
     @isolated_method
     def flush(self) -> None:
@@ -206,6 +203,7 @@ class GraphProbe(Probe):
         if event is None:
             event = GraphEvent(module, hook, 0)
             self._batch_events[event_key] = event
+            self.has_events = True
             if new_storage:
                 event.saved_bytes += storage_bytes(tensor)
             if self.report_at_once:
@@ -267,6 +265,7 @@ class StrayGraphWatch(Probe):
     def __init__(self, new_probe: Callable[[nn.Module], GraphProbe]) -> None:
         self._new_probe = new_probe
         self.probe: GraphProbe | None = None
+        self._probe_root: nn.Module | None = None  # the probe's model, kept here: read at every step's end
         self._counter_at: int | None = None
         self._armed = False  # the counter moved: probe until the graph is named
         self._probe_next = True  # the first stretch of an epoch, the one after a validation
@@ -284,7 +283,7 @@ class StrayGraphWatch(Probe):
 
     def counting(self, root: nn.Module) -> bool:
         """Begin a stretch under the counter alone, if the probe need not watch it; whether it did."""
-        if self._armed or self._probe_next or self.failed or self.probe is None or self.probe.root is not root:
+        if self._armed or self._probe_next or self.failed or self._probe_root is not root:
             return False
         self._counter_at = _sequence_nr()
         return True
@@ -301,6 +300,7 @@ class StrayGraphWatch(Probe):
             self._drop_probe()
             current = self.probe = self._new_probe(root)
             current.on_error = self._probe_failed
+            self._probe_root = root
         current.start()
 
     def close(self) -> None:
@@ -338,6 +338,7 @@ class StrayGraphWatch(Probe):
 
     def _drop_probe(self) -> None:
         probe, self.probe = self.probe, None
+        self._probe_root = None
         if probe is not None:
             probe.close()
 

@@ -140,6 +140,9 @@ class EpochPeakMemory:
         self.device = device
         self._banked = 0
         self._hwm = False
+        # the peak comes from `sample` calls (CPU, where the kernel's peak cannot be read); an attribute,
+        # read every batch
+        self.sampled = device.type != "cuda"
 
     def start(self) -> None:
         self._banked = 0
@@ -150,6 +153,7 @@ class EpochPeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
             self._hwm = _reset_hwm() and _read_hwm_bytes() is not None
+            self.sampled = not self._hwm
             self._banked = max(self._banked, self._rss())
 
     def _rss(self) -> int:
@@ -162,11 +166,6 @@ class EpochPeakMemory:
         if self._hwm:
             return _read_hwm_bytes() or self._rss()
         return self._rss()
-
-    @property
-    def sampled(self) -> bool:
-        """Whether the peak comes from :meth:`sample` calls (CPU, where the kernel's peak cannot be read)."""
-        return self.device.type != "cuda" and not self._hwm
 
     def sample(self) -> None:
         """Take an RSS sample where the kernel peak cannot be read (cheap; CPU only)."""

@@ -85,6 +85,10 @@ class ModeProbe(Probe):
         self._handle: RemovableHandle | None = None
         self._tops: dict[int, str] = {}
         self._switches_seen: int | None = None  # None: read the modes at the next batch
+        # settled: every module was read in eval mode, none switched since, none to keep fixed, so that
+        # before_batch and after_batch have nothing to do. The loops test `settled_at == ModeSwitches.count`
+        # (two attributes: every batch pays for it); None while not settled
+        self.settled_at: int | None = None
         ModeSwitches.listen(self)
 
     @isolated_method
@@ -101,6 +105,7 @@ class ModeProbe(Probe):
         self._modules = modules
         self._reported_this_epoch = set()
         self._switches_seen = None
+        self.settled_at = None
 
     def _train_mode_tops(self) -> dict[int, str]:
         """Every non-allowed module in train mode, mapped to its topmost train-mode ancestor.
@@ -122,11 +127,10 @@ class ModeProbe(Probe):
         self._tops = top_of
         return top_of
 
-    @property
-    def settled(self) -> bool:
-        """Every module was read in eval mode, none switched since, none to keep fixed: the usual batch,
-        for which :meth:`before_batch` and :meth:`after_batch` have nothing to do."""
-        return self._switches_seen == ModeSwitches.count and not self._tops and not self._fixed and self._handle is None
+    def _settle(self) -> None:
+        """Note whether the probe is settled now (after anything that changes its state): ``settled_at``."""
+        quiet = not self._tops and not self._fixed and self._handle is None
+        self.settled_at = self._switches_seen if quiet else None
 
     @isolated_method
     def before_batch(self) -> None:
@@ -140,6 +144,7 @@ class ModeProbe(Probe):
             self._handle = nn.modules.module.register_module_forward_pre_hook(isolated(self._pre_forward, self))
         elif not watch:
             self._remove_hook()
+        self._settle()
 
     @isolated_method
     def after_batch(self) -> None:
@@ -156,6 +161,7 @@ class ModeProbe(Probe):
             self.on_train_forward(top, module, False)
             if self.fix:
                 self._fixed[id(module)] = top
+        self._settle()
 
     def close(self) -> None:
         """Remove every hook and drop references to the model."""
@@ -167,6 +173,7 @@ class ModeProbe(Probe):
         self._fixed = {}
         self._train_at_start = set()
         self.root = nn.Module()
+        self.settled_at = None
 
     def fixed_modules(self) -> set[str]:
         """Paths of the modules put in eval mode so far, to keep watching in the next stage run."""
@@ -180,6 +187,7 @@ class ModeProbe(Probe):
             except AttributeError:
                 continue
             self._fixed[id(module)] = path
+        self._settle()
 
     def _remove_hook(self) -> None:
         if self._handle is not None:
