@@ -18,6 +18,10 @@ replays off (``monitor_savings=False``) and at the defaults. Then the one-time a
 largest model (indexing, grouping and explaining parameters without gradients, inference-tensor
 and eval-mode scans, allow-list matching), each timed once.
 
+Each configuration is fitted ``--repeats`` times (2; interleaved with the others), and each
+loop's figures come from the fit whose own time was least: on a shared machine, other work only
+ever adds to a measured time, and single fits were seen to differ by a third.
+
 Writes ``scaling.json``, ``scaling.png`` and ``SCALING.md`` under ``--out`` and the README's
 scaling section (between ``<!-- scaling:start -->`` and ``<!-- scaling:end -->``).
 """
@@ -194,6 +198,19 @@ def measure(n: int, replays: bool | None, root: Path) -> dict[str, Any]:
     return row
 
 
+def best_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row from fits of the same configuration: per loop, the fit whose own time was least (the time a
+    shared machine's other work adds only ever adds), and the most visits any fit saw."""
+    best = dict(min(runs, key=lambda r: r["fit_own_pct"]))
+    for stage in ("train", "val"):
+        fastest = min(runs, key=lambda r: r[f"{stage}_own_us"])
+        for key in ("own_us", "batch_ms", "own_pct"):
+            best[f"{stage}_{key}"] = fastest[f"{stage}_{key}"]
+        best[f"{stage}_visits"] = max(r[f"{stage}_visits"] for r in runs)
+    best["fits"] = len(runs)
+    return best
+
+
 def one_time_analyses(n: int) -> dict[str, Any]:
     """Each one-time analysis on the largest model, timed once (seconds), every parameter without a gradient."""
     model = Experts(n)
@@ -270,6 +287,7 @@ def plot(rows: list[dict[str, Any]], out: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="two small sizes (CI's smoke run)")
+    parser.add_argument("--repeats", type=int, default=2, help="fits per configuration; the best of them is kept")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args(argv)
     out = Path(args.out)
@@ -279,16 +297,21 @@ def main(argv: list[str] | None = None) -> None:
     sizes = QUICK_SIZES if args.quick else SIZES
     start = time.perf_counter()
     rows = []
+    repeats = 1 if args.quick else max(1, args.repeats)
     with tempfile.TemporaryDirectory() as tmp:
         for n in sizes:
-            for replays in (None, False, True):
-                rows.append(measure(n, replays, Path(tmp)))
-                print(json.dumps(rows[-1]), flush=True)
+            runs: dict[bool | None, list[dict[str, Any]]] = {None: [], False: [], True: []}
+            for _ in range(repeats):  # interleaved, so that a busy spell of the machine hits every configuration
+                for replays in runs:
+                    runs[replays].append(measure(n, replays, Path(tmp)))
+                    print(json.dumps(runs[replays][-1]), flush=True)
+            rows.extend(best_of(same) for same in runs.values())
     analyses = one_time_analyses(sizes[-1])
     minutes = (time.perf_counter() - start) / 60
     machine = f"{platform.machine()}, {torch.get_num_threads()} threads; torch {torch.__version__}, "
     machine += f"lightning {pl.__version__}"
-    lines = [f"Machine: CPU ({machine}). Took {minutes:.1f} min.", "", *table(rows, analyses)]
+    lines = [f"Machine: CPU ({machine}). Best of {repeats} fits per row. Took {minutes:.1f} min.", "",
+             *table(rows, analyses)]  # fmt: skip
     (out / "scaling.json").write_text(json.dumps({"rows": rows, "analyses": analyses, "machine": machine}, indent=1))
     (out / "SCALING.md").write_text("# Scaling\n\n" + "\n".join(lines) + "\n")
     plot(rows, out)
