@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import warnings
 import weakref
@@ -24,9 +23,10 @@ from lightning_nograd.callbacks._lightning import (
 )
 from lightning_nograd.callbacks.loggers import MetricSink
 from lightning_nograd.core.arguments import check_choice
+from lightning_nograd.core.faults import isolating
 from lightning_nograd.core.findings import ON_VIOLATION_CHOICES, Finding, FindingLog, OnViolation, user_stacklevel
 from lightning_nograd.core.report import Report
-from lightning_nograd.errors import NoGradError, NoGradWarning
+from lightning_nograd.errors import NoGradWarning
 
 log = logging.getLogger(__name__)
 
@@ -42,22 +42,13 @@ def guarded(check: str) -> Callable[[Callable[Concatenate[C, P], R]], Callable[C
     and the run goes on without that check.
     """
 
-    def decorate(method: Callable[Concatenate[C, P], R]) -> Callable[Concatenate[C, P], R | None]:
-        @functools.wraps(method)
-        def wrapper(self: C, *args: P.args, **kwargs: P.kwargs) -> R | None:
-            if check in self._switched_off:
-                return None
-            try:
-                return method(self, *args, **kwargs)
-            except NoGradError:
-                raise
-            except Exception as err:
-                self._switch_off(check, err)
-                return None
+    def switched_off(callback: C) -> bool:
+        return check in callback._switched_off
 
-        return wrapper  # type: ignore[return-value]
+    def switch_off(callback: C, err: Exception) -> None:
+        callback._switch_off(check, err)
 
-    return decorate
+    return isolating(switched_off, switch_off)
 
 
 _LIVE_STATE_KEYS: dict[str, weakref.WeakSet[NoGradCallback]] = {}

@@ -19,6 +19,7 @@ from lightning_nograd.errors import NoGradError, NoGradWarning
 
 P = ParamSpec("P")
 R = TypeVar("R")
+S = TypeVar("S")
 T = TypeVar("T", bound="Probe")
 
 
@@ -74,20 +75,39 @@ def isolated(hook: Callable[P, R], owner: Probe) -> Callable[P, R | None]:
     return run
 
 
+def isolating(
+    skip: Callable[[S], bool], fault: Callable[[S, Exception], None]
+) -> Callable[[Callable[Concatenate[S, P], R]], Callable[Concatenate[S, P], R | None]]:
+    """A decorator that makes a method safe to call from the user's run: nothing while ``skip(self)``,
+    :class:`~lightning_nograd.NoGradError` passes (the user asked to stop), any other failure goes to
+    ``fault(self, err)`` and the method returns ``None``. The callbacks' ``guarded(check)`` is one."""
+
+    def decorate(method: Callable[Concatenate[S, P], R]) -> Callable[Concatenate[S, P], R | None]:
+        @functools.wraps(method)
+        def run(self: S, *args: P.args, **kwargs: P.kwargs) -> R | None:
+            if skip(self):
+                return None
+            try:
+                return method(self, *args, **kwargs)
+            except NoGradError:
+                raise
+            except Exception as err:
+                fault(self, err)
+                return None
+
+        return run  # type: ignore[return-value]
+
+    return decorate
+
+
 def isolated_method(method: Callable[Concatenate[T, P], R]) -> Callable[Concatenate[T, P], R | None]:
     """A probe's method, called by a callback or ``audit()``, made safe like its hooks: a failure goes to
     the probe's ``on_error`` (the check is switched off) and a failed probe's methods do nothing."""
 
-    @functools.wraps(method)
-    def run(self: T, *args: P.args, **kwargs: P.kwargs) -> R | None:
-        if self.failed:
-            return None
-        try:
-            return method(self, *args, **kwargs)
-        except NoGradError:
-            raise
-        except Exception as err:
-            report_fault(self, err)
-            return None
+    def failed(probe: T) -> bool:
+        return probe.failed
 
-    return run  # type: ignore[return-value]
+    def fault(probe: T, err: Exception) -> None:
+        report_fault(probe, err)
+
+    return isolating(failed, fault)(method)
