@@ -187,9 +187,8 @@ class Measurement:
                 for session in self.sessions:
                     session.warm_up()
             pair = self.budget.measured_pair(self.signature, sum(s.pair_seconds for s in self.sessions))
+        # with `repeats`, `can_time` is always true and `pairs` returns `repeats`
         self.target = self.budget.pairs(self.allowed - self.spent, pair) if timing else 0
-        if self.budget.repeats is not None:
-            self.target = self.budget.repeats
         self.pairs_per_batch = max(1, -(-self.target // max(1, batches_left)))
 
     def time(self, finish: bool = False) -> bool:
