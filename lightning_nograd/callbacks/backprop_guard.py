@@ -24,9 +24,9 @@ from lightning_nograd.core.backprop import (
     inference_tensors,
     trained_parameter_ids,
 )
-from lightning_nograd.core.cost import ModeSwitches
+from lightning_nograd.core.cost import mode_switches
 from lightning_nograd.core.findings import Finding, OnViolation
-from lightning_nograd.core.graph import GraphEvent, GraphProbe, StrayGraphWatch
+from lightning_nograd.core.graph import GraphEvent, GraphProbe, StrayGraphWatch, node_counter
 from lightning_nograd.core.patterns import NamePatterns
 from lightning_nograd.errors import BrokenBackpropWarning
 
@@ -166,11 +166,16 @@ class BackpropGuard(NoGradCallback):
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         # every batch pays for this hook and the next four: each does its cheap test inline and calls
         # into a check only when there is work (modes switched, a gap to explain, a graph to report)
-        if self._stray is not None:
-            self._stray.close()
+        stray = self._stray
+        if stray is not None:
+            counter_at = stray.counter_at
+            if counter_at is not None and node_counter() == counter_at:
+                stray.counter_at = None  # no graph since the last step ended (StrayGraphWatch's fast path)
+            else:
+                stray.close()
         self._batch_idx = batch_idx
         leaks = self._leaks
-        if leaks.read_at == ModeSwitches.count:
+        if leaks.read_at == mode_switches.count:
             leaks.clean_at = "on_train_batch_start"
         else:
             self._read_modes("on_train_batch_start")
@@ -182,9 +187,9 @@ class BackpropGuard(NoGradCallback):
         self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         gradients = self._gradients
-        if gradients.skip or gradients.keeps_zeros:
+        if gradients.skip or gradients.keeps_zeros or id(optimizer) in gradients.zeroing_known:
             return
-        if gradients.steps.get(id(optimizer), 0) < self.zero_grad_steps:
+        if gradients.reads_zeroing(optimizer):
             gradients.zeroing = optimizer  # the backward that follows reads how zeroing works
 
     @override
@@ -204,9 +209,7 @@ class BackpropGuard(NoGradCallback):
             gradients.skip -= 1
             gradients.backward_seen = False
             return
-        steps = gradients.count_step(optimizer)  # 0 unless this step is checked
-        if steps:
-            self._check_gradients(optimizer, steps)
+        self._step_gradients(optimizer)
 
     @override
     def on_train_batch_end(
@@ -215,14 +218,15 @@ class BackpropGuard(NoGradCallback):
         if self._probe is not None:
             self._finish_grad_mode_probe()
         leaks = self._leaks
-        if leaks.read_at == ModeSwitches.count:
+        if leaks.read_at == mode_switches.count:
             leaks.clean_at = "training_step"
         else:
             self._read_modes("training_step")
         stray = self._stray
-        if stray is not None and stray.counting(pl_module):
-            return
-        self._watch_stray_graphs(pl_module)
+        if stray is not None and stray.counts_for is pl_module:
+            stray.counter_at = node_counter()  # a stretch under the counter alone (StrayGraphWatch's fast path)
+        else:
+            self._watch_stray_graphs(pl_module)
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -318,8 +322,10 @@ class BackpropGuard(NoGradCallback):
         self._gradients.backward()
 
     @guarded("params_without_grad")
-    def _check_gradients(self, optimizer: torch.optim.Optimizer, steps: int) -> None:
-        self._note_missing(self._gradients.check(optimizer, steps))
+    def _step_gradients(self, optimizer: torch.optim.Optimizer) -> None:
+        missing = self._gradients.step(optimizer)
+        if missing:
+            self._note_missing(missing)
 
     @guarded("params_without_grad")
     def _collect_zero_gradients(self, wait: bool) -> None:

@@ -12,7 +12,7 @@ from lightning_nograd.callbacks._base import LOOP_NAMES, EvaluationLoopCallback,
 from lightning_nograd.callbacks._lightning import LightningModule, Trainer, is_sanity_checking
 from lightning_nograd.callbacks.loggers import reduce_present_max
 from lightning_nograd.core import kinds
-from lightning_nograd.core.cost import ModeSwitches
+from lightning_nograd.core.cost import mode_switches
 from lightning_nograd.core.findings import Finding, OnViolation
 from lightning_nograd.core.graph import (
     MIB,
@@ -136,7 +136,7 @@ class EvalModeAuditor(EvaluationLoopCallback):
         # check only when there is work (a mode to read or watch, a graph recorded, outputs to look at)
         self._batch_idx = batch_idx
         modes = self._modes
-        if modes is not None and modes.settled_at != ModeSwitches.count:
+        if modes is not None and modes.settled_at != mode_switches.count:
             modes.before_batch()
         graph = self._graph
         if graph is not None and graph.has_events:
@@ -145,7 +145,7 @@ class EvalModeAuditor(EvaluationLoopCallback):
     @override
     def _eval_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch_idx: int) -> None:
         modes = self._modes
-        if modes is not None and modes.settled_at != ModeSwitches.count:
+        if modes is not None and modes.settled_at != mode_switches.count:
             modes.after_batch()
         graph = self._graph
         if graph is not None and graph.has_events:

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from lightning_nograd.core.cost import GRADIENT_EVERY, GRADIENT_WINDOW, ModeSwitches, visits
+from lightning_nograd.core.cost import GRADIENT_EVERY, GRADIENT_WINDOW, ModeSwitches, mode_switches, visits
 from lightning_nograd.core.faults import Probe, isolated
 from lightning_nograd.core.findings import display_name
 from lightning_nograd.core.kinds import Explanation
@@ -190,7 +190,7 @@ class ZeroGradientStreaks:
     def __init__(self, steps: int) -> None:
         self.steps = steps
         self.streak: dict[int, int] = {}
-        self._pending: deque[_StepCheck] = deque()
+        self.pending: deque[_StepCheck] = deque()  # observed steps not collected yet (true while any)
 
     def observe(self, params: Sequence[nn.Parameter]) -> None:
         """Queue the check of this step's gradients of ``params`` (those with a dense gradient)."""
@@ -212,18 +212,13 @@ class ZeroGradientStreaks:
                 )
                 parts.append((ordered, *_to_host(flags, device)))
         if parts:
-            self._pending.append(_StepCheck(parts))
-
-    @property
-    def pending(self) -> bool:
-        """Whether some observed step is not collected yet."""
-        return bool(self._pending)
+            self.pending.append(_StepCheck(parts))
 
     def collect(self, wait: bool = False) -> list[nn.Parameter]:
         """Parameters whose streak reached ``steps`` in the checks read now (each once)."""
         reached: dict[int, nn.Parameter] = {}
-        while self._pending and self._pending[0].ready(wait):
-            for params, flags, _ in self._pending.popleft().parts:
+        while self.pending and self.pending[0].ready(wait):
+            for params, flags, _ in self.pending.popleft().parts:
                 for param, is_zero in zip(params, flags.tolist(), strict=True):
                     streak = self.streak.get(id(param), 0) + 1 if is_zero else 0
                     self.streak[id(param)] = streak
@@ -234,7 +229,7 @@ class ZeroGradientStreaks:
     def clear(self) -> None:
         """Forget every streak and every pending check."""
         self.streak = {}
-        self._pending.clear()
+        self.pending.clear()
 
 
 def _to_host(flags: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, Any]:
@@ -489,7 +484,8 @@ class GradientCheck:
     ``GRADIENT_EVERY``-th step, round robin (see :mod:`~lightning_nograd.core.cost`).
 
     Where gradients are zeroed with ``set_to_none=False`` a missing gradient is all zeros: that is
-    learnt right after ``zero_grad`` in the first steps of an epoch (:meth:`backward`), and then
+    learnt right after ``zero_grad`` at the start of each epoch (:meth:`backward`: one parameter that
+    had a gradient at the last full check is read, so one step decides it), and then
     ``zero_grad_steps`` consecutive all-zero steps make a gradient missing (:class:`ZeroGradientStreaks`).
     With ``set_to_none=True`` (Lightning's default) a zero gradient is a real one (pruned weights).
     A step with no backward and no gradient at all was skipped (``training_step`` returned ``None``).
@@ -497,10 +493,11 @@ class GradientCheck:
     Parameters found missing become *suspects* until explained (:meth:`take_suspects`); a suspect
     is explained once per epoch.
 
-    The loop calls :meth:`count_step` at each optimizer step, unless ``skip`` is positive: then the
+    The loop calls :meth:`step` at each optimizer step, unless ``skip`` is positive: then the
     step needs nothing (a run with one optimizer, between two checks, zeroing already read) and the
     loop only decrements ``skip`` and clears ``backward_seen``. A steady step so costs two attribute
-    writes, whatever the model's size.
+    writes, whatever the model's size; a checked one makes few calls (while the CPU caches hold the
+    model, each costs microseconds).
 
     Args:
         zero_grad_steps: consecutive all-zero steps that make a kept-zero gradient missing.
@@ -516,12 +513,14 @@ class GradientCheck:
         self.explained: set[int] = set()
         self.keeps_zeros = False
         # the optimizer whose zero_grad ran last, set by the loop only in a step that reads how zeroing works:
-        # while zeros are not known to be kept, in each optimizer's first `zero_grad_steps` steps of an epoch
+        # while it is not known for that optimizer (`zeroing_known`), in its first `zero_grad_steps` steps of an epoch
         self.zeroing: torch.optim.Optimizer | None = None
+        self.zeroing_known: set[int] = set()  # optimizers (by id) whose zeroing was read in this epoch
+        self._witness: dict[int, nn.Parameter] = {}  # per optimizer, a parameter with a gradient at its last full check
         self.backward_seen = False
         self._params: dict[int, list[nn.Parameter]] = {}
         self.steps: dict[int, int] = {}  # per optimizer (by id), its steps in this epoch
-        self.skip = 0  # steps the loop may let pass without calling count_step (see the class doc)
+        self.skip = 0  # steps the loop may let pass without calling step (see the class doc)
         self.optimizers = 0  # how many optimizers the loop has this epoch (0: not known)
         self._zero_checks: dict[int, int] = {}
         self._window_at: dict[int, int] = {}
@@ -530,6 +529,7 @@ class GradientCheck:
         """Index ``root``'s parameters (when training starts)."""
         self.index = ParamIndex(root)
         self._params = {}
+        self._witness = {}
 
     def new_epoch(self, optimizers: int = 0) -> None:
         """Start an epoch of a loop with ``optimizers`` optimizers (0: not known): its first step checks
@@ -539,6 +539,7 @@ class GradientCheck:
         self._params = {}
         self.steps = {}
         self._zero_checks = {}
+        self.zeroing_known = set()
         self.explained = set()
 
     def backward(self) -> None:
@@ -546,73 +547,91 @@ class GradientCheck:
         set ``backward_seen`` itself while ``zeroing`` is ``None`` (the usual step: nothing else to do)."""
         self.backward_seen = True
         optimizer, self.zeroing = self.zeroing, None
-        if optimizer is None or self.keeps_zeros or self.steps.get(id(optimizer), 0) >= self.zero_grad_steps:
+        if optimizer is None or self.keeps_zeros or not self.reads_zeroing(optimizer):
             return
-        # right after zero_grad: a gradient still there means zeros are kept (`set_to_none=False`)
+        key = id(optimizer)
+        witness = self._witness.get(key)
+        if witness is not None:
+            # right after zero_grad, a parameter that had a gradient: none now is `set_to_none=True`, one kept zeros
+            self.keeps_zeros = witness.grad is not None
+            self.zeroing_known.add(key)
+            return
+        # no full check yet: a gradient still there means zeros are kept; none tells nothing (there may have
+        # been no backward before this one)
         params = (p for group in optimizer.param_groups for p in group["params"] if p.requires_grad)
-        self.keeps_zeros = any(p.grad is not None for _, p in zip(range(8), params, strict=False))
+        if any(p.grad is not None for _, p in zip(range(8), params, strict=False)):
+            self.keeps_zeros = True
+            self.zeroing_known.add(key)
 
-    def count_step(self, optimizer: torch.optim.Optimizer) -> int:
-        """Count a step of ``optimizer``; the step's number in the epoch if it is checked, else 0."""
+    def reads_zeroing(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Whether the backward after ``optimizer``'s ``zero_grad`` should read how zeroing works (the loop
+        then sets ``zeroing``): not yet known in this epoch, in its first ``zero_grad_steps`` steps."""
+        key = id(optimizer)
+        return key not in self.zeroing_known and self.steps.get(key, 0) < self.zero_grad_steps
+
+    def step(self, optimizer: torch.optim.Optimizer) -> list[nn.Parameter]:
+        """Count a step of ``optimizer`` and check it when due: the parameters found without a gradient
+        (missing, or all zero for ``zero_grad_steps`` steps), each counted in every step it is missing.
+
+        Due: the epoch's first step (every parameter), every ``GRADIENT_EVERY``-th (the next window),
+        and every step while kept zeros are checked or a zero check is pending. Then, with one
+        optimizer, once zeroing is known and no zero check is due, ``skip`` says how many steps need
+        nothing until the next check (the loop counts them down without calling this)."""
         key = id(optimizer)
         steps = self.steps.get(key, 0) + 1
         self.steps[key] = steps
-        if (
-            steps == 1
-            or not steps % GRADIENT_EVERY
-            or self.streaks.pending
-            or (self.keeps_zeros and self._zero_checks.get(key, 0) < self.zero_grad_steps)
+        zero_check = self.keeps_zeros and self._zero_checks.get(key, 0) < self.zero_grad_steps
+        found: list[nn.Parameter] = []
+        if steps == 1 or not steps % GRADIENT_EVERY or zero_check or self.streaks.pending:
+            checked = self._check(key, optimizer, steps, zero_check)
+            if checked is None:
+                return found  # nothing to check, or a skipped step: no plan either
+            found = checked
+        else:
+            self.backward_seen = False
+        if self.optimizers != 1 or len(self.steps) != 1 or self.streaks.pending:
+            return found
+        if (key not in self.zeroing_known and steps < self.zero_grad_steps) or (
+            self.keeps_zeros and self._zero_checks.get(key, 0) < self.zero_grad_steps
         ):
-            return steps
-        self.backward_seen = False
-        self._plan(key, steps)
-        return 0
-
-    def _plan(self, key: int, steps: int) -> None:
-        """After step ``steps``, how many steps need nothing until the next check (``skip``): only with one
-        optimizer, once zeroing was read, kept zeros checked and no zero check pending."""
-        if self.optimizers != 1 or len(self.steps) != 1 or steps < self.zero_grad_steps or self.streaks.pending:
-            return
-        if self.keeps_zeros and self._zero_checks.get(key, 0) < self.zero_grad_steps:
-            return
+            return found
         self.skip = GRADIENT_EVERY - 1 - steps % GRADIENT_EVERY
-        self.steps[key] = steps + self.skip  # counted now: the skipped steps do not call count_step
+        self.steps[key] = steps + self.skip  # counted now: the skipped steps do not call this
+        return found
 
-    def check(self, optimizer: torch.optim.Optimizer, steps: int) -> list[nn.Parameter]:
-        """Check step ``steps`` of ``optimizer``: the parameters found without a gradient now (missing, or
-        all zero for ``zero_grad_steps`` steps), each counted in every step it is missing."""
+    def _check(
+        self, key: int, optimizer: torch.optim.Optimizer, steps: int, zero_check: bool
+    ) -> list[nn.Parameter] | None:
         backward_seen, self.backward_seen = self.backward_seen, False
         index = self.index
         if index is None:
-            return []
-        key = id(optimizer)
+            return None
         params = self._params.get(key)
         if params is None or steps == 1:
             params = self._params[key] = index.stepped(optimizer, self.allowed)
-        zero_check = self.keeps_zeros and self._zero_checks.get(key, 0) < self.zero_grad_steps
-        checked = params if steps == 1 or zero_check else self._window(key, params)
+        checked = params
+        if steps != 1 and not zero_check and len(params) > GRADIENT_WINDOW:  # the next window, round robin
+            start = self._window_at.get(key, 0) % len(params)
+            self._window_at[key] = start + GRADIENT_WINDOW
+            checked = params[start : start + GRADIENT_WINDOW]
+            checked += params[: GRADIENT_WINDOW - len(checked)]
         visits.params += len(checked)
         missing = without_gradient(checked)
         if missing and not backward_seen and len(missing) == sum(p.requires_grad for p in checked):
-            return []  # no backward and no gradient at all: a skipped step (`training_step` returned None)
+            return None  # no backward and no gradient at all: a skipped step (`training_step` returned None)
+        if checked is params:  # a full check: the parameter that tells how the next zero_grad zeroes
+            witness = next((p for p in params if p.grad is not None), None)  # the first, as a rule
+            if witness is not None:
+                self._witness[key] = witness
         if zero_check:
             self._zero_checks[key] = self._zero_checks.get(key, 0) + 1
             self.streaks.observe([p for p in params if p.requires_grad])
-        found = self._suspect(missing, self.streaks.collect())
-        self._plan(key, steps)
-        return found
+        # each call costs microseconds while the CPU caches hold the model: none where nothing was found
+        return self._suspect(missing, self.streaks.collect()) if missing or self.streaks.pending else missing
 
     def collect(self, wait: bool) -> list[nn.Parameter]:
         """Parameters whose all-zero streak completed in checks read now (``wait``: all of them, at the end)."""
         return self._suspect([], self.streaks.collect(wait))
-
-    def _window(self, key: int, params: list[nn.Parameter]) -> list[nn.Parameter]:
-        if len(params) <= GRADIENT_WINDOW:
-            return params
-        start = self._window_at.get(key, 0) % len(params)
-        self._window_at[key] = start + GRADIENT_WINDOW
-        window = params[start : start + GRADIENT_WINDOW]
-        return window + params[: GRADIENT_WINDOW - len(window)]
 
     def _suspect(self, missing: list[nn.Parameter], zero: list[nn.Parameter]) -> list[nn.Parameter]:
         if self.index is None:
@@ -635,6 +654,7 @@ class GradientCheck:
         """Forget the model (at the end of training)."""
         self.index = None
         self._params = {}
+        self._witness = {}
         self.suspects = {}
         self.streaks.clear()
 
@@ -655,7 +675,7 @@ class EvalModeLeaks:
     (a callback's, a hook's) that was not undone.
 
     Modes are read only after some module's mode switched (:class:`~lightning_nograd.core.cost.ModeSwitches`);
-    a batch compares ``read_at`` with ``ModeSwitches.count`` and otherwise notes its hook in
+    a batch compares ``read_at`` with ``mode_switches.count`` and otherwise notes its hook in
     ``clean_at``. Frozen modules (no parameter of theirs learns) are left out: keeping them in eval is a choice.
 
     Args:
@@ -664,7 +684,7 @@ class EvalModeLeaks:
 
     def __init__(self, allowed: Callable[[str], bool]) -> None:
         self.allowed = allowed
-        self.read_at: int | None = None  # ModeSwitches.count when the modes were last read
+        self.read_at: int | None = None  # mode_switches.count when the modes were last read
         self.clean_at = "on_train_start"  # the last hook at which no trained module was in eval mode
         self._modules: list[tuple[str, nn.Module]] = []
         self._seen_training: set[str] = set()
@@ -692,7 +712,7 @@ class EvalModeLeaks:
 
     def read(self, hook: str, batch_idx: int | None) -> tuple[list[nn.Module], list[Leak]]:
         """Read the watched modules' modes at ``hook``: every leaked module, and the topmost ones as leaks."""
-        self.read_at = ModeSwitches.count
+        self.read_at = mode_switches.count
         visits.modules += len(self._watched)
         leaked = [(path, module) for path, module in self._watched if not module.training]
         leaks: list[Leak] = []

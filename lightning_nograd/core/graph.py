@@ -242,6 +242,10 @@ class StrayGraphWatch(Probe):
     the stretches that follow until it names the graph: a forward outside the step is named the
     first time it runs in a watched stretch, or the next time it runs after that.
 
+    A loop may take the counter's fast path itself, with no call: while ``counts_for`` is the model,
+    a stretch begins with ``counter_at = node_counter()``; it ends with ``counter_at = None`` when
+    ``node_counter()`` still equals ``counter_at``, and otherwise with :meth:`close`.
+
     Args:
         new_probe: builds the probe for a model (its ``report`` receives the graphs found).
 
@@ -265,10 +269,26 @@ class StrayGraphWatch(Probe):
     def __init__(self, new_probe: Callable[[nn.Module], GraphProbe]) -> None:
         self._new_probe = new_probe
         self.probe: GraphProbe | None = None
-        self._probe_root: nn.Module | None = None  # the probe's model, kept here: read at every step's end
-        self._counter_at: int | None = None
+        self._probe_root: nn.Module | None = None  # the probe's model
+        self.counter_at: int | None = None  # the node counter as the current stretch began, if counting
+        self.counts_for: nn.Module | None = None  # the model whose next stretch the counter alone watches
+        self._failed = False
         self._armed = False  # the counter moved: probe until the graph is named
         self._probe_next = True  # the first stretch of an epoch, the one after a validation
+
+    @property  # type: ignore[override]
+    def failed(self) -> bool:
+        return self._failed
+
+    @failed.setter
+    def failed(self, value: bool) -> None:
+        self._failed = value
+        self._settle()
+
+    def _settle(self) -> None:
+        """Recompute ``counts_for`` (the fast path's one test) after its inputs changed."""
+        probe_needed = self._armed or self._probe_next or self._failed
+        self.counts_for = None if probe_needed else self._probe_root
 
     @property
     def probing(self) -> bool:
@@ -278,14 +298,15 @@ class StrayGraphWatch(Probe):
     def new_epoch(self) -> None:
         """Probe the next stretch, and name modules anew (the model may have changed)."""
         self._probe_next = True
+        self._settle()
         if self.probe is not None:
             self.probe.rename()
 
     def counting(self, root: nn.Module) -> bool:
         """Begin a stretch under the counter alone, if the probe need not watch it; whether it did."""
-        if self._armed or self._probe_next or self.failed or self._probe_root is not root:
+        if self.counts_for is not root:
             return False
-        self._counter_at = _sequence_nr()
+        self.counter_at = node_counter()
         return True
 
     def open(self, root: nn.Module, probe: bool = False) -> None:
@@ -301,14 +322,16 @@ class StrayGraphWatch(Probe):
             current = self.probe = self._new_probe(root)
             current.on_error = self._probe_failed
             self._probe_root = root
+        self._settle()
         current.start()
 
     def close(self) -> None:
         """The stretch ends: report what the probe saw, or arm the probe if the counter moved."""
-        counter_at, self._counter_at = self._counter_at, None
+        counter_at, self.counter_at = self.counter_at, None
         if counter_at is not None:
-            if _sequence_nr() != counter_at:
+            if node_counter() != counter_at:
                 self._armed = True
+                self._settle()
             return
         if not self.failed and self.probing:
             isolated(self._stop_probe, self)()
@@ -318,6 +341,7 @@ class StrayGraphWatch(Probe):
         assert probe is not None
         if probe.has_events:
             self._armed = False
+            self._settle()
         try:
             probe.flush()  # reports this stretch's graphs (may stop the run, under on_violation="error")
         finally:
@@ -330,7 +354,7 @@ class StrayGraphWatch(Probe):
 
     def release(self) -> None:
         """Stop, report what is left, and drop every reference to the model."""
-        self._counter_at = None
+        self.counter_at = None
         try:
             self.close()
         finally:
@@ -339,6 +363,7 @@ class StrayGraphWatch(Probe):
     def _drop_probe(self) -> None:
         probe, self.probe = self.probe, None
         self._probe_root = None
+        self._settle()
         if probe is not None:
             probe.close()
 
@@ -346,7 +371,8 @@ class StrayGraphWatch(Probe):
         report_fault(self, err)
 
 
-_sequence_nr = torch._C._autograd._get_sequence_nr
+#: Autograd's node counter: every graph node this thread creates takes its next number.
+node_counter = torch._C._autograd._get_sequence_nr
 
 
 class _SavedTensorsHub:

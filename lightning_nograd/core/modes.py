@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from lightning_nograd.core.cost import ModeSwitches, visits
+from lightning_nograd.core.cost import ModeSwitches, mode_switches, visits
 from lightning_nograd.core.faults import Probe, isolated, isolated_method
 from lightning_nograd.core.patterns import NamePatterns, named_modules, parent_path
 
@@ -86,7 +86,7 @@ class ModeProbe(Probe):
         self._tops: dict[int, str] = {}
         self._switches_seen: int | None = None  # None: read the modes at the next batch
         # settled: every module was read in eval mode, none switched since, none to keep fixed, so that
-        # before_batch and after_batch have nothing to do. The loops test `settled_at == ModeSwitches.count`
+        # before_batch and after_batch have nothing to do. The loops test `settled_at == mode_switches.count`
         # (two attributes: every batch pays for it); None while not settled
         self.settled_at: int | None = None
         ModeSwitches.listen(self)
@@ -112,9 +112,9 @@ class ModeProbe(Probe):
 
         Read again only when some module's mode was switched since the last reading.
         """
-        if self._switches_seen == ModeSwitches.count:
+        if self._switches_seen == mode_switches.count:
             return self._tops
-        self._switches_seen = ModeSwitches.count
+        self._switches_seen = mode_switches.count
         visits.modules += len(self._modules)
         top_of: dict[int, str] = {}
         for name, module, parent in self._modules:

@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils._pytree import tree_map
 from torch.utils.hooks import RemovableHandle
 
-from lightning_nograd.core.cost import ModeSwitches
+from lightning_nograd.core.cost import mode_switches
 from lightning_nograd.core.faults import Probe, isolated
 from lightning_nograd.core.graph import HUB, MIB, storage_key
 from lightning_nograd.core.measure import cpu_timing_caveat, peak_bytes_of, synchronize
@@ -429,7 +429,7 @@ class _EvalModeAndRng:
 
     def __enter__(self) -> None:
         self._modes = [(m, m.training) for root in self.modules for m in root.modules()]
-        self._switches = ModeSwitches.count
+        self._switches = mode_switches.count
         for root in self.modules:
             root.train(False)
         self._cpu_rng = torch.get_rng_state()
@@ -440,7 +440,7 @@ class _EvalModeAndRng:
         for module, mode in self._modes:
             module.training = mode
         # the modes are as they were: our own switches are no reason for the checks to read them again
-        ModeSwitches.count = self._switches
+        mode_switches.count = self._switches
         if self._cpu_rng is not None:
             torch.set_rng_state(self._cpu_rng)
         if self._cuda_rng is not None:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -13,7 +14,7 @@ from lightning_nograd.core.backprop import (
     explain_gradient_gaps,
     inference_tensors,
 )
-from lightning_nograd.core.cost import ModeSwitches
+from lightning_nograd.core.cost import ModeSwitches, mode_switches
 
 
 def test_gaps_are_explained_by_cause() -> None:
@@ -65,7 +66,7 @@ def test_zero_gradient_streaks_reset_and_skip_sparse_gradients() -> None:
 def _train_step(net: nn.Module, optimizer: torch.optim.Optimizer, check: GradientCheck, cut: bool = False) -> list:
     """One plain training step with the check's calls where a loop makes them; what the check found."""
     optimizer.zero_grad(set_to_none=True)
-    if not check.skip and not check.keeps_zeros and check.steps.get(id(optimizer), 0) < check.zero_grad_steps:
+    if not check.skip and not check.keeps_zeros and check.reads_zeroing(optimizer):
         check.zeroing = optimizer
     h = net[0](torch.randn(4, 2))
     loss = net[1](h.detach() if cut else h).sum()
@@ -75,8 +76,7 @@ def _train_step(net: nn.Module, optimizer: torch.optim.Optimizer, check: Gradien
         check.skip -= 1
         check.backward_seen = False
         return []
-    steps = check.count_step(optimizer)
-    return check.check(optimizer, steps) if steps else []
+    return check.step(optimizer)
 
 
 def test_gradient_check_first_step_then_windows_and_suspects_once_per_epoch() -> None:
@@ -109,7 +109,7 @@ def test_gradient_check_skipped_step_allow_list_and_kept_zeros() -> None:
     assert _train_step(net, optimizer, check, cut=True) == [], "the allowed module's parameters are not checked"
     check.new_epoch()
     optimizer.zero_grad(set_to_none=True)
-    assert check.check(optimizer, check.count_step(optimizer)) == [], "no backward, no gradient: a skipped step"
+    assert check.step(optimizer) == [], "no backward, no gradient: a skipped step"
     # zeroing that keeps zeros: an all-zero gradient two steps running is missing
     check = GradientCheck(zero_grad_steps=2, allowed=lambda path: False)
     check.index_model(net)
@@ -120,8 +120,7 @@ def test_gradient_check_skipped_step_allow_list_and_kept_zeros() -> None:
         check.zeroing = optimizer
         check.backward()
         net[1](net[0](torch.randn(4, 2)).detach()).sum().backward()
-        steps = check.count_step(optimizer)
-        found += check.check(optimizer, steps) if steps else []
+        found += check.step(optimizer)
     assert check.keeps_zeros
     assert {check.index.name(p) for p in found} == {"0.weight", "0.bias"}
 
@@ -134,9 +133,9 @@ def test_eval_mode_leaks_read_only_after_a_switch_and_name_the_topmost_module() 
     try:
         assert leaks.read_at is None
         leaked, found = leaks.read("on_train_batch_start", 0)
-        assert leaked == [] and found == [] and leaks.read_at == ModeSwitches.count
+        assert leaked == [] and found == [] and leaks.read_at == mode_switches.count
         net[0].eval()  # a callback evaluates the block and forgets to switch back
-        assert leaks.read_at != ModeSwitches.count, "the switch is seen without reading any module"
+        assert leaks.read_at != mode_switches.count, "the switch is seen without reading any module"
         leaked, found = leaks.read("training_step", 0)
         assert [(leak.path, leak.where, leak.new) for leak in found] == [("0", "training_step", True)]
         assert len(leaked) == 3  # the block and its two layers: all put back under on_violation="fix"
@@ -174,5 +173,33 @@ def test_with_one_optimizer_steady_steps_are_skipped_on_the_same_schedule() -> N
     for _ in range(GRADIENT_EVERY):
         _train_step(net, optimizer, check)
         skips.append(check.skip)
-    # zeroing is read in the first zero_grad_steps steps, then the steps up to the 16th pass by counting down
-    assert skips[:3] == [0, 0, GRADIENT_EVERY - 4] and skips[-2:] == [0, GRADIENT_EVERY - 1]
+    # the first step's read tells nothing (no gradient yet); the second reads a parameter the first step's full
+    # check saw with a gradient, which decides it; the steps up to the 16th then pass by counting down
+    assert skips[:3] == [0, GRADIENT_EVERY - 3, GRADIENT_EVERY - 4] and skips[-2:] == [0, GRADIENT_EVERY - 1]
+    assert check.zeroing_known == {id(optimizer)} and not check.keeps_zeros
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_zeroing_is_decided_by_one_parameter_that_had_a_gradient(set_to_none: bool) -> None:
+    # the optimizer's first parameters never get a gradient (an unused embedding): the witness is the first
+    # parameter that had one at the full check, so the second step decides either way
+    net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(2, 1))
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    check = GradientCheck(zero_grad_steps=3, allowed=lambda path: False)
+    check.index_model(net)
+    check.new_epoch(1)
+    read = []
+    for _ in range(4):
+        optimizer.zero_grad(set_to_none=set_to_none)
+        if not check.skip and not check.keeps_zeros and check.reads_zeroing(optimizer):
+            check.zeroing = optimizer
+            read.append(check.steps.get(id(optimizer), 0) + 1)
+        check.backward()
+        net[2](net[1](torch.randn(4, 2))).sum().backward()  # net[0] unused
+        if check.skip:
+            check.skip -= 1
+            continue
+        check.step(optimizer)
+    assert read == [1, 2], "read at the first step (nothing to tell) and the second (decided), never again"
+    assert check.keeps_zeros is (not set_to_none)
+    assert check.zeroing_known == {id(optimizer)}
