@@ -547,7 +547,7 @@ class GradientCheck:
         set ``backward_seen`` itself while ``zeroing`` is ``None`` (the usual step: nothing else to do)."""
         self.backward_seen = True
         optimizer, self.zeroing = self.zeroing, None
-        if optimizer is None or self.keeps_zeros or not self.reads_zeroing(optimizer):
+        if optimizer is None or self.keeps_zeros:  # (the loop set `zeroing` only where `reads_zeroing` said so)
             return
         key = id(optimizer)
         witness = self._witness.get(key)

@@ -311,9 +311,10 @@ class StrayGraphWatch(Probe):
 
     def open(self, root: nn.Module, probe: bool = False) -> None:
         """A stretch outside the training step begins; ``probe`` watches it with the probe."""
-        if not self.failed and (probe or not self.counting(root)):
-            isolated(self._start_probe, self)(root)
+        if not self._failed and (probe or not self.counting(root)):
+            self._start_probe(root)
 
+    @isolated_method
     def _start_probe(self, root: nn.Module) -> None:
         self._probe_next = False
         current = self.probe
@@ -333,9 +334,11 @@ class StrayGraphWatch(Probe):
                 self._armed = True
                 self._settle()
             return
-        if not self.failed and self.probing:
-            isolated(self._stop_probe, self)()
+        probe = self.probe
+        if probe is not None and probe.active and not self._failed:
+            self._stop_probe()
 
+    @isolated_method
     def _stop_probe(self) -> None:
         probe = self.probe
         assert probe is not None
