@@ -17,15 +17,15 @@ def time_own_hooks(callback: Any) -> list[float]:
     """Wrap every Lightning hook of ``callback`` so the seconds spent inside are added up.
 
     Returns a one-element list that holds the running total. In a clean run the lightning-nograd
-    callbacks install no module hooks, so this is all the time they add to the run.
+    callbacks install no module hooks, so this is all the time they add to the run. A hook the
+    callback binds on itself during ``setup`` (``NoGradAuditor`` hands each per-batch hook straight to
+    its parts there, replacing the wrapper) is wrapped again once ``setup`` returns.
     """
     total = [0.0]
-    for name in dir(type(callback)):
-        if not name.startswith(HOOK_PREFIXES) or name.startswith("on_save") or name == "on_load_checkpoint":
-            continue
+    wrappers: set[int] = set()
+
+    def wrap(name: str) -> None:
         method = getattr(callback, name)
-        if not callable(method):
-            continue
 
         def timed(*args: Any, __method: Callable[..., Any] = method, **kwargs: Any) -> Any:
             start = time.perf_counter()
@@ -34,7 +34,31 @@ def time_own_hooks(callback: Any) -> list[float]:
             finally:
                 total[0] += time.perf_counter() - start
 
-        setattr(callback, name, functools.wraps(method)(timed))
+        wrapper = functools.wraps(method)(timed)
+        wrappers.add(id(wrapper))
+        setattr(callback, name, wrapper)
+
+    names = [
+        name
+        for name in dir(type(callback))
+        if name.startswith(HOOK_PREFIXES)
+        and not name.startswith("on_save")
+        and name != "on_load_checkpoint"
+        and callable(getattr(callback, name))
+    ]
+    for name in names:
+        wrap(name)
+    timed_setup = callback.setup
+
+    def setup(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return timed_setup(*args, **kwargs)
+        finally:
+            for name in names:
+                if name in vars(callback) and id(vars(callback)[name]) not in wrappers:
+                    wrap(name)  # bound during setup: time it too
+
+    callback.setup = setup
     return total
 
 
