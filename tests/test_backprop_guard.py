@@ -135,17 +135,20 @@ def test_allow_listed_module_is_silent(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("scale", "set_to_none", "reported"),
+    ("scale", "set_to_none", "reported", "accumulate"),
     [
-        (0.0, False, True),
+        (0.0, False, True, 1),
+        # zero_grad every other batch: zeroing is read after it, from a parameter the first step saw with a gradient
+        (0.0, False, True, 2),
         # gradients of ~1e-23 are tiny, not missing: their L2 norm underflows to 0 in float32, their maximum does not
-        (1e-22, False, False),
+        (1e-22, False, False, 1),
         # with Lightning's default zeroing an all-zero gradient is a real gradient (pruned weights, dead units)
-        (0.0, True, False),
+        (0.0, True, False, 1),
+        (0.0, True, False, 2),
     ],
 )
 def test_all_zero_gradients_for_consecutive_steps(
-    tmp_path: Path, scale: float, set_to_none: bool, reported: bool
+    tmp_path: Path, scale: float, set_to_none: bool, reported: bool, accumulate: int
 ) -> None:
     class ScaledLoss(Net):
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
@@ -157,9 +160,13 @@ def test_all_zero_gradients_for_consecutive_steps(
 
     guard = BackpropGuard(zero_grad_steps=3)
     with nograd_warnings() as seen:
-        fit(tmp_path, ScaledLoss(), guard, limit_train_batches=4, max_epochs=1)
+        # four optimizer steps either way
+        batches = 4 * accumulate
+        t = trainer(tmp_path, [guard], limit_train_batches=batches, max_epochs=1, accumulate_grad_batches=accumulate)
+        t.fit(ScaledLoss(), loader(n=32 * accumulate), loader())
     found = {(f.kind, f.subject) for f in guard.report.findings}
     assert found == ({("param_without_grad", "")} if reported else set()), [str(w.message) for w in seen]
+    assert guard._gradients.keeps_zeros is not set_to_none, "zeroing was read right"
     if reported:
         assert "encoder.0.weight" in guard.report.findings[0].details["parameters"]
 
