@@ -90,6 +90,29 @@ def test_the_mode_switch_counter_is_gone_after_the_run(tmp_path: Path) -> None:
     assert nn.Module.train is ModeSwitches.original
 
 
+def test_an_owner_dropped_without_stop_stops_listening_as_it_is_freed() -> None:
+    import gc
+
+    class Owner:
+        pass
+
+    kept, dropped = Owner(), Owner()
+    ModeSwitches.listen(kept)
+    ModeSwitches.listen(dropped)
+    ModeSwitches.listen(dropped)  # idempotent
+    del dropped
+    gc.collect()
+    assert ModeSwitches.listening(), "the other owner still listens"
+    ModeSwitches.stop(kept)
+    assert not ModeSwitches.listening()
+    assert nn.Module.train is ModeSwitches.original
+    lost = Owner()
+    ModeSwitches.listen(lost)
+    del lost  # the last owner, never stopped
+    gc.collect()
+    assert nn.Module.train is ModeSwitches.original, "no trace in the process"
+
+
 def test_a_gap_mid_epoch_is_found_by_the_rotating_window(tmp_path: Path) -> None:
     class LosesAnExpert(Experts):
         def forward(self, x: torch.Tensor) -> torch.Tensor:

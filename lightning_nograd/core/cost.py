@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import functools
+import weakref
 from typing import Any, ClassVar
 
 from torch import nn
@@ -56,6 +57,10 @@ class ModeSwitches:
         >>> ModeSwitches.stop(owner)
         >>> nn.Module.train is ModeSwitches.original
         True
+
+    An owner that can be weakly referenced (any instance of a class without ``__slots__``) and is
+    dropped without :meth:`stop` (a run that died between its set-up and its teardown) stops
+    listening as it is freed.
     """
 
     __slots__ = ("count",)
@@ -67,8 +72,14 @@ class ModeSwitches:
 
     @staticmethod
     def listen(owner: object) -> None:
-        """Start counting (idempotent per owner)."""
-        ModeSwitches._owners.add(id(owner))
+        """Start counting (idempotent per owner). An owner collected without :meth:`stop` stops then."""
+        key = id(owner)
+        if key not in ModeSwitches._owners:
+            ModeSwitches._owners.add(key)
+            try:  # runs as the owner is freed, before its id can be reused; harmless after a stop
+                weakref.finalize(owner, ModeSwitches._forget, key)
+            except TypeError:  # not weakly referable (a bare `object()`): only stop() ends it
+                pass
         if nn.Module.train is not _counting_train:
             if nn.Module.train is not ModeSwitches.original:  # someone wrapped it since import: forward to them
                 ModeSwitches.original = nn.Module.train
@@ -77,7 +88,11 @@ class ModeSwitches:
     @staticmethod
     def stop(owner: object) -> None:
         """Stop counting for ``owner``; the last one out restores ``nn.Module.train`` (if still ours)."""
-        ModeSwitches._owners.discard(id(owner))
+        ModeSwitches._forget(id(owner))
+
+    @staticmethod
+    def _forget(key: int) -> None:
+        ModeSwitches._owners.discard(key)
         if not ModeSwitches._owners and nn.Module.train is _counting_train:
             nn.Module.train = ModeSwitches.original  # type: ignore[method-assign]
 
