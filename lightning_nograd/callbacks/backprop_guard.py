@@ -28,7 +28,7 @@ from lightning_nograd.core.cost import mode_switches
 from lightning_nograd.core.findings import Finding, OnViolation
 from lightning_nograd.core.graph import GraphEvent, GraphProbe, StrayGraphWatch, node_counter
 from lightning_nograd.core.patterns import NamePatterns
-from lightning_nograd.errors import BrokenBackpropWarning, NoGradError
+from lightning_nograd.errors import BrokenBackpropWarning
 
 OUTSIDE_STEP_HOOKS = frozenset(
     {
@@ -187,7 +187,7 @@ class BackpropGuard(NoGradCallback):
         self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         gradients = self._gradients
-        if gradients.skip or gradients.keeps_zeros or id(optimizer) in gradients.zeroing_known:
+        if gradients.skip or gradients.keeps_zeros:
             return
         if gradients.reads_zeroing(optimizer):
             gradients.zeroing = optimizer  # the backward that follows reads how zeroing works
@@ -209,17 +209,7 @@ class BackpropGuard(NoGradCallback):
             gradients.skip -= 1
             gradients.backward_seen = False
             return
-        # what `guarded("params_without_grad")` does, inline: a checked step then makes two calls, not five
-        if "params_without_grad" in self._switched_off:
-            return
-        try:
-            missing = gradients.step(optimizer)
-            if missing:
-                self._note_missing(missing)
-        except NoGradError:
-            raise
-        except Exception as err:
-            self._switch_off("params_without_grad", err)
+        self._step_gradients(optimizer)
 
     @override
     def on_train_batch_end(
@@ -330,6 +320,12 @@ class BackpropGuard(NoGradCallback):
     @guarded("params_without_grad")
     def _note_backward(self) -> None:
         self._gradients.backward()
+
+    @guarded("params_without_grad")
+    def _step_gradients(self, optimizer: torch.optim.Optimizer) -> None:
+        missing = self._gradients.step(optimizer)
+        if missing:
+            self._note_missing(missing)
 
     @guarded("params_without_grad")
     def _collect_zero_gradients(self, wait: bool) -> None:

@@ -591,9 +591,7 @@ class GradientCheck:
             self.backward_seen = False
         if self.optimizers != 1 or len(self.steps) != 1 or self.streaks.pending:
             return found
-        if (key not in self.zeroing_known and steps < self.zero_grad_steps) or (
-            self.keeps_zeros and self._zero_checks.get(key, 0) < self.zero_grad_steps
-        ):
+        if self.reads_zeroing(optimizer) or (self.keeps_zeros and self._zero_checks.get(key, 0) < self.zero_grad_steps):
             return found
         self.skip = GRADIENT_EVERY - 1 - steps % GRADIENT_EVERY
         self.steps[key] = steps + self.skip  # counted now: the skipped steps do not call this

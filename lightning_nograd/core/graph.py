@@ -334,8 +334,7 @@ class StrayGraphWatch(Probe):
                 self._armed = True
                 self._settle()
             return
-        probe = self.probe
-        if probe is not None and probe.active and not self._failed:
+        if not self._failed and self.probing:
             self._stop_probe()
 
     @isolated_method
