@@ -318,20 +318,74 @@ def is_trained(param: torch.Tensor, trained: set[int] | None) -> bool:
     return param.requires_grad and (trained is None or id(param) in trained)
 
 
-def is_frozen(module: nn.Module, parent: nn.Module | None, trained: set[int] | None) -> bool:
-    """A module is frozen when none of its parameters learns; a parameter-free one (dropout) goes with its parent.
+class Learning:
+    """Which modules learn: one pass over a model, then an answer per module in constant time.
 
-    Frozen modules may sit in eval mode (a fixed feature extractor, frozen batch-norm statistics).
+    A module *learns* when a parameter anywhere below it learns (:func:`is_trained`); it is *frozen*
+    when none does, and a parameter-free one (dropout, an activation) goes with its parent. Each
+    module's own parameters are read once, so a model of n modules and p parameters costs
+    O(n + p), where asking every module's subtree costs O(n x p) (a deep ``nn.Sequential`` of
+    activations, each under the whole stack, took 80 s at 8,000 modules).
+
+    Args:
+        modules: the modules to answer for (their submodules are read too).
+        trained: ``id``s of the parameters some optimizer steps (``None``: every one that requires grad).
 
     Example:
         >>> block = nn.Sequential(nn.Linear(2, 2), nn.Dropout())
-        >>> is_frozen(block[1], block, None), is_frozen(block[1], block.requires_grad_(False), None)
-        (False, True)
+        >>> Learning([block], None).frozen(block[1], block)
+        False
+        >>> Learning([block.requires_grad_(False)], None).frozen(block[1], block)
+        True
     """
-    params = list(module.parameters())
-    if not params and parent is not None:
-        params = list(parent.parameters())
-    return not any(is_trained(p, trained) for p in params)
+
+    def __init__(self, modules: Iterable[nn.Module], trained: set[int] | None) -> None:
+        self._trained = trained
+        self._learns: dict[int, bool] = {}
+        self._has_params: dict[int, bool] = {}
+        for module in modules:
+            self._visit(module)
+
+    def _visit(self, module: nn.Module) -> None:
+        # depth-first with a stack (no recursion limit), each module once however often it is shared; a
+        # module that holds one of its ancestors (a cycle) asks torch for its whole subtree instead.
+        # `_modules` and `_parameters` are read directly: torch's generators cost more than the work here
+        learns, has_params = self._learns, self._has_params
+        stack: list[tuple[nn.Module, list[nn.Module] | None]] = [(module, None)]
+        entered: set[int] = set()
+        while stack:
+            current, children = stack.pop()
+            key = id(current)
+            if key in learns:
+                continue
+            if children is None:
+                entered.add(key)
+                children = [child for child in current._modules.values() if child is not None]
+                stack.append((current, children))
+                stack.extend((child, None) for child in children if id(child) not in entered)
+                continue
+            if any(id(c) not in learns for c in children):  # a child is an ancestor: a cycle
+                own, children = list(current.parameters()), []
+            else:
+                own = [p for p in current._parameters.values() if p is not None]
+            visits.modules += 1
+            visits.params += len(own)
+            has_params[key] = bool(own) or any(has_params[id(c)] for c in children)
+            learns[key] = any(is_trained(p, self._trained) for p in own) or any(learns[id(c)] for c in children)
+
+    def learns(self, module: nn.Module) -> bool:
+        """Whether a parameter below ``module`` learns."""
+        if id(module) not in self._learns:
+            self._visit(module)
+        return self._learns[id(module)]
+
+    def frozen(self, module: nn.Module, parent: nn.Module | None) -> bool:
+        """Whether ``module`` is frozen (``parent``: its parent, for a parameter-free module)."""
+        if id(module) not in self._learns:
+            self._visit(module)
+        if not self._has_params[id(module)] and parent is not None:
+            return not self.learns(parent)
+        return not self._learns[id(module)]
 
 
 def eval_mode_under_trainable(
@@ -352,12 +406,15 @@ def eval_mode_under_trainable(
         []
     """
     modules = dict(named_modules(root))
+    learning: Learning | None = None  # read only once a layer in eval mode asks
     groups: dict[str, list[str]] = {}
     for path, module in modules.items():
         if module.training or not isinstance(module, MODE_SENSITIVE_TYPES):
             continue
         parent = modules.get(parent_path(path), module) if path else module
-        if not any(is_trained(p, trained) for p in parent.parameters()):
+        if learning is None:
+            learning = Learning([root], trained)
+        if not learning.learns(parent):
             continue
         top = path
         for ancestor in reversed(ancestors(path)[:-1]):
@@ -698,11 +755,11 @@ class EvalModeLeaks:
         a training step is a leak. ``modules`` are all paths (for a module's parent), ``trained`` the
         parameters some optimizer steps."""
         self._seen_training |= {path for path, m in self._modules if m.training}
+        learning = Learning(modules.values() or (m for _, m in self._modules), trained)
         self._watched = [
             (path, m)
             for path, m in self._modules
-            if path in self._seen_training
-            and not is_frozen(m, modules.get(parent_path(path)) if path else None, trained)
+            if path in self._seen_training and not learning.frozen(m, modules.get(parent_path(path)) if path else None)
         ]
         self.clean_at = hook
         self.read_at = None
