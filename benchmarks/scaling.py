@@ -1,6 +1,6 @@
 """How the callbacks' cost grows with the model: own time per batch from 50 to 50,000 modules.
 
-    python -m benchmarks.scaling [--quick] [--out benchmarks/results]
+    python -m benchmarks.scaling [--quick | --analyses-only] [--out benchmarks/results]
 
 A model of N small parallel experts (``nn.Linear(8, 1)`` each, the module count of a mixture of
 experts; 8-dim inputs, batch 8) is fitted for two epochs (17 training batches, 17 validation
@@ -19,7 +19,10 @@ more, growing with the model. Also the share of the batch, and the most module/p
 of the checks in one such batch (``lightning_nograd.core.cost.visits``). Twice: with the savings
 replays off (``monitor_savings=False``) and at the defaults. Then the one-time analyses on the
 largest model (indexing, grouping and explaining parameters without gradients, inference-tensor
-and eval-mode scans, allow-list matching), each timed once.
+and eval-mode scans, allow-list matching, the check of which modules are frozen that each epoch
+start runs), each timed once; the frozen-module check also on a model of as many modules as one
+``nn.Sequential`` of ``Linear`` and ``ReLU`` layers, where each activation's parent is the whole
+stack. ``--analyses-only`` re-runs only these and keeps the fits of the last full run.
 
 Each configuration is fitted ``--repeats`` times (2; interleaved with the others), and each
 loop's figures come from the fit whose own time was least: on a shared machine, other work only
@@ -50,6 +53,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_nograd import NoGradAuditor
 from lightning_nograd.callbacks.nograd_auditor import PER_BATCH_HOOKS
 from lightning_nograd.core.backprop import (
+    EvalModeLeaks,
     ParamIndex,
     eval_mode_under_trainable,
     explain_gradient_gaps,
@@ -236,7 +240,22 @@ def one_time_analyses(n: int) -> dict[str, Any]:
     timed("eval-mode-at-start scan", lambda: eval_mode_under_trainable(model))
     patterns = NamePatterns("allow", [r"experts\.1\d*", r"drop"])
     timed("allow-list matching, every module path", lambda: [patterns.matches(p) for p, _ in named_modules(model)])
+    model.train()
+    timed("frozen-module check, each epoch start", lambda: _note_train_mode(model))
+    # the shape where asking each module's parent for its parameters was quadratic: every activation
+    # sits directly under the whole stack (n modules here too)
+    stack = nn.Sequential(*[m for _ in range(n // 2) for m in (nn.Linear(8, 8), nn.ReLU())])
+    timed(f"the same, {n:,} modules as one nn.Sequential of Linear and ReLU", lambda: _note_train_mode(stack))
     return timings
+
+
+def _note_train_mode(model: nn.Module) -> None:
+    leaks = EvalModeLeaks(lambda path: False)
+    leaks.index(model)
+    try:
+        leaks.note_train_mode(dict(named_modules(model)), None, "on_train_epoch_start")
+    finally:
+        leaks.stop()
 
 
 def table(rows: list[dict[str, Any]], analyses: dict[str, Any]) -> list[str]:
@@ -294,6 +313,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="two small sizes (CI's smoke run)")
     parser.add_argument("--repeats", type=int, default=2, help="fits per configuration; the best of them is kept")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    parser.add_argument("--analyses-only", action="store_true",
+                        help="re-run only the one-time analyses; the fits stay those of the last full run")  # fmt: skip
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -301,23 +322,30 @@ def main(argv: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore")
     sizes = QUICK_SIZES if args.quick else SIZES
     start = time.perf_counter()
-    rows = []
-    repeats = 1 if args.quick else max(1, args.repeats)
-    with tempfile.TemporaryDirectory() as tmp:
-        for n in sizes:
-            runs: dict[bool | None, list[dict[str, Any]]] = {None: [], False: [], True: []}
-            for _ in range(repeats):  # interleaved, so that a busy spell of the machine hits every configuration
-                for replays in runs:
-                    runs[replays].append(measure(n, replays, Path(tmp)))
-                    print(json.dumps(runs[replays][-1]), flush=True)
-            rows.extend(best_of(same) for same in runs.values())
-    analyses = one_time_analyses(sizes[-1])
-    minutes = (time.perf_counter() - start) / 60
     machine = f"{platform.machine()}, {torch.get_num_threads()} threads; torch {torch.__version__}, "
     machine += f"lightning {pl.__version__}"
-    lines = [f"Machine: CPU ({machine}). Best of {repeats} fits per row. Took {minutes:.1f} min.", "",
-             *table(rows, analyses)]  # fmt: skip
-    (out / "scaling.json").write_text(json.dumps({"rows": rows, "analyses": analyses, "machine": machine}, indent=1))
+    if args.analyses_only:
+        last = json.loads((out / "scaling.json").read_text())
+        rows, header = last["rows"], last["header"]
+        header += (" One-time analyses re-run alone (`--analyses-only`, in a fresh process: a first pass over"
+                   " a model costs more there than after the fits).")  # fmt: skip
+    else:
+        rows = []
+        repeats = 1 if args.quick else max(1, args.repeats)
+        with tempfile.TemporaryDirectory() as tmp:
+            for n in sizes:
+                runs: dict[bool | None, list[dict[str, Any]]] = {None: [], False: [], True: []}
+                for _ in range(repeats):  # interleaved, so that a busy spell of the machine hits every configuration
+                    for replays in runs:
+                        runs[replays].append(measure(n, replays, Path(tmp)))
+                        print(json.dumps(runs[replays][-1]), flush=True)
+                rows.extend(best_of(same) for same in runs.values())
+        minutes = (time.perf_counter() - start) / 60
+        header = f"Machine: CPU ({machine}). Best of {repeats} fits per row. Took {minutes:.1f} min."
+    analyses = one_time_analyses(max(row["experts"] for row in rows))
+    lines = [header, "", *table(rows, analyses)]
+    saved = {"rows": rows, "analyses": analyses, "machine": machine, "header": header.split(" One-time")[0]}
+    (out / "scaling.json").write_text(json.dumps(saved, indent=1))
     (out / "SCALING.md").write_text("# Scaling\n\n" + "\n".join(lines) + "\n")
     plot(rows, out)
     print("\n".join(lines))

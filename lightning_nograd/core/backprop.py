@@ -55,10 +55,13 @@ class ParamIndex:
         self.modules: dict[str, nn.Module] = {}
         for path, module in named_modules(root):
             self.modules[path] = module  # under torch.compile the wrapper and its _orig_mod share a path
-            chain = ancestors(path)
-            for pname, param in module.named_parameters(recurse=False):
-                if id(param) in self.names:
+            chain: list[str] | None = None
+            # `_parameters` read directly: torch's `named_parameters` generator per module costs more than the rest
+            for pname, param in module._parameters.items():
+                if param is None or id(param) in self.names:
                     continue
+                if chain is None:
+                    chain = ancestors(path)
                 key = id(param)
                 self.params[key] = param
                 self.names[key] = f"{path}.{pname}" if path else pname
