@@ -113,26 +113,30 @@ class GraphProbe(Probe):
         self.report_at_once = report_at_once
         self._names: dict[int, str] = {}
         self._param_storages: set[tuple[str, int]] = set()
+        self._model_read = False  # names and storages are read at the first graph: none, in a correct run
         self.active = False
         self.has_events = False  # a graph was recorded since the last flush (an attribute: read every batch)
         self._batch_storages: set[tuple[str, int]] = set()
         self._batch_events: dict[tuple[str, str | None], GraphEvent] = {}
 
     def start(self) -> None:
-        """Start receiving saved tensors (idempotent); names modules on the first start."""
+        """Start receiving saved tensors (idempotent). Reads nothing of the model: a correct run records
+        no graph, and the first graph recorded reads the module names and parameter storages."""
         if self.active:
             return
-        if not self._names:
-            self.rename()
         if self._batch_events:
             self.new_batch()
         HUB.register(self)
         self.active = True
 
     def rename(self) -> None:
-        """Re-read module names and parameter storages (after the model changed)."""
+        """The model may have changed: its module names and parameter storages are read again at the next graph."""
+        self._model_read = False
+
+    def _read_model(self) -> None:
         self._names = {id(m): name for name, m in named_modules(self.root)}
         self._param_storages = weight_storages(self.root)
+        self._model_read = True
 
     def stop(self) -> None:
         """Stop receiving saved tensors (forgetting what was not flushed); :meth:`start` resumes cheaply."""
@@ -147,6 +151,7 @@ class GraphProbe(Probe):
         self.stop()
         self._names = {}
         self._param_storages = set()
+        self._model_read = False
         self.root = nn.Module()
 
     @isolated_method
@@ -190,6 +195,8 @@ class GraphProbe(Probe):
             report_fault(self, err)
 
     def _record(self, tensor: torch.Tensor, frame: FrameType | None) -> None:
+        if not self._model_read:
+            self._read_model()
         key = storage_key(tensor)
         if key in self._param_storages:
             return
