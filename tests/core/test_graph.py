@@ -14,11 +14,17 @@ from lightning_nograd.core.graph import (
 )
 
 
-def test_probe_sees_graphs_only_and_names_the_deepest_common_module() -> None:
-    net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 1))
+def _started_probe(net: nn.Module) -> tuple[GraphProbe, list[GraphEvent]]:
+    """A started probe of ``net`` that reports each graph at once, and the list it reports into."""
     events: list[GraphEvent] = []
     probe = GraphProbe(net, frozenset(), lambda event, modules: events.append(event), lambda name: False, True)
     probe.start()
+    return probe, events
+
+
+def test_probe_sees_graphs_only_and_names_the_deepest_common_module() -> None:
+    net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 1))
+    probe, events = _started_probe(net)
     try:
         with torch.no_grad():
             net(torch.ones(2, 4))
@@ -99,9 +105,7 @@ def test_probe_reads_the_model_at_the_first_graph_not_at_start() -> None:
     # a correct run records no graph, so starting a probe reads nothing of the model (at 100,000
     # parameters, reading their storages took 0.4-0.8 s, at every validation loop's start)
     net = nn.Sequential(nn.Linear(2, 2))
-    events: list[GraphEvent] = []
-    probe = GraphProbe(net, frozenset(), lambda event, modules: events.append(event), lambda name: False, True)
-    probe.start()
+    probe, events = _started_probe(net)
     try:
         with torch.no_grad():
             net(torch.ones(1, 2))
