@@ -324,11 +324,12 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     machine = f"{platform.machine()}, {torch.get_num_threads()} threads; torch {torch.__version__}, "
     machine += f"lightning {pl.__version__}"
+    note = ""  # how this run differs from a full one
     if args.analyses_only:
         last = json.loads((out / "scaling.json").read_text())
         rows, header = last["rows"], last["header"]
-        header += (" One-time analyses re-run alone (`--analyses-only`, in a fresh process: a first pass over"
-                   " a model costs more there than after the fits).")  # fmt: skip
+        note = (" One-time analyses re-run alone (`--analyses-only`, in a fresh process: a first pass over"
+                " a model costs more there than after the fits).")  # fmt: skip
     else:
         rows = []
         repeats = 1 if args.quick else max(1, args.repeats)
@@ -343,8 +344,8 @@ def main(argv: list[str] | None = None) -> None:
         minutes = (time.perf_counter() - start) / 60
         header = f"Machine: CPU ({machine}). Best of {repeats} fits per row. Took {minutes:.1f} min."
     analyses = one_time_analyses(max(row["experts"] for row in rows))
-    lines = [header, "", *table(rows, analyses)]
-    saved = {"rows": rows, "analyses": analyses, "machine": machine, "header": header.split(" One-time")[0]}
+    lines = [header + note, "", *table(rows, analyses)]
+    saved = {"rows": rows, "analyses": analyses, "machine": machine, "header": header}
     (out / "scaling.json").write_text(json.dumps(saved, indent=1))
     (out / "SCALING.md").write_text("# Scaling\n\n" + "\n".join(lines) + "\n")
     plot(rows, out)

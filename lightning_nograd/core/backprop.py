@@ -384,11 +384,10 @@ class Learning:
 
     def frozen(self, module: nn.Module, parent: nn.Module | None) -> bool:
         """Whether ``module`` is frozen (``parent``: its parent, for a parameter-free module)."""
-        if id(module) not in self._learns:
-            self._visit(module)
+        learns = self.learns(module)
         if not self._has_params[id(module)] and parent is not None:
             return not self.learns(parent)
-        return not self._learns[id(module)]
+        return not learns
 
 
 def eval_mode_under_trainable(
