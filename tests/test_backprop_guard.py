@@ -480,6 +480,59 @@ def test_eval_in_on_train_epoch_start_is_named_there(tmp_path: Path) -> None:
     ]
 
 
+class FrozenBatchNormStatistics(Net):
+    """The batch-norm layers are put in eval one by one (their running statistics stay as loaded) while
+    their weights and the rest of the model train, in the three places users write it."""
+
+    def __init__(self, where: str) -> None:
+        super().__init__()
+        self.encoder.insert(1, nn.BatchNorm1d(16))
+        self.where = where
+        if where == "__init__":
+            self.freeze_statistics()
+
+    def freeze_statistics(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.BatchNorm1d):
+                module.eval()
+
+    def on_train_epoch_start(self) -> None:
+        if self.where == "on_train_epoch_start":
+            self.freeze_statistics()
+
+
+class FreezesStatistics(pl.Callback):
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        pl_module.freeze_statistics()
+
+
+@pytest.mark.parametrize("where", ["__init__", "on_train_epoch_start", "a callback"])
+@pytest.mark.parametrize("on_violation", ["warn", "fix"])
+def test_batch_norm_statistics_frozen_layer_by_layer_are_silent(tmp_path: Path, where: str, on_violation: str) -> None:
+    model = FrozenBatchNormStatistics(where)
+    norm = model.encoder[1]
+    loaded = norm.running_mean.clone()
+    guard = BackpropGuard(on_violation=on_violation)  # type: ignore[arg-type]
+    callbacks = [FreezesStatistics(), guard] if where == "a callback" else [guard]
+    with nograd_warnings() as seen:
+        trainer(tmp_path, callbacks).fit(model, loader(), loader())
+    assert guard.report.findings == [], [str(w.message) for w in seen]
+    # "fix" left them alone: a training step in train mode would have moved the statistics
+    assert torch.equal(norm.running_mean, loaded) and not norm.training
+    assert not torch.equal(norm.weight, torch.ones(16)), "the layer's own weights trained"
+
+
+def test_an_encoder_put_in_eval_with_its_layers_is_still_a_leak(tmp_path: Path) -> None:
+    class EvalAtEpochStart(FrozenBatchNormStatistics):
+        def on_train_epoch_start(self) -> None:
+            self.encoder.eval()  # the block, not its layers one by one: the linear layers' dropout is off
+
+    guard = BackpropGuard()
+    with nograd_warnings():
+        fit(tmp_path, EvalAtEpochStart("nowhere"), guard)
+    assert [(f.kind, f.subject) for f in guard.report.findings] == [("eval_mode_leak", "encoder")]
+
+
 def test_model_pruning_is_silent(tmp_path: Path) -> None:
     from lightning.pytorch.callbacks import ModelPruning
 

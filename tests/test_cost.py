@@ -71,7 +71,7 @@ def test_a_mode_switch_during_training_is_seen_at_once(tmp_path: Path) -> None:
     class SwitchesOff(Experts):
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
             if batch_idx == 3:
-                self.drop.eval()  # a leak in the middle of an epoch, after steady state was reached
+                self.experts.eval()  # a leak in the middle of an epoch, after steady state was reached
             return super().training_step(batch, batch_idx)
 
     auditor = NoGradAuditor(monitor_savings=False)
@@ -79,7 +79,7 @@ def test_a_mode_switch_during_training_is_seen_at_once(tmp_path: Path) -> None:
     with nograd_warnings():
         run.fit(SwitchesOff(4), loader(48))
     (leak,) = [f for f in auditor.report.findings if f.kind == "eval_mode_leak"]
-    assert (leak.subject, leak.hook, leak.batch_idx) == ("drop", "training_step", 3)
+    assert (leak.subject, leak.hook, leak.batch_idx) == ("experts", "training_step", 3)
 
 
 def test_the_mode_switch_counter_is_gone_after_the_run(tmp_path: Path) -> None:

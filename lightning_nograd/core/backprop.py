@@ -390,6 +390,22 @@ class Learning:
         return not learns
 
 
+def switched_alone(module: nn.Module, parent: nn.Module | None) -> bool:
+    """Whether ``module``, in eval mode, was switched there on its own: it holds no submodule and its parent
+    is in train mode. An ``.eval()`` on a block (a model from ``from_pretrained``, a forgotten
+    ``self.backbone.eval()``) switches the block with everything in it; a layer alone in eval is a choice,
+    the usual way to freeze batch-norm statistics while its weights and the rest of the model train.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+        >>> switched_alone(net[1].eval(), net)
+        True
+        >>> switched_alone(net[1], net.eval())  # the whole block is in eval
+        False
+    """
+    return parent is not None and parent.training and not module._modules
+
+
 def eval_mode_under_trainable(
     root: nn.Module, trained: set[int] | None = None, allowed: Callable[[str], bool] | None = None
 ) -> list[tuple[str, list[str]]]:
@@ -397,7 +413,8 @@ def eval_mode_under_trainable(
 
     Returns (topmost eval-mode module containing them, the layers), leaving out ``allowed`` paths.
     A frozen backbone in eval mode (parameters that do not require grad, or that no optimizer in
-    ``trained`` steps) has no trainable parameters around its layers and is not returned.
+    ``trained`` steps) has no trainable parameters around its layers and is not returned, nor is a
+    layer switched to eval on its own (:func:`switched_alone`: frozen batch-norm statistics).
 
     Example:
         >>> net = nn.Sequential(nn.Linear(2, 2), nn.Dropout()).eval()
@@ -414,6 +431,8 @@ def eval_mode_under_trainable(
         if module.training or not isinstance(module, MODE_SENSITIVE_TYPES):
             continue
         parent = modules.get(parent_path(path), module) if path else module
+        if path and switched_alone(module, parent):
+            continue
         if learning is None:
             learning = Learning([root], trained)
         if not learning.learns(parent):
@@ -734,6 +753,8 @@ class EvalModeLeaks:
     Modes are read only after some module's mode switched (:class:`~lightning_nograd.core.cost.ModeSwitches`);
     a batch compares ``read_at`` with ``mode_switches.count`` and otherwise notes its hook in
     ``clean_at``. Frozen modules (no parameter of theirs learns) are left out: keeping them in eval is a choice.
+    So is a layer switched to eval on its own (:func:`switched_alone`: the usual way to freeze batch-norm
+    statistics); it is not put back in train mode under ``on_violation="fix"`` either.
 
     Args:
         allowed: module paths never reported.
@@ -745,7 +766,7 @@ class EvalModeLeaks:
         self.clean_at = "on_train_start"  # the last hook at which no trained module was in eval mode
         self._modules: list[tuple[str, nn.Module]] = []
         self._seen_training: set[str] = set()
-        self._watched: list[tuple[str, nn.Module]] = []
+        self._watched: list[tuple[str, nn.Module, nn.Module | None]] = []  # path, module, parent
         self._reported: set[str] = set()
 
     def index(self, root: nn.Module) -> None:
@@ -758,10 +779,12 @@ class EvalModeLeaks:
         parameters some optimizer steps."""
         self._seen_training |= {path for path, m in self._modules if m.training}
         learning = Learning(modules.values() or (m for _, m in self._modules), trained)
+        modules = modules or dict(self._modules)
+        parents = ((path, m, modules.get(parent_path(path)) if path else None) for path, m in self._modules)
         self._watched = [
-            (path, m)
-            for path, m in self._modules
-            if path in self._seen_training and not learning.frozen(m, modules.get(parent_path(path)) if path else None)
+            (path, m, parent)
+            for path, m, parent in parents
+            if path in self._seen_training and not learning.frozen(m, parent)
         ]
         self.clean_at = hook
         self.read_at = None
@@ -771,7 +794,11 @@ class EvalModeLeaks:
         """Read the watched modules' modes at ``hook``: every leaked module, and the topmost ones as leaks."""
         self.read_at = mode_switches.count
         visits.modules += len(self._watched)
-        leaked = [(path, module) for path, module in self._watched if not module.training]
+        leaked = [
+            (path, module)
+            for path, module, parent in self._watched
+            if not module.training and not switched_alone(module, parent)
+        ]
         leaks: list[Leak] = []
         if leaked:
             paths = {path for path, _ in leaked}

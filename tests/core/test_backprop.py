@@ -48,6 +48,25 @@ def test_frozen_block_in_eval_mode_and_inference_buffers() -> None:
     assert inference_tensors(net) == [("table", "buffer")]
 
 
+def test_layers_switched_to_eval_one_by_one_are_a_choice_blocks_are_not() -> None:
+    net = nn.Sequential(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2), nn.Dropout()), nn.BatchNorm1d(2))
+    leaks = EvalModeLeaks(allowed=lambda path: False)
+    leaks.index(net)
+    leaks.note_train_mode(dict(net.named_modules()), None, "on_train_start")
+    try:
+        for layer in (net[0][1], net[1]):
+            layer.eval()  # frozen batch-norm statistics; their weights still learn
+        assert leaks.read("training_step", 0) == ([], [])
+        assert eval_mode_under_trainable(net) == []
+        net[0].eval()  # now the block, with everything in it
+        leaked, found = leaks.read("training_step", 1)
+        assert [leak.path for leak in found] == ["0"]
+        assert len(leaked) == 4  # the block and its three layers, put back under on_violation="fix"
+        assert eval_mode_under_trainable(net) == [("0", ["0.1 (BatchNorm1d)", "0.2 (Dropout)"])]
+    finally:
+        leaks.stop()
+
+
 def test_zero_gradient_streaks_reset_and_skip_sparse_gradients() -> None:
     dense = nn.Parameter(torch.ones(3))
     half = nn.Parameter(torch.ones(2, dtype=torch.bfloat16))
@@ -252,7 +271,7 @@ def test_frozen_modules_are_found_in_one_visit_each_under_a_deep_stack() -> None
     before = visits.total()
     try:
         leaks.note_train_mode(modules, None, "on_train_start")
-        watched = {path for path, _ in leaks._watched}
+        watched = {path for path, _, _ in leaks._watched}
     finally:
         leaks.stop()
     params = 2 * layers
