@@ -45,10 +45,24 @@ class VisitsPerBatch(pl.Callback):
             self._last = visits.total()
 
 
-@pytest.mark.parametrize("experts", [10, 1000])
-def test_steady_state_batches_visit_a_bounded_number_of_modules_and_parameters(tmp_path: Path, experts: int) -> None:
+class FreezesNormOnEveryForward(Experts):
+    """Puts its batch-norm layer in eval at every forward (frozen statistics, the DeepLab way)."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__(n)
+        self.norm = nn.BatchNorm1d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.norm.eval()  # already in eval after the first call: no mode changes
+        return super().forward(self.norm(x))
+
+
+@pytest.mark.parametrize(("experts", "model_type"), [(10, Experts), (1000, Experts), (10, FreezesNormOnEveryForward)])
+def test_steady_state_batches_visit_a_bounded_number_of_modules_and_parameters(
+    tmp_path: Path, experts: int, model_type: type[Experts]
+) -> None:
     counter = VisitsPerBatch()
-    model = Experts(experts)
+    model = model_type(experts)
     batches = GRADIENT_EVERY + 2  # one gradient window falls after the first batch of each epoch
     run = trainer(tmp_path, [NoGradAuditor(monitor_savings=False), counter], limit_train_batches=batches,
                   limit_val_batches=4, num_sanity_val_steps=0)  # fmt: skip

@@ -5,9 +5,10 @@
   number of visits that does not grow with the model.
 * :class:`ModeSwitches` learns that some module's mode changed from the change itself: while any
   check listens, ``nn.Module.train`` (which ``eval()`` calls) is wrapped by a forwarder that counts
-  calls. A check rescans the modules' modes only when the count moved (or when its owner knows that
-  modes were assigned directly, as Lightning does when it restores them after an evaluation loop),
-  not on every batch. The forwarder is removed when the last listener stops.
+  the calls that change a module's mode (a model that puts its batch-norm layers in eval on every
+  forward, already in eval, moves nothing). A check rescans the modules' modes only when the count
+  moved (or when its owner knows that modes were assigned directly, as Lightning does when it
+  restores them after an evaluation loop), not on every batch. The forwarder is removed when the last listener stops.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ visits = Visits()
 
 
 class ModeSwitches:
-    """A counter of ``nn.Module.train`` calls, alive while at least one owner listens.
+    """A counter of the ``nn.Module.train`` calls that change a module's mode, alive while at least one
+    owner listens. ``train()`` on a container calls it on each child, so a change anywhere is counted.
 
     The count is the slot ``count`` of the one instance, :data:`mode_switches`: every batch hook
     reads it, and on Python 3.11 a slot is read in a few cached steps where a class attribute takes a
@@ -51,7 +53,10 @@ class ModeSwitches:
         >>> owner = object()
         >>> ModeSwitches.listen(owner)
         >>> before = mode_switches.count
-        >>> _ = nn.Sequential(nn.Linear(1, 1)).eval()  # train(False) on the container and its child
+        >>> net = nn.Sequential(nn.Linear(1, 1)).eval()  # train(False) on the container and its child
+        >>> mode_switches.count - before
+        2
+        >>> _ = net.eval()  # no mode changes
         >>> mode_switches.count - before
         2
         >>> ModeSwitches.stop(owner)
@@ -107,5 +112,6 @@ mode_switches = ModeSwitches()
 
 @functools.wraps(nn.Module.train)
 def _counting_train(self: nn.Module, mode: bool = True) -> nn.Module:
-    mode_switches.count += 1
+    if self.training is not mode:  # (a mode that is not a bool is counted; `train` then refuses it)
+        mode_switches.count += 1
     return ModeSwitches.original(self, mode)  # type: ignore[no-any-return]
