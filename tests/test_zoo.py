@@ -158,18 +158,19 @@ class Classifier(pl.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
 
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        x, y = batch
+    def training_logits(self, x: torch.Tensor) -> torch.Tensor:
         features = self.backbone(x)
         if self.bug == "detach_before_head":
             features = features.detach()
         if self.bug == "head_under_no_grad":
             with torch.no_grad():
                 logits = self.head(features)
-            logits = logits + 0 * features.sum()  # the backbone still learns; the head does not
-        else:
-            logits = self.head(features)
-        loss = nn.functional.cross_entropy(logits, y)
+            return logits + 0 * features.sum()  # the backbone still learns; the head does not
+        return self.head(features)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = nn.functional.cross_entropy(self.training_logits(x), y)
         if self.bug == "graph_kept":
             self.kept.append(loss)  # no .detach(): every step's graph stays alive
         return loss
@@ -290,3 +291,98 @@ def test_lightning_patterns_and_callbacks_are_silent(tmp_path: Path) -> None:
             extra,
             [f.message for f in auditor.report.findings],
         )
+
+
+class Tuned(Classifier):
+    """The zoo's classifier with what Lightning's tuners and optimizers ask of a model: an ``lr``, an
+    optimizer by name (LBFGS re-runs the training step inside ``optimizer.step``), and torchmetrics
+    metrics logged as objects in training and validation."""
+
+    def __init__(self, backbone: nn.Module, features: int, bug: str | None = None, optimizer: str = "sgd") -> None:
+        super().__init__(backbone, features, bug)
+        self.lr = 0.01
+        self.optimizer = optimizer
+        torchmetrics = pytest.importorskip("torchmetrics")
+        self.train_accuracy = torchmetrics.Accuracy("multiclass", num_classes=CLASSES)
+        self.val_accuracy = torchmetrics.Accuracy("multiclass", num_classes=CLASSES)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        logits = self.training_logits(x)
+        self.train_accuracy(logits.detach(), y)
+        self.log("train_accuracy", self.train_accuracy, on_step=True, on_epoch=True)
+        return nn.functional.cross_entropy(logits, y)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.bug == "stray_forward":
+            self(batch[0])  # e.g. a metric on the batch, with gradients on: a graph no backward uses
+        super().on_train_batch_end(outputs, batch, batch_idx)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self.val_accuracy(self(batch[0]), batch[1])
+        self.log("val_accuracy", self.val_accuracy)
+        super().validation_step(batch, batch_idx)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        if self.optimizer == "lbfgs":
+            return torch.optim.LBFGS(self.parameters(), lr=self.lr, max_iter=3)
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+def _checkpointed_gpt2(tmp_path: Path) -> nn.Module:
+    gpt2 = _hf("gpt2", tmp_path)
+    gpt2.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    return HFFeatures(gpt2, pooled=False)  # its blocks run their forward again inside the backward
+
+
+MORE_PATTERNS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    # name: (zoo entry, optimizer, what the trainer gets)
+    "lbfgs": ("resnet", "lbfgs", {}),
+    "stochastic-weight-averaging": ("mobilenet", "sgd", {"swa": True}),
+    "learning-rate-finder": ("vit", "sgd", {"lr_finder": True}),
+    "clipping-and-accumulation-schedule": ("lstm", "sgd", {"gradient_clip_val": 0.5, "schedule": True}),
+    "gpt2-gradient-checkpointing": ("gpt2", "sgd", {}),
+}
+
+
+def _more_callbacks(options: dict[str, Any]) -> list[Any]:
+    from lightning.pytorch import callbacks
+
+    extra: list[Any] = []
+    if options.pop("swa", False):
+        extra.append(callbacks.StochasticWeightAveraging(swa_lrs=0.01, swa_epoch_start=1))
+    if options.pop("lr_finder", False):
+        extra.append(callbacks.LearningRateFinder(num_training_steps=5, early_stop_threshold=None))
+    if options.pop("schedule", False):
+        extra.append(callbacks.GradientAccumulationScheduler({0: 1, 1: 2}))
+    return extra
+
+
+@pytest.mark.parametrize("pattern", list(MORE_PATTERNS))
+def test_more_lightning_callbacks_optimizers_and_stacks_are_silent(tmp_path: Path, pattern: str) -> None:
+    name, optimizer, options = MORE_PATTERNS[pattern]
+    options = dict(options)
+    extra = _more_callbacks(options)
+    build, inputs, features = ZOO[name]
+    backbone = _checkpointed_gpt2(tmp_path) if pattern == "gpt2-gradient-checkpointing" else build(tmp_path)
+    torch.manual_seed(0)
+    auditor = NoGradAuditor(verbose=False)
+    with nograd_warnings() as seen:
+        run = trainer(tmp_path, [*extra, auditor], max_epochs=3, limit_train_batches=4, **options)
+        run.fit(Tuned(backbone, features, optimizer=optimizer), data(inputs), data(inputs))
+    assert auditor.report.findings == [], [str(w.message) for w in seen]
+
+
+@pytest.mark.parametrize("bug", ["stray_forward", "head_under_no_grad", "eval_left_on"])
+def test_seeded_bugs_are_named_under_lbfgs(tmp_path: Path, bug: str) -> None:
+    # LBFGS runs the training step again inside `optimizer.step`: the stretches between steps and the
+    # gradient checks must still see each bug, in its hook
+    build, inputs, features = ZOO["resnet"]
+    torch.manual_seed(0)
+    auditor = fit(tmp_path, Tuned(build(tmp_path), features, bug, optimizer="lbfgs"), inputs)
+    expected = {
+        "stray_forward": ("stray_graph", "", "on_train_batch_end"),
+        "head_under_no_grad": ("no_grad_module", "head", "training_step"),
+        "eval_left_on": ("eval_mode_leak", "backbone", "on_train_batch_end"),
+    }[bug]
+    assert expected in {(f.kind, f.subject, f.hook) for f in auditor.report.findings}
