@@ -424,6 +424,9 @@ class TransferLearning(pl.LightningModule):
     and only the classifier is in the optimizer. ``requires_grad``: the extractor is frozen with
     ``requires_grad_(False)`` and put back in eval every epoch (frozen batch-norm statistics).
     ``skip_steps``: every other ``training_step`` returns ``None``, Lightning's way to skip a step.
+    ``every_parameter``: as the documentation writes it (extractor in eval, forward under ``no_grad``)
+    with ``self.parameters()`` in the optimizer, as most users write ``configure_optimizers``;
+    ``every_parameter_detached``: the same with ``.detach()`` in place of ``no_grad``.
     """
 
     def __init__(self, style: str) -> None:
@@ -441,6 +444,8 @@ class TransferLearning(pl.LightningModule):
             self.feature_extractor.eval()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.style == "every_parameter_detached":
+            return self.classifier(self.feature_extractor(x).detach())
         with torch.no_grad():
             features = self.feature_extractor(x)
         return self.classifier(features)
@@ -456,15 +461,39 @@ class TransferLearning(pl.LightningModule):
         self.log("val_loss", nn.functional.mse_loss(self(x), y))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
+        if self.style.startswith("every_parameter"):
+            return torch.optim.Adam(self.parameters(), lr=0.01)
         return torch.optim.SGD(self.classifier.parameters(), lr=0.05)
 
 
-@pytest.mark.parametrize("style", ["optimizer_only", "requires_grad", "skip_steps"])
+@pytest.mark.parametrize("style", ["optimizer_only", "requires_grad", "skip_steps", "every_parameter",
+                                   "every_parameter_detached"])  # fmt: skip
 def test_frozen_feature_extractor_and_skipped_steps_are_silent(tmp_path: Path, style: str) -> None:
     auditor = NoGradAuditor(verbose=False)
+    logger = CSVLogger(tmp_path)
+    model = TransferLearning(style)
+    extractor = copy.deepcopy(model.feature_extractor.state_dict())
     with nograd_warnings() as seen:
-        trainer(tmp_path, [auditor], limit_train_batches=4).fit(TransferLearning(style), loader(), loader())
+        trainer(tmp_path, [auditor], limit_train_batches=4, logger=logger).fit(model, loader(), loader())
     assert auditor.report.findings == [], [str(w.message) for w in seen]
+    for key in ("nograd/train/params_without_grad", "nograd/train/no_grad_modules"):
+        assert csv_values(Path(logger.log_dir), key) == [0.0, 0.0], key  # nothing on the dashboard either
+    assert all(torch.equal(v, extractor[k]) for k, v in model.feature_extractor.state_dict().items())
+
+
+def test_a_block_in_eval_that_partly_learns_is_named_after_its_first_step(tmp_path: Path) -> None:
+    class HalfFrozen(TransferLearning):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            first = self.feature_extractor[0](x)  # learns, in a block left in eval mode
+            with torch.no_grad():
+                rest = self.feature_extractor[1:](first.detach())
+            return self.classifier(rest + first)
+
+    guard = BackpropGuard()
+    with nograd_warnings():
+        fit(tmp_path, HalfFrozen("every_parameter"), guard, max_epochs=1)
+    found = [(f.kind, f.subject, f.hook, f.batch_idx) for f in guard.report.findings]
+    assert ("eval_mode_at_start", "feature_extractor", "on_train_start", None) in found, found
 
 
 def test_eval_in_on_train_epoch_start_is_named_there(tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ from lightning_nograd.core.backprop import (
     GradientCheck,
     GradientGap,
     GradModeProbe,
+    eval_blocks,
     eval_mode_under_trainable,
     explain_gradient_gaps,
     inference_tensors,
@@ -112,6 +113,11 @@ class BackpropGuard(NoGradCallback):
         self.allow = NamePatterns("allow", allow)
         self.zero_grad_steps = check_int("zero_grad_steps", zero_grad_steps, 1)
         self._gradients = GradientCheck(self.zero_grad_steps, self.allow.matches)
+        self._gradients.judge = self._judge_eval_blocks
+        # eval mode as training started: blocks in eval holding learning parameters (path -> their ids), judged
+        # at their first full gradient check, and the dropout / batch-norm layers to report for each
+        self._eval_blocks: dict[str, set[int]] = {}
+        self._eval_at_start: dict[str, list[str]] = {}
         self._leaks = EvalModeLeaks(self.allow.matches)
         self._inference_reported: set[str] = set()
         self._probe: GradModeProbe | None = None
@@ -230,6 +236,8 @@ class BackpropGuard(NoGradCallback):
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._report_eval_at_start()  # those no gradient check judged in the first epoch
+        self._eval_blocks = {}
         self._collect_zero_gradients(wait=False)
         self._flush_stray_graphs()  # the stretch goes on: Lightning calls the module's epoch-end hook next
         self._log_counts(trainer)
@@ -247,6 +255,8 @@ class BackpropGuard(NoGradCallback):
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._report_eval_at_start()
+        self._eval_blocks = {}
         self._collect_zero_gradients(wait=True)
         if self._stray is not None:
             self._stray.close()
@@ -296,9 +306,42 @@ class BackpropGuard(NoGradCallback):
 
     @guarded("eval_mode_at_start")
     def _check_eval_mode_at_start(self, pl_module: nn.Module) -> None:
-        for path, layers in eval_mode_under_trainable(pl_module, self._trained_ids, self.allow.matches):
-            text = kinds.eval_mode_at_start(path, layers, self._root_type)
-            self._finding("eval_mode_at_start", path, "on_train_start", text)
+        """Note the blocks in eval mode as training starts; each is judged at its first gradient check.
+
+        A block in eval whose parameters all reach that step without a gradient is frozen on purpose
+        (Lightning's transfer-learning pattern with every parameter in the optimizer: the extractor in eval,
+        its forward under ``no_grad``): no finding, and its parameters are not checked again. Otherwise
+        its dropout / batch-norm layers are reported then (``eval_mode_at_start``), or at the end of the
+        first epoch if no check came."""
+        self._eval_at_start = dict(eval_mode_under_trainable(pl_module, self._trained_ids, self.allow.matches))
+        self._eval_blocks = eval_blocks(pl_module, self._trained_ids, self.allow.matches)
+
+    def _judge_eval_blocks(self, checked: list[nn.Parameter], missing: list[nn.Parameter]) -> set[int]:
+        """``GradientCheck.judge``: the blocks in eval that this full check covers, frozen on purpose or not."""
+        blocks = self._eval_blocks
+        if not blocks:
+            return set()
+        checked_ids = {id(p) for p in checked}
+        missing_ids = {id(p) for p in missing}
+        frozen: set[int] = set()
+        for path in [path for path, ids in blocks.items() if not ids.isdisjoint(checked_ids)]:
+            ids = blocks.pop(path)
+            if ids & checked_ids <= missing_ids:
+                frozen |= ids
+                self._eval_at_start.pop(path, None)
+            else:
+                self._report_eval_at_start(path)
+        return frozen
+
+    def _report_eval_at_start(self, path: str | None = None) -> None:
+        """Report the layers in eval as training started for ``path`` (all of them: ``None``)."""
+        for top in [path] if path is not None else list(self._eval_at_start):
+            layers = self._eval_at_start.pop(top, None)
+            if layers is not None:
+                text = kinds.eval_mode_at_start(top, layers, self._root_type)
+                self._add_finding(
+                    Finding("eval_mode_at_start", top, "train", "on_train_start", None, self._epoch, *text)
+                )
 
     @guarded("eval_mode_leak")
     def _read_modes(self, hook: str) -> None:

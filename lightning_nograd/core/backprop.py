@@ -406,6 +406,36 @@ def switched_alone(module: nn.Module, parent: nn.Module | None) -> bool:
     return parent is not None and parent.training and not module._modules
 
 
+def eval_blocks(
+    root: nn.Module, trained: set[int] | None = None, allowed: Callable[[str], bool] | None = None
+) -> dict[str, set[int]]:
+    """Blocks in eval mode that hold learning parameters: each topmost module in eval (the root, or one whose
+    parent is in train mode; not a layer switched alone, :func:`switched_alone`), mapped to the ``id``s of
+    its parameters that learn (:func:`is_trained`). ``allowed`` paths are left out. The blocks are disjoint,
+    so this reads each parameter once.
+
+    Example:
+        >>> net = nn.Sequential(nn.Sequential(nn.Linear(2, 2), nn.Dropout()), nn.Linear(2, 1))
+        >>> _ = net[0].eval()
+        >>> {path: len(ids) for path, ids in eval_blocks(net).items()}
+        {'0': 2}
+    """
+    modules = dict(named_modules(root))
+    found: dict[str, set[int]] = {}
+    for path, module in modules.items():
+        if module.training:
+            continue
+        parent = modules.get(parent_path(path)) if path else None
+        if (parent is not None and not parent.training) or switched_alone(module, parent):
+            continue
+        if allowed is not None and allowed(path):
+            continue
+        ids = {id(p) for p in module.parameters() if is_trained(p, trained)}
+        if ids:
+            found[path] = ids
+    return found
+
+
 def eval_mode_under_trainable(
     root: nn.Module, trained: set[int] | None = None, allowed: Callable[[str], bool] | None = None
 ) -> list[tuple[str, list[str]]]:
@@ -567,6 +597,7 @@ class GradientCheck:
     ``zero_grad_steps`` consecutive all-zero steps make a gradient missing (:class:`ZeroGradientStreaks`).
     With ``set_to_none=True`` (Lightning's default) a zero gradient is a real one (pruned weights).
     A step with no backward and no gradient at all was skipped (``training_step`` returned ``None``).
+    At each full check ``judge`` may name parameters that are frozen on purpose; they are not checked again.
 
     Parameters found missing become *suspects* until explained (:meth:`take_suspects`); a suspect
     is explained once per epoch.
@@ -602,12 +633,17 @@ class GradientCheck:
         self.optimizers = 0  # how many optimizers the loop has this epoch (0: not known)
         self._zero_checks: dict[int, int] = {}
         self._window_at: dict[int, int] = {}
+        # asked at each full check with (checked, missing): the ``id``s of parameters never to check again
+        # (a block frozen on purpose); they are left out from then on, for the rest of the fit
+        self.judge: Callable[[list[nn.Parameter], list[nn.Parameter]], set[int]] | None = None
+        self.ignored: set[int] = set()
 
     def index_model(self, root: nn.Module) -> None:
         """Index ``root``'s parameters (when training starts)."""
         self.index = ParamIndex(root)
         self._params = {}
         self._witness = {}
+        self.ignored = set()
 
     def new_epoch(self, optimizers: int = 0) -> None:
         """Start an epoch of a loop with ``optimizers`` optimizers (0: not known): its first step checks
@@ -684,7 +720,7 @@ class GradientCheck:
             return None
         params = self._params.get(key)
         if params is None or steps == 1:
-            params = self._params[key] = index.stepped(optimizer, self.allowed)
+            params = self._params[key] = self._unignored(index.stepped(optimizer, self.allowed))
         checked = params
         if steps != 1 and not zero_check and len(params) > GRADIENT_WINDOW:  # the next window, round robin
             start = self._window_at.get(key, 0) % len(params)
@@ -695,6 +731,12 @@ class GradientCheck:
         missing = without_gradient(checked)
         if missing and not backward_seen and len(missing) == sum(p.requires_grad for p in checked):
             return None  # no backward and no gradient at all: a skipped step (`training_step` returned None)
+        if checked is params and self.judge is not None:
+            ignored = self.judge(params, missing)
+            if ignored:
+                self.ignored |= ignored
+                checked = params = self._params[key] = self._unignored(params)
+                missing = self._unignored(missing)
         if checked is params:  # a full check: the parameter that tells how the next zero_grad zeroes
             witness = next((p for p in params if p.grad is not None), None)  # the first, as a rule
             if witness is not None:
@@ -704,6 +746,10 @@ class GradientCheck:
             self.streaks.observe([p for p in params if p.requires_grad])
         # each call costs microseconds while the CPU caches hold the model: none where nothing was found
         return self._suspect(missing, self.streaks.collect()) if missing or self.streaks.pending else missing
+
+    def _unignored(self, params: list[nn.Parameter]) -> list[nn.Parameter]:
+        ignored = self.ignored
+        return [p for p in params if id(p) not in ignored] if ignored else params
 
     def collect(self, wait: bool) -> list[nn.Parameter]:
         """Parameters whose all-zero streak completed in checks read now (``wait``: all of them, at the end)."""
@@ -732,6 +778,7 @@ class GradientCheck:
         self._params = {}
         self._witness = {}
         self.suspects = {}
+        self.ignored = set()
         self.streaks.clear()
 
 
