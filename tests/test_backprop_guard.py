@@ -201,6 +201,20 @@ def test_pretrained_model_arriving_in_eval_mode_is_named(tmp_path: Path) -> None
     assert any("`encoder` is in eval mode as training starts" in m and "encoder.2 (Dropout)" in m for m in messages)
 
 
+def test_a_block_in_eval_is_named_at_the_first_epoch_end_when_no_step_came(tmp_path: Path) -> None:
+    class SkipsEveryStep(Net):
+        def training_step(self, batch: Any, batch_idx: int) -> None:
+            return None  # Lightning's way to skip a step: no gradient check ever judges the block
+
+    model = SkipsEveryStep()
+    model.encoder.eval()  # as `from_pretrained` leaves it
+    guard = BackpropGuard()
+    with nograd_warnings():
+        fit(tmp_path, model, guard, max_epochs=2)
+    found = [(f.kind, f.subject, f.hook, f.epoch) for f in guard.report.findings]
+    assert found == [("eval_mode_at_start", "encoder", "on_train_start", 0)]
+
+
 def test_frozen_backbone_in_eval_mode_is_silent(tmp_path: Path) -> None:
     class Frozen(Net):
         def configure_optimizers(self) -> torch.optim.Optimizer:
