@@ -236,8 +236,7 @@ class BackpropGuard(NoGradCallback):
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._report_eval_at_start()  # those no gradient check judged in the first epoch
-        self._eval_blocks = {}
+        self._stop_judging_eval_blocks()  # those no gradient check judged in the first epoch are reported
         self._collect_zero_gradients(wait=False)
         self._flush_stray_graphs()  # the stretch goes on: Lightning calls the module's epoch-end hook next
         self._log_counts(trainer)
@@ -255,8 +254,7 @@ class BackpropGuard(NoGradCallback):
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._report_eval_at_start()
-        self._eval_blocks = {}
+        self._stop_judging_eval_blocks()
         self._collect_zero_gradients(wait=True)
         if self._stray is not None:
             self._stray.close()
@@ -333,15 +331,18 @@ class BackpropGuard(NoGradCallback):
                 self._report_eval_at_start(path)
         return frozen
 
-    def _report_eval_at_start(self, path: str | None = None) -> None:
-        """Report the layers in eval as training started for ``path`` (all of them: ``None``)."""
-        for top in [path] if path is not None else list(self._eval_at_start):
-            layers = self._eval_at_start.pop(top, None)
-            if layers is not None:
-                text = kinds.eval_mode_at_start(top, layers, self._root_type)
-                self._add_finding(
-                    Finding("eval_mode_at_start", top, "train", "on_train_start", None, self._epoch, *text)
-                )
+    def _report_eval_at_start(self, path: str) -> None:
+        """Report the layers of ``path`` that were in eval as training started, if it has any not yet reported."""
+        layers = self._eval_at_start.pop(path, None)
+        if layers is not None:
+            text = kinds.eval_mode_at_start(path, layers, self._root_type)
+            self._add_finding(Finding("eval_mode_at_start", path, "train", "on_train_start", None, self._epoch, *text))
+
+    def _stop_judging_eval_blocks(self) -> None:
+        """The blocks no gradient check judged are judged no more; their eval-mode layers are reported."""
+        self._eval_blocks = {}
+        for path in list(self._eval_at_start):
+            self._report_eval_at_start(path)
 
     @guarded("eval_mode_leak")
     def _read_modes(self, hook: str) -> None:

@@ -825,8 +825,8 @@ class EvalModeLeaks:
         a training step is a leak. ``modules`` are all paths (for a module's parent), ``trained`` the
         parameters some optimizer steps."""
         self._seen_training |= {path for path, m in self._modules if m.training}
-        learning = Learning(modules.values() or (m for _, m in self._modules), trained)
         modules = modules or dict(self._modules)
+        learning = Learning(modules.values(), trained)
         parents = ((path, m, modules.get(parent_path(path)) if path else None) for path, m in self._modules)
         self._watched = [
             (path, m, parent)
