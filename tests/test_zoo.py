@@ -115,6 +115,12 @@ def _resnet() -> nn.Module:
     )  # fmt: skip
 
 
+def _checkpointed_gpt2(tmp_path: Path) -> nn.Module:
+    gpt2 = _hf("gpt2", tmp_path)
+    gpt2.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    return HFFeatures(gpt2, pooled=False)  # its blocks run their forward again inside the backward
+
+
 def _compiled_resnet() -> nn.Module:
     return torch.compile(_resnet(), backend="aot_eager")  # type: ignore[return-value]
 
@@ -123,6 +129,7 @@ IMAGES, TOKENS, SEQUENCES = "images", "tokens", "sequences"
 ZOO: dict[str, tuple[Callable[[Path], nn.Module], str, int]] = {
     "bert": (lambda p: HFFeatures(_hf("bert", p), pooled=True), TOKENS, 16),
     "gpt2": (lambda p: HFFeatures(_hf("gpt2", p), pooled=False), TOKENS, 16),
+    "gpt2-checkpointed": (_checkpointed_gpt2, TOKENS, 16),
     "hf-vit": (lambda p: HFFeatures(_hf("vit", p), pooled=True), IMAGES, 16),
     "bert-lora": (_lora_bert, TOKENS, 16),
     "resnet": (lambda p: _resnet(), IMAGES, 16),
@@ -329,47 +336,30 @@ class Tuned(Classifier):
         return torch.optim.SGD(self.parameters(), lr=self.lr)
 
 
-def _checkpointed_gpt2(tmp_path: Path) -> nn.Module:
-    gpt2 = _hf("gpt2", tmp_path)
-    gpt2.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
-    return HFFeatures(gpt2, pooled=False)  # its blocks run their forward again inside the backward
-
-
-MORE_PATTERNS: dict[str, tuple[str, str, dict[str, Any]]] = {
-    # name: (zoo entry, optimizer, what the trainer gets)
-    "lbfgs": ("resnet", "lbfgs", {}),
-    "stochastic-weight-averaging": ("mobilenet", "sgd", {"swa": True}),
-    "learning-rate-finder": ("vit", "sgd", {"lr_finder": True}),
-    "clipping-and-accumulation-schedule": ("lstm", "sgd", {"gradient_clip_val": 0.5, "schedule": True}),
-    "gpt2-gradient-checkpointing": ("gpt2", "sgd", {}),
-}
-
-
-def _more_callbacks(options: dict[str, Any]) -> list[Any]:
-    from lightning.pytorch import callbacks
-
-    extra: list[Any] = []
-    if options.pop("swa", False):
-        extra.append(callbacks.StochasticWeightAveraging(swa_lrs=0.01, swa_epoch_start=1))
-    if options.pop("lr_finder", False):
-        extra.append(callbacks.LearningRateFinder(num_training_steps=5, early_stop_threshold=None))
-    if options.pop("schedule", False):
-        extra.append(callbacks.GradientAccumulationScheduler({0: 1, 1: 2}))
-    return extra
+MORE_PATTERNS: dict[str, tuple[str, str, Callable[[], list[Any]], dict[str, Any]]] = {
+    # name: (zoo entry, optimizer, the callbacks it adds, what else the trainer gets)
+    "lbfgs": ("resnet", "lbfgs", list, {}),
+    "stochastic-weight-averaging": (
+        "mobilenet", "sgd", lambda: [pl.callbacks.StochasticWeightAveraging(swa_lrs=0.01, swa_epoch_start=1)], {},
+    ),
+    "learning-rate-finder": (
+        "vit", "sgd", lambda: [pl.callbacks.LearningRateFinder(num_training_steps=5, early_stop_threshold=None)], {},
+    ),
+    "clipping-and-accumulation-schedule": (
+        "lstm", "sgd", lambda: [pl.callbacks.GradientAccumulationScheduler({0: 1, 1: 2})], {"gradient_clip_val": 0.5},
+    ),
+}  # fmt: skip
 
 
 @pytest.mark.parametrize("pattern", list(MORE_PATTERNS))
 def test_more_lightning_callbacks_optimizers_and_stacks_are_silent(tmp_path: Path, pattern: str) -> None:
-    name, optimizer, options = MORE_PATTERNS[pattern]
-    options = dict(options)
-    extra = _more_callbacks(options)
+    name, optimizer, callbacks, options = MORE_PATTERNS[pattern]
     build, inputs, features = ZOO[name]
-    backbone = _checkpointed_gpt2(tmp_path) if pattern == "gpt2-gradient-checkpointing" else build(tmp_path)
     torch.manual_seed(0)
     auditor = NoGradAuditor(verbose=False)
     with nograd_warnings() as seen:
-        run = trainer(tmp_path, [*extra, auditor], max_epochs=3, limit_train_batches=4, **options)
-        run.fit(Tuned(backbone, features, optimizer=optimizer), data(inputs), data(inputs))
+        run = trainer(tmp_path, [*callbacks(), auditor], max_epochs=3, limit_train_batches=4, **options)
+        run.fit(Tuned(build(tmp_path), features, optimizer=optimizer), data(inputs), data(inputs))
     assert auditor.report.findings == [], [str(w.message) for w in seen]
 
 
