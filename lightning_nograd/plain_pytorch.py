@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from lightning_nograd.core import kinds
+from lightning_nograd.core import kinds, torch_internals
 from lightning_nograd.core.arguments import check_bool, check_choice, check_int
 from lightning_nograd.core.backprop import (
     GradModeProbe,
@@ -111,7 +111,7 @@ class _EvaluationAudit(Probe):
         self.graph.new_batch()
         self.modes.before_batch()
 
-    def _post(self, module: nn.Module, args: Any, kwargs: dict[str, Any], output: Any) -> None:
+    def _post(self, module: nn.Module, args: Any, kwargs: dict[str, Any] | None, output: Any) -> None:
         if module is not self.model:
             return
         self.depth -= 1
@@ -151,6 +151,10 @@ class _EvaluationAudit(Probe):
         if any(call.compiled for call in self.recorded):
             details["compiled"] = EAGER_REPLAY_NOTE
         device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
+        refusal = torch_internals.replay_refusal(device)
+        if refusal is not None:
+            details["savings"] = refusal
+            return metrics, details
         session = Replay(replayable(self.recorded), device, weight_storages(self.model))
         session.measure_memory()
         if not session.result.out_of_memory:
@@ -221,6 +225,7 @@ def audit(
         )
         monitor_savings, savings_argument = measure_savings, "measure_savings"
     log = FindingLog(check_choice("on_violation", on_violation, ON_VIOLATION_CHOICES))  # type: ignore[arg-type]
+    torch_internals.warn_missing()
     report = Report()
     log.listeners.append(report.findings.append)
     session = _EvaluationAudit(
@@ -298,6 +303,7 @@ def check_training_step(
         raise TypeError(f"Expected argument `loss_fn` to be callable, but got {type(loss_fn).__name__}.")
     log = FindingLog(check_choice("on_violation", on_violation, ON_VIOLATION_CHOICES), BrokenBackpropWarning)  # type: ignore[arg-type]
     allowed = NamePatterns("allow", allow)
+    torch_internals.warn_missing()
     report = Report()
     log.listeners.append(report.findings.append)
     root_type = type(model).__name__

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.helpers import csv_values
 
@@ -61,7 +62,7 @@ def test_savings_replay_is_skipped_with_a_reason_under_sharded_strategies(strate
 
     from lightning_nograd.callbacks.savings_monitor import _replay_refusal
 
-    reason = _replay_refusal(SimpleNamespace(strategy=getattr(strategies, strategy)()))
+    reason = _replay_refusal(SimpleNamespace(strategy=getattr(strategies, strategy)()), torch.device("cpu"))
     assert (reason is not None) is refused
     if refused:
         assert reason is not None and "replay skipped under FSDPStrategy" in reason

@@ -423,17 +423,30 @@ class GradInValidation(Regressor):
         return loss  # leaves the step attached to its graph
 
 
+def _compiled_enable_grad_records_a_graph() -> bool:
+    """Whether ``enable_grad()`` inside compiled code called under ``no_grad`` builds a graph on this torch
+    (torch 2.4's dynamo does not)."""
+
+    def step(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad():
+            return (x * w).sum()
+
+    with torch.no_grad():
+        out = torch.compile(step, backend="aot_eager")(torch.ones(2), torch.ones(2, requires_grad=True))
+    return out.grad_fn is not None
+
+
 def test_whole_compiled_module_reports_grad_enabled_validation(tmp_path: Path) -> None:
     # Lightning compiles validation_step itself (`from_compiled`), not only forward
     torch._dynamo.reset()
+    records = _compiled_enable_grad_records_a_graph()
     model = torch.compile(GradInValidation(), backend="aot_eager")
     auditor = EvalModeAuditor()
     with nograd_warnings():
         trainer(tmp_path, [auditor], inference_mode=False).validate(model, loader())
-    assert {(f.kind, f.subject) for f in auditor.report.findings} == {
-        ("grad_enabled", ""),
-        ("graph_in_outputs", "validation_step outputs"),
-    }
+    # where no graph is built, none is reported (a false alarm otherwise)
+    expected = {("grad_enabled", ""), ("graph_in_outputs", "validation_step outputs")} if records else set()
+    assert {(f.kind, f.subject) for f in auditor.report.findings} == expected
 
 
 class Wide(pl.LightningModule):

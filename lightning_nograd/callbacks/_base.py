@@ -22,8 +22,9 @@ from lightning_nograd.callbacks._lightning import (
     world_size,
 )
 from lightning_nograd.callbacks.loggers import MetricSink
+from lightning_nograd.core import torch_internals
 from lightning_nograd.core.arguments import check_choice
-from lightning_nograd.core.faults import isolating
+from lightning_nograd.core.faults import fault_message, isolating
 from lightning_nograd.core.findings import ON_VIOLATION_CHOICES, Finding, FindingLog, OnViolation, user_stacklevel
 from lightning_nograd.core.report import Report
 from lightning_nograd.errors import NoGradWarning
@@ -73,6 +74,7 @@ class NoGradCallback(CallbackBase):
     def __init__(self, on_violation: OnViolation = "warn") -> None:
         super().__init__()
         self.on_violation: OnViolation = check_choice("on_violation", on_violation, ON_VIOLATION_CHOICES)  # type: ignore[assignment]
+        torch_internals.warn_missing()  # what a check cannot do on this torch, said as the callback is built
         self.report = Report()
         self._switched_off: set[str] = set()
         self._findings = FindingLog(self.on_violation, self._warning_category)
@@ -158,9 +160,7 @@ class NoGradCallback(CallbackBase):
             log.debug("releasing check %s failed", check, exc_info=release_err)
         if self._findings.may_warn:
             warnings.warn(
-                f"[lightning-nograd] internal error in {type(self).__name__} check `{check}`: "
-                f"{type(err).__name__}: {err}. That check is switched off; the run goes on. "
-                "Please report this with the traceback from the debug log.",
+                fault_message(f"{type(self).__name__} check `{check}`", err),
                 NoGradWarning,
                 stacklevel=user_stacklevel(),
             )

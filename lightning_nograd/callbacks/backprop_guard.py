@@ -12,7 +12,7 @@ from typing_extensions import override
 from lightning_nograd.callbacks._base import NoGradCallback, guarded
 from lightning_nograd.callbacks._lightning import LightningModule, Trainer
 from lightning_nograd.callbacks.loggers import reduce_present_max
-from lightning_nograd.core import kinds
+from lightning_nograd.core import kinds, torch_internals
 from lightning_nograd.core.arguments import check_int
 from lightning_nograd.core.backprop import (
     EvalModeLeaks,
@@ -27,7 +27,7 @@ from lightning_nograd.core.backprop import (
 )
 from lightning_nograd.core.cost import mode_switches
 from lightning_nograd.core.findings import Finding, OnViolation
-from lightning_nograd.core.graph import GraphEvent, GraphProbe, StrayGraphWatch, node_counter
+from lightning_nograd.core.graph import GraphEvent, GraphProbe, StrayGraphWatch
 from lightning_nograd.core.patterns import NamePatterns
 from lightning_nograd.errors import BrokenBackpropWarning
 
@@ -175,7 +175,7 @@ class BackpropGuard(NoGradCallback):
         stray = self._stray
         if stray is not None:
             counter_at = stray.counter_at
-            if counter_at is not None and node_counter() == counter_at:
+            if counter_at is not None and torch_internals.node_counter() == counter_at:
                 stray.counter_at = None  # no graph since the last step ended (StrayGraphWatch's fast path)
             else:
                 stray.close()
@@ -230,7 +230,8 @@ class BackpropGuard(NoGradCallback):
             self._read_modes("training_step")
         stray = self._stray
         if stray is not None and stray.counts_for is pl_module:
-            stray.counter_at = node_counter()  # a stretch under the counter alone (StrayGraphWatch's fast path)
+            # a stretch under the counter alone (StrayGraphWatch's fast path)
+            stray.counter_at = torch_internals.node_counter()
         else:
             self._watch_stray_graphs(pl_module)
 

@@ -14,7 +14,7 @@ from typing_extensions import override
 from lightning_nograd.callbacks._base import LOOP_NAMES, EvaluationLoopCallback, guarded
 from lightning_nograd.callbacks._lightning import LightningModule, Trainer, is_sanity_checking, steps_are_compiled
 from lightning_nograd.callbacks.loggers import reduce_vector
-from lightning_nograd.core import kinds
+from lightning_nograd.core import kinds, torch_internals
 from lightning_nograd.core.arguments import check_float, check_int
 from lightning_nograd.core.findings import Finding
 from lightning_nograd.core.graph import weight_storages
@@ -151,7 +151,7 @@ class SavingsMonitor(EvaluationLoopCallback):
         self._start_epoch_measures()
         total = _total_batches(trainer, stage)
         self._record_from = 1 if total is None or total > self.measure_batches else 0
-        self._skip_reason = _replay_refusal(trainer)
+        self._skip_reason = _replay_refusal(trainer, self._device)
 
     @override
     def _eval_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch_idx: int) -> None:
@@ -209,8 +209,11 @@ class SavingsMonitor(EvaluationLoopCallback):
         self._measures.start()
 
     def _wants_recording(self) -> bool:
+        # steps compiled whole run no module call that could be recorded, and on torch 2.4 dynamo
+        # recompiles them whenever a global hook comes or goes
         return (
-            self._measurement is None
+            not self._compiled_steps
+            and self._measurement is None
             and self._skip_reason is None
             and self._running is None
             and self._batches >= self._record_from
@@ -363,9 +366,10 @@ def _total_batches(trainer: Trainer, stage: str) -> int | None:
     return total if total > 0 else None
 
 
-def _replay_refusal(trainer: Trainer) -> str | None:
-    """Why the replay must not run under this strategy (its module calls would need collectives)."""
+def _replay_refusal(trainer: Trainer, device: torch.device) -> str | None:
+    """Why the replay must not run: under this strategy (its module calls would need collectives), or
+    on this torch (:func:`~lightning_nograd.core.torch_internals.replay_refusal`)."""
     name = type(getattr(trainer, "strategy", None)).__name__
     if "FSDP" in name or "DeepSpeed" in name or "ModelParallel" in name:
         return f"replay skipped under {name}: sharded module calls need every rank, and a replay on one rank would hang"
-    return None
+    return torch_internals.replay_refusal(device)

@@ -31,7 +31,8 @@ from lightning_nograd.core.faults import Probe, isolated
 from lightning_nograd.core.findings import display_name
 from lightning_nograd.core.kinds import Explanation
 from lightning_nograd.core.modes import MODE_SENSITIVE_TYPES, is_grad_recording
-from lightning_nograd.core.patterns import ancestors, named_modules, parent_path
+from lightning_nograd.core.patterns import ancestors, mode_modules, named_modules, parent_path
+from lightning_nograd.core.torch_internals import child_modules, max_abs, own_parameters
 
 
 class ParamIndex:
@@ -56,9 +57,8 @@ class ParamIndex:
         for path, module in named_modules(root):
             self.modules[path] = module  # under torch.compile the wrapper and its _orig_mod share a path
             chain: list[str] | None = None
-            # `_parameters` read directly: torch's `named_parameters` generator per module costs more than the rest
-            for pname, param in module._parameters.items():
-                if param is None or id(param) in self.names:
+            for pname, param in own_parameters(module):
+                if id(param) in self.names:
                     continue
                 if chain is None:
                     chain = ancestors(path)
@@ -208,8 +208,7 @@ class ZeroGradientStreaks:
                 ordered = [param for group in by_dtype.values() for param in group]
                 flags = torch.cat(
                     [
-                        torch.stack(torch._foreach_norm([p.grad for p in group if p.grad is not None], float("inf")))
-                        == 0
+                        torch.stack(max_abs([p.grad for p in group if p.grad is not None])) == 0
                         for group in by_dtype.values()
                     ]
                 )
@@ -363,14 +362,14 @@ class Learning:
                 continue
             if children is None:
                 entered.add(key)
-                children = [child for child in current._modules.values() if child is not None]
+                children = child_modules(current)
                 stack.append((current, children))
                 stack.extend((child, None) for child in children if id(child) not in entered)
                 continue
             if any(id(c) not in learns for c in children):  # a child is an ancestor: a cycle
                 own, children = list(current.parameters()), []
             else:
-                own = [p for p in current._parameters.values() if p is not None]
+                own = [p for _, p in own_parameters(current)]
             visits.modules += 1
             visits.params += len(own)
             has_params[key] = bool(own) or any(has_params[id(c)] for c in children)
@@ -403,7 +402,7 @@ def switched_alone(module: nn.Module, parent: nn.Module | None) -> bool:
         >>> switched_alone(net[1], net.eval())  # the whole block is in eval
         False
     """
-    return parent is not None and parent.training and not module._modules
+    return parent is not None and parent.training and not child_modules(module)
 
 
 def eval_blocks(
@@ -818,7 +817,7 @@ class EvalModeLeaks:
 
     def index(self, root: nn.Module) -> None:
         """The modules to watch, once per fit."""
-        self._modules = [(path, m) for path, m in named_modules(root) if not self.allowed(path)]
+        self._modules = [(path, m) for path, m in mode_modules(root) if not self.allowed(path)]
 
     def note_train_mode(self, modules: dict[str, nn.Module], trained: set[int] | None, hook: str) -> None:
         """Remember modules in train mode now (at training and each epoch's start): from here on, eval mode in

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Concatenate, ParamSpec, TypeVar
 
 from lightning_nograd.core.findings import user_stacklevel
+from lightning_nograd.core.torch_internals import MissingTorchInternal
 from lightning_nograd.errors import NoGradError, NoGradWarning
 
 P = ParamSpec("P")
@@ -49,12 +50,24 @@ def report_fault(owner: Probe, err: BaseException) -> None:
     if owner.on_error is not None:
         owner.on_error(err)
     elif first:
-        warnings.warn(
-            f"[lightning-nograd] internal error in {type(owner).__name__}: {type(err).__name__}: {err}. "
-            "That check is switched off; the run goes on. Please report this with the traceback from the debug log.",
-            NoGradWarning,
-            stacklevel=user_stacklevel(),
-        )
+        warnings.warn(fault_message(type(owner).__name__, err), NoGradWarning, stacklevel=user_stacklevel())
+
+
+def fault_message(check: str, err: BaseException) -> str:
+    """The one warning for a check switched off by ``err``: a PyTorch internal this torch lacks, or our bug.
+
+    Example:
+        >>> fault_message("SavingsMonitor check `replay`", ValueError("boom")).split(". ")[0]
+        '[lightning-nograd] internal error in SavingsMonitor check `replay`: ValueError: boom'
+        >>> fault_message("SavingsMonitor check `replay`", MissingTorchInternal("torch 9 lacks `x`."))
+        '[lightning-nograd] SavingsMonitor check `replay` is switched off: torch 9 lacks `x`. The run goes on.'
+    """
+    if isinstance(err, MissingTorchInternal):
+        return f"[lightning-nograd] {check} is switched off: {err} The run goes on."
+    return (
+        f"[lightning-nograd] internal error in {check}: {type(err).__name__}: {err}. "
+        "That check is switched off; the run goes on. Please report this with the traceback from the debug log."
+    )
 
 
 def isolated(hook: Callable[P, R], owner: Probe) -> Callable[P, R | None]:

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_nograd.core import torch_internals
 from lightning_nograd.core.faults import Probe, isolated, isolated_method, report_fault
 from lightning_nograd.core.findings import common_ancestor
 from lightning_nograd.core.patterns import named_modules
@@ -228,9 +229,9 @@ class GraphProbe(Probe):
         while frame is not None:
             if frame.f_code.co_filename.endswith(REPARAMETRIZATION_FILES):
                 return None, None
-            code_name = frame.f_code.co_name
-            if module is None and code_name == "_call_impl":
+            if module is None and frame.f_code is torch_internals.CALL_IMPL_CODE:
                 module = self._names.get(id(frame.f_locals.get("self")))
+            code_name = frame.f_code.co_name
             if code_name in self.hook_names:
                 return (module if module is not None else ""), code_name
             frame = frame.f_back
@@ -244,14 +245,14 @@ class StrayGraphWatch(Probe):
     hooks around every training step costs a few microseconds a batch, more as the model grows (the
     CPU caches then hold the model). So the probe watches the first stretch of each epoch and the
     stretch after each validation; every other stretch is watched by autograd's own node counter
-    (``torch._C._autograd._get_sequence_nr``: every graph node this thread creates takes the next
-    number), read once as it starts and once as it ends. When the counter moved, the probe watches
-    the stretches that follow until it names the graph: a forward outside the step is named the
+    (:data:`~lightning_nograd.core.torch_internals.node_counter`), read once as it starts and once
+    as it ends; on a torch without that counter the probe watches every stretch. When the counter
+    moved, the probe watches the stretches that follow until it names the graph: a forward outside the step is named the
     first time it runs in a watched stretch, or the next time it runs after that.
 
     A loop may take the counter's fast path itself, with no call: while ``counts_for`` is the model,
-    a stretch begins with ``counter_at = node_counter()``; it ends with ``counter_at = None`` when
-    ``node_counter()`` still equals ``counter_at``, and otherwise with :meth:`close`.
+    a stretch begins with ``counter_at = torch_internals.node_counter()``; it ends with
+    ``counter_at = None`` when the counter still equals ``counter_at``, and otherwise with :meth:`close`.
 
     Args:
         new_probe: builds the probe for a model (its ``report`` receives the graphs found).
@@ -294,7 +295,7 @@ class StrayGraphWatch(Probe):
 
     def _settle(self) -> None:
         """Recompute ``counts_for`` (the fast path's one test) after its inputs changed."""
-        probe_needed = self._armed or self._probe_next or self._failed
+        probe_needed = self._armed or self._probe_next or self._failed or not torch_internals.available("node_counter")
         self.counts_for = None if probe_needed else self._probe_root
 
     @property
@@ -313,7 +314,7 @@ class StrayGraphWatch(Probe):
         """Begin a stretch under the counter alone, if the probe need not watch it; whether it did."""
         if self.counts_for is not root:
             return False
-        self.counter_at = node_counter()
+        self.counter_at = torch_internals.node_counter()
         return True
 
     def open(self, root: nn.Module, probe: bool = False) -> None:
@@ -337,7 +338,7 @@ class StrayGraphWatch(Probe):
         """The stretch ends: report what the probe saw, or arm the probe if the counter moved."""
         counter_at, self.counter_at = self.counter_at, None
         if counter_at is not None:
-            if node_counter() != counter_at:
+            if torch_internals.node_counter() != counter_at:
                 self._armed = True
                 self._settle()
             return
@@ -380,10 +381,6 @@ class StrayGraphWatch(Probe):
         report_fault(self, err)
 
 
-#: Autograd's node counter: every graph node this thread creates takes its next number.
-node_counter = torch._C._autograd._get_sequence_nr
-
-
 class _SavedTensorsHub:
     """Owns the one ``saved_tensors_hooks`` entry all probes share.
 
@@ -396,6 +393,7 @@ class _SavedTensorsHub:
         self.probes: list[GraphProbe] = []
         self.pushed = False
         self._paused = 0
+        self._hooks = torch_internals.SavedTensorsHooks(self._pack, _unpack)
 
     @contextmanager
     def paused(self) -> Iterator[None]:
@@ -410,9 +408,7 @@ class _SavedTensorsHub:
         if probe not in self.probes:
             self.probes.append(probe)
         if not self.pushed:
-            # what `saved_tensors_hooks.__enter__/__exit__` call, without the context object: a
-            # training batch starts and stops the stray-graph probe once each
-            torch._C._autograd._push_saved_tensors_default_hooks(self._pack, _unpack)
+            self._hooks.push()
             self.pushed = True
 
     def unregister(self, probe: GraphProbe) -> None:
@@ -420,7 +416,7 @@ class _SavedTensorsHub:
             self.probes.remove(probe)
         if not self.probes and self.pushed:
             self.pushed = False
-            torch._C._autograd._pop_saved_tensors_default_hooks()
+            self._hooks.pop()
 
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
         if self._paused:
@@ -479,7 +475,9 @@ def graph_saved_bytes(
         >>> graph_saved_bytes([y.grad_fn], {storage_key(w)})  # 2 x 4 KiB; the weight is left out
         8192
     """
-    seen_nodes: set[int] = set()
+    # the nodes themselves are kept: torch 2.4 makes a new Python object for a node each time it is
+    # reached and frees it after, so a bare id could be taken by another node and that node skipped
+    seen_nodes: dict[int, Any] = {}
     seen_storages: set[tuple[str, int]] = set(exclude)
     total = 0
     stack = [r for r in roots if r is not None]
@@ -487,7 +485,7 @@ def graph_saved_bytes(
         node = stack.pop()
         if id(node) in seen_nodes:
             continue
-        seen_nodes.add(id(node))
+        seen_nodes[id(node)] = node
         for name in dir(node):
             if not name.startswith("_saved_"):
                 continue

@@ -16,10 +16,10 @@ from typing import Any
 
 import psutil
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
+from lightning_nograd.core import torch_internals
 from lightning_nograd.core.graph import MIB, storage_key  # MIB: one definition, there
+from lightning_nograd.core.torch_internals import MissingTorchInternal, tree_leaves
 
 
 def synchronize(device: torch.device) -> None:
@@ -219,7 +219,7 @@ class EpochMeasures:
         return self.clock.stop(), self.memory.peak_mib()
 
 
-class LiveTensorMemory(TorchDispatchMode):  # type: ignore[no-untyped-call]
+class LiveTensorMemory(torch_internals.LiveTensorMemoryBase):  # type: ignore[misc,no-untyped-call]
     """Exact peak of the bytes of tensor storages created while active, freed ones subtracted.
 
     Repeatable where process RSS is not: it counts storages, not pages.
@@ -292,8 +292,9 @@ def _native_stderr_silenced() -> Iterator[None]:
 
 
 def profiler_available() -> bool:
-    """Whether :func:`allocator_peak_bytes` can run: no profiler of the user's is active."""
-    return not torch._C._autograd._profiler_enabled()
+    """Whether :func:`allocator_peak_bytes` can run: no profiler of the user's is active (and this
+    torch can tell)."""
+    return torch_internals.allocator_events_usable()
 
 
 def allocator_peak_bytes(run: Callable[[], Any]) -> int:
@@ -322,10 +323,7 @@ def allocator_peak_bytes(run: Callable[[], Any]) -> int:
     finally:
         with _native_stderr_silenced():
             profiler.__exit__(None, None, None)
-    cpu = torch._C._autograd.DeviceType.CPU
-    events: list[Any] = [
-        e for e in profiler.kineto_results.events() if e.name() == "[memory]" and e.device_type() == cpu
-    ]
+    events = torch_internals.cpu_memory_events(profiler)
     current = peak = 0
     for event in sorted(events, key=lambda e: e.start_ns()):
         current += int(event.nbytes())
@@ -337,7 +335,8 @@ def peak_bytes_of(run: Callable[[], Any], device: torch.device) -> int:
     """Peak memory that ``run()`` needs above what was allocated before it (exact).
 
     CUDA: allocator peak; CPU: the allocator's own events (:func:`allocator_peak_bytes`), or
-    :class:`LiveTensorMemory` (tensors that ops return) while a profiler of the user's is active.
+    :class:`LiveTensorMemory` (tensors that ops return) while a profiler of the user's is active or on
+    a torch without the allocator's events (:mod:`~lightning_nograd.core.torch_internals`).
     Whatever ``run`` returns is dropped before the measurement ends, as a step's graph would be.
     """
     if device.type == "cuda":
@@ -351,6 +350,8 @@ def peak_bytes_of(run: Callable[[], Any], device: torch.device) -> int:
         return int(peak)
     if profiler_available():
         return allocator_peak_bytes(run)
+    if torch_internals.LiveTensorMemoryBase is object:
+        raise MissingTorchInternal(torch_internals.describe("dispatch_mode"))
     with LiveTensorMemory() as memory:
         result = run()
         del result

@@ -21,7 +21,7 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_nograd.core.cost import ModeSwitches, mode_switches, visits
 from lightning_nograd.core.faults import Probe, isolated, isolated_method
-from lightning_nograd.core.patterns import NamePatterns, named_modules, parent_path
+from lightning_nograd.core.patterns import NamePatterns, mode_modules, parent_path
 
 MODE_SENSITIVE_TYPES: tuple[type[nn.Module], ...] = (
     nn.modules.dropout._DropoutNd,
@@ -96,7 +96,7 @@ class ModeProbe(Probe):
         """Re-read the module tree (at every stage and epoch start) and forget epoch state."""
         by_name: dict[str, nn.Module] = {}
         modules: list[tuple[str, nn.Module, nn.Module | None]] = []
-        for name, module in named_modules(self.root):
+        for name, module in mode_modules(self.root):
             by_name[name] = module
             if self.allowed.matches(name):
                 continue

@@ -7,6 +7,8 @@ from collections.abc import Iterable, Iterator, Mapping
 
 from torch import nn
 
+from lightning_nograd.core.torch_internals import COMPILE_WRAPPER_SEGMENT, is_compile_wrapper
+
 
 def user_path(path: str) -> str:
     """The path the user wrote: the ``_orig_mod`` segments of ``torch.compile`` wrappers removed.
@@ -15,15 +17,30 @@ def user_path(path: str) -> str:
         >>> user_path("encoder._orig_mod.layers.0"), user_path("_orig_mod.head")
         ('encoder.layers.0', 'head')
     """
-    if "_orig_mod" not in path:
+    if COMPILE_WRAPPER_SEGMENT not in path:
         return path
-    return ".".join(part for part in path.split(".") if part != "_orig_mod")
+    return ".".join(part for part in path.split(".") if part != COMPILE_WRAPPER_SEGMENT)
 
 
 def named_modules(root: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """``root.named_modules()`` with the paths the user wrote (see :func:`user_path`)."""
     for path, module in root.named_modules():
         yield user_path(path), module
+
+
+def mode_modules(root: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """:func:`named_modules` whose train / eval mode matters: a ``torch.compile`` wrapper runs its eager
+    module, whose modes do, and torch 2.4 leaves the wrapper's own flag as it was when compiled.
+
+    Example:
+        >>> import torch
+        >>> net = nn.Sequential(torch.compile(nn.Linear(1, 1)))
+        >>> [path for path, _ in mode_modules(net)]
+        ['', '0']
+    """
+    for path, module in named_modules(root):
+        if not is_compile_wrapper(module):
+            yield path, module
 
 
 def parent_path(path: str) -> str:

@@ -19,13 +19,18 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_map
 from torch.utils.hooks import RemovableHandle
 
 from lightning_nograd.core.cost import mode_switches
 from lightning_nograd.core.faults import Probe, isolated
 from lightning_nograd.core.graph import HUB, MIB, storage_key
 from lightning_nograd.core.measure import cpu_timing_caveat, peak_bytes_of, synchronize
+from lightning_nograd.core.torch_internals import (
+    UserHooksOff,
+    eager_module,
+    register_forward_hook_with_kwargs,
+    tree_map,
+)
 
 
 @dataclass
@@ -60,23 +65,6 @@ EAGER_REPLAY_NOTE = (
 )
 
 
-def eager_module(module: nn.Module) -> nn.Module:
-    """The eager module behind a ``torch.compile`` wrapper, or ``module`` itself.
-
-    Replays run the eager module: running the user's compiled code again in another grad mode
-    makes dynamo recompile it, and (measured with inductor on CPU) changed the run's final weights.
-
-    Example:
-        >>> net = nn.Linear(2, 2)
-        >>> eager_module(net) is net
-        True
-    """
-    inner = getattr(module, "_orig_mod", None)
-    if isinstance(inner, nn.Module) and type(module).__name__ == "OptimizedModule":
-        return inner
-    return module
-
-
 def current_autocast() -> tuple[str, torch.dtype] | None:
     """The active autocast (device type, dtype), if any: mixed precision must be replayed as run."""
     for device_type in ("cuda", "cpu"):
@@ -95,21 +83,23 @@ def is_work_module(module: nn.Module, excluded: tuple[type, ...] = ()) -> bool:
 def call_hooks(
     probe: Probe,
     pre: Callable[[nn.Module, Any], None],
-    post: Callable[[nn.Module, Any, dict[str, Any], Any], None],
+    post: Callable[[nn.Module, Any, dict[str, Any] | None, Any], None],
 ) -> list[RemovableHandle]:
     """Global hooks around every module call, isolated as ``probe``'s: ``pre(module, args)`` and
     ``post(module, args, kwargs, output)``, the latter also when the forward raises (``output`` None).
+    ``kwargs`` is ``None`` where they are not known: the forward raised, or they cannot be read
+    (see :func:`~lightning_nograd.core.torch_internals.register_forward_hook_with_kwargs`).
 
     Global hooks, unlike per-module ones, leave fused kernels (``nn.TransformerEncoderLayer``) on.
     """
 
     def after(module: nn.Module, args: Any, kwargs: Any = None, output: Any = None) -> None:
         # when a forward raises, PyTorch calls always-called global hooks as (module, args, None)
-        post(module, args, kwargs if isinstance(kwargs, dict) else {}, output)
+        post(module, args, kwargs if isinstance(kwargs, dict) else None, output)
 
     return [
         nn.modules.module.register_module_forward_pre_hook(isolated(pre, probe)),
-        nn.modules.module.register_module_forward_hook(isolated(after, probe), with_kwargs=True, always_call=True),
+        register_forward_hook_with_kwargs(after, lambda hook: isolated(hook, probe)),
     ]
 
 
@@ -150,10 +140,11 @@ class CallRecorder(Probe):
         if self._active is None and id(module) in self.candidates:
             self._active = id(module)
 
-    def _post(self, module: nn.Module, args: Any, kwargs: dict[str, Any], output: Any) -> None:
+    def _post(self, module: nn.Module, args: Any, kwargs: dict[str, Any] | None, output: Any) -> None:
         if self._active == id(module):
             self._active = None
-            self.calls.append(RecordedCall.of(module, args, kwargs))
+            if kwargs is not None:  # a call whose keyword arguments are not known cannot be replayed
+                self.calls.append(RecordedCall.of(module, args, kwargs))
 
 
 def _clone_inference(value: Any) -> Any:
@@ -356,25 +347,6 @@ def graph_bytes_of(calls: list[RecordedCall], exclude: set[tuple[str, int]]) -> 
     return sum(seen.values())
 
 
-_GLOBAL_HOOKS = (
-    "_global_forward_pre_hooks",
-    "_global_forward_hooks",
-    "_global_forward_hooks_with_kwargs",
-    "_global_forward_hooks_always_called",
-    "_global_backward_pre_hooks",
-    "_global_backward_hooks",
-)
-_MODULE_HOOKS = (
-    "_forward_pre_hooks",
-    "_forward_pre_hooks_with_kwargs",
-    "_forward_hooks",
-    "_forward_hooks_with_kwargs",
-    "_forward_hooks_always_called",
-    "_backward_pre_hooks",
-    "_backward_hooks",
-)
-
-
 def _weight_hook_types() -> tuple[type, ...]:
     """PyTorch's hooks that compute a module's weights (pruning masks, old-style weight / spectral norm)."""
     from torch.nn.utils.prune import BasePruningMethod
@@ -384,36 +356,15 @@ def _weight_hook_types() -> tuple[type, ...]:
     return (BasePruningMethod, WeightNorm, SpectralNorm)
 
 
-@contextlib.contextmanager
-def _user_hooks_off(roots: list[nn.Module]) -> Any:
+def _user_hooks_off(roots: list[nn.Module]) -> UserHooksOff:
     """No forward or backward hook of the user's (module-level or global) fires inside the block.
 
     A replay re-runs module calls: a feature-capture or statistics hook would see them as real
-    batches. The hook dictionaries are swapped for filtered copies and the very same objects put
-    back afterwards, so every handle the user holds stays valid. Only PyTorch's weight hooks stay.
+    batches. Only PyTorch's weight hooks stay.
     """
-    import torch.nn.modules.module as module_globals
-
     keep = _weight_hook_types()
-    saved_globals = {name: getattr(module_globals, name) for name in _GLOBAL_HOOKS}
-    saved_modules: list[tuple[nn.Module, dict[str, Any]]] = []
-    try:
-        for name, hooks in saved_globals.items():
-            setattr(module_globals, name, type(hooks)())
-        for module in {id(m): m for root in roots for m in root.modules()}.values():
-            own = {name: vars(module)[name] for name in _MODULE_HOOKS if name in vars(module)}
-            if not any(own.values()):
-                continue
-            saved_modules.append((module, own))
-            kept = {key for key, hook in own.get("_forward_pre_hooks", {}).items() if isinstance(hook, keep)}
-            for name, hooks in own.items():
-                vars(module)[name] = type(hooks)((key, value) for key, value in hooks.items() if key in kept)
-        yield
-    finally:
-        for name, hooks in saved_globals.items():
-            setattr(module_globals, name, hooks)
-        for module, own in saved_modules:
-            vars(module).update(own)
+    modules = {id(m): m for root in roots for m in root.modules()}.values()
+    return UserHooksOff(modules, lambda hook: isinstance(hook, keep))
 
 
 class _EvalModeAndRng:

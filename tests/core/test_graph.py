@@ -3,12 +3,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lightning_nograd.core import torch_internals
 from lightning_nograd.core.graph import (
     HUB,
     GraphEvent,
     GraphProbe,
     StrayGraphWatch,
-    node_counter,
     tally_tensors,
     tensor_attributes,
 )
@@ -81,7 +81,7 @@ def test_stray_graph_watch_fast_path_taken_by_the_loop_itself() -> None:
     for step in range(5):
         # the step's end
         if watch.counts_for is net:
-            watch.counter_at = node_counter()
+            watch.counter_at = torch_internals.node_counter()
             fast.append(step)
         else:
             watch.open(net)
@@ -89,7 +89,7 @@ def test_stray_graph_watch_fast_path_taken_by_the_loop_itself() -> None:
             net(torch.ones(1, 2))  # a forward outside the step
         # the next step's start
         counter_at = watch.counter_at
-        if counter_at is not None and node_counter() == counter_at:
+        if counter_at is not None and torch_internals.node_counter() == counter_at:
             watch.counter_at = None
         else:
             watch.close()
