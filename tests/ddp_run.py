@@ -69,7 +69,10 @@ def main(out: Path, strategy: str, scenario: str = "") -> None:
     # Lightning leaves the process group up; PyTorch asks every process to destroy it before exit,
     # else gloo's worker threads are torn down with the interpreter and abort it now and then
     # ("terminate called without an active exception", pytorch/pytorch#190489).
+    # Both ranks meet first: on torch 2.4 a rank destroying its gloo group after the other rank exited
+    # could block for good.
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -18,14 +19,18 @@ SCRIPT = Path(__file__).with_name("ddp_run.py")
 
 def run_ddp(tmp_path: Path, strategy: str, scenario: str = "") -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, PYTHONPATH=str(SCRIPT.parents[1]))
-    return subprocess.run(
-        [sys.executable, str(SCRIPT), str(tmp_path), strategy, *([scenario] if scenario else [])],
-        capture_output=True,
-        text=True,
-        timeout=240,  # a hang (a collective on one rank only) fails here instead of stalling CI
-        env=env,
-        check=False,
-    )
+    command = [sys.executable, str(SCRIPT), str(tmp_path), strategy, *([scenario] if scenario else [])]
+    # its own session: on a hang every rank is killed, not only the launching one (Lightning starts
+    # rank 1 itself, and a rank left alive holds our pipes open)
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+    ) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=240)  # a collective on one rank only fails here
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            stdout, stderr = process.communicate()
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 def test_ddp_warns_once_on_rank_zero_and_logs_once(tmp_path: Path) -> None:
