@@ -22,7 +22,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import tomllib
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # the same parser, before it joined the standard library
+    import tomli as tomllib
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_TESTS = HERE / "lightning-2.6.5-tests.tar.gz"

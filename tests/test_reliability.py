@@ -515,3 +515,34 @@ def test_the_readmes_architecture_map_matches_the_package() -> None:
             for a in (n.names if isinstance(n, ast.Import) else [n])
         }
         assert not {m for m in imported if m.split(".")[0] in ("lightning", "pytorch_lightning")}, path.name
+
+
+def test_the_declared_floors_are_the_versions_ci_tests() -> None:
+    """pyproject's floors, the README's matrix and the versions .ci/run installs are the same."""
+    import re
+    import sys
+
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:
+        import tomli as tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    floors = dict(re.fullmatch(r"([\w-]+)>=([\d.]+)", d).groups() for d in project["dependencies"])  # type: ignore[union-attr]
+    ci = (root / ".ci" / "run").read_text()
+    readme = (root / "README.md").read_text()
+    python_floor = project["requires-python"].removeprefix(">=")
+    assert f'"$(pyenv_python {python_floor})" -m venv "$tmp/floor"' in ci
+    assert f'install_torch "$floor" torch=={floors["torch"]}.0' in ci
+    ci_floors = dict(re.findall(r'"([\w-]+)==([\d.]+)"', ci.split("FLOORS=(", 1)[1].split(")", 1)[0]))
+    assert ci_floors == {
+        "lightning": f"{floors['lightning']}.0",
+        "pytorch_lightning": f"{floors['lightning']}.0",
+        "torchmetrics": f"{floors['torchmetrics']}.0",
+        "psutil": f"{floors['psutil']}.0",
+    }
+    row = f"| {python_floor} | {floors['torch']}.0 (floor) | {floors['lightning']}.0 (floor) | "
+    assert row + f"{floors['torchmetrics']}.0 (floor) | {floors['psutil']}.0 (floor) |" in readme
+    assert f"Programming Language :: Python :: {python_floor}" in project["classifiers"]
+    assert '"$(pyenv_python 3.13)" -m venv "$tmp/newest"' in ci and "| 3.13 | newest that pip resolves" in readme
