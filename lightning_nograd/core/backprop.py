@@ -32,7 +32,7 @@ from lightning_nograd.core.findings import display_name
 from lightning_nograd.core.kinds import Explanation
 from lightning_nograd.core.modes import MODE_SENSITIVE_TYPES, is_grad_recording
 from lightning_nograd.core.patterns import ancestors, mode_modules, named_modules, parent_path
-from lightning_nograd.core.torch_internals import child_modules, max_abs, own_parameters
+from lightning_nograd.core.torch_internals import child_modules, has_children, max_abs, own_parameters
 
 
 class ParamIndex:
@@ -402,7 +402,7 @@ def switched_alone(module: nn.Module, parent: nn.Module | None) -> bool:
         >>> switched_alone(net[1], net.eval())  # the whole block is in eval
         False
     """
-    return parent is not None and parent.training and not child_modules(module)
+    return parent is not None and parent.training and not has_children(module)
 
 
 def eval_blocks(

@@ -247,8 +247,8 @@ class StrayGraphWatch(Probe):
     stretch after each validation; every other stretch is watched by autograd's own node counter
     (:data:`~lightning_nograd.core.torch_internals.node_counter`), read once as it starts and once
     as it ends; on a torch without that counter the probe watches every stretch. When the counter
-    moved, the probe watches the stretches that follow until it names the graph: a forward outside the step is named the
-    first time it runs in a watched stretch, or the next time it runs after that.
+    moved, the probe watches the stretches that follow until it names the graph: a forward outside
+    the step is named the first time it runs in a watched stretch, or the next time it runs after that.
 
     A loop may take the counter's fast path itself, with no call: while ``counts_for`` is the model,
     a stretch begins with ``counter_at = torch_internals.node_counter()``; it ends with

@@ -286,9 +286,6 @@ def replay_refusal(device: torch.device | None = None) -> str | None:
     return None
 
 
-# -- saved-tensor hooks --------------------------------------------------------------------------
-
-
 class SavedTensorsHooks:
     """Push and pop one pair of saved-tensor hooks, through torch's own stack when it is there."""
 
@@ -312,9 +309,6 @@ class SavedTensorsHooks:
             pop()
 
 
-# -- profiler ------------------------------------------------------------------------------------
-
-
 def profiler_running() -> bool:
     """Whether a profiler is running; ``True`` when this torch cannot tell (assume the worst)."""
     return True if _profiler_enabled is None else bool(_profiler_enabled())
@@ -334,30 +328,15 @@ def cpu_memory_events(profiler: Any) -> list[Any]:
     return [e for e in profiler.kineto_results.events() if e.name() == "[memory]" and e.device_type() == cpu]
 
 
-# -- pytrees -------------------------------------------------------------------------------------
-
-
-def _containers(value: Any) -> Iterable[Any] | None:
-    if isinstance(value, dict):
-        return value.values()
-    if isinstance(value, (list, tuple)):
-        return value
-    return None
-
-
 def tree_leaves(value: Any) -> list[Any]:
     """The leaves of ``value`` (torch's pytree where present)."""
     if _tree_leaves is not None:
         return _tree_leaves(value)
-    leaves, stack = [], [value]
-    while stack:
-        item = stack.pop()
-        inner = _containers(item)
-        if inner is None:
-            leaves.append(item)
-        else:
-            stack.extend(reversed(list(inner)))
-    return leaves
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        return [leaf for item in value for leaf in tree_leaves(item)]
+    return [value]
 
 
 def tree_map(fn: Callable[[Any], Any], value: Any) -> Any:
@@ -373,17 +352,11 @@ def tree_map(fn: Callable[[Any], Any], value: Any) -> Any:
     return fn(value)
 
 
-# -- gradients -----------------------------------------------------------------------------------
-
-
 def max_abs(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """The largest absolute entry of each tensor (one kernel for all where torch has ``_foreach_norm``)."""
     if _foreach_norm is not None:
         return _foreach_norm(tensors, float("inf"))
     return [torch.linalg.vector_norm(t, float("inf")) for t in tensors]
-
-
-# -- modules -------------------------------------------------------------------------------------
 
 
 def own_parameters(module: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
@@ -393,6 +366,13 @@ def own_parameters(module: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
     return module.named_parameters(recurse=False)
 
 
+def has_children(module: nn.Module) -> bool:
+    """Whether ``module`` holds a submodule."""
+    if _module_dicts:
+        return bool(module._modules)
+    return next(module.children(), None) is not None
+
+
 def child_modules(module: nn.Module) -> list[nn.Module]:
     """``module``'s direct children."""
     if _module_dicts:
@@ -400,23 +380,11 @@ def child_modules(module: nn.Module) -> list[nn.Module]:
     return list(module.children())
 
 
-_GLOBAL_HOOK_DICTS = (
-    "_global_forward_pre_hooks",
-    "_global_forward_hooks",
-    "_global_forward_hooks_with_kwargs",  # after torch 2.4
-    "_global_forward_hooks_always_called",
-    "_global_backward_pre_hooks",
-    "_global_backward_hooks",
-)
-_MODULE_HOOK_DICTS = (
-    "_forward_pre_hooks",
-    "_forward_pre_hooks_with_kwargs",
-    "_forward_hooks",
-    "_forward_hooks_with_kwargs",
-    "_forward_hooks_always_called",
-    "_backward_pre_hooks",
-    "_backward_hooks",
-)
+# the kinds of hook dict, global (`_global_<kind>`) and per module (`_<kind>`); a name a torch lacks is skipped
+_HOOK_KINDS = (
+    "forward_pre_hooks forward_pre_hooks_with_kwargs forward_hooks forward_hooks_with_kwargs "
+    "forward_hooks_always_called backward_pre_hooks backward_hooks"
+).split()
 
 
 class UserHooksOff:
@@ -437,14 +405,13 @@ class UserHooksOff:
 
     def __enter__(self) -> None:
         module_globals = nn.modules.module
-        self._globals = {
-            name: vars(module_globals)[name] for name in _GLOBAL_HOOK_DICTS if name in vars(module_globals)
-        }
+        names = [f"_global_{kind}" for kind in _HOOK_KINDS]
+        self._globals = {name: vars(module_globals)[name] for name in names if name in vars(module_globals)}
         for name, hooks in self._globals.items():
             setattr(module_globals, name, type(hooks)())
         for module in self.modules:
             state = vars(module)
-            own = {name: state[name] for name in _MODULE_HOOK_DICTS if name in state}
+            own = {name: state[name] for name in (f"_{kind}" for kind in _HOOK_KINDS) if name in state}
             if not any(own.values()):
                 continue
             self._own.append((module, own))
