@@ -6,7 +6,8 @@ of the package calls the names below. :data:`INTERNALS` says, for each, what it 
 happens on a torch without it. A missing one never breaks the import or any other check: where a
 public API does the same, that is used instead; where the loss is real (a figure not measured, a
 module not named), the callbacks say so once, when they are built (:func:`warn_missing`), and the
-check that needs it is skipped with that reason.
+check that needs it is skipped with that reason. One that is there but behaves differently fails
+inside the check that uses it, which is switched off with one warning (:mod:`~lightning_nograd.core.faults`).
 
 Checked on torch 2.4.0 (Python 3.10), 2.13.0 (Python 3.11) and 2.14.1 (Python 3.13), the versions
 CI runs the suite on. ``tests/core/test_torch_internals.py`` removes each one in turn.
