@@ -535,7 +535,7 @@ def test_the_declared_floors_are_the_versions_ci_tests() -> None:
     python_floor = project["requires-python"].removeprefix(">=")
     assert f'"$(pyenv_python {python_floor})" -m venv "$tmp/floor"' in ci
     assert f'install_torch "$floor" torch=={floors["torch"]}.0' in ci
-    ci_floors = dict(re.findall(r'"([\w-]+)==([\d.]+)"', ci.split("FLOORS=(", 1)[1].split(")", 1)[0]))
+    ci_floors = dict(re.findall(r'"([\w-]+)==([\d.]+)"', ci.split("floors=(", 1)[1].split(")", 1)[0]))
     assert ci_floors == {
         "lightning": f"{floors['lightning']}.0",
         "pytorch_lightning": f"{floors['lightning']}.0",
