@@ -28,6 +28,43 @@ def cli(*args: str, entry: str = "module", path: Path | None = None) -> subproce
     )
 
 
+# Runs `main` once per argument list in one process, each with its own stdout and stderr (a process per
+# call spent most of its time importing torch and Lightning); the entry points themselves are run above.
+DRIVER = """
+import contextlib, io, json, sys
+from lightning_nograd.cli import main
+
+results = []
+for argv in json.loads(sys.argv[1]):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(argv)
+        except SystemExit as exit:  # argparse's refusals
+            code = exit.code
+    results.append([code, out.getvalue(), err.getvalue()])
+print(json.dumps(results))
+"""
+
+
+def cli_calls(calls: list[tuple[str, ...]], path: Path | None = None) -> list[subprocess.CompletedProcess[str]]:
+    """``main(args)`` for each of ``calls``, in one fresh process: exit code, stdout and stderr of each."""
+    done = subprocess.run(
+        [sys.executable, "-c", DRIVER, json.dumps([list(args) for args in calls])],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+        env=dict(os.environ, PYTHONPATH=os.pathsep.join(str(p) for p in (ROOT, path) if p is not None)),
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    return [
+        subprocess.CompletedProcess(list(a), code, out, err) for a, (code, out, err) in zip(calls, results, strict=True)
+    ]
+
+
 def test_clean_model_exits_zero() -> None:
     done = cli("audit", "examples.quickstart:Classifier", "--data", "examples.quickstart:SyntheticData")
     assert done.returncode == 0, done.stderr[-2000:]
@@ -61,15 +98,15 @@ def test_every_bug_example_is_audited() -> None:
 
 
 def test_bad_arguments_give_one_line_and_exit_two() -> None:
-    for args, text in [
+    cases = [
         (("audit", "no_such_module:Model"), "cannot import 'no_such_module'"),
         (("audit", "examples.quickstart"), "must look like 'package.module:ClassName'"),
         (("audit", "examples.quickstart:Nope"), "has no attribute 'Nope'"),
         (("audit", "examples.quickstart:Classifier", "--init-args", "{bad"), "--init-args is not valid JSON"),
         (("audit", "examples.quickstart:Classifier", "--init-args", '{"width": 3}'), "cannot build Classifier"),
         (("audit", "examples.quickstart:synthetic_data"), "MODEL must name a class"),
-    ]:
-        done = cli(*args)
+    ]
+    for (args, text), done in zip(cases, cli_calls([args for args, _ in cases]), strict=True):
         assert done.returncode == 2, (args, done.stderr)
         assert text in done.stderr, (args, done.stderr)
         assert "Traceback" not in done.stderr
@@ -138,7 +175,7 @@ DATA = ("--data", "examples.quickstart:SyntheticData")
 def test_exit_codes_and_one_line_messages(tmp_path: Path) -> None:
     (tmp_path / "problem_models.py").write_text(PROBLEM_MODELS)
     unwritable = tmp_path / "no_such_dir" / "report.json"
-    for args, code, stream, text in [
+    cases = [
         (
             ("problem_models:NeedsPositiveWidth", *DATA, "--init-args", '{"hidden": -4}'),
             2,
@@ -176,8 +213,9 @@ def test_exit_codes_and_one_line_messages(tmp_path: Path) -> None:
             "The audit could not finish: `trainer.fit` stopped with RuntimeError: shape mismatch in the loss",
         ),
         (("problem_models:NoDataloaders",), 3, "stdout", "The audit could not finish: `trainer.fit` stopped with"),
-    ]:
-        done = cli("audit", *args, path=tmp_path)
+    ]
+    calls = cli_calls([("audit", *args) for args, *_ in cases], path=tmp_path)
+    for (args, code, stream, text), done in zip(cases, calls, strict=True):
         assert done.returncode == code, (args, done.stdout[-1500:], done.stderr[-1500:])
         output = getattr(done, stream)
         assert text in output, (args, output)
