@@ -14,6 +14,7 @@ from benchmarks.scaling import Experts  # the scaling benchmark's model: N paral
 from lightning_nograd import NoGradAuditor
 from lightning_nograd.core.backprop import ParamIndex
 from lightning_nograd.core.cost import GRADIENT_EVERY, GRADIENT_WINDOW, ModeSwitches, visits
+from lightning_nograd.core.gradient_window import NO_GRADIENT_STEPS
 
 from .helpers import loader, nograd_warnings, trainer
 
@@ -135,7 +136,8 @@ def test_a_gap_mid_epoch_is_found_by_the_rotating_window(tmp_path: Path) -> None
 
     auditor = NoGradAuditor(monitor_savings=False)
     experts = 4 * GRADIENT_WINDOW  # 8 windows of parameters: found only when the windows come round to it
-    steps = GRADIENT_EVERY * (2 * experts // GRADIENT_WINDOW + 1) + 3
+    # found when a window comes round to it, reported once it then went NO_GRADIENT_STEPS steps without one
+    steps = GRADIENT_EVERY * (2 * experts // GRADIENT_WINDOW + 1) + 3 + NO_GRADIENT_STEPS
     run = trainer(tmp_path, [auditor], max_epochs=1, limit_train_batches=steps, limit_val_batches=0)
     with nograd_warnings():
         run.fit(LosesAnExpert(experts), loader(8 * steps))

@@ -232,3 +232,37 @@ def test_replay_and_check_training_step_restore_the_cuda_generator_too() -> None
     check_training_step(net, batch, loss_fn, torch.optim.SGD(net.parameters(), lr=0.1))
     assert torch.equal(torch.get_rng_state(), cpu)
     assert all(torch.equal(a, b) for a, b in zip(torch.cuda.get_rng_state_all(), cuda, strict=True))
+
+
+@needs_cuda
+def test_fsdp1_names_modules_and_parameters_as_the_user_wrote_them(tmp_path: Path) -> None:
+    # Lightning's FSDPStrategy (FSDP1, GPU only) wraps each Linear: the paths hold `_fsdp_wrapped_module`
+    # segments and, without `use_orig_params`, the parameters would be one `_flat_param`
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from tests.ddp_run import Sharded
+
+    class Wrapped(Sharded):
+        def configure_model(self) -> None:  # the strategy wraps instead
+            pass
+
+    auditor = NoGradAuditor(verbose=False, budget=1000.0)
+    run = trainer(
+        tmp_path, [auditor], accelerator="cuda", devices=1, max_epochs=2, limit_train_batches=4, limit_val_batches=4,
+        strategy=FSDPStrategy(auto_wrap_policy={nn.Linear}),
+    )  # fmt: skip
+    with nograd_warnings() as seen:
+        run.fit(Wrapped(), loader(n=64), loader(n=64))
+    found = {(f.kind, f.subject) for f in auditor.report.findings}
+    assert found == {
+        ("train_mode", "head.0"),
+        ("grad_enabled", ""),
+        ("inference_tensor", "cache"),
+        ("stray_graph", ""),
+        ("no_grad_module", "frozen_by_mistake"),
+        ("eval_mode_leak", "backbone"),
+        ("param_without_grad", "spare"),
+    }, [str(w.message) for w in seen]
+    text = " ".join(f.message for f in auditor.report.findings)
+    assert "_fsdp_wrapped_module" not in text and "_flat_param" not in text and "FullyShardedDataParallel" not in text
+    assert not any("internal error" in str(w.message) for w in seen)

@@ -452,3 +452,20 @@ def test_the_old_budget_name_still_works_with_a_future_warning() -> None:
     assert monitor is not None and monitor.budget == 0.25
     with pytest.raises(ValueError, match=r"`savings_budget`.*got -1"), pytest.warns(FutureWarning):
         NoGradAuditor(savings_budget=-1)
+
+
+def test_summaries_go_only_into_real_loggers_folders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Lightning's own tests hand the Trainer test doubles as loggers; one answers `log_dir` with an object
+    # whose text would have become a folder in the working directory
+    from unittest.mock import MagicMock
+
+    from lightning.pytorch.loggers import Logger
+
+    monkeypatch.chdir(tmp_path)
+    double = MagicMock(spec=Logger)
+    real = CSVLogger(tmp_path / "csv")
+    run = trainer(tmp_path / "root", [NoGradAuditor(verbose=False)], logger=[double, real], max_epochs=1)
+    run.fit(Regressor(), loader(), loader())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["csv"]  # root stays empty: no checkpoints, no logs
+    assert len(list((tmp_path / "csv").rglob("nograd_summary.json"))) == 1
+    assert double.log_metrics.called  # the double is a logger Lightning used; only no folder is made from it

@@ -376,3 +376,96 @@ def test_seeded_bugs_are_named_under_lbfgs(tmp_path: Path, bug: str) -> None:
         "eval_left_on": ("eval_mode_leak", "backbone", "on_train_batch_end"),
     }[bug]
     assert expected in {(f.kind, f.subject, f.hook) for f in auditor.report.findings}
+
+
+# -- conditional computation: correct models whose parameters learn only on some steps ---------------
+
+
+class Conditional(pl.LightningModule):
+    """A token model (8 tokens a step) with one kind of conditional computation, or a branch that never runs.
+
+    ``kind``: ``"moe"`` noisy top-1 routing over 8 experts (most steps leave some expert without a token);
+    ``"layerdrop"`` stochastic depth, each of 6 blocks skipped 30% of the steps (wav2vec2's ``layerdrop``);
+    ``"every_4th"`` an auxiliary head in the loss every 4th step; ``"curriculum"`` a branch that joins
+    the loss after 5 steps; ``"dead"`` a head that is never used (a real bug).
+    """
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.embed = nn.Linear(16, 16)
+        self.experts = nn.ModuleList(nn.Linear(16, 16) for _ in range(8))
+        self.router = nn.Linear(16, 8)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(16, 16), nn.ReLU()) for _ in range(6))
+        self.aux_head = nn.Linear(16, 1)
+        self.head = nn.Linear(16, 1)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        if self.kind == "moe":
+            logits = self.router(h)
+            if self.training:  # noisy top-1 gating (Shazeer et al., 2017): every expert gets tokens now and then
+                logits = logits + torch.randn_like(logits)
+            gates = logits.softmax(-1)
+            top = gates.argmax(-1)
+            routed = torch.zeros_like(h)
+            for i, expert in enumerate(self.experts):
+                chosen = top == i
+                if chosen.any():
+                    routed[chosen] = expert(h[chosen]) * gates[chosen, i : i + 1]
+            return h + routed
+        for block in self.blocks:
+            if self.kind == "layerdrop" and self.training and torch.rand(()) < 0.3:
+                continue
+            h = h + block(h)
+        return h
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        h = self.features(x)
+        loss = nn.functional.mse_loss(self.head(h), y)
+        if (self.kind == "every_4th" and self.global_step % 4 == 3) or (
+            self.kind == "curriculum" and self.global_step >= 5
+        ):
+            loss = loss + 0.1 * self.aux_head(h).pow(2).mean()
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self.log("val_loss", nn.functional.mse_loss(self.head(self.features(batch[0])), batch[1]))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        # the parts this kind uses; the others are left out of the optimizer, as a user would
+        unused = ("blocks",) if self.kind == "moe" else ("experts", "router")
+        if self.kind not in ("every_4th", "curriculum", "dead"):
+            unused += ("aux_head",)
+        return torch.optim.SGD([p for name, p in self.named_parameters() if not name.startswith(unused)], lr=0.01)
+
+
+def fit_conditional(tmp_path: Path, kind: str, steps: int, epochs: int = 2) -> NoGradAuditor:
+    from tests.helpers import loader
+
+    torch.manual_seed(0)
+    auditor = NoGradAuditor(verbose=False, monitor_savings=False)
+    with nograd_warnings():
+        run = trainer(tmp_path, [auditor], max_epochs=epochs, limit_train_batches=steps, limit_val_batches=1)
+        run.fit(Conditional(kind), loader(n=8 * steps, features=16), loader(n=8, features=16))
+    return auditor
+
+
+@pytest.mark.parametrize("kind", ["moe", "layerdrop", "every_4th", "curriculum"])
+def test_conditional_computation_is_silent(tmp_path: Path, kind: str) -> None:
+    # 12 steps an epoch: each of these leaves some parameter without a gradient at the first step
+    auditor = fit_conditional(tmp_path, kind, steps=12)
+    assert auditor.report.findings == [], [f.message for f in auditor.report.findings]
+
+
+@pytest.mark.parametrize(
+    ("steps", "evidence"), [(40, "at each of its last 32 steps"), (6, "at every step of a whole epoch")]
+)
+def test_a_branch_that_never_runs_is_found_within_the_first_epoch(tmp_path: Path, steps: int, evidence: str) -> None:
+    # after 32 steps without a gradient in a long epoch; at the end of a short first epoch
+    auditor = fit_conditional(tmp_path, "dead", steps=steps, epochs=1)
+    found = [f for f in auditor.report.findings]
+    assert [(f.kind, f.subject, f.epoch, f.batch_idx) for f in found] == [("param_without_grad", "aux_head", 0, 0)]
+    assert evidence in found[0].problem and "`allow=`" in found[0].fix
+    assert found[0].details["parameters"] == ["aux_head.weight", "aux_head.bias"]

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import os
+import pickle
+import tempfile
+import uuid
 import warnings
 import weakref
 from collections.abc import Callable
@@ -21,7 +26,7 @@ from lightning_nograd.callbacks._lightning import (
     log_step,
     world_size,
 )
-from lightning_nograd.callbacks.loggers import MetricSink
+from lightning_nograd.callbacks.loggers import MetricSink, gather_objects
 from lightning_nograd.core import torch_internals
 from lightning_nograd.core.arguments import check_choice
 from lightning_nograd.core.faults import fault_message, isolating
@@ -75,11 +80,17 @@ class NoGradCallback(CallbackBase):
         super().__init__()
         self.on_violation: OnViolation = check_choice("on_violation", on_violation, ON_VIOLATION_CHOICES)  # type: ignore[assignment]
         torch_internals.warn_missing()  # what a check cannot do on this torch, said as the callback is built
-        self.report = Report()
+        self._report = Report()
+        # where a run in spawned or forked worker processes (`ddp_spawn`, `ddp_notebook`) leaves the report
+        # for this object in the launching process (see `report`); a name only, no file is made here
+        self._origin_pid = os.getpid()
+        self._handoff = os.path.join(tempfile.gettempdir(), f"lightning-nograd-{self._origin_pid}-{uuid.uuid4().hex}")
+        weakref.finalize(self, _remove_handoff, self._handoff, self._origin_pid)
         self._switched_off: set[str] = set()
         self._findings = FindingLog(self.on_violation, self._warning_category)
         self._run: str | None = None  # the Trainer call under way (setup's `stage`)
         self._findings.listeners.append(self._on_new_finding)
+        self._findings.rank_listeners.append(self._on_ranks_added)
         self._sink = MetricSink()
         self._state_key: str | None = None
         self._shared = False
@@ -133,6 +144,55 @@ class NoGradCallback(CallbackBase):
     def _on_new_finding(self, finding: Finding) -> None:
         self.report.findings.append(finding)
 
+    @property
+    def report(self) -> Report:
+        """Every epoch's measurements and every finding of the runs this callback watched.
+
+        Where Lightning ran them in worker processes (``ddp_spawn``, ``ddp_notebook``), the report comes
+        back from rank zero's worker when the Trainer call returns: this object in the launching process
+        holds it as if it had watched the run itself.
+        """
+        if os.getpid() == self._origin_pid and os.path.exists(self._handoff):
+            self._take_handoff()
+        return self._report
+
+    @report.setter
+    def report(self, report: Report) -> None:
+        self._report = report
+
+    def _take_handoff(self) -> None:
+        try:
+            with open(self._handoff, "rb") as handle:
+                report = pickle.load(handle)  # written by rank zero's worker of this very callback
+            os.remove(self._handoff)
+        except (OSError, pickle.UnpicklingError, EOFError) as err:
+            log.debug("could not read the report from the worker processes", exc_info=err)
+            return
+        if isinstance(report, Report):
+            self._adopt(report)
+
+    def _adopt(self, report: Report) -> None:
+        """Use ``report``, brought back from the worker processes."""
+        self._report = report
+
+    def _hand_off(self, trainer: Trainer) -> None:
+        """In rank zero's worker process (``ddp_spawn``, ``ddp_notebook``), leave the report for the launching one."""
+        if os.getpid() == self._origin_pid or self._shared or not is_global_zero(trainer):
+            return
+        try:
+            partial = f"{self._handoff}.{os.getpid()}"
+            with open(partial, "wb") as handle:
+                pickle.dump(self._report, handle)
+            os.replace(partial, self._handoff)
+        except Exception as err:  # the report stays in `report_path` and the loggers
+            log.debug("could not hand the report to the launching process", exc_info=err)
+
+    def _on_ranks_added(self, old: Finding, new: Finding) -> None:
+        findings = self.report.findings
+        for i, finding in enumerate(findings):
+            if finding is old:
+                findings[i] = new
+
     def _share(self, report: Report, sink: MetricSink) -> None:
         """Use ``report`` and ``sink`` shared with sibling callbacks (used by ``NoGradAuditor``)."""
         self.report = report
@@ -146,8 +206,38 @@ class NoGradCallback(CallbackBase):
         return self._findings.add(finding)
 
     def _set_rank_zero(self, trainer: Trainer) -> None:
-        """Only rank zero prints warnings; every rank records findings."""
+        """Only rank zero prints warnings; every rank records findings, and in a distributed run
+        names its rank in them (:meth:`_gather_findings` brings them together)."""
         self._findings.may_warn = is_global_zero(trainer)
+        self._findings.rank = int(getattr(trainer, "global_rank", 0)) if world_size(trainer) > 1 else None
+
+    def _gather_findings(self, trainer: Trainer) -> None:
+        """Every rank's findings to every rank (a collective, made at epoch and stage ends): rank zero
+        warns those seen only elsewhere, and the report, the counts and the table name every rank
+        that saw each. A rank whose checks are all switched off still takes part."""
+        if world_size(trainer) <= 1:
+            return
+        payload: dict[str, Any] = {}
+        try:
+            payload = self._findings.export()
+            payload["counts"] = self._shared_counts()
+        except Exception as err:
+            self._switch_off("findings", err)
+        gathered = gather_objects(trainer, payload)
+        if "findings" in self._switched_off:
+            return
+        try:
+            self._findings.merge(gathered)
+            self._merge_counts([p.get("counts", {}) for p in gathered])
+        except Exception as err:
+            self._switch_off("findings", err)
+
+    def _shared_counts(self) -> dict[str, list[str]]:
+        """Named counts to bring together over the ranks with the findings (``name -> members``)."""
+        return {}
+
+    def _merge_counts(self, counts: list[dict[str, list[str]]]) -> None:
+        """Take in every rank's :meth:`_shared_counts`."""
 
     def _switch_off(self, check: str, err: BaseException) -> None:
         """Turn ``check`` off after an internal failure, warning once."""
@@ -180,6 +270,7 @@ class NoGradCallback(CallbackBase):
         that skipped it would leave the others waiting. A rank with nothing to contribute sends
         an empty dict, which ``reduce`` must accept.
         """
+        self._gather_findings(trainer)  # first: the counts below are then those of every rank
         metrics: dict[str, float] = {}
         details: dict[str, Any] = {}
         if "metrics" not in self._switched_off:
@@ -215,6 +306,7 @@ class NoGradCallback(CallbackBase):
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._release()
+        self._hand_off(trainer)
         forget_lightning_module(self)
         _LIVE_STATE_KEYS.get(self._base_state_key(), weakref.WeakSet()).discard(self)
 
@@ -227,6 +319,13 @@ class NoGradCallback(CallbackBase):
         warned = state_dict.get("warned", [])
         if isinstance(warned, list):
             self._findings.load_state(warned)
+
+
+def _remove_handoff(path: str, origin_pid: int) -> None:
+    """A report no one read: removed when the callback in the launching process goes (not in a forked worker)."""
+    if os.getpid() == origin_pid:
+        with contextlib.suppress(OSError):
+            os.remove(path)
 
 
 LOOP_NAMES = {"val": "validation", "test": "test", "predict": "predict"}

@@ -143,3 +143,16 @@ def is_logger(logger: object, name: str) -> bool:
     """Whether ``logger`` is a Lightning logger class called ``name`` or a subclass of one (either
     namespace, without importing one)."""
     return any(cls.__name__ == name for cls in type(logger).__mro__)
+
+
+def ddp_stops_on_unused_parameters(trainer: Trainer) -> bool:
+    """Whether the model runs under ``DistributedDataParallel`` that raises at the next forward when a
+    parameter got no gradient: neither ``find_unused_parameters`` nor ``static_graph`` is set."""
+    model = getattr(getattr(trainer, "strategy", None), "model", None)
+    try:
+        from torch.nn.parallel import DistributedDataParallel
+    except ImportError:
+        return False
+    if not isinstance(model, DistributedDataParallel):
+        return False
+    return not getattr(model, "find_unused_parameters", True) and not getattr(model, "static_graph", True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from typing import Any
 
@@ -10,7 +11,7 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_nograd.callbacks._base import NoGradCallback, guarded
-from lightning_nograd.callbacks._lightning import LightningModule, Trainer
+from lightning_nograd.callbacks._lightning import LightningModule, Trainer, ddp_stops_on_unused_parameters
 from lightning_nograd.callbacks.loggers import reduce_present_max
 from lightning_nograd.core import kinds, torch_internals
 from lightning_nograd.core.arguments import check_int
@@ -28,7 +29,7 @@ from lightning_nograd.core.backprop import (
 from lightning_nograd.core.cost import mode_switches
 from lightning_nograd.core.findings import Finding, OnViolation
 from lightning_nograd.core.graph import GraphEvent, GraphProbe, StrayGraphWatch
-from lightning_nograd.core.patterns import NamePatterns
+from lightning_nograd.core.patterns import NamePatterns, class_name
 from lightning_nograd.errors import BrokenBackpropWarning
 
 OUTSIDE_STEP_HOOKS = frozenset(
@@ -63,7 +64,10 @@ class BackpropGuard(NoGradCallback):
       disabled within a training step, and the parameters that therefore will not learn;
     * ``param_without_grad``: parameters that require grad, belong to the optimizer being stepped
       and reach its step with no gradient (``grad is None``, or, where gradients are zeroed with
-      ``set_to_none=False``, all-zero for ``zero_grad_steps`` consecutive steps); frozen parameters
+      ``set_to_none=False``, all-zero for ``zero_grad_steps`` consecutive steps) at 32 steps in a row
+      or at every step of a training epoch, so that conditional computation (expert routing, LayerDrop,
+      a head used every few steps) is no finding (:mod:`~lightning_nograd.core.gradient_window`); under
+      DDP without ``find_unused_parameters`` at once, before DDP's own error; frozen parameters
       (``requires_grad=False``, or in no optimizer) are never a finding; a skipped step
       (``training_step`` returned ``None``) is not checked;
     * ``eval_mode_leak``: modules that are not frozen, in eval mode during training steps although
@@ -128,6 +132,9 @@ class BackpropGuard(NoGradCallback):
         self._epoch = 0
         self._root_type = "LightningModule"
         self._counts: dict[str, set[str]] = {key: set() for key in _COUNTS}
+        self._missing_since: dict[int, int] = {}  # parameter id -> the batch it was first found without a gradient
+        # under DDP without `find_unused_parameters`, a parameter without a gradient ends the run at the next forward
+        self._ddp_stops_on_unused = False
 
     @override
     def _state_key_settings(self) -> dict[str, Any]:
@@ -140,17 +147,20 @@ class BackpropGuard(NoGradCallback):
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # before the sanity check, which already runs forwards that may use the inference tensor
         self._set_rank_zero(trainer)
-        self._root_type = type(pl_module).__name__
+        self._root_type = class_name(pl_module)
         self._check_inference_tensors(pl_module, "on_fit_start")
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._set_rank_zero(trainer)
-        self._root_type = type(pl_module).__name__
+        self._root_type = class_name(pl_module)
         self._epoch = int(trainer.current_epoch)
-        self._trained_ids = trained_parameter_ids(getattr(trainer, "optimizers", []))
+        self._trained_ids = trained_parameter_ids(getattr(trainer, "optimizers", []), pl_module)
         self._index_model(pl_module)
         self._check_eval_mode_at_start(pl_module)
+        self._ddp_stops_on_unused = ddp_stops_on_unused_parameters(trainer)
+        if self._ddp_stops_on_unused:
+            self._pending_probe = True  # the first step is watched: a gap found there is explained at once
 
     @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -161,7 +171,7 @@ class BackpropGuard(NoGradCallback):
             self._stray.close()
             self._stray.new_epoch()
         # frozen or unfrozen between epochs (BackboneFinetuning): what is trained is read again
-        self._trained_ids = trained_parameter_ids(getattr(trainer, "optimizers", []))
+        self._trained_ids = trained_parameter_ids(getattr(trainer, "optimizers", []), pl_module)
         if self._gradients.index is None:
             self._index_model(pl_module)
         else:
@@ -239,6 +249,7 @@ class BackpropGuard(NoGradCallback):
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._stop_judging_eval_blocks()  # those no gradient check judged in the first epoch are reported
         self._collect_zero_gradients(wait=False)
+        self._report_without_gradient_all_epoch()
         self._flush_stray_graphs()  # the stretch goes on: Lightning calls the module's epoch-end hook next
         self._log_counts(trainer)
 
@@ -259,7 +270,7 @@ class BackpropGuard(NoGradCallback):
         self._collect_zero_gradients(wait=True)
         if self._stray is not None:
             self._stray.close()
-        self._report_unexplained_suspects()
+        self._gather_findings(trainer)  # those of the last steps, from every rank, before the report is written
         self._release()
 
     @override
@@ -371,21 +382,29 @@ class BackpropGuard(NoGradCallback):
         missing = self._gradients.step(optimizer)
         if missing:
             self._note_missing(missing)
+            if self._ddp_stops_on_unused and self._probe is not None:
+                self._finish_grad_mode_probe()  # now: DDP's reducer would stop the run before the next batch ends
+        self._report_held()
 
     @guarded("params_without_grad")
     def _collect_zero_gradients(self, wait: bool) -> None:
         self._note_missing(self._gradients.collect(wait))
 
+    @guarded("params_without_grad")
+    def _report_without_gradient_all_epoch(self) -> None:
+        self._report_unexplained_suspects(whole_epoch_only=True)
+        self._report_held(epoch_end=True)
+
     def _note_missing(self, missing: list[nn.Parameter]) -> None:
-        """Count parameters that reached a step without a gradient; new suspects get the next step watched.
+        """Note when parameters were first found without a gradient; new suspects get the next step watched.
 
         Also under on_violation="error": the watched step names the cause (a `no_grad` branch is
         `no_grad_module`) before the run is stopped, one step later than the gap was seen."""
         index = self._gradients.index
         if not missing or index is None:
             return
-        for param in missing:
-            self._counts["params_without_grad"].add(index.name(param))
+        for param in missing:  # (counted once reported: a branch that learns on some steps is no finding)
+            self._missing_since.setdefault(id(param), self._batch_idx or 0)
         if self._gradients.suspects and self._probe is None:
             self._pending_probe = True
 
@@ -406,19 +425,60 @@ class BackpropGuard(NoGradCallback):
         if probe is None or index is None:
             return
         probe.stop()
-        self._report_gaps(explain_gradient_gaps(index, self._gradients.take_suspects(), probe))
+        suspects = self._gradients.take_suspects()
+        self._report_gaps(explain_gradient_gaps(index, suspects, probe), suspects)
 
-    def _report_unexplained_suspects(self) -> None:
+    def _report_unexplained_suspects(self, whole_epoch_only: bool) -> None:
+        """Explain and report the suspects no watched step explained: at an epoch's end, those without a
+        gradient since its first step (an epoch of one step); at the end of training, none is definite."""
+        gradients = self._gradients
+        index = gradients.index
+        if index is None or not gradients.suspects:
+            return
+        suspects = gradients.take_suspects()
+        if whole_epoch_only:
+            suspects = [p for p in suspects if gradients.missing_all_epoch(p)]
+        by_name = {index.name(p): p for p in suspects}
+        for gap in explain_gradient_gaps(index, suspects, None):
+            if whole_epoch_only:
+                gap.evidence = "at every step of a whole epoch"
+            self._report_gap(gap, self._found_at(gap, by_name))
+
+    def _found_at(self, gap: GradientGap, by_name: dict[str, nn.Parameter]) -> int | None:
+        """The batch at which the first of ``gap``'s parameters was found without a gradient."""
+        members = [by_name[name] for name in gap.parameters if name in by_name]
+        return min((self._missing_since.get(id(p), self._batch_idx or 0) for p in members), default=self._batch_idx)
+
+    def _report_gaps(self, gaps: list[GradientGap], params: list[nn.Parameter]) -> None:
+        """A module that ran only under ``no_grad`` is definite at once, and so is any gap under DDP without
+        ``find_unused_parameters`` (its reducer stops the run at the next forward); any other is held until
+        the evidence is (:mod:`~lightning_nograd.core.gradient_window`)."""
         index = self._gradients.index
-        if index is not None and self._gradients.suspects:
-            self._report_gaps(explain_gradient_gaps(index, self._gradients.take_suspects(), None))
-
-    def _report_gaps(self, gaps: list[GradientGap]) -> None:
+        by_name = {index.name(p): p for p in params} if index is not None else {}
         for gap in gaps:
-            if gap.kind == "no_grad_module":
-                self._counts["no_grad_modules"].add(gap.subject)
-            hook = "training_step" if gap.kind == "no_grad_module" else "on_before_optimizer_step"
-            self._finding(gap.kind, gap.subject, hook, gap.explanation(self._root_type))
+            members = [by_name[name] for name in gap.parameters if name in by_name]
+            found_at = self._found_at(gap, by_name)
+            if gap.kind == "no_grad_module" or self._ddp_stops_on_unused:
+                gap.ddp_stops = self._ddp_stops_on_unused and gap.kind != "no_grad_module"
+                self._report_gap(gap, found_at)
+            else:
+                self._gradients.hold(gap, members, found_at, self._epoch)
+
+    def _report_held(self, epoch_end: bool = False) -> None:
+        for held in self._gradients.take_confirmed(epoch_end):
+            in_a_row = held.missed >= self._gradients.window.steps
+            evidence = f"at each of its last {held.missed} steps" if in_a_row else "at every step of a whole epoch"
+            gap = dataclasses.replace(held.gap, parameters=held.remaining_names(), evidence=evidence)
+            self._report_gap(gap, held.batch_idx, held.epoch)
+
+    def _report_gap(self, gap: GradientGap, batch_idx: int | None, epoch: int | None = None) -> None:
+        if gap.kind == "no_grad_module":
+            self._counts["no_grad_modules"].add(gap.subject)
+        self._counts["params_without_grad"].update(gap.parameters)
+        hook = "training_step" if gap.kind == "no_grad_module" else "on_before_optimizer_step"
+        text = gap.explanation(self._root_type)
+        first_epoch = self._epoch if epoch is None else epoch
+        self._add_finding(Finding(gap.kind, gap.subject, "train", hook, batch_idx, first_epoch, *text))
 
     # -- stray graphs ----------------------------------------------------------------------------
 
@@ -448,6 +508,17 @@ class BackpropGuard(NoGradCallback):
         self._finding("stray_graph", event.module, hook, kinds.stray_graph(event, modules, hook, self._root_type))
 
     # -- metrics ---------------------------------------------------------------------------------
+
+    @override
+    def _shared_counts(self) -> dict[str, list[str]]:
+        return {name: sorted(members) for name, members in self._counts.items()}
+
+    @override
+    def _merge_counts(self, counts: list[dict[str, list[str]]]) -> None:
+        for rank_counts in counts:
+            for name, members in rank_counts.items():
+                if name in self._counts:
+                    self._counts[name].update(members)
 
     def _epoch_counts(self) -> tuple[dict[str, float], dict[str, Any]]:
         return {key: float(len(self._counts[name])) for name, key in _COUNTS.items()}, {}

@@ -23,7 +23,7 @@ from lightning_nograd.core.graph import (
     weight_storages,
 )
 from lightning_nograd.core.modes import ModeProbe
-from lightning_nograd.core.patterns import NamePatterns
+from lightning_nograd.core.patterns import NamePatterns, class_name
 from lightning_nograd.core.stack import calling_hook
 
 EVAL_HOOK_NAMES = frozenset(
@@ -118,7 +118,7 @@ class EvalModeAuditor(EvaluationLoopCallback):
         self._fitting = getattr(getattr(trainer, "state", None), "fn", None) == "fit"  # a str enum
         self._step_hook = f"{LOOP_NAMES[stage]}_step"
         self._epoch = int(trainer.current_epoch)
-        self._root_type = type(pl_module).__name__
+        self._root_type = class_name(pl_module)
         self._findings.start_epoch(stage)
         self._start_mode_probe(pl_module)
         self._start_graph_probe(pl_module)
@@ -166,7 +166,9 @@ class EvalModeAuditor(EvaluationLoopCallback):
             self._graph.flush()
         self._release()
         if stage in ("val", "test") and not is_sanity_checking(trainer):
-            self._log_violations(trainer, stage)
+            self._log_violations(trainer, stage)  # with every rank's findings gathered first
+        elif stage == "predict":
+            self._gather_findings(trainer)
         self._stage = None
 
     @guarded("train_mode")

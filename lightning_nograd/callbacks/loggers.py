@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import warnings
 from typing import Any
 
@@ -95,12 +96,23 @@ def reduce_vector(trainer: Trainer, values: list[float], op: str) -> list[float]
     return [float(v) for v in reduced.tolist()]
 
 
+def gather_objects(trainer: Trainer, value: Any) -> list[Any]:
+    """``value`` of every rank, in rank order (plain data: lists, dicts, strings, numbers); a collective."""
+    if world_size(trainer) <= 1:
+        return [value]
+    import torch.distributed as dist
+
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
 def write_summaries(trainer: Trainer, summary: dict[str, Any], text: str) -> None:
     """Put the end-of-stage summary where each logger shows summaries.
 
     W&B: the run summary; TensorBoard: a text entry; MLflow: a JSON artifact and tags; CSV (and
-    any logger with a ``log_dir``): ``nograd_summary.json`` next to its metrics. Only rank zero
-    writes, as the loggers themselves do.
+    any other Lightning ``Logger`` with a ``log_dir`` path): ``nograd_summary.json`` next to its
+    metrics. Only rank zero writes, as the loggers themselves do.
     """
     if not is_global_zero(trainer):
         return
@@ -119,7 +131,9 @@ def write_summaries(trainer: Trainer, summary: dict[str, Any], text: str) -> Non
                 logger.experiment.set_tag(logger.run_id, "nograd.findings", str(summary.get("findings", 0)))
             else:
                 log_dir = getattr(logger, "log_dir", None)
-                if log_dir:
+                # only a real logger's own folder: a test double answers any attribute with an object whose
+                # text would become a folder in the working directory
+                if log_dir and isinstance(log_dir, (str, os.PathLike)) and is_logger(logger, "Logger"):
                     from pathlib import Path
 
                     Path(log_dir).mkdir(parents=True, exist_ok=True)

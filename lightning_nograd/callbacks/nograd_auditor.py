@@ -20,6 +20,7 @@ from lightning_nograd.callbacks.savings_monitor import SavingsMonitor
 from lightning_nograd.core.arguments import check_bool, check_float
 from lightning_nograd.core.findings import OnViolation, user_stacklevel
 from lightning_nograd.core.patterns import NamePatterns
+from lightning_nograd.core.report import Report
 from lightning_nograd.core.summary import render, summarise
 from lightning_nograd.errors import NoGradWarning
 
@@ -118,6 +119,12 @@ class NoGradAuditor(NoGradCallback):
     @override
     def _state_key_settings(self) -> dict[str, Any]:
         return {**super()._state_key_settings(), "parts": [type(p).__name__ for p in self._parts]}
+
+    @override
+    def _adopt(self, report: Report) -> None:
+        super()._adopt(report)
+        for part in self._parts:
+            part.report = report
 
     def part(self, kind: type[PartT]) -> PartT | None:
         """The part of type ``kind`` (``EvalModeAuditor``, ``SavingsMonitor``, ``BackpropGuard``), if switched on.

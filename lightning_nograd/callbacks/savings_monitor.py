@@ -12,13 +12,20 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_nograd.callbacks._base import LOOP_NAMES, EvaluationLoopCallback, guarded
-from lightning_nograd.callbacks._lightning import LightningModule, Trainer, is_sanity_checking, steps_are_compiled
-from lightning_nograd.callbacks.loggers import reduce_vector
+from lightning_nograd.callbacks._lightning import (
+    LightningModule,
+    Trainer,
+    is_sanity_checking,
+    steps_are_compiled,
+    world_size,
+)
+from lightning_nograd.callbacks.loggers import gather_objects, reduce_vector
 from lightning_nograd.core import kinds, torch_internals
 from lightning_nograd.core.arguments import check_float, check_int
 from lightning_nograd.core.findings import Finding
 from lightning_nograd.core.graph import weight_storages
 from lightning_nograd.core.measure import EpochMeasures
+from lightning_nograd.core.patterns import class_name
 from lightning_nograd.core.replay import CallRecorder, RecordedCall, ReplayResult, is_work_module, savings_metrics
 from lightning_nograd.core.schedule import Measurement, ReplayBudget, call_signature
 
@@ -120,6 +127,10 @@ class SavingsMonitor(EvaluationLoopCallback):
         self._skip_reason: str | None = None
         self._stage: str | None = None
         self._epoch = 0
+        # under a sharded strategy every rank replays at the same batch end, as rank zero decides (see
+        # `_measure_in_lockstep`): a module call there gathers parameters from every rank
+        self._lockstep = False
+        self._paths: dict[int, str] = {}
 
     @override
     def _state_key_settings(self) -> dict[str, Any]:
@@ -152,6 +163,14 @@ class SavingsMonitor(EvaluationLoopCallback):
         total = _total_batches(trainer, stage)
         self._record_from = 1 if total is None or total > self.measure_batches else 0
         self._skip_reason = _replay_refusal(trainer, self._device)
+        self._lockstep = world_size(trainer) > 1 and _shards_parameters(trainer)
+        if self._lockstep and self._skip_reason is None:
+            self._paths = {id(m): path for path, m in pl_module.named_modules()}
+            if total is None or total < self._record_from + self.measure_batches:
+                self._skip_reason = (
+                    "replay skipped: under a sharded strategy the ranks replay together at a batch every rank "
+                    "reaches, and this epoch's number of batches is not known (or too small)"
+                )
 
     @override
     def _eval_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch_idx: int) -> None:
@@ -174,7 +193,11 @@ class SavingsMonitor(EvaluationLoopCallback):
         if self._measurement is not None or self._skip_reason is not None:
             return
         self._batch_seconds.append(time.perf_counter() - self._batch_started)
-        if self._recorder is not None:
+        if self._lockstep:
+            self._stop_lockstep_recording()
+            if self._batches == self._record_from + self.measure_batches:  # the same batch end on every rank
+                self._measure_in_lockstep(trainer, pl_module)
+        elif self._recorder is not None:
             self._finish_recording(trainer, pl_module)
         elif self._running is not None:
             self._continue_timing()
@@ -211,6 +234,8 @@ class SavingsMonitor(EvaluationLoopCallback):
     def _wants_recording(self) -> bool:
         # steps compiled whole run no module call that could be recorded, and on torch 2.4 dynamo
         # recompiles them whenever a global hook comes or goes
+        if self._lockstep:  # by batch index alone, as on every other rank
+            return self._record_from <= self._batches < self._record_from + self.measure_batches
         return (
             not self._compiled_steps
             and self._measurement is None
@@ -242,6 +267,64 @@ class SavingsMonitor(EvaluationLoopCallback):
             self._recorded.append(recorder.calls)
         if len(self._recorded) >= self.measure_batches:
             self._start_measurement(trainer, pl_module)
+
+    def _stop_lockstep_recording(self) -> None:
+        recorder, self._recorder = self._recorder, None
+        if recorder is not None:
+            recorder.stop()
+            self._recorded.append(recorder.calls)
+
+    def _measure_in_lockstep(self, trainer: Trainer, pl_module: nn.Module) -> None:
+        """Every rank replays its recorded batches at this batch end, exactly as rank zero decides: a
+        module call of a sharded model gathers its parameters from every rank, so all must make the same
+        calls at the same moment. Each decision is taken on rank zero from its own budget and sent to
+        all (three small collectives, every rank makes each of them whatever it recorded); the replays
+        run only if every rank recorded the same module calls on the same shapes."""
+        batches, self._recorded = self._recorded, []
+        ready = (
+            not self._compiled_steps
+            and "replay" not in self._switched_off
+            and len(batches) == self.measure_batches
+            and all(batches)
+        )
+        shapes = None
+        allowed = reuse = 0.0
+        signature: tuple[Any, ...] = ()
+        cached = None
+        if ready:
+            try:
+                signature = tuple(call_signature(calls) for calls in batches)
+                shapes = repr([[(self._paths.get(key), *rest) for key, *rest in sig] for sig in signature])
+                seconds_per_batch = sorted(self._batch_seconds)[len(self._batch_seconds) // 2]
+                remaining = max(0, (_total_batches(trainer, self._stage or "val") or self._batches) - self._batches)
+                allowed = self._budget.allowed(remaining * seconds_per_batch)
+                cached = self._cache.get(signature)
+                reuse = float(cached is not None and self._budget.reusable(cached[0], signature, allowed))
+            except Exception as err:
+                self._switch_off("replay", err)
+                ready = False
+        plans = gather_objects(trainer, {"ready": ready, "calls": shapes, "allowed": allowed, "reuse": reuse})
+        if not all(p["ready"] for p in plans) or len({p["calls"] for p in plans}) != 1:
+            self._skip_reason = "replay skipped in this epoch: the ranks did not all record the same module calls"
+            return
+        if plans[0]["reuse"] and cached is not None:
+            self._measurement = cached
+            return
+        measurement = Measurement(
+            self._budget, batches, signature, self._device, weight_storages(pl_module), plans[0]["allowed"],
+            cached[0] if cached is not None else None, self._paused,
+        )  # fmt: skip
+        measurement.measure_memory()
+        timing = self._budget.can_time(signature, measurement.allowed - measurement.spent)
+        plans = gather_objects(trainer, {"time": timing, "oom": measurement.out_of_memory})
+        if plans[0]["time"] and not any(p["oom"] for p in plans):
+            measurement.warm_up()
+            pairs = self._budget.pairs(measurement.allowed - measurement.spent, measurement.pair_cost())
+            measurement.time_pairs(gather_objects(trainer, pairs)[0])
+        if measurement.out_of_memory:
+            self._report_oom(batches[0])
+        self._running = measurement
+        self._finish_measurement()
 
     def _paused(self) -> AbstractContextManager[None]:
         return self._measures.paused() if self._measures is not None else nullcontext()
@@ -293,7 +376,7 @@ class SavingsMonitor(EvaluationLoopCallback):
 
     def _report_oom(self, calls: list[RecordedCall]) -> None:
         stage = self._stage or "val"
-        subject = ", ".join(sorted({type(c.module).__name__ for c in calls}))
+        subject = ", ".join(sorted({class_name(c.module) for c in calls}))
         text = kinds.grad_replay_oom()
         self._add_finding(
             Finding(
@@ -366,10 +449,20 @@ def _total_batches(trainer: Trainer, stage: str) -> int | None:
     return total if total > 0 else None
 
 
-def _replay_refusal(trainer: Trainer, device: torch.device) -> str | None:
-    """Why the replay must not run: under this strategy (its module calls would need collectives), or
-    on this torch (:func:`~lightning_nograd.core.torch_internals.replay_refusal`)."""
+def _shards_parameters(trainer: Trainer) -> bool:
+    """Whether the strategy shards parameters, so that a module call gathers them from every rank
+    (``FSDPStrategy``, ``ModelParallelStrategy`` with FSDP2's ``fully_shard``)."""
     name = type(getattr(trainer, "strategy", None)).__name__
-    if "FSDP" in name or "DeepSpeed" in name or "ModelParallel" in name:
-        return f"replay skipped under {name}: sharded module calls need every rank, and a replay on one rank would hang"
+    return "FSDP" in name or "ModelParallel" in name
+
+
+def _replay_refusal(trainer: Trainer, device: torch.device) -> str | None:
+    """Why the replay must not run: under DeepSpeed (its engine runs module calls in ways a replay cannot
+    follow), or on this torch (:func:`~lightning_nograd.core.torch_internals.replay_refusal`)."""
+    name = type(getattr(trainer, "strategy", None)).__name__
+    if "DeepSpeed" in name:
+        return (
+            f"replay skipped under {name}: its engine partitions parameters inside module calls in ways a "
+            "replay cannot follow"
+        )
     return torch_internals.replay_refusal(device)

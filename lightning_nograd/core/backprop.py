@@ -29,6 +29,7 @@ from torch.utils.hooks import RemovableHandle
 from lightning_nograd.core.cost import GRADIENT_EVERY, GRADIENT_WINDOW, ModeSwitches, mode_switches, visits
 from lightning_nograd.core.faults import Probe, isolated
 from lightning_nograd.core.findings import display_name
+from lightning_nograd.core.gradient_window import GradientWindow, HeldGap, has_gradient
 from lightning_nograd.core.kinds import Explanation
 from lightning_nograd.core.modes import MODE_SENSITIVE_TYPES, is_grad_recording
 from lightning_nograd.core.patterns import ancestors, mode_modules, named_modules, parent_path
@@ -48,6 +49,11 @@ class ParamIndex:
     """
 
     def __init__(self, root: nn.Module) -> None:
+        self.root = root
+        self._foreign: set[int] = set()  # optimizer parameters no module of the model holds
+        self._read(root)
+
+    def _read(self, root: nn.Module) -> None:
         self.params: dict[int, nn.Parameter] = {}
         self.names: dict[int, str] = {}
         self.owner: dict[int, str] = {}
@@ -76,7 +82,13 @@ class ParamIndex:
         if optimizer is None:
             candidates: Iterable[nn.Parameter] = self.params.values()
         else:
-            candidates = (p for group in optimizer.param_groups for p in group["params"])
+            candidates = [p for group in optimizer.param_groups for p in group["params"]]
+            unknown = {id(p) for p in candidates if id(p) not in self.owner} - self._foreign
+            if unknown:
+                # the model holds other parameter objects than when it was indexed: FSDP2 swaps the root's
+                # sharded parameters for unsharded ones from a forward until the next backward
+                self._read(self.root)
+                self._foreign |= {key for key in unknown if key not in self.owner}
         owner = self.owner
         return [p for p in candidates if id(p) in owner and not allowed(owner[id(p)])]
 
@@ -300,8 +312,13 @@ def inference_tensors(root: nn.Module, allowed: Callable[[str], bool] | None = N
     return found
 
 
-def trained_parameter_ids(optimizers: Iterable[torch.optim.Optimizer]) -> set[int] | None:
-    """``id``s of the parameters some optimizer steps and that require grad; ``None`` without optimizers.
+def trained_parameter_ids(
+    optimizers: Iterable[torch.optim.Optimizer], model: nn.Module | None = None
+) -> set[int] | None:
+    """``id``s of the parameters some optimizer steps and that require grad; ``None`` without optimizers,
+    or where ``model`` holds other parameter objects than its optimizers do (FSDP2 swaps the sharded
+    parameters for unsharded ones between a forward and its backward): every parameter that requires
+    grad then counts as trained.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
@@ -312,7 +329,12 @@ def trained_parameter_ids(optimizers: Iterable[torch.optim.Optimizer]) -> set[in
     optimizers = list(optimizers)
     if not optimizers:
         return None
-    return {id(p) for opt in optimizers for group in opt.param_groups for p in group["params"] if p.requires_grad}
+    stepped = [p for opt in optimizers for group in opt.param_groups for p in group["params"]]
+    if model is not None:
+        held = {id(p) for p in model.parameters()}
+        if any(id(p) not in held for p in stepped):
+            return None
+    return {id(p) for p in stepped if p.requires_grad}
 
 
 def is_trained(param: torch.Tensor, trained: set[int] | None) -> bool:
@@ -503,6 +525,14 @@ _CAUSES = {
         "freeze it if it is meant to stay fixed.",
     ),
 }
+DDP_SOMETIMES = (
+    " If it is meant to learn only on some steps, DDP needs `find_unused_parameters=True` "
+    '(`strategy="ddp_find_unused_parameters_true"`); then list it in `allow=` if it stays unused for long.'
+)
+SOMETIMES = (
+    " If it is meant to learn only on some steps and did not in this window (a branch that starts after "
+    "the first epoch, a head used less than once an epoch), list it in `allow=`."
+)
 
 
 def _shown(names: list[str]) -> str:
@@ -517,6 +547,10 @@ class GradientGap:
     subject: str
     parameters: list[str]
     cause: str | None = None
+    evidence: str = ""
+    """How long it went without a gradient (``"at each of its last 32 steps"``); empty where one step says it all."""
+    ddp_stops: bool = False
+    """Under ``DistributedDataParallel`` without ``find_unused_parameters``, which stops the run on it."""
 
     def problem(self, root_type: str) -> str:
         name = display_name(self.subject, root_type)
@@ -526,9 +560,14 @@ class GradientGap:
                 f"(`no_grad`, `inference_mode` or `set_grad_enabled(False)`): {_shown(self.parameters)} will not learn"
             )
         reason = _CAUSES[self.cause or "cause not yet known"][0]
+        when = f" {self.evidence}" if self.evidence else ""
+        ddp = (
+            "; DistributedDataParallel (without `find_unused_parameters`) stops the run at the next step"
+            * self.ddp_stops
+        )
         return (
-            f"{len(self.parameters)} trainable parameter(s) of {name} reached the optimizer step with no gradient "
-            f"({_shown(self.parameters)}): {reason}"
+            f"{len(self.parameters)} trainable parameter(s) of {name} reached the optimizer step with no gradient"
+            f"{when} ({_shown(self.parameters)}): {reason}{ddp}"
         )
 
     def explanation(self, root_type: str) -> Explanation:
@@ -536,6 +575,8 @@ class GradientGap:
         details: dict[str, Any] = {"parameters": self.parameters}
         if self.cause:
             details["cause"] = self.cause
+        if self.evidence:
+            details["evidence"] = self.evidence
         return Explanation(self.problem(root_type), self.fix(), details)
 
     def fix(self) -> str:
@@ -544,7 +585,9 @@ class GradientGap:
                 "remove the `torch.no_grad()` around it, or freeze it (`requires_grad_(False)`) if it is meant "
                 "to stay fixed."
             )
-        return _CAUSES[self.cause or "cause not yet known"][1]
+        if self.ddp_stops:
+            return _CAUSES[self.cause or "cause not yet known"][1] + DDP_SOMETIMES
+        return _CAUSES[self.cause or "cause not yet known"][1] + SOMETIMES
 
 
 def explain_gradient_gaps(
@@ -636,6 +679,10 @@ class GradientCheck:
         # (a block frozen on purpose); they are left out from then on, for the rest of the fit
         self.judge: Callable[[list[nn.Parameter], list[nn.Parameter]], set[int]] | None = None
         self.ignored: set[int] = set()
+        self.window = GradientWindow()  # parameters found without a gradient, until the evidence is definite
+        self._confirmed: list[HeldGap] = []
+        self._first_step_missing: set[int] = set()  # without a gradient at the epoch's first full check
+        self._stepped_ids: dict[int, set[int]] = {}
 
     def index_model(self, root: nn.Module) -> None:
         """Index ``root``'s parameters (when training starts)."""
@@ -650,6 +697,9 @@ class GradientCheck:
         self.optimizers = optimizers
         self.skip = 0
         self._params = {}
+        self._stepped_ids = {}
+        self._first_step_missing = set()
+        self.window.new_epoch()
         self.steps = {}
         self._zero_checks = {}
         self.zeroing_known = set()
@@ -693,6 +743,8 @@ class GradientCheck:
         key = id(optimizer)
         steps = self.steps.get(key, 0) + 1
         self.steps[key] = steps
+        if self.window.held:
+            self._confirmed += self.window.step(self._stepped(key), self.keeps_zeros)
         zero_check = self.keeps_zeros and self._zero_checks.get(key, 0) < self.zero_grad_steps
         found: list[nn.Parameter] = []
         if steps == 1 or not steps % GRADIENT_EVERY or zero_check or self.streaks.pending:
@@ -702,7 +754,7 @@ class GradientCheck:
             found = checked
         else:
             self.backward_seen = False
-        if self.optimizers != 1 or len(self.steps) != 1 or self.streaks.pending:
+        if self.optimizers != 1 or len(self.steps) != 1 or self.streaks.pending or self.window.held:
             return found
         if self.reads_zeroing(optimizer) or (self.keeps_zeros and self._zero_checks.get(key, 0) < self.zero_grad_steps):
             return found
@@ -728,6 +780,8 @@ class GradientCheck:
             checked += params[: GRADIENT_WINDOW - len(checked)]
         visits.params += len(checked)
         missing = without_gradient(checked)
+        if steps == 1:
+            self._first_step_missing.update(id(p) for p in missing)
         if missing and not backward_seen and len(missing) == sum(p.requires_grad for p in checked):
             return None  # no backward and no gradient at all: a skipped step (`training_step` returned None)
         if checked is params and self.judge is not None:
@@ -745,6 +799,44 @@ class GradientCheck:
             self.streaks.observe([p for p in params if p.requires_grad])
         # each call costs microseconds while the CPU caches hold the model: none where nothing was found
         return self._suspect(missing, self.streaks.collect()) if missing or self.streaks.pending else missing
+
+    def _stepped(self, key: int) -> set[int] | None:
+        """The ``id`` of each parameter the optimizer ``key`` steps (``None`` before its first check)."""
+        ids = self._stepped_ids.get(key)
+        if ids is None and key in self._params:
+            ids = self._stepped_ids[key] = {id(p) for p in self._params[key]}
+        return ids
+
+    def missing_all_epoch(self, param: nn.Parameter) -> bool:
+        """Whether ``param`` has had no gradient at any step of this epoch so far."""
+        if id(param) in self._first_step_missing:
+            return True
+        # kept zeros: all-zero at every zero check of this epoch (they start at its first step)
+        checks = max(self._zero_checks.values(), default=0)
+        return self.keeps_zeros and checks > 0 and self.streaks.streak.get(id(param), 0) >= checks
+
+    def hold(self, gap: GradientGap, params: list[nn.Parameter], batch_idx: int | None, epoch: int) -> None:
+        """Hold ``gap``'s parameters in the window (see :mod:`~lightning_nograd.core.gradient_window`);
+        read now, at the step after the one that found them: those with a gradient already are let go."""
+        index = self.index
+        if index is None:
+            return
+        later = [p for p in params if not has_gradient(p, self.keeps_zeros)]
+        if not later:
+            return
+        names = {id(p): index.name(p) for p in later}
+        whole = all(self.missing_all_epoch(p) for p in later)
+        self.window.hold(gap, later, names, batch_idx, epoch, whole, missed=2)
+        if self.skip:  # held parameters are read at every step
+            for key in self.steps:
+                self.steps[key] -= self.skip
+            self.skip = 0
+
+    def take_confirmed(self, epoch_end: bool = False) -> list[HeldGap]:
+        """The held groups whose evidence became definite (``epoch_end``: also those without a gradient
+        for the whole epoch)."""
+        confirmed, self._confirmed = self._confirmed, []
+        return confirmed + (self.window.epoch_end() if epoch_end else [])
 
     def _unignored(self, params: list[nn.Parameter]) -> list[nn.Parameter]:
         ignored = self.ignored
@@ -779,6 +871,8 @@ class GradientCheck:
         self.suspects = {}
         self.ignored = set()
         self.streaks.clear()
+        self.window.clear()
+        self._confirmed = []
 
 
 @dataclass

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal, get_args
 
 from lightning_nograd.errors import NoGradError, NoGradWarning
@@ -33,6 +33,7 @@ class Finding:
         details: plain, JSON-serialisable extras (sizes, counts, parameter names).
         run: the Trainer call it happened in (``"fit"``, ``"validate"``, ``"test"``, ``"predict"``);
             ``None`` outside Lightning (``audit()``, ``check_training_step``).
+        ranks: the ranks of a distributed run that saw it (``()`` in a run of one process).
     """
 
     kind: str
@@ -45,6 +46,7 @@ class Finding:
     fix: str
     details: dict[str, Any] = field(default_factory=dict)
     run: str | None = None
+    ranks: tuple[int, ...] = ()
 
     @property
     def key(self) -> tuple[str, str, str, str]:
@@ -57,13 +59,23 @@ class Finding:
         where = f"{STAGE_WORDS.get(self.stage, self.stage)}, `{self.hook}`"
         if self.batch_idx is not None:
             where += f", first at batch {self.batch_idx}"
+        if self.ranks:
+            where += f", on rank{'s' if len(self.ranks) > 1 else ''} {', '.join(map(str, self.ranks))}"
         return f"[lightning-nograd] {self.problem} ({where}). Fix: {self.fix}"
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable form, message included."""
         data = asdict(self)
+        data["ranks"] = list(self.ranks)
         data["message"] = self.message
         return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Finding:
+        """The finding :meth:`to_dict` described (its ``message`` is derived, not read)."""
+        fields = {name: data[name] for name in cls.__dataclass_fields__ if name in data}
+        fields["ranks"] = tuple(int(rank) for rank in data.get("ranks", ()))
+        return cls(**fields)
 
 
 STAGE_WORDS = {
@@ -173,23 +185,71 @@ class FindingLog:
         self.may_warn = True
         self.findings: list[Finding] = []
         self._seen: set[tuple[str, str, str, str]] = set()
+        self._held: dict[tuple[str, str, str, str], int] = {}  # key -> index in `findings`
         self._epoch_keys: dict[str, set[tuple[str, str, str, str]]] = {}
         self.listeners: list[Callable[[Finding], None]] = []
+        # called with (old, new) when other ranks saw a finding this one holds already
+        self.rank_listeners: list[Callable[[Finding, Finding], None]] = []
+        self.rank: int | None = None  # this process's rank in a distributed run
+        self._unshared: list[Finding] = []  # new here since the last :meth:`export`
 
     def add(self, finding: Finding) -> bool:
         """Record ``finding``; warn or raise when it is new. Returns whether it was new."""
+        if self.rank is not None and not finding.ranks:
+            finding = replace(finding, ranks=(self.rank,))
+        return self._add(finding, local=True)
+
+    def _add(self, finding: Finding, local: bool) -> bool:
         self._epoch_keys.setdefault(finding.stage, set()).add(finding.key)
         if finding.key in self._seen:
+            if finding.ranks:
+                self._add_ranks(finding)
             return False
         self._seen.add(finding.key)
+        self._held[finding.key] = len(self.findings)
         self.findings.append(finding)
+        if local:
+            self._unshared.append(finding)
         for listener in self.listeners:
             listener(finding)
-        if self.on_violation == "error":
+        if self.on_violation == "error" and local:  # a rank that saw it stops the run; the others only report it
             raise NoGradError(finding.message)
         if self.may_warn:
             warnings.warn(finding.message, self.category, stacklevel=user_stacklevel())
         return True
+
+    def _add_ranks(self, seen: Finding) -> None:
+        """``seen`` repeats a finding held here (warned before, or restored from a checkpoint: not held)."""
+        i = self._held.get(seen.key)
+        if i is None:
+            return
+        held = self.findings[i]
+        if set(seen.ranks) <= set(held.ranks):
+            return
+        self.findings[i] = updated = replace(held, ranks=tuple(sorted({*held.ranks, *seen.ranks})))
+        for listener in self.rank_listeners:
+            listener(held, updated)
+
+    def export(self) -> dict[str, Any]:
+        """What the other ranks need from this one (plain data): the findings new here since the last
+        export, and the keys of every finding seen in the current epoch of each stage."""
+        unshared, self._unshared = self._unshared, []
+        return {
+            "findings": [finding.to_dict() for finding in unshared],
+            "epoch": {stage: [list(key) for key in sorted(keys)] for stage, keys in self._epoch_keys.items()},
+        }
+
+    def merge(self, exported: list[dict[str, Any]]) -> None:
+        """Take in every rank's :meth:`export` (this rank's own included, and skipped): a finding new
+        here is warned once (where warnings are printed), one held already gains the ranks that saw
+        it too, and each epoch's distinct findings become those of all ranks."""
+        for rank, payload in enumerate(exported):
+            if rank == self.rank:
+                continue
+            for data in payload.get("findings", []):
+                self._add(Finding.from_dict(data), local=False)
+            for stage, keys in payload.get("epoch", {}).items():
+                self._epoch_keys.setdefault(stage, set()).update((k[0], k[1], k[2], k[3]) for k in keys if len(k) == 4)
 
     def start_epoch(self, stage: str) -> None:
         """Start counting the distinct findings of a new epoch of ``stage``."""

@@ -57,9 +57,27 @@ def format_bytes(nbytes: float) -> str:
     return f"{nbytes / MIB:.2f} MiB"
 
 
+def _storage(tensor: torch.Tensor) -> torch.UntypedStorage | None:
+    """The storage that holds ``tensor``'s data on this process: a ``DTensor``'s (FSDP2, tensor
+    parallel) is its local shard's; ``None`` for a tensor subclass with no storage at all."""
+    to_local = getattr(tensor, "to_local", None)
+    if callable(to_local):
+        with torch.no_grad():
+            tensor = to_local()
+    try:
+        storage = tensor.untyped_storage()
+        storage.data_ptr()  # a wrapper subclass may hand out a storage it cannot back
+    except (RuntimeError, NotImplementedError):
+        return None
+    return storage
+
+
 def storage_key(tensor: torch.Tensor) -> tuple[str, int]:
-    """Identity of the storage behind ``tensor`` (views of one storage share it)."""
-    storage = tensor.untyped_storage()
+    """Identity of the storage behind ``tensor`` (views of one storage share it; a tensor without
+    one is its own identity)."""
+    storage = _storage(tensor)
+    if storage is None:
+        return (str(tensor.device), -id(tensor))
     return (str(tensor.device), storage.data_ptr())
 
 
@@ -71,7 +89,8 @@ def weight_storages(module: nn.Module) -> set[tuple[str, int]]:
 
 def storage_bytes(tensor: torch.Tensor) -> int:
     """Bytes of the whole storage behind ``tensor`` (not just the view)."""
-    return int(tensor.untyped_storage().nbytes())
+    storage = _storage(tensor)
+    return int(storage.nbytes()) if storage is not None else tensor.numel() * tensor.element_size()
 
 
 class GraphProbe(Probe):

@@ -17,6 +17,7 @@ from torch import nn
 from lightning_nograd.core.findings import display_name
 from lightning_nograd.core.graph import MIB, GraphEvent, TensorTally, format_bytes
 from lightning_nograd.core.modes import mode_sensitive_descendants
+from lightning_nograd.core.patterns import class_name
 
 
 class Explanation(NamedTuple):
@@ -51,7 +52,7 @@ def train_mode(path: str, module: nn.Module, root_type: str, confirmed: bool, du
     layers = [s for s in mode_sensitive_descendants(module, path) if not s.startswith(f"{path} (")]
     detail = f"; layers that behave differently in train mode: {shown(layers)}" if layers else ""
     what = "ran its forward in train mode" if confirmed else f"was switched to train mode during {during}"
-    problem = f"{display_name(path, root_type)} ({type(module).__name__}) {what}{detail}"
+    problem = f"{display_name(path, root_type)} ({class_name(module)}) {what}{detail}"
     if confirmed:
         fix = (
             "put the model in eval mode before evaluating: call `model.eval()` and remove any `.train()` call that "
@@ -153,7 +154,7 @@ def eval_mode_leak(path: str, module: nn.Module, root_type: str, fixed: bool) ->
     """A module that trained earlier is in eval mode during training: an ``.eval()`` not undone."""
     action = "; it was put back in train mode" if fixed else ""
     return Explanation(
-        f"{display_name(path, root_type)} ({type(module).__name__}) is in eval mode during training although it "
+        f"{display_name(path, root_type)} ({class_name(module)}) is in eval mode during training although it "
         f"was in train mode earlier in the fit: something called `.eval()` and did not switch back{action}",
         "call `.train()` again after the code that evaluates it.",
         {},

@@ -21,7 +21,7 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_nograd.core.cost import ModeSwitches, mode_switches, visits
 from lightning_nograd.core.faults import Probe, isolated, isolated_method
-from lightning_nograd.core.patterns import NamePatterns, mode_modules, parent_path
+from lightning_nograd.core.patterns import NamePatterns, class_name, mode_modules, parent_path
 
 MODE_SENSITIVE_TYPES: tuple[type[nn.Module], ...] = (
     nn.modules.dropout._DropoutNd,
@@ -38,7 +38,7 @@ def mode_sensitive_descendants(module: nn.Module, prefix: str) -> list[str]:
     found = []
     for name, child in module.named_modules(prefix=prefix):
         if child.training and isinstance(child, MODE_SENSITIVE_TYPES):
-            found.append(f"{name} ({type(child).__name__})")
+            found.append(f"{name} ({class_name(child)})")
     return found
 
 

@@ -7,19 +7,20 @@ from collections.abc import Iterable, Iterator, Mapping
 
 from torch import nn
 
-from lightning_nograd.core.torch_internals import COMPILE_WRAPPER_SEGMENT, is_compile_wrapper
+from lightning_nograd.core.torch_internals import WRAPPER_SEGMENTS, is_compile_wrapper
 
 
 def user_path(path: str) -> str:
-    """The path the user wrote: the ``_orig_mod`` segments of ``torch.compile`` wrappers removed.
+    """The path the user wrote: the segments of wrappers removed (``torch.compile``'s ``_orig_mod``,
+    FSDP1's ``_fsdp_wrapped_module``, activation checkpointing's ``_checkpoint_wrapped_module``).
 
     Example:
-        >>> user_path("encoder._orig_mod.layers.0"), user_path("_orig_mod.head")
+        >>> user_path("encoder._orig_mod.layers.0"), user_path("_fsdp_wrapped_module.head")
         ('encoder.layers.0', 'head')
     """
-    if COMPILE_WRAPPER_SEGMENT not in path:
+    if "._" not in path and not path.startswith("_"):
         return path
-    return ".".join(part for part in path.split(".") if part != COMPILE_WRAPPER_SEGMENT)
+    return ".".join(part for part in path.split(".") if part not in WRAPPER_SEGMENTS)
 
 
 def named_modules(root: nn.Module) -> Iterator[tuple[str, nn.Module]]:
@@ -112,3 +113,18 @@ class NamePatterns:
         if not self._compiled:
             return False
         return any(p.fullmatch(c) for p in self._compiled for c in ancestors(path))
+
+
+def class_name(module: object) -> str:
+    """The name of ``module``'s class as the user wrote it: FSDP2's ``fully_shard`` swaps a module's class
+    for a ``FSDP<Name>`` subclass made in ``torch.distributed``, which the user never wrote.
+
+    Example:
+        >>> from torch import nn
+        >>> class_name(nn.Linear(1, 1))
+        'Linear'
+    """
+    for cls in type(module).__mro__:
+        if not str(cls.__module__).startswith("torch.distributed."):
+            return cls.__name__
+    return type(module).__name__

@@ -23,7 +23,7 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_nograd.core.cost import mode_switches
 from lightning_nograd.core.faults import Probe, isolated
-from lightning_nograd.core.graph import HUB, MIB, storage_key
+from lightning_nograd.core.graph import HUB, MIB, storage_bytes, storage_key
 from lightning_nograd.core.measure import cpu_timing_caveat, peak_bytes_of, synchronize
 from lightning_nograd.core.torch_internals import (
     UserHooksOff,
@@ -336,7 +336,7 @@ def graph_bytes_of(calls: list[RecordedCall], exclude: set[tuple[str, int]]) -> 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         key = storage_key(tensor)
         if key not in exclude:
-            seen[key] = int(tensor.untyped_storage().nbytes())
+            seen[key] = storage_bytes(tensor)
         # detached: a node holding one of its own outputs would be a cycle through C++ that the garbage
         # collector cannot see, and the whole graph would stay allocated (seen on an H100: gigabytes)
         return tensor.detach()
@@ -356,15 +356,25 @@ def _weight_hook_types() -> tuple[type, ...]:
     return (BasePruningMethod, WeightNorm, SpectralNorm)
 
 
+def torch_runs_the_module(hook: Any, weight_hooks: tuple[type, ...] = ()) -> bool:
+    """Whether a module's ``hook`` is part of how PyTorch runs it, not an observer: a weight hook
+    (``weight_hooks``), or a hook of ``torch.distributed`` (FSDP2 gathers a module's parameters
+    in its forward pre-hook and frees them in its forward hook, tensor parallelism moves inputs
+    and outputs between meshes)."""
+    if weight_hooks and isinstance(hook, weight_hooks):
+        return True
+    return str(getattr(hook, "__module__", "") or "").startswith("torch.distributed.")
+
+
 def _user_hooks_off(roots: list[nn.Module]) -> UserHooksOff:
     """No forward or backward hook of the user's (module-level or global) fires inside the block.
 
     A replay re-runs module calls: a feature-capture or statistics hook would see them as real
-    batches. Only PyTorch's weight hooks stay.
+    batches. Only the hooks PyTorch runs the modules with stay (:func:`torch_runs_the_module`).
     """
-    keep = _weight_hook_types()
+    weight_hooks = _weight_hook_types()
     modules = {id(m): m for root in roots for m in root.modules()}.values()
-    return UserHooksOff(modules, lambda hook: isinstance(hook, keep))
+    return UserHooksOff(modules, lambda hook: torch_runs_the_module(hook, weight_hooks))
 
 
 class _EvalModeAndRng:

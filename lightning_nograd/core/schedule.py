@@ -173,23 +173,45 @@ class Measurement:
     def start(self, batches_left: int) -> None:
         """Measure memory (unless known), take a warm-up pair if the budget covers it, and plan the timed
         pairs: spread over the ``batches_left`` of the epoch, a few after each batch."""
-        if self.memory_from is None:
-            with self._paused():
-                for session in self.sessions:
-                    session.measure_memory()
-            self.budget.estimate_pair(self.signature, sum(s.memory_run_seconds for s in self.sessions))
+        self.measure_memory()
         if self.out_of_memory:
             return
         pair = 0.0
         timing = self.budget.can_time(self.signature, self.allowed - self.spent)
         if timing:
-            with self._paused():
-                for session in self.sessions:
-                    session.warm_up()
-            pair = self.budget.measured_pair(self.signature, sum(s.pair_seconds for s in self.sessions))
+            self.warm_up()
+            pair = self.pair_cost()
         # with `repeats`, `can_time` is always true and `pairs` returns `repeats`
         self.target = self.budget.pairs(self.allowed - self.spent, pair) if timing else 0
         self.pairs_per_batch = max(1, -(-self.target // max(1, batches_left)))
+
+    def measure_memory(self) -> None:
+        """The memory replay alone (unless known): for ranks that must agree on timing before they time."""
+        if self.memory_from is None:
+            with self._paused():
+                for session in self.sessions:
+                    session.measure_memory()
+            self.budget.estimate_pair(self.signature, sum(s.memory_run_seconds for s in self.sessions))
+
+    def warm_up(self) -> None:
+        """A warm-up pair, which measures what a timed pair costs (:meth:`pair_cost`)."""
+        with self._paused():
+            for session in self.sessions:
+                session.warm_up()
+        self.budget.measured_pair(self.signature, sum(s.pair_seconds for s in self.sessions))
+
+    def pair_cost(self) -> float:
+        return self.budget.pair_cost(self.signature)
+
+    def time_pairs(self, pairs: int) -> None:
+        """``pairs`` timed pairs now, whatever they cost (the number was agreed beforehand)."""
+        self.target = pairs
+        with self._paused():
+            for session in self.sessions:
+                session.time_pairs(pairs)
+        if self.pairs_done < self.budget.min_repeats and self.budget.repeats is None:
+            for session in self.sessions:
+                session.result.time_on, session.result.time_off = [], []
 
     def time(self, finish: bool = False) -> bool:
         """Take this batch's timed pairs (``finish``: all that are left); whether the measurement is done.

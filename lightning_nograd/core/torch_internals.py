@@ -390,7 +390,7 @@ _HOOK_KINDS = (
 
 class UserHooksOff:
     """No forward or backward hook of the user's (global or per module) fires while active, except
-    the forward pre-hooks that ``keep`` accepts (PyTorch's own weight hooks).
+    the per-module forward (pre-)hooks that ``keep`` accepts (those PyTorch runs the module with).
 
     The hook dictionaries are swapped for filtered copies and the very same objects put back on exit,
     so every handle the user holds stays valid.
@@ -416,7 +416,8 @@ class UserHooksOff:
             if not any(own.values()):
                 continue
             self._own.append((module, own))
-            kept = {key for key, hook in own.get("_forward_pre_hooks", {}).items() if self.keep(hook)}
+            both = [*own.get("_forward_pre_hooks", {}).items(), *own.get("_forward_hooks", {}).items()]
+            kept = {key for key, hook in both if self.keep(hook)}
             for name, hooks in own.items():
                 state[name] = type(hooks)((key, value) for key, value in hooks.items() if key in kept)
 
@@ -460,6 +461,8 @@ def register_forward_hook_with_kwargs(
 COMPILE_WRAPPER_SEGMENT = "_orig_mod"
 """The name under which a ``torch.compile`` wrapper holds its eager module (``OptimizedModule._orig_mod``):
 a segment of ``named_modules()`` paths that the user never wrote."""
+WRAPPER_SEGMENTS = frozenset({COMPILE_WRAPPER_SEGMENT, "_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
+"""Every such segment: also FSDP1's wrapper (``FullyShardedDataParallel``) and activation checkpointing's."""
 
 
 def is_compile_wrapper(module: nn.Module) -> bool:
