@@ -177,6 +177,8 @@ def run_scenario(out: Path, strategy: str, scenario: str) -> None:
         warnings.simplefilter("always")
         try:
             trainer.fit(model, loader(n=64), loader(n=64))
+            if strategy == "ddp_spawn":
+                trainer.validate(model, loader(n=64))  # a second Trainer call, in new workers
         except Exception as err:  # DDP's own error, for the test to read
             failure = f"{type(err).__name__}: {err}"
     messages = [str(w.message) for w in seen if issubclass(w.category, NoGradWarning)]

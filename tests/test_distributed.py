@@ -106,11 +106,12 @@ def test_a_finding_seen_only_on_rank_one_reaches_rank_zero_and_the_launching_pro
     main = read(tmp_path, "main")  # the callback object in the launching process, after `fit` returned
     assert [(f["kind"], f["ranks"]) for f in main["report"]["findings"]] == [("grad_enabled", [1])]
     assert "on rank 1" in main["report"]["findings"][0]["message"]
-    assert [e["metrics"]["nograd/val/violations"] for e in main["report"]["epochs"] if e["stage"] == "val"] == [1, 1]
+    runs = [(e["run"], e["metrics"]["nograd/val/violations"]) for e in main["report"]["epochs"] if e["stage"] == "val"]
+    assert runs == [("fit", 1), ("fit", 1), ("validate", 1)]  # after `fit`, and after `validate` too
     # the CI gate (report_path), the dashboard and the table say the same
     gate = json.loads((tmp_path / "report.json").read_text())
     assert [(f["kind"], f["subject"], f["ranks"]) for f in gate["findings"]] == [("grad_enabled", "", [1])]
-    assert csv_values(tmp_path / "csv", "nograd/val/violations") == [1.0, 1.0]
+    assert csv_values(tmp_path / "csv", "nograd/val/violations") == [1.0, 1.0, 1.0]
     assert "1 finding(s):" in done.stdout and "No findings" not in done.stdout
     # warned once, by rank zero's worker, naming the rank that saw it
     warned = [line for line in done.stderr.splitlines() if "[lightning-nograd]" in line]

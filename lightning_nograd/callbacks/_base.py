@@ -160,6 +160,11 @@ class NoGradCallback(CallbackBase):
     def report(self, report: Report) -> None:
         self._report = report
 
+    def __getstate__(self) -> dict[str, Any]:
+        # pickled for the next spawned workers: they carry on from the report the last ones left
+        _ = self.report
+        return self.__dict__.copy()
+
     def _take_handoff(self) -> None:
         try:
             with open(self._handoff, "rb") as handle:
@@ -168,12 +173,18 @@ class NoGradCallback(CallbackBase):
         except (OSError, pickle.UnpicklingError, EOFError) as err:
             log.debug("could not read the report from the worker processes", exc_info=err)
             return
-        if isinstance(report, Report):
+        if isinstance(report, dict) and isinstance(report.get("report"), Report):
             self._adopt(report)
 
-    def _adopt(self, report: Report) -> None:
-        """Use ``report``, brought back from the worker processes."""
-        self._report = report
+    def _handoff_logs(self) -> list[FindingLog]:
+        """The finding logs that go with the report (``NoGradAuditor``: its parts')."""
+        return [self._findings]
+
+    def _adopt(self, handoff: dict[str, Any]) -> None:
+        """Use the report and the finding logs brought back from the worker processes."""
+        self._report = handoff["report"]
+        for log_, (findings, warned) in zip(self._handoff_logs(), handoff["logs"], strict=False):
+            log_.adopt(findings, warned)
 
     def _hand_off(self, trainer: Trainer) -> None:
         """In rank zero's worker process (``ddp_spawn``, ``ddp_notebook``), leave the report for the launching one."""
@@ -181,8 +192,9 @@ class NoGradCallback(CallbackBase):
             return
         try:
             partial = f"{self._handoff}.{os.getpid()}"
+            logs = [(log_.findings, log_.state()) for log_ in self._handoff_logs()]
             with open(partial, "wb") as handle:
-                pickle.dump(self._report, handle)
+                pickle.dump({"report": self._report, "logs": logs}, handle)
             os.replace(partial, self._handoff)
         except Exception as err:  # the report stays in `report_path` and the loggers
             log.debug("could not hand the report to the launching process", exc_info=err)

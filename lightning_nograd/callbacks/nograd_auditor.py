@@ -18,9 +18,8 @@ from lightning_nograd.callbacks.eval_mode_auditor import EvalModeAuditor
 from lightning_nograd.callbacks.loggers import flat_summary, write_summaries
 from lightning_nograd.callbacks.savings_monitor import SavingsMonitor
 from lightning_nograd.core.arguments import check_bool, check_float
-from lightning_nograd.core.findings import OnViolation, user_stacklevel
+from lightning_nograd.core.findings import FindingLog, OnViolation, user_stacklevel
 from lightning_nograd.core.patterns import NamePatterns
-from lightning_nograd.core.report import Report
 from lightning_nograd.core.summary import render, summarise
 from lightning_nograd.errors import NoGradWarning
 
@@ -121,10 +120,14 @@ class NoGradAuditor(NoGradCallback):
         return {**super()._state_key_settings(), "parts": [type(p).__name__ for p in self._parts]}
 
     @override
-    def _adopt(self, report: Report) -> None:
-        super()._adopt(report)
+    def _handoff_logs(self) -> list[FindingLog]:
+        return [part._findings for part in self._parts]
+
+    @override
+    def _adopt(self, handoff: dict[str, Any]) -> None:
+        super()._adopt(handoff)
         for part in self._parts:
-            part.report = report
+            part.report = self._report
 
     def part(self, kind: type[PartT]) -> PartT | None:
         """The part of type ``kind`` (``EvalModeAuditor``, ``SavingsMonitor``, ``BackpropGuard``), if switched on.

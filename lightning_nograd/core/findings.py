@@ -260,6 +260,12 @@ class FindingLog:
         keys = self._epoch_keys.get(stage, set())
         return sum(1 for key in keys if kinds is None or key[0] in kinds)
 
+    def adopt(self, findings: list[Finding], warned: list[list[str]]) -> None:
+        """Hold ``findings`` and the keys ``warned``, as another process's log of the same run held them."""
+        self.findings = list(findings)
+        self._held = {finding.key: i for i, finding in enumerate(self.findings)}
+        self.load_state(warned)
+
     def state(self) -> list[list[str]]:
         """Keys already warned, as plain lists (for checkpoints)."""
         return [list(key) for key in sorted(self._seen)]
