@@ -102,6 +102,24 @@ class Sharded(Regressor):
         return loss.detach()
 
 
+def two_process_trainer(out: Path, strategy: Any, auditor: NoGradAuditor, batches: int) -> pl.Trainer:
+    """Two CPU processes, two epochs of ``batches`` training and validation batches, a CSV logger."""
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy=strategy,
+        default_root_dir=out,
+        max_epochs=2,
+        limit_train_batches=batches,
+        limit_val_batches=batches,
+        callbacks=[auditor],
+        logger=CSVLogger(out, name="csv"),
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+    )
+
+
 def main(out: Path, strategy: str, scenario: str = "") -> None:
     if scenario == "metrics_fail_on_rank1":
         break_metrics_on_rank_one()
@@ -110,20 +128,7 @@ def main(out: Path, strategy: str, scenario: str = "") -> None:
         return
     pl.seed_everything(0)
     auditor = NoGradAuditor(verbose=False, budget=1000.0)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy=strategy,
-        default_root_dir=out,
-        max_epochs=2,
-        limit_train_batches=3,
-        limit_val_batches=3,
-        callbacks=[auditor],
-        logger=CSVLogger(out, name="csv"),
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-    )
+    trainer = two_process_trainer(out, strategy, auditor, batches=3)
     model = EveryBug()
     model.validation_body = set_head_dropout_train
     with warnings.catch_warnings(record=True) as seen:
@@ -158,20 +163,7 @@ def run_scenario(out: Path, strategy: str, scenario: str) -> None:
 
         strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)  # type: ignore[assignment]
     auditor = NoGradAuditor(report_path=out / "report.json", budget=1000.0)  # rank 0's budget times the replays
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy=strategy,
-        default_root_dir=out,
-        max_epochs=2,
-        limit_train_batches=4,
-        limit_val_batches=4,
-        callbacks=[auditor],
-        logger=CSVLogger(out, name="csv"),
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-    )
+    trainer = two_process_trainer(out, strategy, auditor, batches=4)
     failure = ""
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")

@@ -17,12 +17,17 @@ def cli(*args: str, entry: str = "module", path: Path | None = None) -> subproce
         if entry == "module"
         else [str(Path(sys.executable).with_name("lightning-nograd"))]
     )
+    return run(command + list(args), path)
+
+
+def run(command: list[str], path: Path | None) -> subprocess.CompletedProcess[str]:
+    """``command`` from the repository's root, with it and ``path`` importable."""
     return subprocess.run(
-        [*command, *args],
+        command,
         capture_output=True,
         text=True,
         cwd=ROOT,
-        timeout=300,
+        timeout=600,
         env=dict(os.environ, PYTHONPATH=os.pathsep.join(str(p) for p in (ROOT, path) if p is not None)),
         check=False,
     )
@@ -49,15 +54,7 @@ print(json.dumps(results))
 
 def cli_calls(calls: list[tuple[str, ...]], path: Path | None = None) -> list[subprocess.CompletedProcess[str]]:
     """``main(args)`` for each of ``calls``, in one fresh process: exit code, stdout and stderr of each."""
-    done = subprocess.run(
-        [sys.executable, "-c", DRIVER, json.dumps([list(args) for args in calls])],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=600,
-        env=dict(os.environ, PYTHONPATH=os.pathsep.join(str(p) for p in (ROOT, path) if p is not None)),
-        check=False,
-    )
+    done = run([sys.executable, "-c", DRIVER, json.dumps([list(args) for args in calls])], path)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(done.stdout.strip().splitlines()[-1])
     return [
