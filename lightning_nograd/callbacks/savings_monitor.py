@@ -278,7 +278,7 @@ class SavingsMonitor(EvaluationLoopCallback):
         """Every rank replays its recorded batches at this batch end, exactly as rank zero decides: a
         module call of a sharded model gathers its parameters from every rank, so all must make the same
         calls at the same moment. Each decision is taken on rank zero from its own budget and sent to
-        all (three small collectives, every rank makes each of them whatever it recorded); the replays
+        all (up to three small collectives, every rank makes each of them whatever it recorded); the replays
         run only if every rank recorded the same module calls on the same shapes."""
         batches, self._recorded = self._recorded, []
         ready = (
