@@ -217,6 +217,8 @@ class GraphProbe(Probe):
     def _record(self, tensor: torch.Tensor, frame: FrameType | None) -> None:
         if not self._model_read:
             self._read_model()
+        if _storage(tensor) is None:
+            return  # a compiler's fake tensor while it traces (torch 2.4's dynamo): nothing is kept at run time
         key = storage_key(tensor)
         if key in self._param_storages:
             return
