@@ -12,6 +12,7 @@ import inspect
 import json
 import logging
 import os
+import re
 import sys
 import warnings
 from collections.abc import Sequence
@@ -21,11 +22,19 @@ from typing import Any
 EXAMPLE = """example:
   lightning-nograd audit examples.quickstart:Classifier --data examples.quickstart:SyntheticData \\
       --init-args '{"planted_bug": true}' --json nograd_report.json
+  lightning-nograd audit my_project.models:MyModel --allow-train-mode 'head\.mc_dropout'
   python -m lightning_nograd audit my_project.models:MyModel   # the model's own dataloaders
 
 exit status: 0 clean, 1 findings, 2 bad arguments, 3 the audit could not finish."""
 
 CLEAN, FINDINGS, BAD_ARGUMENTS, INCOMPLETE = 0, 1, 2, 3
+
+#: The allow-list options, named and meant as the ``NoGradAuditor`` arguments they are passed to.
+ALLOW_OPTIONS = {
+    "allow_train_mode": "modules that may stay in train mode during evaluation (MC dropout on purpose)",
+    "allow_grad": "modules that may run with gradients enabled during evaluation (test-time optimisation)",
+    "allow": "modules or parameters that may be frozen under no_grad or go without a gradient in training",
+}
 
 
 class UsageError(Exception):
@@ -116,6 +125,16 @@ def parser() -> argparse.ArgumentParser:
     audit.add_argument("--data-init-args", help="JSON object of keyword arguments for the datamodule")
     audit.add_argument("--batches", type=int, default=4, help="batches per stage (default 4)")
     audit.add_argument("--json", dest="json_path", help="write the report as JSON to this path")
+    allow = audit.add_argument_group(
+        "allow-lists",
+        "regular expressions over module or parameter paths (a path matches when it or one of its parents "
+        "full-matches); each option can be given several times and means what the NoGradAuditor argument "
+        "of the same name means",
+    )
+    for option, meaning in ALLOW_OPTIONS.items():
+        allow.add_argument(
+            f"--{option.replace('_', '-')}", dest=option, action="append", default=[], metavar="PATTERN", help=meaning
+        )
     return main
 
 
@@ -132,6 +151,14 @@ def run_audit(args: argparse.Namespace) -> int:
         raise UsageError("--data-init-args needs --data (the datamodule it is for)")
     if args.json_path:
         _check_writable(args.json_path)
+    allow_lists = {name: getattr(args, name) for name in ALLOW_OPTIONS}
+    for name, patterns in allow_lists.items():
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                option = f"--{name.replace('_', '-')}"
+                raise UsageError(f"{option} must be a regular expression, got {pattern!r} ({err})") from None
     model_cls = _load(args.model, "MODEL")
     lightning = _lightning_base(model_cls, "LightningModule", "MODEL")
     data_cls = _load(args.data, "--data") if args.data else None
@@ -141,7 +168,7 @@ def run_audit(args: argparse.Namespace) -> int:
     data_kwargs = _json_object(args.data_init_args, "--data-init-args")
     model = _build(model_cls, model_kwargs, "MODEL")
     datamodule = _build(data_cls, data_kwargs, "--data") if data_cls is not None else None
-    auditor = NoGradAuditor(verbose=False, budget=1.0)
+    auditor = NoGradAuditor(verbose=False, budget=1.0, **allow_lists)
     options: dict[str, Any] = dict(
         callbacks=[auditor],
         max_epochs=2,

@@ -228,3 +228,29 @@ def test_pytorch_lightning_namespace_model_is_audited(tmp_path: Path) -> None:
     done = cli("audit", "problem_models:ClassicNamespace", path=tmp_path)
     assert done.returncode == 0, (done.stdout[-1500:], done.stderr[-1500:])
     assert "No findings" in done.stdout
+
+
+def test_allow_lists_mean_what_the_callback_arguments_mean() -> None:
+    planted = ("audit", "examples.quickstart:Classifier", *DATA, "--init-args", '{"planted_bug": true}')
+    buggy = ("audit", "examples.every_bug:BuggyModel", "--data", "examples.every_bug:BuggyData", "--batches", "3")
+    calls = [
+        planted,
+        (*planted, "--allow-train-mode", r"net\.3"),
+        (*planted, "--allow-grad", r"net\.3"),  # another allow-list: the finding stays
+        buggy,
+        (*buggy, "--allow", "block2", "--allow", "aux_head", "--allow-grad", "", "--allow-train-mode", r"head\.0"),
+        (*planted, "--allow-train-mode", "("),
+    ]
+    found, allowed, other_list, buggy_found, buggy_allowed, bad = cli_calls(calls)
+    assert found.returncode == 1 and "`net.3` (Dropout)" in found.stdout
+    assert allowed.returncode == 0 and "No findings" in allowed.stdout, allowed.stdout[-2000:]
+    assert other_list.returncode == 1 and "`net.3` (Dropout)" in other_list.stdout
+    # what the allow-lists cover is gone; the findings they do not cover stay
+    for text in ("`block2` has trainable parameters", "`aux_head`", "ran with gradients enabled", "`head.0`"):
+        assert text in buggy_found.stdout and text not in buggy_allowed.stdout, text
+    assert buggy_allowed.returncode == 1 and "outside the training step" in buggy_allowed.stdout
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert bad.stderr.strip() == (
+        "lightning-nograd: error: --allow-train-mode must be a regular expression, got '(' "
+        "(missing ), unterminated subpattern at position 0)"
+    )

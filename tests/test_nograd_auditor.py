@@ -36,6 +36,8 @@ from tests.helpers import (
         ({"report_path": 3}, TypeError, r"`report_path`.*got 3"),
         ({"allow_grad": ["("]}, ValueError, r"`allow_grad`"),
         ({"budget": -1}, ValueError, r"`budget`.*got -1"),
+        ({"repeats": 0}, ValueError, r"`repeats`.*got 0"),
+        ({"repeats": 2.5}, TypeError, r"`repeats`.*2.5"),
         # checked whatever the switches say
         ({"budget": -1, "monitor_savings": False}, ValueError, r"`budget`.*got -1"),
         ({"allow_grad": "[", "audit_eval": False}, ValueError, r"`allow_grad`.*'\['"),
@@ -306,8 +308,21 @@ def test_savings_messages_name_the_budget_argument_both_front_ends_share(tmp_pat
     (epoch,) = [e for e in callback.report.epochs if e.stage == "val"]
     assert "within its 0% time budget" in epoch.details["savings"], epoch.details
     assert "raise `budget`" in epoch.details["savings"]  # one name in both
+    # every argument the message names is one the class the user built takes
+    import inspect
+    import re
+
+    named = re.findall(r"`(\w+)`", epoch.details["savings"])
+    assert named and set(named) <= set(inspect.signature(type(callback)).parameters), named
     # memory is measured at any budget; only time waits for it
     assert "nograd/val/graph_memory_mib" in epoch.metrics and "nograd/val/time_saved_s" not in epoch.metrics
+    # and `repeats`, as the message says, measures time now, whatever the budget
+    kind = type(callback)
+    callback = kind(verbose=False, budget=0.0, repeats=3) if kind is NoGradAuditor else kind(budget=0.0, repeats=3)
+    with nograd_warnings():
+        trainer(tmp_path, [callback], max_epochs=1).fit(Regressor(), loader(), loader())
+    (epoch,) = [e for e in callback.report.epochs if e.stage == "val"]
+    assert "nograd/val/time_saved_s" in epoch.metrics and epoch.details["repeats"] == 3, epoch.details
 
 
 def test_the_readme_shows_the_real_defaults() -> None:

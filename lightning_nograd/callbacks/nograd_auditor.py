@@ -17,7 +17,7 @@ from lightning_nograd.callbacks.backprop_guard import BackpropGuard
 from lightning_nograd.callbacks.eval_mode_auditor import EvalModeAuditor
 from lightning_nograd.callbacks.loggers import flat_summary, write_summaries
 from lightning_nograd.callbacks.savings_monitor import SavingsMonitor
-from lightning_nograd.core.arguments import check_bool, check_float
+from lightning_nograd.core.arguments import check_bool, check_float, check_int
 from lightning_nograd.core.findings import FindingLog, OnViolation, user_stacklevel
 from lightning_nograd.core.patterns import NamePatterns
 from lightning_nograd.core.summary import render, summarise
@@ -58,6 +58,8 @@ class NoGradAuditor(NoGradCallback):
         allow: see :class:`BackpropGuard`.
         budget: share of the run's time the timed savings replays may take (default 0.5%); the
             memory figures are measured at any budget (see the README's SavingsMonitor section).
+        repeats: timed on/off pairs per savings measurement, whatever the budget (``None``: as many
+            as ``budget`` allows); see :class:`SavingsMonitor`.
         report_path: where to write ``report.to_dict()`` as JSON after each stage (``None``: nowhere).
         savings_budget: deprecated name of ``budget`` (a ``FutureWarning``; removed in 0.3).
 
@@ -81,6 +83,7 @@ class NoGradAuditor(NoGradCallback):
         allow_grad: Iterable[str] = (),
         allow: Iterable[str] = (),
         budget: float = 0.005,
+        repeats: int | None = None,
         report_path: str | Path | None = None,
         *,
         savings_budget: float | None = None,
@@ -98,6 +101,8 @@ class NoGradAuditor(NoGradCallback):
             )
             budget = savings_budget
         check_float("savings_budget" if savings_budget is not None else "budget", budget, 0.0, 1000.0)
+        if repeats is not None:
+            check_int("repeats", repeats, 1)
         for argument, patterns in (
             ("allow_train_mode", allow_train_mode),
             ("allow_grad", allow_grad),
@@ -108,7 +113,7 @@ class NoGradAuditor(NoGradCallback):
         if check_bool("audit_eval", audit_eval):
             self._parts.append(EvalModeAuditor(on_violation, allow_train_mode, allow_grad))
         if check_bool("monitor_savings", monitor_savings):
-            self._parts.append(SavingsMonitor(budget=budget))
+            self._parts.append(SavingsMonitor(budget=budget, repeats=repeats))
         if check_bool("guard_backprop", guard_backprop):
             self._parts.append(BackpropGuard(on_violation, allow))
         self._sink.holding = True
