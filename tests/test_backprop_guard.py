@@ -392,6 +392,11 @@ def test_gradient_accumulation_is_silent_and_bug_still_found(tmp_path: Path) -> 
     with nograd_warnings() as seen:
         fit(tmp_path, Net("no_grad"), BackpropGuard(), accumulate_grad_batches=2, limit_train_batches=4)
     assert len(seen) == 1 and "`encoder` has trainable parameters" in str(seen[0].message)
+    # the branch ran under no_grad from the first of the accumulated batches, not from the one that stepped
+    assert "first at batch 0)" in str(seen[0].message)
+    with nograd_warnings() as seen:
+        fit(tmp_path, Net("detach"), BackpropGuard(), accumulate_grad_batches=3, limit_train_batches=6, max_epochs=2)
+    assert len(seen) == 1 and "first at batch 0)" in str(seen[0].message), seen
 
 
 @pytest.mark.parametrize("bug", [None, "no_grad"])

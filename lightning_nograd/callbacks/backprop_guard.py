@@ -129,6 +129,9 @@ class BackpropGuard(NoGradCallback):
         self._stray: StrayGraphWatch | None = None
         self._trained_ids: set[int] | None = None
         self._batch_idx: int | None = None
+        # the first batch whose gradients the next optimizer step reads (with gradient accumulation, the
+        # first of the accumulated batches): a parameter found without a gradient there has had none since
+        self._window_first_batch: int | None = None
         self._epoch = 0
         self._root_type = "LightningModule"
         self._counts: dict[str, set[str]] = {key: set() for key in _COUNTS}
@@ -190,6 +193,8 @@ class BackpropGuard(NoGradCallback):
             else:
                 stray.close()
         self._batch_idx = batch_idx
+        if self._window_first_batch is None:
+            self._window_first_batch = batch_idx
         leaks = self._leaks
         if leaks.read_at == mode_switches.count:
             leaks.clean_at = "on_train_batch_start"
@@ -224,8 +229,10 @@ class BackpropGuard(NoGradCallback):
         if gradients.skip:  # a steady step: nothing to check (GradientCheck says how many)
             gradients.skip -= 1
             gradients.backward_seen = False
+            self._window_first_batch = None
             return
         self._step_gradients(optimizer)
+        self._window_first_batch = None
 
     @override
     def on_train_batch_end(
@@ -404,7 +411,7 @@ class BackpropGuard(NoGradCallback):
         if not missing or index is None:
             return
         for param in missing:  # (counted once reported: a branch that learns on some steps is no finding)
-            self._missing_since.setdefault(id(param), self._batch_idx or 0)
+            self._missing_since.setdefault(id(param), self._window_first)
         if self._gradients.suspects and self._probe is None:
             self._pending_probe = True
 
@@ -443,6 +450,11 @@ class BackpropGuard(NoGradCallback):
             if whole_epoch_only:
                 gap.evidence = "at every step of a whole epoch"
             self._report_gap(gap, self._found_at(gap, by_name))
+
+    @property
+    def _window_first(self) -> int:
+        first = self._window_first_batch if self._window_first_batch is not None else self._batch_idx
+        return first or 0
 
     def _found_at(self, gap: GradientGap, by_name: dict[str, nn.Parameter]) -> int | None:
         """The batch at which the first of ``gap``'s parameters was found without a gradient."""
