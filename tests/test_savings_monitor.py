@@ -550,3 +550,36 @@ def test_timed_pairs_stop_at_the_budget_when_they_cost_more_than_the_warm_up_sai
     assert "nograd/val/time_saved_s" not in epoch.metrics  # fewer than min_repeats pairs: no time figure
     assert {"nograd/val/graph_memory_mib", "nograd/val/memory_saved_mib"} <= set(epoch.metrics)
     assert "time not measured yet" in epoch.details["savings"]
+
+
+class SmallCNN(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 8 * 8, 2))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return nn.functional.cross_entropy(self.net(batch[0]), batch[1])
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self.log("val_loss", nn.functional.cross_entropy(self.net(batch[0]), batch[1]))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+@pytest.mark.parametrize("limits", [{"fast_dev_run": True}, {"limit_val_batches": 1, "max_epochs": 1}])
+def test_an_epoch_shorter_than_measure_batches_is_measured(tmp_path: Path, limits: dict[str, Any]) -> None:
+    """`fast_dev_run` runs one validation batch: the savings are measured on it, not refused."""
+    data = torch.utils.data.TensorDataset(torch.randn(16, 3, 8, 8), torch.randint(0, 2, (16,)))
+    dataloader = torch.utils.data.DataLoader(data, batch_size=8)
+    auditor = NoGradAuditor(verbose=False)
+    options = {"limit_train_batches": 2, **limits} if "fast_dev_run" not in limits else limits
+    with nograd_warnings():
+        pl.Trainer(
+            callbacks=[auditor], logger=False, enable_progress_bar=False, enable_checkpointing=False, **options
+        ).fit(SmallCNN(), dataloader, dataloader)
+    (epoch,) = [e for e in auditor.report.epochs if e.stage == "val"]
+    assert epoch.details["batches_replayed"] == 1, epoch.details
+    # the conv's input and the ReLU's output, at least: 8 samples of 3 and 8 channels of 8 x 8 floats
+    assert epoch.metrics["nograd/val/graph_memory_mib"] * 2**20 >= 4 * 8 * (3 + 8) * 64
+    assert "no module calls" not in str(epoch.details.get("savings"))

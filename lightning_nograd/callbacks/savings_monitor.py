@@ -207,6 +207,8 @@ class SavingsMonitor(EvaluationLoopCallback):
         if self._stage is None or is_sanity_checking(trainer):
             return
         self._stop_recording()
+        if self._recorded and not self._lockstep and self._measurement is None and self._running is None:
+            self._start_measurement(trainer, pl_module)  # an epoch shorter than `measure_batches` (fast_dev_run)
         if self._running is not None:
             self._continue_timing(finish=True)
         self._emit_epoch_metrics(
