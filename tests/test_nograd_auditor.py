@@ -484,3 +484,28 @@ def test_summaries_go_only_into_real_loggers_folders(tmp_path: Path, monkeypatch
     assert sorted(p.name for p in tmp_path.iterdir()) == ["csv"]  # root stays empty: no checkpoints, no logs
     assert len(list((tmp_path / "csv").rglob("nograd_summary.json"))) == 1
     assert double.log_metrics.called  # the double is a logger Lightning used; only no folder is made from it
+
+
+def test_each_trainer_call_prints_its_own_rows_and_new_findings(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    class BuggyOnlyInFit(Regressor):
+        def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            if self.trainer.state.fn == "fit":
+                self.head[0].train()
+            return super().validation_step(batch, batch_idx)
+
+    model = BuggyOnlyInFit()
+    t = trainer(tmp_path, [NoGradAuditor()], max_epochs=2, num_sanity_val_steps=0)
+    printed = []
+    with nograd_warnings():
+        for run in (lambda: t.fit(model, loader(), loader()), lambda: t.validate(model, loader(), verbose=False),
+                    lambda: t.test(model, loader(), verbose=False)):  # fmt: skip
+            run()
+            printed.append(capsys.readouterr().out)
+    fit, validate, test = (text[text.index("lightning-nograd report") :] for text in printed)
+    assert "│ training " in fit and "│ validation " in fit and "1 finding(s)" in fit and "`head.0`" in fit
+    assert "(validate)" in validate and "│ training " not in validate and "│ test " not in validate
+    assert "│ test " in test and "validation" not in test.split("\n[1]")[0] and "│ training " not in test
+    for text in (validate, test):  # the fit's finding is not printed again
+        assert "`head.0`" not in text and "No new findings (1 earlier" in text

@@ -39,9 +39,10 @@ class NoGradAuditor(NoGradCallback):
     """Everything in one line: ``Trainer(callbacks=[NoGradAuditor()])``.
 
     Runs :class:`EvalModeAuditor`, :class:`SavingsMonitor` and :class:`BackpropGuard` (each can be
-    switched off) with one shared :attr:`report`. After ``fit``, ``validate`` and ``test``, rank zero
-    prints one compact table (rich when installed): per stage, epochs, mean epoch time, peak
-    memory, measured savings with their spread, and every finding with its fix. The same summary
+    switched off) with one shared :attr:`report`. After each ``fit``, ``validate`` and ``test`` call,
+    rank zero prints one compact table of that call (rich when installed): per stage, epochs, mean
+    epoch time, peak memory, the memory and time saved, long notes as footnotes, and every finding
+    not printed before, with its fix. The same summary
     goes where each logger shows summaries (W&B run summary, TensorBoard text, MLflow run, a JSON
     file beside CSV logs), and optionally to ``report_path`` as JSON so CI pipelines can gate on it.
 
@@ -116,6 +117,7 @@ class NoGradAuditor(NoGradCallback):
             self._parts.append(SavingsMonitor(budget=budget, repeats=repeats))
         if check_bool("guard_backprop", guard_backprop):
             self._parts.append(BackpropGuard(on_violation, allow))
+        self._findings_printed = 0
         self._sink.holding = True
         for part in self._parts:
             part._share(self.report, self._sink)
@@ -335,7 +337,9 @@ class NoGradAuditor(NoGradCallback):
             summaries = [s.to_dict() for s in summarise(self.report)]
             # the table costs milliseconds (and rich's import): build it only for someone to read
             wants_text = self.verbose or any(is_logger(lg, "TensorBoardLogger") for lg in trainer.loggers)
-            text = render(self.report) if wants_text else ""
+            # the table shows this Trainer call's rows and the findings not printed before
+            text = render(self.report, call=self.report.calls, findings_from=self._findings_printed) if wants_text else ""
+            self._findings_printed = len(self.report.findings)
             if trainer.loggers:
                 write_summaries(trainer, flat_summary(summaries, len(self.report.findings)), text)
             if not is_global_zero(trainer):

@@ -397,6 +397,7 @@ class SavingsMonitor(EvaluationLoopCallback):
         details: dict[str, Any] = {"batches": self._batches}
         if self._measures is not None and "epoch_measures" not in self._switched_off:
             metrics[f"{prefix}/epoch_time_s"], metrics[f"{prefix}/peak_memory_mib"] = self._measures.stop()
+            details["peak_memory_of"] = "CUDA allocator" if self._device.type == "cuda" else "process RSS"
         measurement = self._measurement
         if measurement is None:
             details["savings"] = self._skip_reason or (

@@ -17,17 +17,22 @@ from lightning_nograd.core.report import Report
 
 @dataclass
 class StageSummary:
-    """One stage's epochs boiled down: the numbers the end-of-stage table shows."""
+    """One stage of one Trainer call boiled down: the numbers a row of the end-of-stage table shows."""
 
     stage: str
     epochs: int
     run: str | None = None
+    call: int = 0
     mean_epoch_time_s: float | None = None
     peak_memory_mib: float | None = None
+    peak_memory_of: str | None = None
     graph_memory_mib: float | None = None
     memory_saved_mib: float | None = None
+    time_saved_s: float | None = None
     time_saved_pct: float | None = None
+    time_saved_pct_err: float | None = None
     time_saved_per_batch_iqr_s: list[float] | None = None
+    within_noise: bool | None = None
     savings_note: str | None = None
     timing_caveat: str | None = None
     counts: dict[str, float] = field(default_factory=dict)
@@ -40,48 +45,65 @@ def _mean(values: list[float]) -> float | None:
     return statistics.fmean(values) if values else None
 
 
-RUNS = ("fit", "validate", "test", "predict", None)
+STAGES = ("train", "val", "test")
 
 
-def summarise(report: Report) -> list[StageSummary]:
-    """One :class:`StageSummary` per run kind and stage with epochs in ``report``, in a fixed order.
+def summarise(report: Report, call: int | None = None) -> list[StageSummary]:
+    """One :class:`StageSummary` per Trainer call and stage with epochs in ``report`` (only ``call``'s, if
+    given), in the order of the calls, then training, validation, test.
 
-    Validation inside ``fit`` and a ``trainer.validate`` run are kept apart.
+    Validation inside ``fit`` and a ``trainer.validate`` run are kept apart, and so are two calls of
+    ``trainer.validate``.
 
     Example:
         >>> r = Report()
+        >>> r.start_call()
+        1
         >>> r.record_epoch("val", 0, 5, {"nograd/val/epoch_time_s": 2.0}, run="fit")
+        >>> r.start_call()
+        2
         >>> r.record_epoch("val", 1, 10, {"nograd/val/epoch_time_s": 4.0}, run="validate")
-        >>> [(s.run, s.stage, s.mean_epoch_time_s) for s in summarise(r)]
-        [('fit', 'val', 2.0), ('validate', 'val', 4.0)]
+        >>> [(s.call, s.run, s.stage, s.mean_epoch_time_s) for s in summarise(r)]
+        [(1, 'fit', 'val', 2.0), (2, 'validate', 'val', 4.0)]
     """
+    groups: dict[tuple[int, str], list[Any]] = {}
+    for epoch in report.epochs:
+        if epoch.stage in STAGES and (call is None or epoch.call == call):
+            groups.setdefault((epoch.call, epoch.stage), []).append(epoch)
     summaries = []
-    for run, stage in ((run, stage) for run in RUNS for stage in ("train", "val", "test")):
-        epochs = [e for e in report.epochs if e.stage == stage and e.run == run]
-        if not epochs:
-            continue
+    for (_, stage), epochs in sorted(groups.items(), key=lambda item: (item[0][0], STAGES.index(item[0][1]))):
 
         def values(key: str, epochs: list[Any] = epochs, stage: str = stage) -> list[float]:
             return [e.metrics[f"nograd/{stage}/{key}"] for e in epochs if f"nograd/{stage}/{key}" in e.metrics]
 
         peaks = values("peak_memory_mib")
+        saved = values("time_saved_s")
+        last = epochs[-1]
         summary = StageSummary(
             stage=stage,
             epochs=len(epochs),
-            run=run,
+            run=last.run,
+            call=last.call,
             mean_epoch_time_s=_mean(values("epoch_time_s")),
             peak_memory_mib=max(peaks) if peaks else None,
             graph_memory_mib=_mean(values("graph_memory_mib")),
             memory_saved_mib=_mean(values("memory_saved_mib")),
-            time_saved_pct=_mean(values("time_saved_pct")),
+            time_saved_s=sum(saved) if saved else None,
         )
-        for epoch in reversed(epochs):
-            if "time_saved_per_batch_iqr_s" in epoch.details and summary.time_saved_per_batch_iqr_s is None:
-                summary.time_saved_per_batch_iqr_s = list(epoch.details["time_saved_per_batch_iqr_s"])
-            if "savings" in epoch.details and summary.savings_note is None:
-                summary.savings_note = str(epoch.details["savings"])
-            if "timing_caveat" in epoch.details and summary.timing_caveat is None:
-                summary.timing_caveat = str(epoch.details["timing_caveat"])
+        for epoch in reversed(epochs):  # the latest epoch that has each figure
+            metrics, details = epoch.metrics, epoch.details
+            if summary.time_saved_pct is None and f"nograd/{stage}/time_saved_pct" in metrics:
+                summary.time_saved_pct = metrics[f"nograd/{stage}/time_saved_pct"]
+                summary.time_saved_pct_err = metrics.get(f"nograd/{stage}/time_saved_pct_err")
+                iqr = details.get("time_saved_per_batch_iqr_s")
+                summary.time_saved_per_batch_iqr_s = list(iqr) if iqr is not None else None
+                summary.within_noise = details.get("within_noise")
+            if "peak_memory_of" in details and summary.peak_memory_of is None:
+                summary.peak_memory_of = str(details["peak_memory_of"])
+            if "savings" in details and summary.savings_note is None:
+                summary.savings_note = str(details["savings"])
+            if "timing_caveat" in details and summary.timing_caveat is None:
+                summary.timing_caveat = str(details["timing_caveat"])
         for key in ("violations", "no_grad_modules", "params_without_grad", "eval_mode_modules"):
             found = values(key)
             if found:
@@ -94,41 +116,92 @@ def _fmt(value: float | None, unit: str, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}{unit}"
 
 
-def _savings(summary: StageSummary) -> str:
-    if summary.time_saved_pct is not None:
-        text = f"{summary.time_saved_pct:.1f}% time"
-        if summary.savings_note and summary.savings_note.startswith("time difference within noise"):
-            text += ", within noise"
-        if summary.time_saved_per_batch_iqr_s is not None:
-            low, high = summary.time_saved_per_batch_iqr_s
-            text += f" (IQR {low * 1e3:+.2f}..{high * 1e3:+.2f} ms/batch)"
-        return text
-    if summary.savings_note and summary.savings_note != "measured":
-        return summary.savings_note
-    return "-"
+def _seconds(value: float) -> str:
+    return f"{value:.3g} s" if abs(value) >= 1 else f"{value * 1e3:.3g} ms"
 
 
-def row_label(summary: StageSummary) -> str:
-    """``validation`` inside ``fit``; ``validation (validate)`` for a ``trainer.validate`` run."""
+class Footnotes:
+    """Long notes kept out of the table's cells: a cell shows ``[n]``, the note is printed below."""
+
+    def __init__(self) -> None:
+        self.notes: list[str] = []
+
+    def mark(self, note: str) -> str:
+        if note not in self.notes:
+            self.notes.append(note)
+        return f"[{self.notes.index(note) + 1}]"
+
+    def lines(self) -> list[str]:
+        return [f"[{i}] {note}" for i, note in enumerate(self.notes, 1)]
+
+
+RSS_NOTE = (
+    "peak memory on CPU is the process's peak resident set size (RSS): all the memory of the Python process, "
+    "torch itself and the data included, not the model's tensors alone (on a GPU it is the CUDA allocator's peak)"
+)
+GRAPH_NOTE = (
+    "graph/batch is the memory autograd would keep for backward for one batch had gradients been on; saved/batch "
+    "is how much lower one batch's peak memory is without gradients. It is the smaller when some "
+    "of the tensors kept for backward (a layer's output) are alive at the peak either way"
+)
+
+
+def _time_saved(summary: StageSummary, notes: Footnotes) -> str:
+    if summary.time_saved_pct is None:
+        if summary.savings_note and summary.savings_note != "measured":
+            return "-" + notes.mark(f"{row_label(summary)}: {summary.savings_note}")
+        return "-"
+    text = f"{summary.time_saved_pct:.1f}%"
+    if summary.time_saved_pct_err is not None:
+        text += f" ± {summary.time_saved_pct_err:.1f}"
+    if summary.time_saved_s is not None:
+        text = f"{_seconds(summary.time_saved_s)} ({text})"
+    if summary.within_noise:
+        note = summary.savings_note or "the difference is within noise"
+        text += " ~0" + notes.mark(f"{row_label(summary)}: {note}")
+    return text
+
+
+def row_label(summary: StageSummary, numbered: bool = False) -> str:
+    """``validation`` inside ``fit``; ``validation (validate)`` for a ``trainer.validate`` run (with its call
+    number when the table has two of them)."""
     word = STAGE_WORDS.get(summary.stage, summary.stage)
-    return f"{word} ({summary.run})" if summary.run == "validate" else word
+    if summary.run == "validate":
+        return f"{word} (validate #{summary.call})" if numbered else f"{word} (validate)"
+    return f"{word} (call #{summary.call})" if numbered else word
 
 
-def rows(report: Report) -> list[list[str]]:
-    """The table's rows: stage, epochs, mean epoch time, peak memory, graph memory, savings."""
-    return [
-        [
-            row_label(s),
-            str(s.epochs),
-            _fmt(s.mean_epoch_time_s, " s"),
-            _fmt(s.peak_memory_mib, " MiB", 1),
-            _fmt(s.graph_memory_mib, " MiB", 2),
-            _fmt(s.memory_saved_mib, " MiB", 2),
-            _savings(s),
-            _problems(s),
-        ]
-        for s in summarise(report)
-    ]
+def _labels(summaries: list[StageSummary]) -> list[str]:
+    plain = [row_label(s) for s in summaries]
+    return [row_label(s, numbered=plain.count(label) > 1) for s, label in zip(summaries, plain, strict=True)]
+
+
+def rows(report: Report, call: int | None = None, notes: Footnotes | None = None) -> list[list[str]]:
+    """The table's rows (one per Trainer call and stage): stage, epochs, mean epoch time, peak memory,
+    graph memory, memory saved, time saved, problems. Long notes go to ``notes`` as footnotes."""
+    notes = notes if notes is not None else Footnotes()
+    summaries = summarise(report, call)
+    table = []
+    for summary, label in zip(summaries, _labels(summaries), strict=True):
+        peak = _fmt(summary.peak_memory_mib, " MiB", 1)
+        if summary.peak_memory_mib is not None and summary.peak_memory_of == "process RSS":
+            peak += notes.mark(RSS_NOTE)
+        graph = _fmt(summary.graph_memory_mib, " MiB", 2)
+        if summary.graph_memory_mib is not None:
+            graph += notes.mark(GRAPH_NOTE)
+        table.append(
+            [
+                label,
+                str(summary.epochs),
+                _fmt(summary.mean_epoch_time_s, " s"),
+                peak,
+                graph,
+                _fmt(summary.memory_saved_mib, " MiB", 2),
+                _time_saved(summary, notes),
+                _problems(summary),
+            ]
+        )
+    return table
 
 
 _COUNT_WORDS = {
@@ -144,25 +217,24 @@ def _problems(summary: StageSummary) -> str:
     return ", ".join(found) if found else ("none" if summary.counts else "-")
 
 
-HEADER = [
-    "stage",
-    "epochs",
-    "mean epoch time",
-    "peak memory",
-    "graph memory / batch",
-    "memory saved",
-    "time saved",
-    "problems (max per epoch)",
-]
+HEADER = ["stage", "epochs", "epoch time", "peak memory", "graph/batch", "saved/batch", "time saved", "problems"]
 
 
-def render(report: Report, use_rich: bool = True, incomplete: str | None = None) -> str:
-    """The end-of-stage report as text: the per-stage table, then every finding with its fix.
+def render(
+    report: Report,
+    use_rich: bool = True,
+    incomplete: str | None = None,
+    call: int | None = None,
+    findings_from: int = 0,
+) -> str:
+    """The end-of-stage report as text: the table (one row per Trainer call and stage; only ``call``'s
+    when given), its footnotes, then every finding from ``findings_from`` on with its fix.
 
     ``incomplete`` says why the run stopped early: then no clean bill of health is printed.
     """
-    table_rows = rows(report)
-    findings = [f"- {f.message}" for f in report.findings]
+    notes = Footnotes()
+    table_rows = rows(report, call, notes)
+    findings = [f"- {f.message}" for f in report.findings[findings_from:]]
     if use_rich:
         try:
             from rich.console import Console
@@ -171,10 +243,10 @@ def render(report: Report, use_rich: bool = True, incomplete: str | None = None)
             use_rich = False
     if use_rich:
         buffer = io.StringIO()
-        console = Console(file=buffer, width=140, force_terminal=False)
+        console = Console(file=buffer, width=200, force_terminal=False)
         table = Table(title="lightning-nograd report")
         for column in HEADER:
-            table.add_column(column)
+            table.add_column(column, no_wrap=True)
         for row in table_rows:
             table.add_row(*row)
         console.print(table)
@@ -183,14 +255,18 @@ def render(report: Report, use_rich: bool = True, incomplete: str | None = None)
         widths = [max(len(str(c)) for c in column) for column in zip(HEADER, *table_rows, strict=False)]
         lines = ["lightning-nograd report"]
         for row in [HEADER, *table_rows]:
-            lines.append("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=False)))
+            lines.append("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=False)).rstrip())
         text = "\n".join(lines) + "\n"
-    caveats = sorted({s.timing_caveat for s in summarise(report) if s.timing_caveat and s.time_saved_pct is not None})
+    text += "".join(f"{line}\n" for line in notes.lines())
+    summaries = summarise(report, call)
+    caveats = sorted({s.timing_caveat for s in summaries if s.timing_caveat and s.time_saved_pct is not None})
     text += "".join(f"Note: {caveat}.\n" for caveat in caveats)
     if findings:
         text += f"{len(findings)} finding(s):\n" + "\n".join(findings) + "\n"
-    elif incomplete is None:
+    elif incomplete is None and findings_from == 0:
         text += "No findings: evaluation ran in eval mode without gradients, and every trainable part learned.\n"
+    elif incomplete is None:
+        text += f"No new findings ({findings_from} earlier, listed in an earlier table and in `callback.report`).\n"
     if incomplete is not None:
         text += f"The audit could not finish: {incomplete}\n"
     return text
