@@ -583,3 +583,21 @@ def test_an_epoch_shorter_than_measure_batches_is_measured(tmp_path: Path, limit
     # the conv's input and the ReLU's output, at least: 8 samples of 3 and 8 channels of 8 x 8 floats
     assert epoch.metrics["nograd/val/graph_memory_mib"] * 2**20 >= 4 * 8 * (3 + 8) * 64
     assert "no module calls" not in str(epoch.details.get("savings"))
+
+
+def test_time_is_a_running_estimate_over_the_fit_with_its_interval(tmp_path: Path) -> None:
+    # a budget no run can exhaust, so that every epoch adds its pairs whatever the machine's speed
+    monitor = SavingsMonitor(budget=1000.0, min_repeats=2, max_repeats=3)
+    logger = CSVLogger(tmp_path, name="csv")
+    trainer(tmp_path, [monitor], logger=logger, max_epochs=4, num_sanity_val_steps=0).fit(
+        Stack(slow=True), loader(), loader()
+    )
+    epochs = [e for e in monitor.report.epochs if e.stage == "val"]
+    # each epoch's pairs join the earlier ones, up to five measurements' worth (15 pairs here)
+    assert [e.details["repeats"] for e in epochs] == [3, 6, 9, 12]
+    assert all(e.details.get("pairs_this_epoch", 3) == 3 for e in epochs)
+    errors = csv_values(Path(logger.log_dir), "nograd/val/time_saved_pct_err")
+    assert len(errors) == 4 and all(err >= 0 for err in errors)
+    # the 3 ms the slow module adds with gradients on is far outside the noise: the interval excludes 0
+    last = epochs[-1].metrics
+    assert last["nograd/val/time_saved_pct"] - last["nograd/val/time_saved_pct_err"] > 0

@@ -68,10 +68,13 @@ class SavingsMonitor(EvaluationLoopCallback):
             (each storage once, parameters and buffers left out).
         ``nograd/{stage}/memory_saved_mib``: peak memory of one batch with gradients on minus off
             (CUDA allocator peak; exact tensor-storage peak on CPU).
-        ``nograd/{stage}/time_saved_s`` and ``nograd/{stage}/time_saved_pct``: the median per-batch
-            difference times the batches of the epoch, and that as a percentage of what the epoch
-            would have taken with gradients on. Not logged when the difference cannot be told from
-            noise (sign test over the paired repeats); ``report`` then says so, with the spread.
+        ``nograd/{stage}/time_saved_s`` and ``nograd/{stage}/time_saved_pct``: the mean per-batch
+            difference of every timed pair so far (a running estimate over the fit: each epoch the
+            budget allows adds pairs to it) times the batches of the epoch, and that as a percentage
+            of what the epoch would have taken with gradients on. Logged within noise too.
+        ``nograd/{stage}/time_saved_pct_err``: half-width of the 95% interval of ``time_saved_pct``
+            (Student's t over the paired differences); the interval straddles 0 when the saving is
+            within noise, and ``report`` then says so.
 
     Args:
         measure_batches: batches recorded and replayed per measurement (>= 1).
@@ -372,8 +375,16 @@ class SavingsMonitor(EvaluationLoopCallback):
         measurement, self._running = self._running, None
         if measurement is None:
             return
-        self._measurement = measurement.result()
-        if not self._measurement[0].out_of_memory:
+        result, info = measurement.result()
+        cached = self._cache.get(measurement.signature)
+        if cached is not None and not result.out_of_memory:
+            # a running estimate over the whole fit: this epoch's pairs join the earlier ones of the same calls
+            earlier = cached[0]
+            info["pairs_this_epoch"] = len(result.time_on)
+            result.time_on, result.time_off = earlier.time_on + result.time_on, earlier.time_off + result.time_off
+            info["repeats"] = len(result.time_on)
+        self._measurement = (result, info)
+        if not result.out_of_memory:
             self._cache[measurement.signature] = self._measurement
 
     def _report_oom(self, calls: list[RecordedCall]) -> None:
@@ -421,7 +432,15 @@ class SavingsMonitor(EvaluationLoopCallback):
         return metrics, details
 
 
-_KEYS = ("epoch_time_s", "peak_memory_mib", "graph_memory_mib", "memory_saved_mib", "time_saved_s", "time_saved_pct")
+_KEYS = (
+    "epoch_time_s",
+    "peak_memory_mib",
+    "graph_memory_mib",
+    "memory_saved_mib",
+    "time_saved_s",
+    "time_saved_pct",
+    "time_saved_pct_err",
+)
 
 
 def _reduce_across_ranks(trainer: Trainer, stage: str, metrics: dict[str, float]) -> dict[str, float]:

@@ -10,6 +10,7 @@ and peak memory. No user hook or step is re-run.
 from __future__ import annotations
 
 import contextlib
+import math
 import statistics
 import time
 from collections.abc import Callable, Iterable
@@ -187,8 +188,23 @@ class ReplayResult:
 
     @property
     def saved_per_batch(self) -> float:
-        """Median time one batch saves by running without gradients."""
-        return statistics.median(self.differences) if self.time_on else 0.0
+        """Mean time one batch saves by running without gradients (over every pair taken so far)."""
+        return statistics.fmean(self.differences) if self.time_on else 0.0
+
+    @property
+    def half_width(self) -> float | None:
+        """Half-width of the 95% interval of :attr:`saved_per_batch` (Student's t over the paired
+        differences); ``None`` with fewer than two pairs.
+
+        Example:
+            >>> result = ReplayResult(time_on=[3.0, 5.0, 4.0], time_off=[1.0, 1.0, 1.0])
+            >>> result.saved_per_batch, round(result.half_width, 3)  # mean 3, sd 1, t(2) = 4.303
+            (3.0, 2.484)
+        """
+        n = len(self.time_on)
+        if n < 2:
+            return None
+        return t_quantile_95(n - 1) * statistics.stdev(self.differences) / math.sqrt(n)
 
     @property
     def spread(self) -> tuple[float, float]:
@@ -209,9 +225,10 @@ class ReplayResult:
         k = min(sum(d > 0 for d in diffs), sum(d < 0 for d in diffs))
         return float(min(1.0, 2 * sum(comb(n, i) for i in range(k + 1)) / 2**n))
 
-    def within_noise(self, alpha: float = 0.05) -> bool:
-        """Whether the time difference cannot be told from noise at level ``alpha``."""
-        return self.sign_test_p >= alpha
+    def within_noise(self) -> bool:
+        """Whether the saving cannot be told from noise: its 95% interval straddles 0 (or is unknown)."""
+        half_width = self.half_width
+        return half_width is None or abs(self.saved_per_batch) <= half_width
 
     @classmethod
     def merge(cls, results: list[ReplayResult]) -> ReplayResult:
@@ -239,20 +256,28 @@ class ReplayResult:
 
 
 def time_savings(result: ReplayResult, batches: int, epoch_seconds: float) -> tuple[dict[str, float], dict[str, Any]]:
-    """``time_saved_s`` and ``time_saved_pct`` of an epoch of ``batches``, and the details behind them.
+    """``time_saved_s``, ``time_saved_pct`` and ``time_saved_pct_err`` of an epoch of ``batches``, and the
+    details behind them.
 
-    Logged whenever the time was measured, also when the difference is within noise (a chart with
-    holes reads as a bug): then the details say so, with the spread and the sign test's p-value.
+    The saving per batch is the mean of every paired difference taken so far (a running estimate that
+    narrows as pairs accumulate); ``time_saved_pct_err`` is the half-width of its 95% interval, as
+    points of the same percentage. Logged also when the interval straddles 0 (a chart with holes reads
+    as a bug): the details then say the saving is within noise.
 
     Example:
-        >>> result = ReplayResult(time_on=[0.004] * 6, time_off=[0.001] * 6)
+        >>> result = ReplayResult(time_on=[0.004, 0.005, 0.004, 0.005], time_off=[0.001] * 4)
         >>> metrics, details = time_savings(result, batches=10, epoch_seconds=0.07)
         >>> round(metrics["time_saved_s"], 3), round(metrics["time_saved_pct"], 1), details["savings"]
-        (0.03, 30.0, 'measured')
+        (0.035, 33.3, 'measured')
+        >>> round(metrics["time_saved_pct_err"], 1)  # the 95% interval: 33.3 +- 8.7 points
+        8.7
     """
     saved = result.saved_per_batch * batches
     total = epoch_seconds + saved
     metrics = {"time_saved_s": saved, "time_saved_pct": 100.0 * saved / total if total > 0 else 0.0}
+    half_width = result.half_width
+    if half_width is not None:
+        metrics["time_saved_pct_err"] = 100.0 * half_width * batches / total if total > 0 else 0.0
     low, high = result.spread
     details: dict[str, Any] = {
         "time_saved_per_batch_s": result.saved_per_batch,
@@ -262,11 +287,28 @@ def time_savings(result: ReplayResult, batches: int, epoch_seconds: float) -> tu
         "savings": "measured",
     }
     if result.within_noise():
+        interval = "" if half_width is None else f", 95% interval {half_width * 1e3:.3f} ms either side"
         details["savings"] = (
-            f"time difference within noise: {result.saved_per_batch * 1e3:+.3f} ms per batch "
-            f"(IQR {low * 1e3:+.3f} to {high * 1e3:+.3f} ms, sign test p={result.sign_test_p:.2f})"
+            f"time difference within noise: {result.saved_per_batch * 1e3:+.3f} ms per batch over "
+            f"{len(result.time_on)} pairs{interval} (sign test p={result.sign_test_p:.2f})"
         )
     return metrics, details
+
+
+def t_quantile_95(df: int) -> float:
+    """The 97.5% quantile of Student's t with ``df`` degrees of freedom (a 95% two-sided interval).
+
+    Example:
+        >>> t_quantile_95(1), t_quantile_95(5), round(t_quantile_95(60), 3)
+        (12.706, 2.571, 2.002)
+    """
+    if df <= len(_T_95):
+        return _T_95[df - 1]
+    return 1.96 + 2.5 / df  # within 0.002 of the exact quantile beyond 30 degrees of freedom
+
+
+_T_95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)  # fmt: skip
 
 
 def savings_metrics(
@@ -282,7 +324,7 @@ def savings_metrics(
         >>> result = ReplayResult(time_on=[0.004] * 6, time_off=[0.001] * 6, graph_bytes=2**20)
         >>> metrics, _ = savings_metrics(result, 10, 0.07, torch.device("cuda"), "not timed")
         >>> sorted(metrics)
-        ['graph_memory_mib', 'memory_saved_mib', 'time_saved_pct', 'time_saved_s']
+        ['graph_memory_mib', 'memory_saved_mib', 'time_saved_pct', 'time_saved_pct_err', 'time_saved_s']
     """
     metrics: dict[str, float] = {}
     details: dict[str, Any] = {}

@@ -99,10 +99,17 @@ class ReplayBudget:
             return allowed >= pair
         return allowed >= (1 + self.min_repeats) * pair
 
+    @property
+    def pairs_kept(self) -> int:
+        """Most timed pairs a running estimate accumulates: ``repeats`` (measured once), else five
+        measurements of ``max_repeats``."""
+        return self.repeats if self.repeats is not None else 5 * self.max_repeats
+
     def reusable(self, cached: ReplayResult | None, signature: Any, allowed: float) -> bool:
-        """Whether an earlier measurement of the same calls stands: it has its time, or timing them is
-        not affordable now anyway (a measurement without time gets it later, once the run has grown)."""
-        return cached is not None and (bool(cached.time_on) or not self.can_time(signature, allowed))
+        """Whether an earlier measurement of the same calls stands as it is: it holds all the pairs it may
+        keep, or timing more is not affordable now. Otherwise this epoch adds pairs to its running estimate
+        (and a measurement without time gets its first ones once the run has grown)."""
+        return cached is not None and (len(cached.time_on) >= self.pairs_kept or not self.can_time(signature, allowed))
 
     def pairs(self, affordable_seconds: float, pair: float) -> int:
         """How many timed pairs to take: ``repeats``, or as many as ``affordable_seconds`` pay for, between

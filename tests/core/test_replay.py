@@ -9,12 +9,17 @@ from torch import nn
 from lightning_nograd.core.replay import CallRecorder, Replay, ReplayResult, replayable, time_savings
 
 
-def test_sign_test_tells_a_real_difference_from_noise() -> None:
+def test_the_95_percent_interval_tells_a_real_difference_from_noise() -> None:
     clear = ReplayResult(time_on=[1.1] * 8, time_off=[1.0] * 8)
     assert not clear.within_noise() and clear.sign_test_p < 0.01
     noisy = ReplayResult(time_on=[1.1, 0.9, 1.1, 0.9, 1.0, 1.1], time_off=[1.0] * 6)
     assert noisy.within_noise()
     assert ReplayResult().within_noise()
+    assert ReplayResult(time_on=[2.0], time_off=[1.0]).within_noise()  # one pair: no interval yet
+    # the interval narrows as pairs accumulate: the same spread over four times the pairs
+    few = ReplayResult(time_on=[1.2, 1.0, 1.3, 1.1], time_off=[1.0] * 4)
+    many = ReplayResult(time_on=few.time_on * 4, time_off=few.time_off * 4)
+    assert few.half_width is not None and many.half_width is not None and many.half_width < few.half_width / 2
 
 
 def test_spread_is_the_interquartile_range_of_paired_differences() -> None:
@@ -60,7 +65,9 @@ def test_replay_restores_modes_rng_and_batch_norm_stats() -> None:
 def test_time_savings_are_logged_within_noise_too() -> None:
     noisy = ReplayResult(time_on=[0.010, 0.011, 0.009, 0.010], time_off=[0.011, 0.009, 0.010, 0.010])
     metrics, details = time_savings(noisy, batches=5, epoch_seconds=0.05)
-    assert set(metrics) == {"time_saved_s", "time_saved_pct"}
+    assert set(metrics) == {"time_saved_s", "time_saved_pct", "time_saved_pct_err"}
+    # the interval straddles 0: its half-width is larger than the estimate
+    assert metrics["time_saved_pct_err"] > abs(metrics["time_saved_pct"])
     assert details["within_noise"] and details["savings"].startswith("time difference within noise")
     assert "sign test p=" in details["savings"]
 
