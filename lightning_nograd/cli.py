@@ -22,7 +22,7 @@ from typing import Any
 EXAMPLE = """example:
   lightning-nograd audit examples.quickstart:Classifier --data examples.quickstart:SyntheticData \\
       --init-args '{"planted_bug": true}' --json nograd_report.json
-  lightning-nograd audit my_project.models:MyModel --allow-train-mode 'head\.mc_dropout'
+  lightning-nograd audit my_project.models:MyModel --allow-train-mode 'head\\.mc_dropout'
   python -m lightning_nograd audit my_project.models:MyModel   # the model's own dataloaders
 
 exit status: 0 clean, 1 findings, 2 bad arguments, 3 the audit could not finish."""

@@ -435,6 +435,9 @@ def test_quickstart_shows_the_memory_savings_from_its_first_epoch_at_the_default
     assert len(steps) == 10
     for key in ("epoch_time_s", "peak_memory_mib", "graph_memory_mib", "memory_saved_mib"):
         assert [step for step, _ in scalars[f"nograd/val/{key}"]] == steps, key  # every epoch, the first too
+    # a model where gradients cost something real: more than 10 MiB kept for backward per batch
+    assert all(value > 10 for _, value in scalars["nograd/val/graph_memory_mib"])
+    assert all(value > 5 for _, value in scalars["nograd/val/memory_saved_mib"])
     time_steps = [step for step, _ in scalars.get("nograd/val/time_saved_pct", [])]
     assert time_steps == steps[len(steps) - len(time_steps) :]  # once measured, every epoch after
 

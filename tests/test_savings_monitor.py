@@ -19,8 +19,15 @@ from lightning_nograd.core.measure import SETTLED_MALLOC_ENV, cpu_timing_caveat
 from lightning_nograd.core.summary import render
 from tests.helpers import Regressor, csv_values, loader, nograd_warnings, read_tensorboard_scalars, trainer
 
-KEYS = ["epoch_time_s", "peak_memory_mib", "graph_memory_mib", "memory_saved_mib", "time_saved_s", "time_saved_pct",
-        "time_saved_pct_err"]
+KEYS = [
+    "epoch_time_s",
+    "peak_memory_mib",
+    "graph_memory_mib",
+    "memory_saved_mib",
+    "time_saved_s",
+    "time_saved_pct",
+    "time_saved_pct_err",
+]
 
 
 @pytest.mark.parametrize(

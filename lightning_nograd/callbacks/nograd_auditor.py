@@ -338,7 +338,9 @@ class NoGradAuditor(NoGradCallback):
             # the table costs milliseconds (and rich's import): build it only for someone to read
             wants_text = self.verbose or any(is_logger(lg, "TensorBoardLogger") for lg in trainer.loggers)
             # the table shows this Trainer call's rows and the findings not printed before
-            text = render(self.report, call=self.report.calls, findings_from=self._findings_printed) if wants_text else ""
+            text = (
+                render(self.report, call=self.report.calls, findings_from=self._findings_printed) if wants_text else ""
+            )
             self._findings_printed = len(self.report.findings)
             if trainer.loggers:
                 write_summaries(trainer, flat_summary(summaries, len(self.report.findings)), text)
