@@ -166,6 +166,6 @@ def test_fsdp2_every_check_by_the_users_names_and_savings_replayed_together(tmp_
         p: [e["details"]["repeats"] for e in read(tmp_path, p)["report"]["epochs"] if e["stage"] == "val"]
         for p in ("rank0", "rank1")
     }
-    assert repeats["rank0"] == repeats["rank1"] and all(r >= 6 for r in repeats["rank0"]), repeats
+    assert repeats["rank0"] == repeats["rank1"] and all(r >= 3 for r in repeats["rank0"]), repeats
     for key in ("graph_memory_mib", "memory_saved_mib", "time_saved_pct"):
         assert len(csv_values(tmp_path / "csv", f"nograd/val/{key}")) == 2, key

@@ -416,7 +416,7 @@ def test_public_names_are_the_documented_ones(cls: type) -> None:
 
 
 def test_quickstart_shows_the_memory_savings_from_its_first_epoch_at_the_defaults(tmp_path: Path) -> None:
-    # the README's first command, run as a user runs it; NoGradAuditor() at its defaults (0.5% budget).
+    # the README's first command, run as a user runs it; NoGradAuditor() at its defaults (1.5% budget).
     # Its time figures come once the run is long enough for the timing replays, which depends on the
     # machine's load: not asserted here (`test_repeats_forces_the_time_measurement` forces them).
     root = Path(__file__).resolve().parents[1]

@@ -186,7 +186,7 @@ def test_short_run_measures_memory_and_says_why_time_waits(tmp_path: Path) -> No
 
 def test_memory_figures_from_the_first_epoch_of_a_default_fit(tmp_path: Path) -> None:
     loggers = [CSVLogger(tmp_path, name="csv"), TensorBoardLogger(tmp_path, name="tb")]
-    auditor = NoGradAuditor(verbose=False)  # the defaults: a 0.5% time budget
+    auditor = NoGradAuditor(verbose=False)  # the defaults: a 1.5% time budget
     with nograd_warnings():
         trainer(tmp_path, [auditor], logger=loggers, max_epochs=2).fit(Stack(), loader(), loader())
     scalars = read_tensorboard_scalars(tmp_path / "tb")

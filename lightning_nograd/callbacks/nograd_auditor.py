@@ -57,7 +57,7 @@ class NoGradAuditor(NoGradCallback):
         allow_train_mode: see :class:`EvalModeAuditor`.
         allow_grad: see :class:`EvalModeAuditor`.
         allow: see :class:`BackpropGuard`.
-        budget: share of the run's time the timed savings replays may take (default 0.5%); the
+        budget: share of the run's time the timed savings replays may take (default 1.5%); the
             memory figures are measured at any budget (see the README's SavingsMonitor section).
         repeats: timed on/off pairs per savings measurement, whatever the budget (``None``: as many
             as ``budget`` allows); see :class:`SavingsMonitor`.
@@ -83,7 +83,7 @@ class NoGradAuditor(NoGradCallback):
         allow_train_mode: Iterable[str] = (),
         allow_grad: Iterable[str] = (),
         allow: Iterable[str] = (),
-        budget: float = 0.005,
+        budget: float = 0.015,
         repeats: int | None = None,
         report_path: str | Path | None = None,
         *,

@@ -80,7 +80,8 @@ class SavingsMonitor(EvaluationLoopCallback):
         measure_batches: batches recorded and replayed per measurement (>= 1).
         repeats: timed on/off pairs per measurement; ``None`` chooses as many as ``budget`` allows,
             between ``min_repeats`` and ``max_repeats``.
-        budget: the share of the run's own time the replays may take (default 1%).
+        budget: the share of the run (of the whole `fit` where `max_epochs` says how long it is) the replays
+            may take (default 1.5%).
         min_repeats: fewest timed pairs worth running; below it time is not measured.
         max_repeats: most timed pairs when ``repeats`` is ``None``.
 
@@ -96,11 +97,11 @@ class SavingsMonitor(EvaluationLoopCallback):
 
     def __init__(
         self,
-        measure_batches: int = 2,
+        measure_batches: int = 1,
         repeats: int | None = None,
-        budget: float = 0.01,
-        min_repeats: int = 6,
-        max_repeats: int = 40,
+        budget: float = 0.015,
+        min_repeats: int = 3,
+        max_repeats: int = 10,
     ) -> None:
         super().__init__("warn")
         self.measure_batches = check_int("measure_batches", measure_batches, 1)
@@ -124,7 +125,6 @@ class SavingsMonitor(EvaluationLoopCallback):
         self._record_from = 1
         self._batch_started = 0.0
         self._batch_seconds: list[float] = []
-        self._running: Measurement | None = None
         self._measurement: tuple[ReplayResult, dict[str, Any]] | None = None
         self._cache: dict[tuple[Any, ...], tuple[ReplayResult, dict[str, Any]]] = {}
         self._skip_reason: str | None = None
@@ -134,6 +134,7 @@ class SavingsMonitor(EvaluationLoopCallback):
         # `_measure_in_lockstep`): a module call there gathers parameters from every rank
         self._lockstep = False
         self._paths: dict[int, str] = {}
+        self._run_seconds: float | None = None
 
     @override
     def _state_key_settings(self) -> dict[str, Any]:
@@ -154,10 +155,10 @@ class SavingsMonitor(EvaluationLoopCallback):
             return
         self._stage = stage
         self._epoch = int(trainer.current_epoch)
+        self._run_seconds = _projected_fit_seconds(trainer, self._budget.run_started)
         self._batches = 0
         self._recorded = []
         self._measurement = None
-        self._running = None
         self._batch_seconds = []
         self._candidates = None
         self._device = torch.device(pl_module.device)
@@ -202,18 +203,14 @@ class SavingsMonitor(EvaluationLoopCallback):
                 self._measure_in_lockstep(trainer, pl_module)
         elif self._recorder is not None:
             self._finish_recording(trainer, pl_module)
-        elif self._running is not None:
-            self._continue_timing()
 
     @override
     def _eval_epoch_end(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self._stage is None or is_sanity_checking(trainer):
             return
         self._stop_recording()
-        if self._recorded and not self._lockstep and self._measurement is None and self._running is None:
+        if self._recorded and not self._lockstep and self._measurement is None:
             self._start_measurement(trainer, pl_module)  # an epoch shorter than `measure_batches` (fast_dev_run)
-        if self._running is not None:
-            self._continue_timing(finish=True)
         self._emit_epoch_metrics(
             trainer, stage, lambda: self._epoch_metrics(stage), lambda t, m: _reduce_across_ranks(t, stage, m)
         )
@@ -225,7 +222,6 @@ class SavingsMonitor(EvaluationLoopCallback):
             self._recorder.stop()
             self._recorder = None
         self._recorded = []
-        self._running = None
         if check is None:
             self._measurement = None
 
@@ -245,7 +241,6 @@ class SavingsMonitor(EvaluationLoopCallback):
             not self._compiled_steps
             and self._measurement is None
             and self._skip_reason is None
-            and self._running is None
             and self._batches >= self._record_from
             and len(self._recorded) < self.measure_batches
             and "replay" not in self._switched_off
@@ -302,7 +297,7 @@ class SavingsMonitor(EvaluationLoopCallback):
                 shapes = repr([[(self._paths.get(key), *rest) for key, *rest in sig] for sig in signature])
                 seconds_per_batch = sorted(self._batch_seconds)[len(self._batch_seconds) // 2]
                 remaining = max(0, (_total_batches(trainer, self._stage or "val") or self._batches) - self._batches)
-                allowed = self._budget.allowed(remaining * seconds_per_batch)
+                allowed = self._budget.allowed(remaining * seconds_per_batch, self._run_seconds)
                 cached = self._cache.get(signature)
                 reuse = float(cached is not None and self._budget.reusable(cached[0], signature, allowed))
             except Exception as err:
@@ -321,15 +316,13 @@ class SavingsMonitor(EvaluationLoopCallback):
         )  # fmt: skip
         measurement.measure_memory()
         timing = self._budget.can_time(signature, measurement.allowed - measurement.spent)
-        plans = gather_objects(trainer, {"time": timing, "oom": measurement.out_of_memory})
-        if plans[0]["time"] and not any(p["oom"] for p in plans):
-            measurement.warm_up()
-            pairs = self._budget.pairs(measurement.allowed - measurement.spent, measurement.pair_cost())
-            measurement.time_pairs(gather_objects(trainer, pairs)[0])
+        pairs = self._budget.pairs(measurement.allowed - measurement.spent, measurement.run_cost()) if timing else 0
+        plans = gather_objects(trainer, {"pairs": pairs, "oom": measurement.out_of_memory})
+        if plans[0]["pairs"] and not any(p["oom"] for p in plans):
+            measurement.time_pairs(plans[0]["pairs"])
         if measurement.out_of_memory:
             self._report_oom(batches[0])
-        self._running = measurement
-        self._finish_measurement()
+        self._finish_measurement(measurement)
 
     def _paused(self) -> AbstractContextManager[None]:
         return self._measures.paused() if self._measures is not None else nullcontext()
@@ -342,7 +335,7 @@ class SavingsMonitor(EvaluationLoopCallback):
         signature = tuple(call_signature(calls) for calls in batches)
         seconds_per_batch = sorted(self._batch_seconds)[len(self._batch_seconds) // 2]
         remaining = max(0, (_total_batches(trainer, self._stage or "val") or self._batches) - self._batches)
-        allowed = self._budget.allowed(remaining * seconds_per_batch)
+        allowed = self._budget.allowed(remaining * seconds_per_batch, self._run_seconds)
         cached = self._cache.get(signature)
         if cached is not None and self._budget.reusable(cached[0], signature, allowed):
             self._measurement = cached
@@ -352,29 +345,12 @@ class SavingsMonitor(EvaluationLoopCallback):
         measurement = Measurement(
             self._budget, batches, signature, self._device, exclude, allowed, memory_from, self._paused
         )
-        self._running = measurement
-        measurement.start(remaining)
+        measurement.start()
         if measurement.out_of_memory:
             self._report_oom(batches[0])
-            self._finish_measurement()
-            return
-        self._continue_timing()
+        self._finish_measurement(measurement)
 
-    @guarded("replay")
-    def _continue_timing(self, finish: bool = False) -> None:
-        measurement = self._running
-        if measurement is None:
-            return
-        done = measurement.time(finish)
-        if measurement.out_of_memory:
-            self._report_oom(measurement.sessions[0].calls)
-        if done:
-            self._finish_measurement()
-
-    def _finish_measurement(self) -> None:
-        measurement, self._running = self._running, None
-        if measurement is None:
-            return
+    def _finish_measurement(self, measurement: Measurement) -> None:
         result, info = measurement.result()
         cached = self._cache.get(measurement.signature)
         if cached is not None and not result.out_of_memory:
@@ -469,6 +445,21 @@ def _total_batches(trainer: Trainer, stage: str) -> int | None:
     except (TypeError, ValueError, OverflowError):
         return None
     return total if total > 0 else None
+
+
+def _projected_fit_seconds(trainer: Trainer, started: float) -> float | None:
+    """How long the whole ``fit`` will take, from the epochs done so far and ``max_epochs`` (``None`` outside
+    ``fit``, in the sanity check, or without a finite ``max_epochs``)."""
+    try:
+        if getattr(getattr(trainer, "state", None), "fn", None) != "fit" or is_sanity_checking(trainer):
+            return None
+        max_epochs = trainer.max_epochs
+        if max_epochs is None or max_epochs < 1:
+            return None
+        done = int(trainer.current_epoch) + 1  # this validation epoch ends training epoch `current_epoch`
+        return (time.perf_counter() - started) * max(1.0, max_epochs / done)
+    except (AttributeError, TypeError, ValueError):
+        return None
 
 
 def _shards_parameters(trainer: Trainer) -> bool:

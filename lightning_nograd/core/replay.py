@@ -454,38 +454,50 @@ class _EvalModeAndRng:
             torch.cuda.set_rng_state_all(self._cuda_rng)
 
 
-def _timed(calls: list[RecordedCall], grad: bool, device: torch.device) -> float:
-    """Seconds of one run of ``calls``, timed after two untimed runs in the same grad mode.
+#: Untimed runs before a block of timed runs in one grad mode.
+SETTLING_RUNS = 2
+
+
+def _timed_runs(
+    calls: list[RecordedCall], grad: bool, device: torch.device, runs: int, deadline: float | None = None
+) -> list[float]:
+    """Seconds of each of ``runs`` runs of ``calls``, timed one by one after two untimed runs in the same
+    grad mode; fewer when ``deadline`` (a ``time.perf_counter()`` value) passes.
 
     A run straight after one in the other mode is slowed by the allocator reshaping its memory
     (measured here: a ResNet under no_grad took 19 ms after a grad-enabled run, 15 ms after another
     no_grad run), which hides the very difference being measured; one settling run was not always
     enough after a 50 MiB graph was freed, two were. An evaluation epoch runs every batch in one
-    mode, so the settled run is the one that matches it.
+    mode, so the settled runs are the ones that match it. Timing a block of runs after the settling
+    ones pays for settling once per block, not once per run.
 
-    The outputs are dropped inside the timed window: every real batch frees its graph (each
+    The outputs are dropped inside each timed window: every real batch frees its graph (each
     node and saved tensor, host work that is most of the difference where kernels are fast), so
     freeing it is part of what gradients cost.
     """
-    _run_calls(calls, grad)
-    _run_calls(calls, grad)
-    synchronize(device)
-    start = time.perf_counter()
-    outputs = _run_calls(calls, grad)
-    del outputs
-    synchronize(device)
-    return time.perf_counter() - start
+    for _ in range(SETTLING_RUNS):
+        _run_calls(calls, grad)
+    times = []
+    for _ in range(runs):
+        if deadline is not None and time.perf_counter() > deadline:
+            break
+        synchronize(device)
+        start = time.perf_counter()
+        outputs = _run_calls(calls, grad)
+        del outputs
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return times
 
 
 class Replay:
     """Replays one batch's recorded calls, a little at a time.
 
     :meth:`measure_memory` runs once (graph bytes and both peaks; :attr:`memory_run_seconds` is
-    what its two runs took, the profiler's start and stop left out); :meth:`warm_up` times one pair
-    to learn what a pair costs (:attr:`pair_seconds`);
-    :meth:`time_pairs` adds interleaved, settled on/off timings and can be called after several
-    later batches, so the repeats are spread over the epoch instead of bunched into one moment
-    that a transient slowdown of the machine would skew.
+    what its two runs took, the profiler's start and stop left out);
+    :meth:`time_pairs` adds settled on/off timings, a block per grad mode; each later epoch that
+    adds pairs starts with the other mode, so a slow moment of the machine does not always fall on
+    the same side.
 
     Args:
         calls: the recorded calls of one batch (inference-mode inputs already cloned).
@@ -506,7 +518,8 @@ class Replay:
         self.device = device
         self.exclude_storages = exclude_storages
         self.result = ReplayResult()
-        self.pair_seconds = 0.0
+        self.run_seconds = 0.0
+        self._blocks = 0
         self.memory_run_seconds = 0.0
         self._modules = list({id(c.module): c.module for c in calls}.values())
 
@@ -549,23 +562,24 @@ class Replay:
 
         return clocked
 
-    def warm_up(self) -> None:
-        """A timed warm-up pair, whose cost sets :attr:`pair_seconds` (what one timed pair costs)."""
+    def time_pairs(self, pairs: int, deadline: float | None = None) -> None:
+        """Add up to ``pairs`` timed on/off pairs as two blocks, one per grad mode, each after its settling
+        runs; which mode goes first alternates from block to block. A ``deadline`` that passes ends the
+        blocks early (only complete pairs are kept); :attr:`run_seconds` is then what one run cost."""
 
         def work() -> None:
-            self.pair_seconds = 3 * (_timed(self.calls, True, self.device) + _timed(self.calls, False, self.device))
-
-        self._guarded(work)
-
-    def time_pairs(self, pairs: int) -> None:
-        """Add ``pairs`` timed on/off pairs, alternating which mode goes first."""
-
-        def work() -> None:
-            for _ in range(pairs):
-                first = len(self.result.time_on) % 2 == 0
-                for grad in (first, not first):
-                    (self.result.time_on if grad else self.result.time_off).append(
-                        _timed(self.calls, grad, self.device)
-                    )
+            first = self._blocks % 2 == 0
+            self._blocks += 1
+            started = time.perf_counter()
+            blocks: dict[bool, list[float]] = {}
+            wanted = pairs
+            for grad in (first, not first):
+                blocks[grad] = _timed_runs(self.calls, grad, self.device, wanted, deadline)
+                wanted = len(blocks[grad])  # the second block pairs with what the first took
+            kept = min(len(blocks[True]), len(blocks[False]))
+            self.result.time_on.extend(blocks[True][:kept])
+            self.result.time_off.extend(blocks[False][:kept])
+            runs = 2 * SETTLING_RUNS + len(blocks[True]) + len(blocks[False])
+            self.run_seconds = (time.perf_counter() - started) / runs
 
         self._guarded(work)

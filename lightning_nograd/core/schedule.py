@@ -1,10 +1,10 @@
 """When the savings replays run and how many timed pairs they take: the measurement budget.
 
-:class:`ReplayBudget` keeps the replays within a share of the run's own time and learns what one
-timed on/off pair of each set of recorded calls costs (estimated from the memory replay, then
-measured by a warm-up pair). :class:`Measurement` is one measurement under way: memory first,
-then timed pairs spread over the rest of the epoch, a few after each batch, stopping at the budget.
-Framework-free: ``SavingsMonitor`` feeds it batches and reads the result.
+:class:`ReplayBudget` keeps the replays within a share of the run (of the whole ``fit`` where its length
+is known) and learns what one run of each set of recorded calls costs (estimated from the memory
+replay, then measured by the timed runs). :class:`Measurement` is one measurement: memory first, then
+as many timed pairs as the budget covers, as one block per grad mode. Framework-free:
+``SavingsMonitor`` feeds it batches and reads the result.
 """
 
 from __future__ import annotations
@@ -16,7 +16,14 @@ from typing import Any
 
 import torch
 
-from lightning_nograd.core.replay import EAGER_REPLAY_NOTE, RecordedCall, Replay, ReplayResult, replayable
+from lightning_nograd.core.replay import (
+    EAGER_REPLAY_NOTE,
+    SETTLING_RUNS,
+    RecordedCall,
+    Replay,
+    ReplayResult,
+    replayable,
+)
 
 
 def call_signature(calls: list[RecordedCall]) -> tuple[Any, ...]:
@@ -35,19 +42,24 @@ def call_signature(calls: list[RecordedCall]) -> tuple[Any, ...]:
 
 
 class ReplayBudget:
-    """The share of the run's time the replays may take, what they took, and what a timed pair costs.
+    """The share of the run's time the replays may take, what they took, and what one run of the calls costs.
+
+    Timed pairs are taken as two blocks, one per grad mode, each after two settling runs: ``k`` pairs
+    cost ``4 + 2k`` runs of the recorded calls.
 
     Args:
         budget: share of the run's own time (0.01: 1%).
         repeats: a fixed number of timed pairs (the budget then does not limit them), or ``None``.
         min_repeats: fewest timed pairs worth running; below it time is not measured.
-        max_repeats: most timed pairs when ``repeats`` is ``None``.
+        max_repeats: most timed pairs one measurement takes when ``repeats`` is ``None``.
 
     Example:
-        >>> budget = ReplayBudget(0.01, None, min_repeats=6, max_repeats=40)
-        >>> budget.estimate_pair("calls", memory_seconds=0.001)  # from the memory replay: 3x its two runs
-        >>> budget.can_time("calls", allowed=0.002), budget.can_time("calls", allowed=0.004)
+        >>> budget = ReplayBudget(0.01, None, min_repeats=3, max_repeats=40)
+        >>> budget.estimate_run("calls", memory_seconds=0.002)  # the memory replay's two runs: 1 ms a run
+        >>> budget.can_time("calls", allowed=0.009), budget.can_time("calls", allowed=0.010)  # 4 + 2 x 3 runs
         (False, True)
+        >>> budget.pairs(0.030, budget.run_cost("calls"))  # (30 - 4) / 2
+        13
     """
 
     def __init__(self, budget: float, repeats: int | None, min_repeats: int, max_repeats: int) -> None:
@@ -57,47 +69,45 @@ class ReplayBudget:
         self.max_repeats = max_repeats
         self.run_started = time.perf_counter()
         self.spent = 0.0
-        self._pair_costs: dict[Any, float] = {}
-        self._pair_measured: set[Any] = set()
+        self._run_costs: dict[Any, float] = {}
 
     def start_run(self) -> None:
         """A new run (``trainer.fit``, ``validate``, ...): its time and spend start from zero."""
         self.run_started = time.perf_counter()
         self.spent = 0.0
 
-    def allowed(self, seconds_left: float) -> float:
-        """Seconds the replays may still take, for a run expected to go on for ``seconds_left``."""
-        return self.budget * (time.perf_counter() - self.run_started + seconds_left) - self.spent
+    def allowed(self, seconds_left: float, run_seconds: float | None = None) -> float:
+        """Seconds the replays may still take, for a run expected to go on for ``seconds_left``, or to last
+        ``run_seconds`` in all where that is known (a ``fit`` of ``max_epochs``): the budget is a share of
+        the whole run, so the first epoch may spend it."""
+        total = time.perf_counter() - self.run_started + seconds_left
+        return self.budget * max(total, run_seconds or 0.0) - self.spent
 
-    def pair_cost(self, signature: Any) -> float:
-        """What one timed pair of ``signature``'s calls costs (0 while unknown)."""
-        return self._pair_costs.get(signature, 0.0)
+    def run_cost(self, signature: Any) -> float:
+        """What one run of ``signature``'s calls costs (0 while unknown)."""
+        return self._run_costs.get(signature, 0.0)
 
-    def estimate_pair(self, signature: Any, memory_seconds: float) -> None:
-        """A first estimate from the memory replay's two runs (a pair runs the calls six times: three times theirs)."""
-        self._pair_costs.setdefault(signature, 3 * memory_seconds)
+    def estimate_run(self, signature: Any, memory_seconds: float) -> None:
+        """A first estimate from the memory replay's two runs (an upper bound: they also count memory)."""
+        self._run_costs.setdefault(signature, memory_seconds / 2)
 
-    def measured_pair(self, signature: Any, seconds: float) -> float:
-        """A warm-up pair took ``seconds``; the least a pair has cost is what counts from now on (a warm-up
-        slowed by a busy machine must not stop timing for good)."""
-        if signature in self._pair_measured:
-            seconds = min(seconds, self._pair_costs[signature])
-        self._pair_costs[signature] = seconds
-        self._pair_measured.add(signature)
-        return seconds
+    def measured_run(self, signature: Any, seconds: float) -> None:
+        """Timed runs took ``seconds`` each; the least a run has cost is what counts from now on (timing slowed
+        by a busy machine must not stop it for good)."""
+        if seconds > 0:
+            self._run_costs[signature] = min(seconds, self._run_costs.get(signature, seconds))
+
+    @staticmethod
+    def block_runs(pairs: int) -> int:
+        """Runs of the calls that ``pairs`` timed pairs take: a block per grad mode, each after its settling runs."""
+        return 2 * (SETTLING_RUNS + pairs)
 
     def can_time(self, signature: Any, allowed: float) -> bool:
-        """Whether ``allowed`` seconds cover the next step of timing ``signature`` (always, with ``repeats``):
-        while a pair's cost is only estimated, the warm-up pair that measures it; once measured, a warm-up
-        and ``min_repeats`` timed pairs."""
+        """Whether ``allowed`` seconds cover ``min_repeats`` timed pairs of ``signature`` (always, with ``repeats``)."""
         if self.repeats is not None:
             return True
-        pair = self._pair_costs.get(signature)
-        if pair is None:
-            return False
-        if signature not in self._pair_measured:
-            return allowed >= pair
-        return allowed >= (1 + self.min_repeats) * pair
+        run = self._run_costs.get(signature)
+        return run is not None and allowed >= self.block_runs(self.min_repeats) * run
 
     @property
     def pairs_kept(self) -> int:
@@ -111,12 +121,12 @@ class ReplayBudget:
         (and a measurement without time gets its first ones once the run has grown)."""
         return cached is not None and (len(cached.time_on) >= self.pairs_kept or not self.can_time(signature, allowed))
 
-    def pairs(self, affordable_seconds: float, pair: float) -> int:
+    def pairs(self, affordable_seconds: float, run: float) -> int:
         """How many timed pairs to take: ``repeats``, or as many as ``affordable_seconds`` pay for, between
         ``min_repeats`` (else none) and ``max_repeats``."""
         if self.repeats is not None:
             return self.repeats
-        affordable = int(affordable_seconds / max(pair, 1e-9))
+        affordable = int((affordable_seconds / max(run, 1e-9) - 2 * SETTLING_RUNS) / 2)
         return 0 if affordable < self.min_repeats else min(affordable, self.max_repeats)
 
 
@@ -152,7 +162,6 @@ class Measurement:
         self.memory_from = memory_from
         self.spent = 0.0
         self.target = 0
-        self.pairs_per_batch = 1
         self._pause = pause
         with self._paused():
             self.sessions = [Replay(replayable(calls), device, exclude) for calls in batches]
@@ -177,20 +186,24 @@ class Measurement:
     def pairs_done(self) -> int:
         return min(len(s.result.time_on) for s in self.sessions)
 
-    def start(self, batches_left: int) -> None:
-        """Measure memory (unless known), take a warm-up pair if the budget covers it, and plan the timed
-        pairs: spread over the ``batches_left`` of the epoch, a few after each batch."""
+    def start(self) -> None:
+        """Measure memory (unless known), then as many timed pairs as the budget covers (none below
+        ``min_repeats``), all at once: settling runs are paid once per block, not once per pair."""
         self.measure_memory()
         if self.out_of_memory:
             return
-        pair = 0.0
-        timing = self.budget.can_time(self.signature, self.allowed - self.spent)
-        if timing:
-            self.warm_up()
-            pair = self.pair_cost()
-        # with `repeats`, `can_time` is always true and `pairs` returns `repeats`
-        self.target = self.budget.pairs(self.allowed - self.spent, pair) if timing else 0
-        self.pairs_per_batch = max(1, -(-self.target // max(1, batches_left)))
+        affordable = self.allowed - self.spent
+        if self.budget.can_time(self.signature, affordable):
+            pairs = self.budget.pairs(affordable, self.run_cost())
+            if self.memory_from is None and self.budget.repeats is None:
+                # a first measurement leaves half of what it could take to later epochs, whose pairs narrow it
+                pairs = max(self.budget.min_repeats, self.budget.pairs(affordable / 2, self.run_cost()))
+            self.time_pairs(pairs, stop_at_budget=True)
+
+    def _drop_time(self) -> None:
+        """Fewer than ``min_repeats`` pairs tell nothing: the time is retried in a later epoch."""
+        for session in self.sessions:
+            session.result.time_on, session.result.time_off = [], []
 
     def measure_memory(self) -> None:
         """The memory replay alone (unless known): for ranks that must agree on timing before they time."""
@@ -198,46 +211,26 @@ class Measurement:
             with self._paused():
                 for session in self.sessions:
                     session.measure_memory()
-            self.budget.estimate_pair(self.signature, sum(s.memory_run_seconds for s in self.sessions))
+            self.budget.estimate_run(self.signature, sum(s.memory_run_seconds for s in self.sessions))
 
-    def warm_up(self) -> None:
-        """A warm-up pair, which measures what a timed pair costs (:meth:`pair_cost`)."""
-        with self._paused():
-            for session in self.sessions:
-                session.warm_up()
-        self.budget.measured_pair(self.signature, sum(s.pair_seconds for s in self.sessions))
+    def run_cost(self) -> float:
+        return self.budget.run_cost(self.signature)
 
-    def pair_cost(self) -> float:
-        return self.budget.pair_cost(self.signature)
-
-    def time_pairs(self, pairs: int) -> None:
-        """``pairs`` timed pairs now, whatever they cost (the number was agreed beforehand)."""
+    def time_pairs(self, pairs: int, stop_at_budget: bool = False) -> None:
+        """``pairs`` timed pairs now. With ``stop_at_budget`` (and no ``repeats``), runs that cost more than
+        estimated (a machine that got busy) stop at the budget, and the time is kept only if ``min_repeats``
+        pairs were taken (else it is retried in a later epoch); without it every rank times the same pairs
+        (the number was agreed beforehand)."""
         self.target = pairs
+        deadline = None
+        if stop_at_budget and self.budget.repeats is None:
+            deadline = time.perf_counter() + self.allowed - self.spent
         with self._paused():
             for session in self.sessions:
-                session.time_pairs(pairs)
+                session.time_pairs(pairs, deadline)
+        self.budget.measured_run(self.signature, sum(s.run_seconds for s in self.sessions))
         if self.pairs_done < self.budget.min_repeats and self.budget.repeats is None:
-            for session in self.sessions:
-                session.result.time_on, session.result.time_off = [], []
-
-    def time(self, finish: bool = False) -> bool:
-        """Take this batch's timed pairs (``finish``: all that are left); whether the measurement is done.
-
-        Pairs that cost more than the warm-up said (a machine that got busy) stop at the budget; the
-        time is kept only if ``min_repeats`` pairs were taken (else it is retried in a later epoch)."""
-        done = self.pairs_done
-        todo = self.target - done if finish else min(self.pairs_per_batch, self.target - done)
-        pair = self.budget.pair_cost(self.signature)
-        for _ in range(max(0, todo)):
-            if self.budget.repeats is None and self.spent + pair > self.allowed:
-                if self.pairs_done < self.budget.min_repeats:
-                    for session in self.sessions:
-                        session.result.time_on, session.result.time_off = [], []
-                return True
-            with self._paused():
-                for session in self.sessions:
-                    session.time_pairs(1)
-        return finish or self.pairs_done >= self.target
+            self._drop_time()
 
     def result(self) -> tuple[ReplayResult, dict[str, Any]]:
         """The per-batch result (means over the replayed batches) and its details."""

@@ -57,6 +57,8 @@ def test_replay_restores_modes_rng_and_batch_norm_stats() -> None:
     session.time_pairs(3)
     result = session.result
     assert len(result.time_on) == 3 and result.graph_bytes > 0
+    session.time_pairs(2, deadline=0.0)  # a deadline already past: no pair is taken, none half-taken
+    assert len(result.time_on) == len(result.time_off) == 3
     assert torch.equal(net[1].running_mean, stats)
     assert torch.equal(torch.get_rng_state(), rng)
     assert all(m.training for m in net.modules())
@@ -107,5 +109,8 @@ def test_timed_replay_counts_freeing_the_graph(monkeypatch: pytest.MonkeyPatch) 
         net(torch.ones(1, 2))
     recorder.stop()
     monkeypatch.setattr(replay, "synchronize", lambda device: events.append("clock"))
-    replay._timed(recorder.calls, grad=True, device=torch.device("cpu"))
-    assert events[-3:] == ["clock", "graph freed", "clock"]  # freed between the clock's start and stop
+    events.clear()
+    times = replay._timed_runs(recorder.calls, grad=True, device=torch.device("cpu"), runs=2)
+    assert len(times) == 2
+    # each timed run frees its graph between the clock's start and stop; the settling runs are not timed
+    assert events == ["graph freed"] * replay.SETTLING_RUNS + ["clock", "graph freed", "clock"] * 2
