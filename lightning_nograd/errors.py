@@ -8,7 +8,7 @@ __all__ = ["BrokenBackpropWarning", "NoGradError", "NoGradWarning"]
 class NoGradWarning(UserWarning):
     """Every warning lightning-nograd emits is this class or a subclass.
 
-    Example:
+    Examples:
         >>> import warnings
         >>> warnings.simplefilter("ignore", NoGradWarning)  # silence the library
     """

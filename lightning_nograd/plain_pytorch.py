@@ -202,7 +202,7 @@ def audit(
     Raises:
         ValueError, TypeError: bad arguments, naming the argument.
 
-    Example:
+    Examples:
         >>> import warnings
         >>> net = nn.Sequential(nn.Linear(4, 8), nn.Dropout(), nn.Linear(8, 1))
         >>> with warnings.catch_warnings():
@@ -283,7 +283,7 @@ def check_training_step(
     Returns:
         A :class:`~lightning_nograd.core.report.Report` whose ``findings`` name what will not learn.
 
-    Example:
+    Examples:
         >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
         >>> def loss_fn(model, batch):
         ...     x, y = batch

@@ -105,7 +105,7 @@ class BackpropGuard(NoGradCallback):
         ValueError: bad ``on_violation``, malformed pattern, or ``zero_grad_steps < 1``.
         TypeError: ``allow`` is not a list of strings or ``zero_grad_steps`` not an integer.
 
-    Example:
+    Examples:
         >>> from lightning.pytorch import Trainer
         >>> trainer = Trainer(callbacks=[BackpropGuard(allow=[r"teacher"])])
     """

@@ -77,7 +77,7 @@ class EvalModeAuditor(EvaluationLoopCallback):
             not a valid regular expression.
         TypeError: an allow-list is not a list of strings.
 
-    Example:
+    Examples:
         >>> from lightning.pytorch import Trainer
         >>> trainer = Trainer(callbacks=[EvalModeAuditor(allow_train_mode=[r"mc_dropout"])])
     """

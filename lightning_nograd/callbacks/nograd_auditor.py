@@ -58,7 +58,7 @@ class NoGradAuditor(NoGradCallback):
         allow_grad: see :class:`EvalModeAuditor`.
         allow: see :class:`BackpropGuard`.
         budget: share of the run's time the timed savings replays may take (default 1.5%); the
-            memory figures are measured at any budget (see the README's SavingsMonitor section).
+            memory figures are measured at any budget (see the docs' SavingsMonitor page).
         repeats: timed on/off pairs per savings measurement, whatever the budget (``None``: as many
             as ``budget`` allows); see :class:`SavingsMonitor`.
         report_path: where to write ``report.to_dict()`` as JSON after each stage (``None``: nowhere).
@@ -68,7 +68,7 @@ class NoGradAuditor(NoGradCallback):
         ValueError: ``on_violation`` is not ``"warn"``, ``"fix"`` or ``"error"``, or a pattern is bad.
         TypeError: a switch is not a bool, or another argument has the wrong type.
 
-    Example:
+    Examples:
         >>> from lightning.pytorch import Trainer
         >>> trainer = Trainer(callbacks=[NoGradAuditor(report_path="nograd_report.json")])
     """
@@ -139,7 +139,7 @@ class NoGradAuditor(NoGradCallback):
     def part(self, kind: type[PartT]) -> PartT | None:
         """The part of type ``kind`` (``EvalModeAuditor``, ``SavingsMonitor``, ``BackpropGuard``), if switched on.
 
-        Example:
+        Examples:
             >>> auditor = NoGradAuditor(monitor_savings=False)
             >>> auditor.part(SavingsMonitor) is None, type(auditor.part(BackpropGuard)).__name__
             (True, 'BackpropGuard')

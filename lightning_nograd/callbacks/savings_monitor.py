@@ -43,7 +43,7 @@ def _excluded_types() -> tuple[type, ...]:
 def percent(share: float) -> str:
     """A share of the run's time as the user wrote it: ``0.005`` -> ``"0.5%"`` (not ``"0%"``).
 
-    Example:
+    Examples:
         >>> percent(0.005), percent(0.2), percent(1.0)
         ('0.5%', '20%', '100%')
     """
@@ -88,7 +88,7 @@ class SavingsMonitor(EvaluationLoopCallback):
     Raises:
         ValueError, TypeError: an argument of the wrong type or out of range.
 
-    Example:
+    Examples:
         >>> from lightning.pytorch import Trainer
         >>> trainer = Trainer(callbacks=[SavingsMonitor(budget=0.02)])
     """

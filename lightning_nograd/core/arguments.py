@@ -9,7 +9,7 @@ from typing import Any
 def check_choice(argument: str, value: Any, choices: Sequence[str]) -> str:
     """Return ``value`` if it is one of ``choices``, else raise ``ValueError``.
 
-    Example:
+    Examples:
         >>> check_choice("on_violation", "warn", ("warn", "error"))
         'warn'
     """

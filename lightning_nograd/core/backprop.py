@@ -39,7 +39,7 @@ from lightning_nograd.core.torch_internals import child_modules, has_children, m
 class ParamIndex:
     """Names of the trainable parameters of a model and the modules that own them.
 
-    Example:
+    Examples:
         >>> net = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 1))
         >>> index = ParamIndex(net)
         >>> index.group([*net[0].parameters(), *net[2].parameters()])
@@ -123,7 +123,7 @@ class ParamIndex:
 class GradModeProbe(Probe):
     """Records whether watched modules ran their forward with gradients on, for one step.
 
-    Example:
+    Examples:
         >>> net = nn.Sequential(nn.Linear(2, 2))
         >>> probe = GradModeProbe({id(net[0]): "0"})
         >>> probe.start()
@@ -192,7 +192,7 @@ class ZeroGradientStreaks:
     Args:
         steps: how many consecutive all-zero steps make a gradient count as missing.
 
-    Example:
+    Examples:
         >>> weight, bias = nn.Parameter(torch.ones(2)), nn.Parameter(torch.ones(1))
         >>> weight.grad, bias.grad = torch.zeros(2), torch.full((1,), 1e-23)
         >>> streaks = ZeroGradientStreaks(steps=2)
@@ -265,7 +265,7 @@ def without_gradient(params: list[nn.Parameter]) -> list[nn.Parameter]:
 
     A step where every one has a gradient (the usual case) costs one pass in C, no Python loop.
 
-    Example:
+    Examples:
         >>> a, b = nn.Parameter(torch.ones(1)), nn.Parameter(torch.ones(1))
         >>> a.grad = torch.ones(1)
         >>> without_gradient([a, b]) == [b]
@@ -282,7 +282,7 @@ def inference_tensors(root: nn.Module, allowed: Callable[[str], bool] | None = N
     A list, tuple or dict attribute is reported once, with how many inference tensors it holds.
     Those held by an ``allowed`` module path are left out.
 
-    Example:
+    Examples:
         >>> net = nn.Linear(2, 2)
         >>> with torch.inference_mode():
         ...     net.cache = torch.ones(2)
@@ -320,7 +320,7 @@ def trained_parameter_ids(
     parameters for unsharded ones between a forward and its backward): every parameter that requires
     grad then counts as trained.
 
-    Example:
+    Examples:
         >>> net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
         >>> trained = trained_parameter_ids([torch.optim.SGD(net[1].parameters(), lr=0.1)])
         >>> sorted(i for i, p in enumerate(net.parameters()) if id(p) in trained)
@@ -355,7 +355,7 @@ class Learning:
         modules: the modules to answer for (their submodules are read too).
         trained: ``id``s of the parameters some optimizer steps (``None``: every one that requires grad).
 
-    Example:
+    Examples:
         >>> block = nn.Sequential(nn.Linear(2, 2), nn.Dropout())
         >>> Learning([block], None).frozen(block[1], block)
         False
@@ -417,7 +417,7 @@ def switched_alone(module: nn.Module, parent: nn.Module | None) -> bool:
     ``self.backbone.eval()``) switches the block with everything in it; a layer alone in eval is a choice,
     the usual way to freeze batch-norm statistics while its weights and the rest of the model train.
 
-    Example:
+    Examples:
         >>> net = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
         >>> switched_alone(net[1].eval(), net)
         True
@@ -435,7 +435,7 @@ def eval_blocks(
     its parameters that learn (:func:`is_trained`). ``allowed`` paths are left out. The blocks are disjoint,
     so this reads each parameter once.
 
-    Example:
+    Examples:
         >>> net = nn.Sequential(nn.Sequential(nn.Linear(2, 2), nn.Dropout()), nn.Linear(2, 1))
         >>> _ = net[0].eval()
         >>> {path: len(ids) for path, ids in eval_blocks(net).items()}
@@ -467,7 +467,7 @@ def eval_mode_under_trainable(
     ``trained`` steps) has no trainable parameters around its layers and is not returned, nor is a
     layer switched to eval on its own (:func:`switched_alone`: frozen batch-norm statistics).
 
-    Example:
+    Examples:
         >>> net = nn.Sequential(nn.Linear(2, 2), nn.Dropout()).eval()
         >>> eval_mode_under_trainable(net)
         [('', ['1 (Dropout)'])]
@@ -595,7 +595,7 @@ def explain_gradient_gaps(
 ) -> list[GradientGap]:
     """Why ``params`` got no gradient, from what ``probe`` saw of the step (``None``: not watched).
 
-    Example:
+    Examples:
         >>> net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
         >>> probe = GradModeProbe({id(m): p for p, m in net.named_modules()})
         >>> probe.start()

@@ -49,7 +49,7 @@ class ModeSwitches:
     reads it, and on Python 3.11 a slot is read in a few cached steps where a class attribute takes a
     full lookup (about 2 µs a read when the CPU caches hold a large model).
 
-    Example:
+    Examples:
         >>> owner = object()
         >>> ModeSwitches.listen(owner)
         >>> before = mode_switches.count

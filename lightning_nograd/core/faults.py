@@ -39,7 +39,7 @@ class Probe:
 def report_fault(owner: Probe, err: BaseException) -> None:
     """Hand ``err`` to ``owner.on_error``, or warn once; ``owner`` stops working either way.
 
-    Example:
+    Examples:
         >>> seen = []
         >>> probe = Probe(); probe.on_error = seen.append
         >>> report_fault(probe, ValueError("boom")); [type(e).__name__ for e in seen], probe.failed
@@ -56,7 +56,7 @@ def report_fault(owner: Probe, err: BaseException) -> None:
 def fault_message(check: str, err: BaseException) -> str:
     """The one warning for a check switched off by ``err``: a PyTorch internal this torch lacks, or our bug.
 
-    Example:
+    Examples:
         >>> fault_message("SavingsMonitor check `replay`", ValueError("boom")).split(". ")[0]
         '[lightning-nograd] internal error in SavingsMonitor check `replay`: ValueError: boom'
         >>> fault_message("SavingsMonitor check `replay`", MissingTorchInternal("torch 9 lacks `x`."))

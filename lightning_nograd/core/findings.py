@@ -22,7 +22,7 @@ class Finding:
     """One distinct problem, named precisely enough to fix.
 
     Args:
-        kind: what went wrong (``"train_mode"``, ``"no_grad_module"``, ...; the README lists them all).
+        kind: what went wrong (``"train_mode"``, ``"no_grad_module"``, ...; the docs' Findings page lists them all).
         subject: the ``named_modules()`` / ``named_parameters()`` path or attribute name.
         stage: ``"val"``, ``"test"``, ``"predict"`` or ``"train"``.
         hook: the hook or step in which it happened, e.g. ``"validation_step"``.
@@ -94,7 +94,7 @@ def display_name(path: str, root_type: str = "LightningModule") -> str:
 def common_ancestor(paths: list[str]) -> str:
     """Deepest module path that contains every path in ``paths`` (``""`` is the root).
 
-    Example:
+    Examples:
         >>> common_ancestor(["net.0", "net.1", "net.3"])
         'net'
     """
@@ -166,7 +166,7 @@ class FindingLog:
         on_violation: ``"warn"`` or ``"fix"`` warn once per distinct finding; ``"error"`` raises.
         category: the warning class used for new findings.
 
-    Example:
+    Examples:
         >>> log = FindingLog("warn")
         >>> f = Finding("train_mode", "head", "val", "validation_step", 0, 0, "p", "f")
         >>> import warnings

@@ -66,7 +66,7 @@ class HeldGap:
 def has_gradient(param: torch.Tensor, keeps_zeros: bool) -> bool:
     """Whether ``param`` got a gradient at this step (``keeps_zeros``: an all-zero one is none).
 
-    Example:
+    Examples:
         >>> p = nn.Parameter(torch.ones(2))
         >>> p.grad = torch.zeros(2)
         >>> has_gradient(p, keeps_zeros=False), has_gradient(p, keeps_zeros=True)
@@ -87,7 +87,7 @@ class GradientWindow:
     Args:
         steps: consecutive steps without a gradient that make a held parameter a finding.
 
-    Example:
+    Examples:
         >>> window = GradientWindow(steps=3)
         >>> used, dead = nn.Parameter(torch.ones(1)), nn.Parameter(torch.ones(1))
         >>> window.hold("gap", [used, dead], {id(used): "used", id(dead): "dead"}, 0, 0, whole_epoch=False)

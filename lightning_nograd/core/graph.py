@@ -48,7 +48,7 @@ class GraphEvent:
 def format_bytes(nbytes: float) -> str:
     """``1536`` -> ``"1.5 KiB"``; MiB from 1 MiB up.
 
-    Example:
+    Examples:
         >>> format_bytes(1536), format_bytes(3 * 2**20)
         ('1.5 KiB', '3.00 MiB')
     """
@@ -105,7 +105,7 @@ class GraphProbe(Probe):
         is_allowed: modules for which building a graph is legitimate (saliency, physics).
         report_at_once: report while the forward runs (``on_violation="error"`` stops there).
 
-    Example:
+    Examples:
         >>> net = nn.Sequential(nn.Linear(2, 2))
         >>> events = []
         >>> probe = GraphProbe(net, frozenset(), lambda e, m: events.append(e), lambda name: False, True)
@@ -278,7 +278,7 @@ class StrayGraphWatch(Probe):
     Args:
         new_probe: builds the probe for a model (its ``report`` receives the graphs found).
 
-    Example:
+    Examples:
         >>> net = nn.Linear(2, 2)
         >>> found = []
         >>> watch = StrayGraphWatch(lambda root: GraphProbe(root, frozenset(), lambda e, m: found.append(e.module),
@@ -490,7 +490,7 @@ def graph_saved_bytes(
     tensors, each storage counted once, storages in ``exclude`` (parameters, buffers) left out.
     A graph already used by a backward has freed what it saved, and adds nothing.
 
-    Example:
+    Examples:
         >>> w = torch.ones(4, 4, requires_grad=True)
         >>> y = (torch.ones(256, 4) @ w).relu()  # the matmul saves its 256x4 input, relu its output
         >>> graph_saved_bytes([y.grad_fn], {storage_key(w)})  # 2 x 4 KiB; the weight is left out
@@ -527,7 +527,7 @@ def graph_saved_bytes(
 def tally_tensors(value: Any, limit: int = 100_000) -> TensorTally:
     """Count the tensors in ``value`` (nested lists, tuples, dicts, sets), at most ``limit`` items.
 
-    Example:
+    Examples:
         >>> t = torch.ones(4, requires_grad=True) * 2
         >>> tally = tally_tensors({"a": [t, t.detach()]})
         >>> tally.tensors, tally.attached
@@ -599,7 +599,7 @@ class AttributeTensors:
     *grows* when it was not cleared since the last epoch of the same stage ended (it holds at least
     as many tensors at this epoch's start) and gained more than one tensor, or 1 MiB, in this epoch.
 
-    Example:
+    Examples:
         >>> net, watch = nn.Linear(1, 1), AttributeTensors()
         >>> net.outputs = []
         >>> for epoch in range(3):

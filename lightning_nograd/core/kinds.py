@@ -31,7 +31,7 @@ class Explanation(NamedTuple):
 def shown(items: list[str], limit: int = 5) -> str:
     """The first ``limit`` items, comma-separated, and how many more.
 
-    Example:
+    Examples:
         >>> shown(["a", "b", "c"], limit=2)
         'a, b and 1 more'
     """

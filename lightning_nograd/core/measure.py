@@ -40,10 +40,10 @@ def cpu_timing_caveat(environ: dict[str, str] | None = None) -> str | None:
     With glibc's default, adaptive malloc thresholds, memory freed by one batch goes back to the
     kernel and the next batch page-faults it in again; how often depends on the allocator's
     history, so the same forward can take 1-2x as long from one run to the next (see the
-    README's Benchmarks). Both thresholds fixed (environment variables or ``GLIBC_TUNABLES``),
+    docs' Benchmarks page). Both thresholds fixed (environment variables or ``GLIBC_TUNABLES``),
     or a caching allocator preloaded, settles it.
 
-    Example:
+    Examples:
         >>> cpu_timing_caveat({"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "1073741824"})
         >>> cpu_timing_caveat({"LD_PRELOAD": "/usr/lib/libjemalloc.so.2"})
     """
@@ -72,7 +72,7 @@ def cpu_timing_caveat(environ: dict[str, str] | None = None) -> str | None:
 class EpochClock:
     """Wall time of an epoch, excluding the time spent in pauses (our own replays).
 
-    Example:
+    Examples:
         >>> clock = EpochClock(torch.device("cpu"))
         >>> clock.start(); clock.pause(); clock.resume()
         >>> clock.stop() >= 0
@@ -185,7 +185,7 @@ class EpochPeakMemory:
 class EpochMeasures:
     """An epoch's wall time and peak memory, with our own work (the replays) kept out of both.
 
-    Example:
+    Examples:
         >>> measures = EpochMeasures(torch.device("cpu"))
         >>> measures.start()
         >>> with measures.paused():
@@ -224,7 +224,7 @@ class LiveTensorMemory(torch_internals.LiveTensorMemoryBase):  # type: ignore[mi
 
     Repeatable where process RSS is not: it counts storages, not pages.
 
-    Example:
+    Examples:
         >>> with LiveTensorMemory() as memory:
         ...     a = torch.ones(256)  # 1 KiB
         ...     b = a * 2
@@ -305,7 +305,7 @@ def allocator_peak_bytes(run: Callable[[], Any]) -> int:
     kernels allocate inside (convolution columns, attention buffers, recurrent workspaces) as
     well as the tensors ops return. Whatever ``run`` returns is dropped inside the window.
 
-    Example:
+    Examples:
         >>> def run():
         ...     a = torch.ones(256)  # 1 KiB
         ...     b = a * 2

@@ -55,7 +55,7 @@ class ModeProbe(Probe):
         fix: put the offending module (and everything below it) in eval mode before its
             forward runs.
 
-    Example:
+    Examples:
         >>> net = nn.Sequential(nn.Linear(2, 2), nn.Dropout()).eval()
         >>> _ = net[1].train()
         >>> seen = []

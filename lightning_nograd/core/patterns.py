@@ -14,7 +14,7 @@ def user_path(path: str) -> str:
     """The path the user wrote: the segments of wrappers removed (``torch.compile``'s ``_orig_mod``,
     FSDP1's ``_fsdp_wrapped_module``, activation checkpointing's ``_checkpoint_wrapped_module``).
 
-    Example:
+    Examples:
         >>> user_path("encoder._orig_mod.layers.0"), user_path("_fsdp_wrapped_module.head")
         ('encoder.layers.0', 'head')
     """
@@ -33,7 +33,7 @@ def mode_modules(root: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """:func:`named_modules` whose train / eval mode matters: a ``torch.compile`` wrapper runs its eager
     module, whose modes do, and torch 2.4 leaves the wrapper's own flag as it was when compiled.
 
-    Example:
+    Examples:
         >>> import torch
         >>> net = nn.Sequential(torch.compile(nn.Linear(1, 1)))
         >>> [path for path, _ in mode_modules(net)]
@@ -69,7 +69,7 @@ class NamePatterns:
         TypeError: ``patterns`` is not an iterable of strings.
         ValueError: a pattern is not a valid regular expression.
 
-    Example:
+    Examples:
         >>> allowed = NamePatterns("allow_train_mode", [r"encoder\\.mc_dropout"])
         >>> allowed.matches("encoder.mc_dropout.p"), allowed.matches("decoder")
         (True, False)
@@ -119,7 +119,7 @@ def class_name(module: object) -> str:
     """The name of ``module``'s class as the user wrote it: FSDP2's ``fully_shard`` swaps a module's class
     for a ``FSDP<Name>`` subclass made in ``torch.distributed``, which the user never wrote.
 
-    Example:
+    Examples:
         >>> from torch import nn
         >>> class_name(nn.Linear(1, 1))
         'Linear'

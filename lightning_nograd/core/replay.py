@@ -110,7 +110,7 @@ class CallRecorder(Probe):
     Args:
         candidates: the modules whose calls may be recorded (by ``id``).
 
-    Example:
+    Examples:
         >>> net = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
         >>> recorder = CallRecorder({id(m) for m in (net, net[0], net[2])})
         >>> recorder.start()
@@ -196,7 +196,7 @@ class ReplayResult:
         """Half-width of the 95% interval of :attr:`saved_per_batch` (Student's t over the paired
         differences); ``None`` with fewer than two pairs.
 
-        Example:
+        Examples:
             >>> result = ReplayResult(time_on=[3.0, 5.0, 4.0], time_off=[1.0, 1.0, 1.0])
             >>> result.saved_per_batch, round(result.half_width, 3)  # mean 3, sd 1, t(2) = 4.303
             (3.0, 2.484)
@@ -234,7 +234,7 @@ class ReplayResult:
     def merge(cls, results: list[ReplayResult]) -> ReplayResult:
         """One per-batch result from several replayed batches: their means, pair by pair.
 
-        Example:
+        Examples:
             >>> a = ReplayResult(time_on=[3.0, 5.0], time_off=[1.0, 1.0], graph_bytes=10)
             >>> b = ReplayResult(time_on=[5.0], time_off=[3.0], graph_bytes=20)
             >>> merged = ReplayResult.merge([a, b])
@@ -264,7 +264,7 @@ def time_savings(result: ReplayResult, batches: int, epoch_seconds: float) -> tu
     points of the same percentage. Logged also when the interval straddles 0 (a chart with holes reads
     as a bug): the details then say the saving is within noise.
 
-    Example:
+    Examples:
         >>> result = ReplayResult(time_on=[0.004, 0.005, 0.004, 0.005], time_off=[0.001] * 4)
         >>> metrics, details = time_savings(result, batches=10, epoch_seconds=0.07)
         >>> round(metrics["time_saved_s"], 3), round(metrics["time_saved_pct"], 1), details["savings"]
@@ -298,7 +298,7 @@ def time_savings(result: ReplayResult, batches: int, epoch_seconds: float) -> tu
 def t_quantile_95(df: int) -> float:
     """The 97.5% quantile of Student's t with ``df`` degrees of freedom (a 95% two-sided interval).
 
-    Example:
+    Examples:
         >>> t_quantile_95(1), t_quantile_95(5), round(t_quantile_95(60), 3)
         (12.706, 2.571, 2.002)
     """
@@ -324,7 +324,7 @@ def savings_metrics(
     once time was measured, ``time_saved_s`` and ``time_saved_pct`` (:func:`time_savings`), with a
     caveat when CPU timings share the cores with other threads. ``untimed`` says why time is missing.
 
-    Example:
+    Examples:
         >>> result = ReplayResult(time_on=[0.004] * 6, time_off=[0.001] * 6, graph_bytes=2**20)
         >>> metrics, _ = savings_metrics(result, 10, 0.07, torch.device("cuda"), "not timed")
         >>> sorted(metrics)

@@ -41,7 +41,7 @@ class EpochRecord:
 class Report:
     """Everything a run found and measured.
 
-    Example:
+    Examples:
         >>> report = Report()
         >>> report.record_epoch("val", 0, 10, {"nograd/val/violations": 0.0})
         >>> report.to_dict()["epochs"][0]["metrics"]

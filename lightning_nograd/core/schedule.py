@@ -53,7 +53,7 @@ class ReplayBudget:
         min_repeats: fewest timed pairs worth running; below it time is not measured.
         max_repeats: most timed pairs one measurement takes when ``repeats`` is ``None``.
 
-    Example:
+    Examples:
         >>> budget = ReplayBudget(0.01, None, min_repeats=3, max_repeats=40)
         >>> budget.estimate_run("calls", memory_seconds=0.002)  # the memory replay's two runs: 1 ms a run
         >>> budget.can_time("calls", allowed=0.009), budget.can_time("calls", allowed=0.010)  # 4 + 2 x 3 runs

@@ -12,7 +12,7 @@ from types import FrameType
 def calling_hook(frame: FrameType | None, hook_names: frozenset[str]) -> str | None:
     """Name of the innermost function on the stack (from ``frame`` outwards) that is a hook.
 
-    Example:
+    Examples:
         >>> def validation_step():
         ...     return calling_hook(None, frozenset({"validation_step"}))
         >>> validation_step()

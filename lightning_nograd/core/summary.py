@@ -55,7 +55,7 @@ def summarise(report: Report, call: int | None = None) -> list[StageSummary]:
     Validation inside ``fit`` and a ``trainer.validate`` run are kept apart, and so are two calls of
     ``trainer.validate``.
 
-    Example:
+    Examples:
         >>> r = Report()
         >>> r.start_call()
         1

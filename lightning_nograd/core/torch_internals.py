@@ -479,7 +479,7 @@ def eager_module(module: nn.Module) -> nn.Module:
     Raises:
         MissingTorchInternal: a compile wrapper without its ``_orig_mod``.
 
-    Example:
+    Examples:
         >>> net = nn.Linear(2, 2)
         >>> eager_module(net) is net
         True
