@@ -9,7 +9,7 @@
 # measures those parts first and in that order, keeping the others from the last run on the same card.
 #
 # Writes to RESULTS_DIR: gpu_check.log (this script's steps), pytest_gpu.log, benchmarks.log and
-# results_gpu.tar.gz (benchmarks/results/gpu and the README with its GPU section filled in).
+# results_gpu.tar.gz (benchmarks/results/gpu and docs/benchmarks.md with its GPU section filled in).
 # Uses the python3 on PATH with torch and lightning installed; lightning_nograd from this checkout.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -47,12 +47,12 @@ timeout "${BENCH_TIMEOUT:-$left}" python3 -m benchmarks.run $quick ${BENCH_PARTS
     --out "$bench_out" > "$dir/benchmarks.log" 2>&1
 bench_rc=$?
 if [[ $bench_rc -eq 124 && -z "$quick" && -f "$bench_out/results.json" ]]; then
-    log "stopped at the time limit: the report and README from the parts that finished"
+    log "stopped at the time limit: the report and docs page from the parts that finished"
     python3 -m benchmarks.run --report-only --out "$bench_out" >> "$dir/benchmarks.log" 2>&1
 fi
 tail -n 60 "$dir/benchmarks.log"
 log "benchmarks exit code $bench_rc"
 
-tar czf "$dir/results_gpu.tar.gz" "$bench_out" README.md 2>/dev/null
+tar czf "$dir/results_gpu.tar.gz" "$bench_out" docs/benchmarks.md 2>/dev/null
 log "done: tests $tests_rc, benchmarks $bench_rc; results in $dir"
 exit $(( tests_rc != 0 || bench_rc != 0 ))

@@ -11,7 +11,7 @@ From eight to thirty minutes on 2 CPU cores, as busy as the machine is; ``--quic
 minute. On a GPU the same command
 measures CUDA time (synchronised) and the CUDA allocator's peak, counts the host-device
 synchronisations the callbacks cause (``benchmarks.gpu_sync``), writes to ``benchmarks/results/gpu``
-and fills the README's GPU section instead of the CPU one.
+and fills the GPU section of ``docs/benchmarks.md`` instead of the CPU one.
 """
 
 from __future__ import annotations
@@ -104,25 +104,25 @@ def plot(results: dict[str, Any], out: Path) -> list[str]:
     return [draw(results[name], out) for name, draw in drawers.items() if name in results]
 
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 
 
 def markers(cuda: bool) -> tuple[str, str]:
-    """The README markers between which this device's results go."""
+    """The markers of the docs' Benchmarks page between which this device's results go."""
     name = "benchmarks-gpu" if cuda else "benchmarks"
     return f"<!-- {name}:start -->", f"<!-- {name}:end -->"
 
 
 def update_readme(lines: list[str], out: Path, cuda: bool) -> None:
-    """Put the latest tables and plots between the benchmark markers of the README."""
+    """Put the latest tables and plots between the benchmark markers of the docs' Benchmarks page."""
     text = README.read_text()
     START, END = markers(cuda)
     if START not in text or END not in text:
         return
-    # no image links: the README is also the package index page, where repository paths do not resolve
+    # no image links: the plots live beside the results, outside the docs
     body = [line for line in lines[2:] if not line.startswith("![")]
     body.append(f"Plots: `{out.as_posix()}/*.png` in the source tree.")
-    body = [line.replace("## ", "#### ", 1) if line.startswith("## ") else line for line in body]
+    body = [line.replace("## ", "### ", 1) if line.startswith("## ") else line for line in body]
     before, rest = text.split(START, 1)
     _, after = rest.split(END, 1)
     README.write_text(before + START + "\n" + "\n".join(body).strip() + "\n" + END + after)

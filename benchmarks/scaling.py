@@ -28,7 +28,7 @@ Each configuration is fitted ``--repeats`` times (2; interleaved with the others
 loop's figures come from the fit whose own time was least: on a shared machine, other work only
 ever adds to a measured time, and single fits were seen to differ by a third.
 
-Writes ``scaling.json``, ``scaling.png`` and ``SCALING.md`` under ``--out`` and the README's
+Writes ``scaling.json``, ``scaling.png`` and ``SCALING.md`` under ``--out`` and the docs' Benchmarks page
 scaling section (between ``<!-- scaling:start -->`` and ``<!-- scaling:end -->``).
 """
 
@@ -69,7 +69,7 @@ EPOCHS = 2  # figures from the last: the first pays once-per-fit work
 TRAIN_HOOKS = ("on_train_batch_start", "on_before_zero_grad", "on_before_backward", "on_after_backward",
                "on_before_optimizer_step", "on_train_batch_end")  # fmt: skip
 VAL_HOOKS = ("on_validation_batch_start", "on_validation_batch_end")
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 START, END = "<!-- scaling:start -->", "<!-- scaling:end -->"
 
 
@@ -354,7 +354,7 @@ def main(argv: list[str] | None = None) -> None:
         before, rest = README.read_text().split(START, 1)
         _, after = rest.split(END, 1)
         try:
-            shown = out.resolve().relative_to(README.parent).as_posix()
+            shown = out.resolve().relative_to(README.parents[1]).as_posix()
         except ValueError:
             shown = out.as_posix()
         body = "\n".join([*lines, "", f"Plot: `{shown}/scaling.png` in the source tree."])

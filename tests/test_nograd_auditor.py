@@ -329,7 +329,7 @@ def test_the_readme_shows_the_real_defaults() -> None:
     import inspect
     import re
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[1] / "docs" / "reference" / "nograd-auditor.md").read_text()
     block = readme.split("NoGradAuditor(\n", 1)[1].split("\n)\n", 1)[0]
     shown = dict(re.findall(r"^\s+(\w+)=(.+?),\s+#", block, flags=re.M))
     parameters = inspect.signature(NoGradAuditor).parameters.values()

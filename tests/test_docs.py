@@ -1,0 +1,73 @@
+"""The README and the docs site say what the code does: the front page's shape, every finding kind,
+every argument and every metric named where the reference says it is."""
+
+from __future__ import annotations
+
+import inspect
+import re
+from pathlib import Path
+
+from lightning_nograd import BackpropGuard, EvalModeAuditor, NoGradAuditor, SavingsMonitor
+from lightning_nograd.callbacks import savings_monitor
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+
+
+def test_the_readme_is_a_front_page() -> None:
+    lines = (ROOT / "README.md").read_text().splitlines()
+    assert len(lines) <= 250
+    head = "\n".join(lines[:25])
+    # what it is, the two set-up commands and the one-line use, all within the first 25 lines
+    assert 'pip install -e ".[tensorboard]" && python examples/quickstart.py' in head
+    assert 'pip install -e ".[dev]" && python -m pytest -q' in head
+    assert "trainer = pl.Trainer(callbacks=[NoGradAuditor()])" in head
+    # the pictures and the pages it links to exist
+    text = "\n".join(lines)
+    for target in re.findall(r"\]\(([^)#]+)\)", text):
+        assert (ROOT / target).exists(), target
+
+
+def test_every_docs_page_is_in_the_site_and_every_link_resolves() -> None:
+    config = (ROOT / "mkdocs.yml").read_text()
+    pages = {p.relative_to(DOCS).as_posix() for p in DOCS.rglob("*.md")}
+    assert pages == set(re.findall(r":\s+([\w/-]+\.md)$", config, flags=re.M))
+    for page in DOCS.rglob("*.md"):
+        for target in re.findall(r"\]\(([^)#:]+)\)", page.read_text()):
+            assert (page.parent / target).exists(), (page.name, target)
+
+
+def test_every_finding_kind_has_its_section() -> None:
+    from lightning_nograd.core import kinds
+
+    # each kind's text is built by the function of its name in `core/kinds.py`
+    emitted = {name for name, f in vars(kinds).items() if inspect.isfunction(f) and f.__module__ == kinds.__name__}
+    emitted -= {"shown"}
+    assert len(emitted) >= 10, emitted
+    for path in (ROOT / "lightning_nograd").rglob("*.py"):
+        emitted |= set(re.findall(r'Finding\(\s*"([a-z_]+)"', path.read_text()))
+        emitted |= set(re.findall(r'GradientGap\(\s*"([a-z_]+)"', path.read_text()))
+        emitted |= set(re.findall(r'kind="([a-z_]+)"', path.read_text()))
+    page = (DOCS / "reference" / "findings.md").read_text()
+    documented = set(re.findall(r"^## `([a-z_]+)`$", page, flags=re.M))
+    assert {"train_mode", "grad_enabled", "no_grad_module", "param_without_grad"} <= documented
+    assert emitted <= documented, emitted - documented
+
+
+def test_every_argument_is_in_its_reference_page() -> None:
+    pages = {
+        NoGradAuditor: "nograd-auditor.md",
+        EvalModeAuditor: "eval-mode-auditor.md",
+        SavingsMonitor: "savings-monitor.md",
+        BackpropGuard: "backprop-guard.md",
+    }
+    for cls, page in pages.items():
+        text = (DOCS / "reference" / page).read_text()
+        for name in inspect.signature(cls).parameters:
+            assert f"{name}=" in text or f"`{name}`" in text, (cls.__name__, name)
+
+
+def test_every_savings_metric_is_in_the_metrics_table() -> None:
+    table = (DOCS / "reference" / "metrics.md").read_text()
+    for key in savings_monitor._KEYS:
+        assert f"| `nograd/{{stage}}/{key}` |" in table, key
