@@ -1,4 +1,4 @@
-"""``python -m lightning_nograd audit ...``: see :mod:`lightning_nograd.cli`."""
+"""``python -m lightning_nograd audit ...``: see ``lightning_nograd.cli``."""
 
 import sys
 

@@ -2,8 +2,8 @@
 
 * ``with audit(model) as report:`` around a plain PyTorch evaluation loop finds modules that run
   in train mode and forwards that record a graph, and measures what ``no_grad`` saves, into the
-  same :class:`~lightning_nograd.core.report.Report` the callbacks fill.
-* :func:`check_training_step` runs one training step's forward and backward and names what will
+  same ``lightning_nograd.core.report.Report`` the callbacks fill.
+* ``check_training_step`` runs one training step's forward and backward and names what will
   not learn, then puts the model back as it was.
 """
 
@@ -53,7 +53,7 @@ _LOOP = "evaluation loop"
 
 
 class _EvaluationAudit(Probe):
-    """The state behind :func:`audit`: probes on one model, batch boundaries at its forward."""
+    """The state behind ``audit``: probes on one model, batch boundaries at its forward."""
 
     def __init__(
         self,
@@ -191,7 +191,7 @@ def audit(
     Args:
         model: the model the loop calls.
         on_violation: ``"warn"``, ``"fix"`` (modules put in eval mode before their forward) or
-            ``"error"`` (:class:`~lightning_nograd.NoGradError` at the first violation).
+            ``"error"`` (``lightning_nograd.NoGradError`` at the first violation).
         allow_train_mode: regular expressions of module paths allowed to stay in train mode.
         allow_grad: regular expressions of module paths allowed to record a graph.
         monitor_savings: replay one batch to measure the savings when the block ends (the name
@@ -281,7 +281,7 @@ def check_training_step(
         allow: regular expressions of module paths never to report.
 
     Returns:
-        A :class:`~lightning_nograd.core.report.Report` whose ``findings`` name what will not learn.
+        A ``lightning_nograd.core.report.Report`` whose ``findings`` name what will not learn.
 
     Examples:
         >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))

@@ -114,7 +114,7 @@ class NoGradCallback(CallbackBase):
         """``base``, or ``base#N`` when another instance with the same settings is in use now.
 
         Only for Lightning's duplicate check when the ``Trainer`` is built, before any callback
-        sees its trainer; :meth:`setup` then sets the key from the order in the trainer's list. An
+        sees its trainer; ``setup`` then sets the key from the order in the trainer's list. An
         instance whose run ended (torn down) holds no number, so a fresh one in the same process (a
         notebook, a resuming script) gets the key a fresh process would give it.
         """
@@ -219,7 +219,7 @@ class NoGradCallback(CallbackBase):
 
     def _set_rank_zero(self, trainer: Trainer) -> None:
         """Only rank zero prints warnings; every rank records findings, and in a distributed run
-        names its rank in them (:meth:`_gather_findings` brings them together)."""
+        names its rank in them (``_gather_findings`` brings them together)."""
         self._findings.may_warn = is_global_zero(trainer)
         self._findings.rank = int(getattr(trainer, "global_rank", 0)) if world_size(trainer) > 1 else None
 
@@ -249,7 +249,7 @@ class NoGradCallback(CallbackBase):
         return {}
 
     def _merge_counts(self, counts: list[dict[str, list[str]]]) -> None:
-        """Take in every rank's :meth:`_shared_counts`."""
+        """Take in every rank's ``_shared_counts``."""
 
     def _switch_off(self, check: str, err: BaseException) -> None:
         """Turn ``check`` off after an internal failure, warning once."""

@@ -52,7 +52,7 @@ else:
         """
 
     class CallbackBase(_NoLightningYet):
-        """The ``Callback`` classes of the Lightning namespaces in use (see :func:`attach_lightning_bases`)."""
+        """The ``Callback`` classes of the Lightning namespaces in use (see ``attach_lightning_bases``)."""
 
     LightningModule = Any
     Trainer = Any

@@ -66,7 +66,7 @@ class BackpropGuard(NoGradCallback):
       and reach its step with no gradient (``grad is None``, or, where gradients are zeroed with
       ``set_to_none=False``, all-zero for ``zero_grad_steps`` consecutive steps) at 32 steps in a row
       or at every step of a training epoch, so that conditional computation (expert routing, LayerDrop,
-      a head used every few steps) is no finding (:mod:`~lightning_nograd.core.gradient_window`); under
+      a head used every few steps) is no finding (``lightning_nograd.core.gradient_window``); under
       DDP without ``find_unused_parameters`` at once, before DDP's own error; frozen parameters
       (``requires_grad=False``, or in no optimizer) are never a finding; a skipped step
       (``training_step`` returned ``None``) is not checked;
@@ -93,8 +93,8 @@ class BackpropGuard(NoGradCallback):
         ``nograd/train/eval_mode_modules``.
 
     Args:
-        on_violation: ``"warn"`` (a :class:`~lightning_nograd.BrokenBackpropWarning` per finding),
-            ``"error"`` (:class:`~lightning_nograd.NoGradError` at the first one), or ``"fix"``:
+        on_violation: ``"warn"`` (a ``lightning_nograd.BrokenBackpropWarning`` per finding),
+            ``"error"`` (``lightning_nograd.NoGradError`` at the first one), or ``"fix"``:
             modules whose eval mode leaked are put back in train mode; other findings are warned.
         allow: regular expressions (full match on ``named_modules()`` paths) of modules never to
             report; their submodules and parameters are allowed too.
@@ -464,7 +464,7 @@ class BackpropGuard(NoGradCallback):
     def _report_gaps(self, gaps: list[GradientGap], params: list[nn.Parameter]) -> None:
         """A module that ran only under ``no_grad`` is definite at once, and so is any gap under DDP without
         ``find_unused_parameters`` (its reducer stops the run at the next forward); any other is held until
-        the evidence is (:mod:`~lightning_nograd.core.gradient_window`)."""
+        the evidence is (``lightning_nograd.core.gradient_window``)."""
         index = self._gradients.index
         by_name = {index.name(p): p for p in params} if index is not None else {}
         for gap in gaps:

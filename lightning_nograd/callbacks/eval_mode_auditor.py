@@ -66,7 +66,7 @@ class EvalModeAuditor(EvaluationLoopCallback):
         on_violation: ``"warn"`` warns once per distinct finding; ``"fix"`` also puts offending
             modules in eval mode before their forward runs, for the rest of the stage (Lightning
             restores modes afterwards), other findings are warned; ``"error"`` raises
-            :class:`~lightning_nograd.NoGradError` at the first violation.
+            ``lightning_nograd.NoGradError`` at the first violation.
         allow_train_mode: regular expressions (full match on ``named_modules()`` paths) of modules
             that legitimately stay in train mode, e.g. MC dropout. Their submodules are allowed too.
         allow_grad: regular expressions of modules that legitimately record a graph while

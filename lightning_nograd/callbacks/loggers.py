@@ -33,7 +33,7 @@ class MetricSink:
         self._failed: set[int] = set()
 
     def emit(self, trainer: Trainer, metrics: dict[str, float], step: int) -> None:
-        """Log ``metrics`` at ``step`` to every logger (now, or at :meth:`flush` while holding)."""
+        """Log ``metrics`` at ``step`` to every logger (now, or at ``flush`` while holding)."""
         if not metrics:
             return
         if self.holding:
@@ -47,7 +47,7 @@ class MetricSink:
 
     @property
     def held(self) -> bool:
-        """Whether metrics wait for :meth:`flush`."""
+        """Whether metrics wait for ``flush``."""
         return bool(self._held)
 
     def flush(self) -> None:

@@ -38,8 +38,8 @@ PER_BATCH_HOOKS = (
 class NoGradAuditor(NoGradCallback):
     """Everything in one line: ``Trainer(callbacks=[NoGradAuditor()])``.
 
-    Runs :class:`EvalModeAuditor`, :class:`SavingsMonitor` and :class:`BackpropGuard` (each can be
-    switched off) with one shared :attr:`report`. After each ``fit``, ``validate`` and ``test`` call,
+    Runs ``EvalModeAuditor``, ``SavingsMonitor`` and ``BackpropGuard`` (each can be
+    switched off) with one shared ``report``. After each ``fit``, ``validate`` and ``test`` call,
     rank zero prints one compact table of that call (rich when installed): per stage, epochs, mean
     epoch time, peak memory, the memory and time saved, long notes as footnotes, and every finding
     not printed before, with its fix. The same summary
@@ -51,16 +51,16 @@ class NoGradAuditor(NoGradCallback):
     Args:
         on_violation: ``"warn"``, ``"fix"`` or ``"error"``, passed to the auditor and the guard.
         verbose: print the end-of-stage table (findings are warned either way).
-        audit_eval: run the :class:`EvalModeAuditor` part.
-        monitor_savings: run the :class:`SavingsMonitor` part.
-        guard_backprop: run the :class:`BackpropGuard` part.
-        allow_train_mode: see :class:`EvalModeAuditor`.
-        allow_grad: see :class:`EvalModeAuditor`.
-        allow: see :class:`BackpropGuard`.
+        audit_eval: run the ``EvalModeAuditor`` part.
+        monitor_savings: run the ``SavingsMonitor`` part.
+        guard_backprop: run the ``BackpropGuard`` part.
+        allow_train_mode: see ``EvalModeAuditor``.
+        allow_grad: see ``EvalModeAuditor``.
+        allow: see ``BackpropGuard``.
         budget: share of the run's time the timed savings replays may take (default 1.5%); the
             memory figures are measured at any budget (see the docs' SavingsMonitor page).
         repeats: timed on/off pairs per savings measurement, whatever the budget (``None``: as many
-            as ``budget`` allows); see :class:`SavingsMonitor`.
+            as ``budget`` allows); see ``SavingsMonitor``.
         report_path: where to write ``report.to_dict()`` as JSON after each stage (``None``: nowhere).
         savings_budget: deprecated name of ``budget`` (a ``FutureWarning``; removed in 0.3).
 

@@ -330,7 +330,7 @@ class SavingsMonitor(EvaluationLoopCallback):
     @guarded("replay")
     def _start_measurement(self, trainer: Trainer, pl_module: nn.Module) -> None:
         """Memory always (one replay with gradients on, one off); time as the budget allows
-        (:mod:`~lightning_nograd.core.schedule`). A measurement is reused while the recorded calls stay the same."""
+        (``lightning_nograd.core.schedule``). A measurement is reused while the recorded calls stay the same."""
         batches, self._recorded = self._recorded, []
         signature = tuple(call_signature(calls) for calls in batches)
         seconds_per_batch = sorted(self._batch_seconds)[len(self._batch_seconds) // 2]
@@ -471,7 +471,7 @@ def _shards_parameters(trainer: Trainer) -> bool:
 
 def _replay_refusal(trainer: Trainer, device: torch.device) -> str | None:
     """Why the replay must not run: under DeepSpeed (its engine runs module calls in ways a replay cannot
-    follow), or on this torch (:func:`~lightning_nograd.core.torch_internals.replay_refusal`)."""
+    follow), or on this torch (``lightning_nograd.core.torch_internals.replay_refusal``)."""
     name = type(getattr(trainer, "strategy", None)).__name__
     if "DeepSpeed" in name:
         return (

@@ -1,16 +1,16 @@
 """Framework-free pieces of the backprop guard: which parameters got no gradient and why.
 
-* :class:`ParamIndex` names parameters and groups them under the topmost module that lost them.
-* :class:`GradModeProbe` records, for one training step, whether given modules ran their forward
+* ``ParamIndex`` names parameters and groups them under the topmost module that lost them.
+* ``GradModeProbe`` records, for one training step, whether given modules ran their forward
   with gradients on; it uses a *global* forward pre-hook (installed only for that step), which
   does not switch off fused kernels the way per-module hooks do.
-* :class:`ZeroGradientStreaks` counts consecutive steps with an all-zero gradient per parameter,
+* ``ZeroGradientStreaks`` counts consecutive steps with an all-zero gradient per parameter,
   without stalling a CUDA device (one asynchronous copy per step, read once it has landed).
-* :func:`inference_tensors` finds buffers and tensor attributes created under inference mode.
-* :func:`eval_mode_under_trainable` finds dropout / batch-norm layers left in eval mode inside
+* ``inference_tensors`` finds buffers and tensor attributes created under inference mode.
+* ``eval_mode_under_trainable`` finds dropout / batch-norm layers left in eval mode inside
   trainable blocks (``from_pretrained`` models arrive that way).
-* :class:`GradientCheck` finds, step by step, the stepped parameters that got no gradient;
-  :class:`EvalModeLeaks` the modules an ``.eval()`` left in eval mode during training.
+* ``GradientCheck`` finds, step by step, the stepped parameters that got no gradient;
+  ``EvalModeLeaks`` the modules an ``.eval()`` left in eval mode during training.
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ class ParamIndex:
     def stepped(self, optimizer: torch.optim.Optimizer | None, allowed: Callable[[str], bool]) -> list[nn.Parameter]:
         """The parameters whose gradient a step must produce, in the optimizer's order: those of
         ``optimizer`` (``None``: every parameter of the model) owned by a module that is not ``allowed``.
-        Whether they require grad is read when they are checked (:func:`without_gradient`)."""
+        Whether they require grad is read when they are checked (``without_gradient``)."""
         if optimizer is None:
             candidates: Iterable[nn.Parameter] = self.params.values()
         else:
@@ -183,10 +183,10 @@ class _StepCheck:
 class ZeroGradientStreaks:
     """Consecutive observed steps in which each parameter's gradient was all zero.
 
-    :meth:`observe` queues one step's check: per device and dtype, one reduction to the largest
+    ``observe`` queues one step's check: per device and dtype, one reduction to the largest
     absolute value of each gradient (exact: a norm underflows to 0 for gradients around 1e-23 in
     float32), and on a CUDA device one asynchronous copy of one flag per parameter to pinned host
-    memory. :meth:`collect` reads the checks whose copy has landed, in step order, so a training
+    memory. ``collect`` reads the checks whose copy has landed, in step order, so a training
     step never waits for the device; ``wait=True`` (at the end of training) reads them all.
 
     Args:
@@ -345,7 +345,7 @@ def is_trained(param: torch.Tensor, trained: set[int] | None) -> bool:
 class Learning:
     """Which modules learn: one pass over a model, then an answer per module in constant time.
 
-    A module *learns* when a parameter anywhere below it learns (:func:`is_trained`); it is *frozen*
+    A module *learns* when a parameter anywhere below it learns (``is_trained``); it is *frozen*
     when none does, and a parameter-free one (dropout, an activation) goes with its parent. Each
     module's own parameters are read once, so a model of n modules and p parameters costs
     O(n + p), where asking every module's subtree costs O(n x p) (a deep ``nn.Sequential`` of
@@ -431,8 +431,8 @@ def eval_blocks(
     root: nn.Module, trained: set[int] | None = None, allowed: Callable[[str], bool] | None = None
 ) -> dict[str, set[int]]:
     """Blocks in eval mode that hold learning parameters: each topmost module in eval (the root, or one whose
-    parent is in train mode; not a layer switched alone, :func:`switched_alone`), mapped to the ``id``s of
-    its parameters that learn (:func:`is_trained`). ``allowed`` paths are left out. The blocks are disjoint,
+    parent is in train mode; not a layer switched alone, ``switched_alone``), mapped to the ``id``s of
+    its parameters that learn (``is_trained``). ``allowed`` paths are left out. The blocks are disjoint,
     so this reads each parameter once.
 
     Examples:
@@ -465,7 +465,7 @@ def eval_mode_under_trainable(
     Returns (topmost eval-mode module containing them, the layers), leaving out ``allowed`` paths.
     A frozen backbone in eval mode (parameters that do not require grad, or that no optimizer in
     ``trained`` steps) has no trainable parameters around its layers and is not returned, nor is a
-    layer switched to eval on its own (:func:`switched_alone`: frozen batch-norm statistics).
+    layer switched to eval on its own (``switched_alone``: frozen batch-norm statistics).
 
     Examples:
         >>> net = nn.Sequential(nn.Linear(2, 2), nn.Dropout()).eval()
@@ -631,20 +631,20 @@ def explain_gradient_gaps(
 class GradientCheck:
     """Which parameters a stepped optimizer holds reach its step with no gradient, at a cost that does not grow
     with the model: every parameter at an epoch's first step, then ``GRADIENT_WINDOW`` of them every
-    ``GRADIENT_EVERY``-th step, round robin (see :mod:`~lightning_nograd.core.cost`).
+    ``GRADIENT_EVERY``-th step, round robin (see ``lightning_nograd.core.cost``).
 
     Where gradients are zeroed with ``set_to_none=False`` a missing gradient is all zeros: that is
-    learnt right after ``zero_grad`` at the start of each epoch (:meth:`backward`: one parameter that
+    learnt right after ``zero_grad`` at the start of each epoch (``backward``: one parameter that
     had a gradient at the last full check is read, so one step decides it), and then
-    ``zero_grad_steps`` consecutive all-zero steps make a gradient missing (:class:`ZeroGradientStreaks`).
+    ``zero_grad_steps`` consecutive all-zero steps make a gradient missing (``ZeroGradientStreaks``).
     With ``set_to_none=True`` (Lightning's default) a zero gradient is a real one (pruned weights).
     A step with no backward and no gradient at all was skipped (``training_step`` returned ``None``).
     At each full check ``judge`` may name parameters that are frozen on purpose; they are not checked again.
 
-    Parameters found missing become *suspects* until explained (:meth:`take_suspects`); a suspect
+    Parameters found missing become *suspects* until explained (``take_suspects``); a suspect
     is explained once per epoch.
 
-    The loop calls :meth:`step` at each optimizer step, unless ``skip`` is positive: then the
+    The loop calls ``step`` at each optimizer step, unless ``skip`` is positive: then the
     step needs nothing (a run with one optimizer, between two checks, zeroing already read) and the
     loop only decrements ``skip`` and clears ``backward_seen``. A steady step so costs two attribute
     writes, whatever the model's size; a checked one makes few calls (while the CPU caches hold the
@@ -816,7 +816,7 @@ class GradientCheck:
         return self.keeps_zeros and checks > 0 and self.streaks.streak.get(id(param), 0) >= checks
 
     def hold(self, gap: GradientGap, params: list[nn.Parameter], batch_idx: int | None, epoch: int) -> None:
-        """Hold ``gap``'s parameters in the window (see :mod:`~lightning_nograd.core.gradient_window`);
+        """Hold ``gap``'s parameters in the window (see ``lightning_nograd.core.gradient_window``);
         read now, at the step after the one that found them: those with a gradient already are let go."""
         index = self.index
         if index is None:
@@ -890,10 +890,10 @@ class EvalModeLeaks:
     """Modules in eval mode during training although they were in train mode earlier: an ``.eval()``
     (a callback's, a hook's) that was not undone.
 
-    Modes are read only after some module's mode switched (:class:`~lightning_nograd.core.cost.ModeSwitches`);
+    Modes are read only after some module's mode switched (``lightning_nograd.core.cost.ModeSwitches``);
     a batch compares ``read_at`` with ``mode_switches.count`` and otherwise notes its hook in
     ``clean_at``. Frozen modules (no parameter of theirs learns) are left out: keeping them in eval is a choice.
-    So is a layer switched to eval on its own (:func:`switched_alone`: the usual way to freeze batch-norm
+    So is a layer switched to eval on its own (``switched_alone``: the usual way to freeze batch-norm
     statistics); it is not put back in train mode under ``on_violation="fix"`` either.
 
     Args:

@@ -1,9 +1,9 @@
 """What the per-batch checks cost, as counts rather than timings, and the mode-switch events they use.
 
-* :data:`visits` counts the modules and parameters every scan passes over. The scaling benchmark
+* ``visits`` counts the modules and parameters every scan passes over. The scaling benchmark
   and the tests read it: in steady state (after the first batch of each stage) a batch costs a
   number of visits that does not grow with the model.
-* :class:`ModeSwitches` learns that some module's mode changed from the change itself: while any
+* ``ModeSwitches`` learns that some module's mode changed from the change itself: while any
   check listens, ``nn.Module.train`` (which ``eval()`` calls) is wrapped by a forwarder that counts
   the calls that change a module's mode (a model that puts its batch-norm layers in eval on every
   forward, already in eval, moves nothing). A check rescans the modules' modes only when the count
@@ -45,7 +45,7 @@ class ModeSwitches:
     """A counter of the ``nn.Module.train`` calls that change a module's mode, alive while at least one
     owner listens. ``train()`` on a container calls it on each child, so a change anywhere is counted.
 
-    The count is the slot ``count`` of the one instance, :data:`mode_switches`: every batch hook
+    The count is the slot ``count`` of the one instance, ``mode_switches``: every batch hook
     reads it, and on Python 3.11 a slot is read in a few cached steps where a class attribute takes a
     full lookup (about 2 µs a read when the CPU caches hold a large model).
 
@@ -64,7 +64,7 @@ class ModeSwitches:
         True
 
     An owner that can be weakly referenced (any instance of a class without ``__slots__``) and is
-    dropped without :meth:`stop` (a run that died between its set-up and its teardown) stops
+    dropped without ``stop`` (a run that died between its set-up and its teardown) stops
     listening as it is freed.
     """
 
@@ -77,7 +77,7 @@ class ModeSwitches:
 
     @staticmethod
     def listen(owner: object) -> None:
-        """Start counting (idempotent per owner). An owner collected without :meth:`stop` stops then."""
+        """Start counting (idempotent per owner). An owner collected without ``stop`` stops then."""
         key = id(owner)
         if key not in ModeSwitches._owners:
             ModeSwitches._owners.add(key)

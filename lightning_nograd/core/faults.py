@@ -1,10 +1,10 @@
 """The one way an internal failure is handled wherever it happens: one warning, that check off, the run goes on.
 
 Probe hooks run inside the user's forward (global forward hooks, saved-tensor hooks). Registered
-through :func:`isolated`, an exception in them never reaches the user's code: the probe's
+through ``isolated``, an exception in them never reaches the user's code: the probe's
 ``on_error`` gets it (the callbacks switch that check off with one warning), or, with no handler,
-it becomes one :class:`~lightning_nograd.NoGradWarning`; the probe then does nothing more.
-:class:`~lightning_nograd.NoGradError`, raised because the user asked a run to stop, passes.
+it becomes one ``lightning_nograd.NoGradWarning``; the probe then does nothing more.
+``lightning_nograd.NoGradError``, raised because the user asked a run to stop, passes.
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def isolating(
     skip: Callable[[S], bool], fault: Callable[[S, Exception], None]
 ) -> Callable[[Callable[Concatenate[S, P], R]], Callable[Concatenate[S, P], R | None]]:
     """A decorator that makes a method safe to call from the user's run: nothing while ``skip(self)``,
-    :class:`~lightning_nograd.NoGradError` passes (the user asked to stop), any other failure goes to
+    ``lightning_nograd.NoGradError`` passes (the user asked to stop), any other failure goes to
     ``fault(self, err)`` and the method returns ``None``. The callbacks' ``guarded(check)`` is one."""
 
     def decorate(method: Callable[Concatenate[S, P], R]) -> Callable[Concatenate[S, P], R | None]:

@@ -72,7 +72,7 @@ class Finding:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Finding:
-        """The finding :meth:`to_dict` described (its ``message`` is derived, not read)."""
+        """The finding ``to_dict`` described (its ``message`` is derived, not read)."""
         fields = {name: data[name] for name in cls.__dataclass_fields__ if name in data}
         fields["ranks"] = tuple(int(rank) for rank in data.get("ranks", ()))
         return cls(**fields)
@@ -191,7 +191,7 @@ class FindingLog:
         # called with (old, new) when other ranks saw a finding this one holds already
         self.rank_listeners: list[Callable[[Finding, Finding], None]] = []
         self.rank: int | None = None  # this process's rank in a distributed run
-        self._unshared: list[Finding] = []  # new here since the last :meth:`export`
+        self._unshared: list[Finding] = []  # new here since the last ``export``
 
     def add(self, finding: Finding) -> bool:
         """Record ``finding``; warn or raise when it is new. Returns whether it was new."""
@@ -240,7 +240,7 @@ class FindingLog:
         }
 
     def merge(self, exported: list[dict[str, Any]]) -> None:
-        """Take in every rank's :meth:`export` (this rank's own included, and skipped): a finding new
+        """Take in every rank's ``export`` (this rank's own included, and skipped): a finding new
         here is warned once (where warnings are printed), one held already gains the ranks that saw
         it too, and each epoch's distinct findings become those of all ranks."""
         for rank, payload in enumerate(exported):
@@ -256,7 +256,7 @@ class FindingLog:
         self._epoch_keys[stage] = set()
 
     def epoch_count(self, stage: str, kinds: frozenset[str] | None = None) -> int:
-        """Distinct findings of ``stage`` seen since :meth:`start_epoch` (optionally of some kinds)."""
+        """Distinct findings of ``stage`` seen since ``start_epoch`` (optionally of some kinds)."""
         keys = self._epoch_keys.get(stage, set())
         return sum(1 for key in keys if kinds is None or key[0] in kinds)
 

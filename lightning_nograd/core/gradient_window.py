@@ -8,7 +8,7 @@ chance, so a parameter found without a gradient is *held* here, and checked at e
 its optimizer, until the evidence is definite:
 
 * it got a gradient at some step: it learns, only not every step; dropped without a word;
-* it got none at :data:`NO_GRADIENT_STEPS` steps in a row: reported (an expert that gets a token
+* it got none at ``NO_GRADIENT_STEPS`` steps in a row: reported (an expert that gets a token
   in two steps of three misses 32 in a row with a chance of 5e-16, a block dropped three times in
   ten 2e-17, and a head used every 4th step never does);
 * it got none at any step of a whole training epoch: reported at the epoch's end, so a branch that

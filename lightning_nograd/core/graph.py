@@ -1,6 +1,6 @@
 """Detects autograd graphs built where none should be, and tensors that keep graphs alive.
 
-:class:`GraphProbe` installs ``torch.autograd.graph.saved_tensors_hooks`` for a whole evaluation
+``GraphProbe`` installs ``torch.autograd.graph.saved_tensors_hooks`` for a whole evaluation
 stage. Autograd calls the pack hook only when it saves a tensor for backward, i.e. only when a
 graph is really being built, so a correct model pays nothing and no module hook is needed. When
 the hook does fire, the Python stack names the innermost module whose forward is running and the
@@ -100,7 +100,7 @@ class GraphProbe(Probe):
         root: the model; modules are named by their ``named_modules()`` path in it.
         hook_names: names of the functions that count as hooks (``validation_step``, ...).
         report: receives each graph found, with the modules that recorded it; may raise to stop
-            the run. Called from :meth:`flush` with one merged graph per hook and batch, or, with
+            the run. Called from ``flush`` with one merged graph per hook and batch, or, with
             ``report_at_once``, as soon as a (module, hook) first records in a batch.
         is_allowed: modules for which building a graph is legitimate (saliency, physics).
         report_at_once: report while the forward runs (``on_violation="error"`` stops there).
@@ -159,7 +159,7 @@ class GraphProbe(Probe):
         self._model_read = True
 
     def stop(self) -> None:
-        """Stop receiving saved tensors (forgetting what was not flushed); :meth:`start` resumes cheaply."""
+        """Stop receiving saved tensors (forgetting what was not flushed); ``start`` resumes cheaply."""
         if self.active:
             HUB.unregister(self)
             self.active = False
@@ -183,7 +183,7 @@ class GraphProbe(Probe):
 
     @isolated_method
     def flush(self) -> None:
-        """Report this batch's graphs (one per hook, see :meth:`grouped_events`) and reset."""
+        """Report this batch's graphs (one per hook, see ``grouped_events``) and reset."""
         if not self._batch_events:
             return
         grouped = self.grouped_events()
@@ -262,18 +262,18 @@ class GraphProbe(Probe):
 class StrayGraphWatch(Probe):
     """Watches the stretches between training steps for forwards that record an autograd graph.
 
-    A :class:`GraphProbe` names the module and hook, but installing and removing its saved-tensor
+    A ``GraphProbe`` names the module and hook, but installing and removing its saved-tensor
     hooks around every training step costs a few microseconds a batch, more as the model grows (the
     CPU caches then hold the model). So the probe watches the first stretch of each epoch and the
     stretch after each validation; every other stretch is watched by autograd's own node counter
-    (:data:`~lightning_nograd.core.torch_internals.node_counter`), read once as it starts and once
+    (``lightning_nograd.core.torch_internals.node_counter``), read once as it starts and once
     as it ends; on a torch without that counter the probe watches every stretch. When the counter
     moved, the probe watches the stretches that follow until it names the graph: a forward outside
     the step is named the first time it runs in a watched stretch, or the next time it runs after that.
 
     A loop may take the counter's fast path itself, with no call: while ``counts_for`` is the model,
     a stretch begins with ``counter_at = torch_internals.node_counter()``; it ends with
-    ``counter_at = None`` when the counter still equals ``counter_at``, and otherwise with :meth:`close`.
+    ``counter_at = None`` when the counter still equals ``counter_at``, and otherwise with ``close``.
 
     Args:
         new_probe: builds the probe for a model (its ``report`` receives the graphs found).
@@ -595,7 +595,7 @@ class KeptTensors:
 class AttributeTensors:
     """Tensors a model keeps in plain attributes across evaluation epochs (``self.outputs.append(...)``).
 
-    :meth:`epoch_start` and :meth:`epoch_end` are called around each evaluation epoch. A collection
+    ``epoch_start`` and ``epoch_end`` are called around each evaluation epoch. A collection
     *grows* when it was not cleared since the last epoch of the same stage ended (it holds at least
     as many tensors at this epoch's start) and gained more than one tensor, or 1 MiB, in this epoch.
 

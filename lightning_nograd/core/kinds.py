@@ -1,7 +1,7 @@
 """What each finding kind says: one constructor per kind, for the callbacks and the plain-PyTorch API.
 
-Each function returns an :class:`Explanation` (problem, fix, details); the caller adds where
-and when it happened (stage, hook, batch) to make a :class:`~lightning_nograd.core.findings.Finding`.
+Each function returns an ``Explanation`` (problem, fix, details); the caller adds where
+and when it happened (stage, hook, batch) to make a ``lightning_nograd.core.findings.Finding``.
 Where the right fix depends on what was observed (a module already in train mode as the batch
 started, or switched to it inside; gradients on around the whole loop, or enabled inside it),
 the constructor takes that observation, never the caller's framework: the same bug gets the same

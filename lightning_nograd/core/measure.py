@@ -101,7 +101,7 @@ class EpochClock:
             self._paused_at = None
 
     def stop(self) -> float:
-        """Seconds since :meth:`start`, minus pauses."""
+        """Seconds since ``start``, minus pauses."""
         synchronize(self.device)
         return time.perf_counter() - self._started - self._paused_total
 
@@ -132,8 +132,8 @@ class EpochPeakMemory:
     """Peak memory of an epoch: the CUDA allocator peak on GPU, the peak process RSS on CPU.
 
     On Linux the kernel's RSS high-water mark is reset at epoch start (``/proc/self/clear_refs``);
-    elsewhere the RSS is sampled at every :meth:`sample` call. Our own replays are excluded:
-    :meth:`pause` banks the peak so far and :meth:`resume` resets the counter.
+    elsewhere the RSS is sampled at every ``sample`` call. Our own replays are excluded:
+    ``pause`` banks the peak so far and ``resume`` resets the counter.
     """
 
     def __init__(self, device: torch.device) -> None:
@@ -292,7 +292,7 @@ def _native_stderr_silenced() -> Iterator[None]:
 
 
 def profiler_available() -> bool:
-    """Whether :func:`allocator_peak_bytes` can run: no profiler of the user's is active (and this
+    """Whether ``allocator_peak_bytes`` can run: no profiler of the user's is active (and this
     torch can tell)."""
     return torch_internals.allocator_events_usable()
 
@@ -334,9 +334,9 @@ def allocator_peak_bytes(run: Callable[[], Any]) -> int:
 def peak_bytes_of(run: Callable[[], Any], device: torch.device) -> int:
     """Peak memory that ``run()`` needs above what was allocated before it (exact).
 
-    CUDA: allocator peak; CPU: the allocator's own events (:func:`allocator_peak_bytes`), or
-    :class:`LiveTensorMemory` (tensors that ops return) while a profiler of the user's is active or on
-    a torch without the allocator's events (:mod:`~lightning_nograd.core.torch_internals`).
+    CUDA: allocator peak; CPU: the allocator's own events (``allocator_peak_bytes``), or
+    ``LiveTensorMemory`` (tensors that ops return) while a profiler of the user's is active or on
+    a torch without the allocator's events (``lightning_nograd.core.torch_internals``).
     Whatever ``run`` returns is dropped before the measurement ends, as a step's graph would be.
     """
     if device.type == "cuda":

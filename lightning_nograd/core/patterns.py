@@ -24,13 +24,13 @@ def user_path(path: str) -> str:
 
 
 def named_modules(root: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """``root.named_modules()`` with the paths the user wrote (see :func:`user_path`)."""
+    """``root.named_modules()`` with the paths the user wrote (see ``user_path``)."""
     for path, module in root.named_modules():
         yield user_path(path), module
 
 
 def mode_modules(root: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """:func:`named_modules` whose train / eval mode matters: a ``torch.compile`` wrapper runs its eager
+    """``named_modules`` whose train / eval mode matters: a ``torch.compile`` wrapper runs its eager
     module, whose modes do, and torch 2.4 leaves the wrapper's own flag as it was when compiled.
 
     Examples:

@@ -1,8 +1,8 @@
 """The replay that measures what disabling gradients saves, on the user's own model and data.
 
-:class:`CallRecorder` records, during one evaluation batch, the outermost calls of the modules
+``CallRecorder`` records, during one evaluation batch, the outermost calls of the modules
 that do the model's work (modules with parameters; not metrics, not parameter-free layers) with
-their inputs. :func:`replay` then runs exactly those calls again with gradients on and off,
+their inputs. ``replay`` then runs exactly those calls again with gradients on and off,
 interleaved and repeated, in eval mode, with RNG state restored, and measures time, graph bytes
 and peak memory. No user hook or step is re-run.
 """
@@ -89,7 +89,7 @@ def call_hooks(
     """Global hooks around every module call, isolated as ``probe``'s: ``pre(module, args)`` and
     ``post(module, args, kwargs, output)``, the latter also when the forward raises (``output`` None).
     ``kwargs`` is ``None`` where they are not known: the forward raised, or they cannot be read
-    (see :func:`~lightning_nograd.core.torch_internals.register_forward_hook_with_kwargs`).
+    (see ``lightning_nograd.core.torch_internals.register_forward_hook_with_kwargs``).
 
     Global hooks, unlike per-module ones, leave fused kernels (``nn.TransformerEncoderLayer``) on.
     """
@@ -193,7 +193,7 @@ class ReplayResult:
 
     @property
     def half_width(self) -> float | None:
-        """Half-width of the 95% interval of :attr:`saved_per_batch` (Student's t over the paired
+        """Half-width of the 95% interval of ``saved_per_batch`` (Student's t over the paired
         differences); ``None`` with fewer than two pairs.
 
         Examples:
@@ -321,7 +321,7 @@ def savings_metrics(
     """The savings metrics of one epoch (keys without the ``nograd/{stage}/`` prefix) and their details.
 
     For ``SavingsMonitor`` and ``audit()`` alike: ``graph_memory_mib``, ``memory_saved_mib`` and,
-    once time was measured, ``time_saved_s`` and ``time_saved_pct`` (:func:`time_savings`), with a
+    once time was measured, ``time_saved_s`` and ``time_saved_pct`` (``time_savings``), with a
     caveat when CPU timings share the cores with other threads. ``untimed`` says why time is missing.
 
     Examples:
@@ -416,7 +416,7 @@ def _user_hooks_off(roots: list[nn.Module]) -> UserHooksOff:
     """No forward or backward hook of the user's (module-level or global) fires inside the block.
 
     A replay re-runs module calls: a feature-capture or statistics hook would see them as real
-    batches. Only the hooks PyTorch runs the modules with stay (:func:`torch_runs_the_module`).
+    batches. Only the hooks PyTorch runs the modules with stay (``torch_runs_the_module``).
     """
     weight_hooks = _weight_hook_types()
     modules = {id(m): m for root in roots for m in root.modules()}.values()
@@ -493,9 +493,9 @@ def _timed_runs(
 class Replay:
     """Replays one batch's recorded calls, a little at a time.
 
-    :meth:`measure_memory` runs once (graph bytes and both peaks; :attr:`memory_run_seconds` is
+    ``measure_memory`` runs once (graph bytes and both peaks; ``memory_run_seconds`` is
     what its two runs took, the profiler's start and stop left out);
-    :meth:`time_pairs` adds settled on/off timings, a block per grad mode; each later epoch that
+    ``time_pairs`` adds settled on/off timings, a block per grad mode; each later epoch that
     adds pairs starts with the other mode, so a slow moment of the machine does not always fall on
     the same side.
 
@@ -550,7 +550,7 @@ class Replay:
         self._guarded(work)
 
     def _clocked(self, run: Callable[[], Any]) -> Callable[[], Any]:
-        """``run``, adding what it takes to :attr:`memory_run_seconds`."""
+        """``run``, adding what it takes to ``memory_run_seconds``."""
 
         def clocked() -> Any:
             start = time.perf_counter()
@@ -565,7 +565,7 @@ class Replay:
     def time_pairs(self, pairs: int, deadline: float | None = None) -> None:
         """Add up to ``pairs`` timed on/off pairs as two blocks, one per grad mode, each after its settling
         runs; which mode goes first alternates from block to block. A ``deadline`` that passes ends the
-        blocks early (only complete pairs are kept); :attr:`run_seconds` is then what one run cost."""
+        blocks early (only complete pairs are kept); ``run_seconds`` is then what one run cost."""
 
         def work() -> None:
             first = self._blocks % 2 == 0

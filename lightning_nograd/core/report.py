@@ -69,7 +69,7 @@ class Report:
         """Add measurements; those of the same Trainer call, stage, epoch and step are merged.
 
         Callbacks sharing this report (the parts of ``NoGradAuditor``) each record the epoch they
-        watched; a second Trainer call (:meth:`start_call`) starts new records even where the
+        watched; a second Trainer call (``start_call``) starts new records even where the
         epoch and step repeat.
         """
         last = self.epochs[-1] if self.epochs else None
@@ -99,7 +99,7 @@ class Report:
         }
 
     def write_json(self, path: str | Path) -> None:
-        """Write :meth:`to_dict` to ``path`` as JSON (parents created)."""
+        """Write ``to_dict`` to ``path`` as JSON (parents created)."""
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True))

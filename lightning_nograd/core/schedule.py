@@ -1,8 +1,8 @@
 """When the savings replays run and how many timed pairs they take: the measurement budget.
 
-:class:`ReplayBudget` keeps the replays within a share of the run (of the whole ``fit`` where its length
+``ReplayBudget`` keeps the replays within a share of the run (of the whole ``fit`` where its length
 is known) and learns what one run of each set of recorded calls costs (estimated from the memory
-replay, then measured by the timed runs). :class:`Measurement` is one measurement: memory first, then
+replay, then measured by the timed runs). ``Measurement`` is one measurement: memory first, then
 as many timed pairs as the budget covers, as one block per grad mode. Framework-free:
 ``SavingsMonitor`` feeds it batches and reads the result.
 """
@@ -136,7 +136,7 @@ class Measurement:
     Args:
         budget: the run's budget; every second spent here is added to it.
         batches: the recorded calls of each batch to replay.
-        signature: what the measurement depends on (:func:`call_signature` of each batch).
+        signature: what the measurement depends on (``call_signature`` of each batch).
         device: where the model runs.
         exclude: storages of parameters and buffers (never counted as graph memory).
         allowed: seconds this measurement may take.

@@ -1,6 +1,6 @@
 """Per-stage summaries of a report, and their text rendering (rich when installed, plain otherwise).
 
-Data first (:func:`summarise`), presentation second (:func:`render`), as a report's readers need
+Data first (``summarise``), presentation second (``render``), as a report's readers need
 one or the other: dashboards the numbers, people the table.
 """
 
@@ -49,7 +49,7 @@ STAGES = ("train", "val", "test")
 
 
 def summarise(report: Report, call: int | None = None) -> list[StageSummary]:
-    """One :class:`StageSummary` per Trainer call and stage with epochs in ``report`` (only ``call``'s, if
+    """One ``StageSummary`` per Trainer call and stage with epochs in ``report`` (only ``call``'s, if
     given), in the order of the calls, then training, validation, test.
 
     Validation inside ``fit`` and a ``trainer.validate`` run are kept apart, and so are two calls of

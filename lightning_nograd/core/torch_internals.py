@@ -1,13 +1,13 @@
 """Every private PyTorch API lightning-nograd uses, looked up in one place.
 
 PyTorch may move or drop a private API in any release. Each one the package uses is looked up here,
-when ``lightning_nograd`` is imported (and again by :func:`resolve`), and used nowhere else: the rest
-of the package calls the names below. :data:`INTERNALS` says, for each, what it is for and what
+when ``lightning_nograd`` is imported (and again by ``resolve``), and used nowhere else: the rest
+of the package calls the names below. ``INTERNALS`` says, for each, what it is for and what
 happens on a torch without it. A missing one never breaks the import or any other check: where a
 public API does the same, that is used instead; where the loss is real (a figure not measured, a
-module not named), the callbacks say so once, when they are built (:func:`warn_missing`), and the
+module not named), the callbacks say so once, when they are built (``warn_missing``), and the
 check that needs it is skipped with that reason. One that is there but behaves differently fails
-inside the check that uses it, which is switched off with one warning (:mod:`~lightning_nograd.core.faults`).
+inside the check that uses it, which is switched off with one warning (``lightning_nograd.core.faults``).
 
 Checked on torch 2.4.0 (Python 3.10), 2.13.0 (Python 3.11) and 2.14.1 (Python 3.13), the versions
 CI runs the suite on. ``tests/core/test_torch_internals.py`` removes each one in turn.
@@ -38,7 +38,7 @@ CHECKED_ON = "torch 2.4.0, 2.13.0 and 2.14.1"
 
 
 class MissingTorchInternal(RuntimeError):
-    """A check needs a PyTorch internal that this torch lacks (see :data:`INTERNALS`)."""
+    """A check needs a PyTorch internal that this torch lacks (see ``INTERNALS``)."""
 
 
 @dataclass(frozen=True)
@@ -143,7 +143,7 @@ INTERNALS: dict[str, TorchInternal] = {
         "memory and time savings of compiled modules are not measured",
     ),
 }
-"""Every private PyTorch API in use; the key is what the rest of the package asks :func:`available` about.
+"""Every private PyTorch API in use; the key is what the rest of the package asks ``available`` about.
 (``Class()._name`` is an attribute of each instance, looked up on a fresh ``nn.Module``; ``orig_mod`` is
 read where a compiled module is met, since importing ``torch._dynamo`` up front costs seconds.)"""
 
@@ -186,7 +186,7 @@ CALL_IMPL_CODE: CodeType | None = None
 FORWARD_HOOKS_TAKE_KWARGS = False
 """Whether global forward hooks can receive a call's keyword arguments (``with_kwargs``, after torch 2.4)."""
 LiveTensorMemoryBase: type = object
-"""``TorchDispatchMode``, the base :class:`~lightning_nograd.core.measure.LiveTensorMemory` needs."""
+"""``TorchDispatchMode``, the base ``lightning_nograd.core.measure.LiveTensorMemory`` needs."""
 
 _push_saved: Callable[..., None] | None = None
 _pop_saved: Callable[[], None] | None = None
@@ -235,7 +235,7 @@ def resolve() -> None:
 
 
 def available(key: str) -> bool:
-    """Whether the internal ``key`` of :data:`INTERNALS` was found."""
+    """Whether the internal ``key`` of ``INTERNALS`` was found."""
     return key not in _missing
 
 
@@ -258,7 +258,7 @@ _warned: set[str] = set()
 
 
 def warn_missing() -> None:
-    """Say once per process, for each internal this torch lacks, what that costs: a :class:`NoGradWarning`
+    """Say once per process, for each internal this torch lacks, what that costs: a ``NoGradWarning``
     (pointing at the user's line) where a finding or figure is lost, a log line where a public API does
     the same. The callbacks call this when they are built, ``audit()`` and ``check_training_step()`` as
     they start."""
@@ -439,7 +439,7 @@ def register_forward_hook_with_kwargs(
     ``hook`` itself. Where global hooks take no ``with_kwargs`` (torch 2.4) the keyword arguments are
     read from the ``_call_impl`` frame that calls the hook; ``kwargs`` is ``None`` where they cannot be
     read: while dynamo traces the call (frames are not there to read), or on a torch without that
-    frame (then :func:`replay_refusal` refuses replays).
+    frame (then ``replay_refusal`` refuses replays).
     """
     if FORWARD_HOOKS_TAKE_KWARGS:
         return nn.modules.module.register_module_forward_hook(isolate(hook), with_kwargs=True, always_call=True)
