@@ -609,3 +609,25 @@ def test_time_is_a_running_estimate_over_the_fit_with_its_interval(tmp_path: Pat
     # the 3 ms the slow module adds with gradients on is far outside the noise: the interval excludes 0
     last = epochs[-1].metrics
     assert last["nograd/val/time_saved_pct"] - last["nograd/val/time_saved_pct_err"] > 0
+
+
+class _LongTrainingSteps(Regressor):
+    """Training steps of 50 ms (a real model's), a validation forward of a small MLP: the fit (2.4 s and
+    more) is long enough for the default budget to pay for the timing replays, whatever the machine's speed."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        time.sleep(0.05)
+        return super().training_step(batch, batch_idx)
+
+
+def test_time_saved_from_the_first_validation_epoch_of_a_fit_at_the_defaults(tmp_path: Path) -> None:
+    auditor = NoGradAuditor(verbose=False)  # the defaults: 1.5% of the whole fit, projected from max_epochs
+    logger = CSVLogger(tmp_path, name="csv")
+    with nograd_warnings():
+        trainer(
+            tmp_path, [auditor], logger=logger, max_epochs=3, limit_train_batches=16, num_sanity_val_steps=0
+        ).fit(_LongTrainingSteps(), loader(n=128), loader(n=16))
+    epochs = [e for e in auditor.report.epochs if e.stage == "val"]
+    assert epochs[0].details["repeats"] >= 3, epochs[0].details  # `min_repeats` pairs in the first epoch
+    for key in ("time_saved_s", "time_saved_pct", "time_saved_pct_err"):
+        assert len(csv_values(Path(logger.log_dir), f"nograd/val/{key}")) == 3, key  # every epoch, the first too
