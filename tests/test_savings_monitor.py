@@ -624,9 +624,9 @@ def test_time_saved_from_the_first_validation_epoch_of_a_fit_at_the_defaults(tmp
     auditor = NoGradAuditor(verbose=False)  # the defaults: 1.5% of the whole fit, projected from max_epochs
     logger = CSVLogger(tmp_path, name="csv")
     with nograd_warnings():
-        trainer(
-            tmp_path, [auditor], logger=logger, max_epochs=3, limit_train_batches=16, num_sanity_val_steps=0
-        ).fit(_LongTrainingSteps(), loader(n=128), loader(n=16))
+        trainer(tmp_path, [auditor], logger=logger, max_epochs=3, limit_train_batches=16, num_sanity_val_steps=0).fit(
+            _LongTrainingSteps(), loader(n=128), loader(n=16)
+        )
     epochs = [e for e in auditor.report.epochs if e.stage == "val"]
     assert epochs[0].details["repeats"] >= 3, epochs[0].details  # `min_repeats` pairs in the first epoch
     for key in ("time_saved_s", "time_saved_pct", "time_saved_pct_err"):
