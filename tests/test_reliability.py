@@ -518,7 +518,7 @@ def test_the_readmes_architecture_map_matches_the_package() -> None:
 
 
 def test_the_declared_floors_are_the_versions_ci_tests() -> None:
-    """pyproject's floors, the README's matrix and the versions .ci/run installs are the same."""
+    """pyproject's floors, the docs' matrix and the versions .ci/run installs are the same."""
     import re
     import sys
 
