@@ -449,9 +449,9 @@ def _total_batches(trainer: Trainer, stage: str) -> int | None:
 
 def _projected_fit_seconds(trainer: Trainer, started: float) -> float | None:
     """How long the whole ``fit`` will take, from the epochs done so far and ``max_epochs`` (``None`` outside
-    ``fit``, in the sanity check, or without a finite ``max_epochs``)."""
+    ``fit`` or without a finite ``max_epochs``; never called for the sanity check)."""
     try:
-        if getattr(getattr(trainer, "state", None), "fn", None) != "fit" or is_sanity_checking(trainer):
+        if getattr(getattr(trainer, "state", None), "fn", None) != "fit":
             return None
         max_epochs = trainer.max_epochs
         if max_epochs is None or max_epochs < 1:

@@ -161,7 +161,6 @@ class Measurement:
         self.allowed = allowed
         self.memory_from = memory_from
         self.spent = 0.0
-        self.target = 0
         self._pause = pause
         with self._paused():
             self.sessions = [Replay(replayable(calls), device, exclude) for calls in batches]
@@ -221,7 +220,6 @@ class Measurement:
         estimated (a machine that got busy) stop at the budget, and the time is kept only if ``min_repeats``
         pairs were taken (else it is retried in a later epoch); without it every rank times the same pairs
         (the number was agreed beforehand)."""
-        self.target = pairs
         deadline = None
         if stop_at_budget and self.budget.repeats is None:
             deadline = time.perf_counter() + self.allowed - self.spent

@@ -179,8 +179,10 @@ def _labels(summaries: list[StageSummary]) -> list[str]:
 def rows(report: Report, call: int | None = None, notes: Footnotes | None = None) -> list[list[str]]:
     """The table's rows (one per Trainer call and stage): stage, epochs, mean epoch time, peak memory,
     graph memory, memory saved, time saved, problems. Long notes go to ``notes`` as footnotes."""
-    notes = notes if notes is not None else Footnotes()
-    summaries = summarise(report, call)
+    return _rows(summarise(report, call), notes if notes is not None else Footnotes())
+
+
+def _rows(summaries: list[StageSummary], notes: Footnotes) -> list[list[str]]:
     table = []
     for summary, label in zip(summaries, _labels(summaries), strict=True):
         peak = _fmt(summary.peak_memory_mib, " MiB", 1)
@@ -233,7 +235,8 @@ def render(
     ``incomplete`` says why the run stopped early: then no clean bill of health is printed.
     """
     notes = Footnotes()
-    table_rows = rows(report, call, notes)
+    summaries = summarise(report, call)
+    table_rows = _rows(summaries, notes)
     findings = [f"- {f.message}" for f in report.findings[findings_from:]]
     if use_rich:
         try:
@@ -258,7 +261,6 @@ def render(
             lines.append("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=False)).rstrip())
         text = "\n".join(lines) + "\n"
     text += "".join(f"{line}\n" for line in notes.lines())
-    summaries = summarise(report, call)
     caveats = sorted({s.timing_caveat for s in summaries if s.timing_caveat and s.time_saved_pct is not None})
     text += "".join(f"Note: {caveat}.\n" for caveat in caveats)
     if findings:
