@@ -1,6 +1,6 @@
 """Run a slice of Lightning's own tests twice, without and with ``NoGradAuditor()`` in every Trainer.
 
-    python -m lightning_suite [--tests TARBALL_OR_DIR] [--work DIR] [--timeout S]
+    python -m tests.lightning_suite [--tests TARBALL_OR_DIR] [--work DIR] [--timeout S]
 
 Both runs use the same pytest plugin (``lightning_suite.plugin``); they run side by side, one thread
 each. The step fails when a test's outcome differs between the two runs and the test is not in
@@ -154,7 +154,7 @@ def report(c: Comparison, allowlist: dict[str, str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lightning_suite", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tests.lightning_suite", description=__doc__.split("\n\n")[0])
     parser.add_argument("--tests", type=Path, default=DEFAULT_TESTS, help="tarball or folder holding `tests/`")
     parser.add_argument("--work", type=Path, default=None, help="where to extract and write logs (temp dir)")
     parser.add_argument("--timeout", type=int, default=300, help="per-test timeout in seconds")

@@ -1,4 +1,4 @@
-"""A pytest plugin for Lightning's own test suite (``-p lightning_suite.plugin``).
+"""A pytest plugin for Lightning's own test suite (``-p lightning_suite.plugin``, with ``tests/`` on the path).
 
 It records every test's outcome and how many ``Trainer`` objects it built to the JSON file named by
 ``NOGRAD_SUITE_OUTCOMES`` and, when ``NOGRAD_SUITE_INJECT=1``, appends a ``NoGradAuditor()`` (default
