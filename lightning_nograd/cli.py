@@ -93,14 +93,15 @@ def _build(cls: Any, kwargs: dict[str, Any], argument: str) -> Any:
 
 
 def _check_writable(path: str) -> None:
-    target = Path(path)
-    parent = target.resolve().parent
-    if target.is_dir():
+    """Refuse a ``--json`` no report can be written to, before anything trains; missing folders are created
+    when writing, as the callback's ``report_path`` does."""
+    from lightning_nograd.core.report import unwritable_reason
+
+    problem = unwritable_reason(Path(path))
+    if problem == "it is a directory":
         raise UsageError(f"--json must name a file, got the directory {path!r}")
-    if not parent.is_dir():
-        raise UsageError(f"--json cannot be written: the directory {str(parent)!r} does not exist")
-    if not os.access(parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
-        raise UsageError(f"--json cannot be written: no write permission for {path!r}")
+    if problem is not None:
+        raise UsageError(f"--json cannot be written to {path!r}: {problem}")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -197,7 +198,10 @@ def run_audit(args: argparse.Namespace) -> int:
             crashed = f"`trainer.{stage}` stopped with {_one_line(err)}"
     print(render(auditor.report, incomplete=crashed), end="")
     if args.json_path:
-        auditor.report.write_json(args.json_path)
+        try:
+            auditor.report.write_json(args.json_path)
+        except OSError as err:  # the path changed under the run: no traceback, and not the "findings" code
+            raise UsageError(f"--json could not be written to {args.json_path!r}: {err}") from None
         print(f"report written to {Path(args.json_path).resolve()}")
     if crashed:
         return INCOMPLETE

@@ -69,7 +69,7 @@ def test_clean_model_exits_zero() -> None:
 
 
 def test_findings_exit_one_and_json_report(tmp_path: Path) -> None:
-    report = tmp_path / "report.json"
+    report = tmp_path / "reports" / "ci" / "report.json"  # missing folders are created, as `report_path` does
     done = cli(
         "audit",
         "examples.quickstart:Classifier",
@@ -171,7 +171,9 @@ DATA = ("--data", "examples.quickstart:SyntheticData")
 
 def test_exit_codes_and_one_line_messages(tmp_path: Path) -> None:
     (tmp_path / "problem_models.py").write_text(PROBLEM_MODELS)
-    unwritable = tmp_path / "no_such_dir" / "report.json"
+    unwritable = Path("/proc/nograd/report.json")  # a pseudo file system: no permission bit says so
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
     cases = [
         (
             ("problem_models:NeedsPositiveWidth", *DATA, "--init-args", '{"hidden": -4}'),
@@ -189,7 +191,13 @@ def test_exit_codes_and_one_line_messages(tmp_path: Path) -> None:
             ("problem_models:NeedsPositiveWidth", *DATA, "--json", str(unwritable)),
             2,
             "stderr",
-            "--json cannot be written: the directory",
+            "--json cannot be written to '/proc/nograd/report.json': '/proc' is not writable",
+        ),
+        (
+            ("problem_models:NeedsPositiveWidth", *DATA, "--json", str(blocker / "report.json")),
+            2,
+            "stderr",
+            "is not a directory",
         ),
         (
             ("problem_models:NeedsPositiveWidth", "--data", "problem_models:NotADataModule"),

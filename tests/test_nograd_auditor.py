@@ -267,6 +267,10 @@ def test_report_path_that_can_never_be_written_is_refused_at_construction(tmp_pa
     with pytest.raises(ValueError, match=r"`report_path` to be a file path, but got the directory"):
         NoGradAuditor(report_path=tmp_path)
     NoGradAuditor(report_path=tmp_path / "not" / "yet" / "there.json")  # parents are created when writing
+    # tried for real: root passes every permission check, and /proc takes no files whatever its bits say
+    with pytest.raises(ValueError, match=r"`report_path` to be a writable file path, but got '/proc/x.json'"):
+        NoGradAuditor(report_path="/proc/x.json")
+    assert not list(tmp_path.glob(".lightning-nograd-*")), "the probe file is removed"
 
 
 class CrashesInSecondEpoch(Regressor):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
@@ -20,6 +19,7 @@ from lightning_nograd.callbacks.savings_monitor import SavingsMonitor
 from lightning_nograd.core.arguments import check_bool, check_float, check_int
 from lightning_nograd.core.findings import FindingLog, OnViolation, user_stacklevel
 from lightning_nograd.core.patterns import NamePatterns
+from lightning_nograd.core.report import unwritable_reason
 from lightning_nograd.core.summary import render, summarise
 from lightning_nograd.errors import NoGradWarning
 
@@ -383,14 +383,11 @@ def _check_path(value: Any) -> Path | None:
     if not isinstance(value, (str, Path)) or not str(value):
         raise TypeError(f"Expected argument `report_path` to be a file path or None, but got {value!r}.")
     path = Path(value)
-    if path.is_dir():
+    problem = unwritable_reason(path)
+    if problem == "it is a directory":
         raise ValueError(f"Expected argument `report_path` to be a file path, but got the directory {str(value)!r}.")
-    existing = path.absolute().parent
-    while not existing.exists():  # the parents that do not exist yet are created when writing
-        existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK):
+    if problem is not None:
         raise ValueError(
-            f"Expected argument `report_path` to be a writable file path, but got {str(value)!r}: "
-            f"{str(existing)!r} is {'not a directory' if not existing.is_dir() else 'not writable'}."
+            f"Expected argument `report_path` to be a writable file path, but got {str(value)!r}: {problem}."
         )
     return path

@@ -6,6 +6,8 @@ Presentation (tables, files, loggers) lives elsewhere; this module only holds an
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,3 +105,31 @@ class Report:
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True))
+
+
+def unwritable_reason(path: Path) -> str | None:
+    """Why a report can never be written at ``path``, or ``None`` when it can (missing parent folders
+    are created when writing, as ``write_json`` does).
+
+    Tried for real, by creating and removing a file, rather than read from permission bits: root passes
+    every permission check, and pseudo file systems such as ``/proc`` refuse files whatever they report.
+    """
+    if path.is_dir():
+        return "it is a directory"
+    existing = path.absolute().parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{str(existing)!r} is not a directory"
+    try:
+        if path.exists():
+            with path.open("a"):
+                pass
+        else:
+            handle, probe = tempfile.mkstemp(dir=existing, prefix=".lightning-nograd-")
+            os.close(handle)
+            os.unlink(probe)
+    except OSError as err:
+        where = str(path) if path.exists() else str(existing)
+        return f"{where!r} is not writable ({err.strerror or err})"
+    return None
