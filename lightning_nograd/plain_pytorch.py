@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import time
-import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -177,8 +176,6 @@ def audit(
     allow_grad: Iterable[str] = (),
     monitor_savings: bool = True,
     repeats: int = 10,
-    *,
-    measure_savings: bool | None = None,
 ) -> Iterator[Report]:
     """Audit a plain PyTorch evaluation loop: ``with audit(model) as report: ...``.
 
@@ -197,7 +194,6 @@ def audit(
         monitor_savings: replay one batch to measure the savings when the block ends (the name
             ``NoGradAuditor`` uses for its savings part).
         repeats: timed on/off pairs for the time measurement.
-        measure_savings: deprecated name of ``monitor_savings`` (a ``FutureWarning``; removed in 0.3).
 
     Raises:
         ValueError, TypeError: bad arguments, naming the argument.
@@ -215,15 +211,6 @@ def audit(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"Expected argument `model` to be a torch.nn.Module, but got {type(model).__name__}.")
-    savings_argument = "monitor_savings"
-    if measure_savings is not None:
-        warnings.warn(
-            "[lightning-nograd] `audit(measure_savings=...)` is deprecated and will be removed in 0.3; it is "
-            "`monitor_savings` now, as in `NoGradAuditor`.",
-            FutureWarning,
-            stacklevel=3,  # this generator runs in contextlib's __enter__, called from the user's `with`
-        )
-        monitor_savings, savings_argument = measure_savings, "measure_savings"
     log = FindingLog(check_choice("on_violation", on_violation, ON_VIOLATION_CHOICES))  # type: ignore[arg-type]
     torch_internals.warn_missing()
     report = Report()
@@ -233,7 +220,7 @@ def audit(
         log,
         NamePatterns("allow_train_mode", allow_train_mode),
         NamePatterns("allow_grad", allow_grad),
-        check_bool(savings_argument, monitor_savings),
+        check_bool("monitor_savings", monitor_savings),
         check_int("repeats", repeats, 1),
     )
     session.start()

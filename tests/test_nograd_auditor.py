@@ -467,15 +467,6 @@ def test_every_hook_a_part_overrides_is_forwarded_by_the_auditor() -> None:
     assert unforwarded == []
 
 
-def test_the_old_budget_name_still_works_with_a_future_warning() -> None:
-    with pytest.warns(FutureWarning, match=r"`NoGradAuditor\(savings_budget=...\)` is deprecated.*`budget`"):
-        auditor = NoGradAuditor(savings_budget=0.25)
-    monitor = auditor.part(SavingsMonitor)
-    assert monitor is not None and monitor.budget == 0.25
-    with pytest.raises(ValueError, match=r"`savings_budget`.*got -1"), pytest.warns(FutureWarning):
-        NoGradAuditor(savings_budget=-1)
-
-
 def test_summaries_go_only_into_real_loggers_folders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Lightning's own tests hand the Trainer test doubles as loggers; one answers `log_dir` with an object
     # whose text would have become a folder in the working directory

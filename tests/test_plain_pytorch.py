@@ -127,18 +127,6 @@ def test_warnings_skip_installed_third_party_frames(tmp_path: Path, monkeypatch:
     assert seen and {w.filename for w in seen} == {__file__}, [(w.filename, str(w.message)) for w in seen]
 
 
-def test_the_old_argument_name_still_works_with_a_future_warning() -> None:
-    net = nn.Sequential(nn.Linear(4, 4), nn.Dropout())
-    with pytest.warns(FutureWarning, match=r"`audit\(measure_savings=...\)` is deprecated.*`monitor_savings`") as seen:
-        with audit(net, measure_savings=False) as report, torch.no_grad():
-            net.eval()(torch.randn(2, 4))
-    assert seen[0].filename == __file__  # points at the user's `with`
-    assert "nograd/val/graph_memory_mib" not in report.epochs[0].metrics  # it still switched the replay off
-    with pytest.raises(TypeError, match=r"`measure_savings`.*got 'no'"):
-        with audit(net, measure_savings="no"):  # type: ignore[arg-type]
-            pass
-
-
 class SwitchesDropoutOn(nn.Module):
     """Evaluated correctly from outside, but its forward switches its dropout to train mode."""
 

@@ -62,7 +62,6 @@ class NoGradAuditor(NoGradCallback):
         repeats: timed on/off pairs per savings measurement, whatever the budget (``None``: as many
             as ``budget`` allows); see ``SavingsMonitor``.
         report_path: where to write ``report.to_dict()`` as JSON after each stage (``None``: nowhere).
-        savings_budget: deprecated name of ``budget`` (a ``FutureWarning``; removed in 0.3).
 
     Raises:
         ValueError: ``on_violation`` is not ``"warn"``, ``"fix"`` or ``"error"``, or a pattern is bad.
@@ -86,22 +85,12 @@ class NoGradAuditor(NoGradCallback):
         budget: float = 0.015,
         repeats: int | None = None,
         report_path: str | Path | None = None,
-        *,
-        savings_budget: float | None = None,
     ) -> None:
         super().__init__(on_violation)
         self.verbose = check_bool("verbose", verbose)
         self.report_path = _check_path(report_path)
         # every argument is checked, and under its own name, whether or not its part is switched on
-        if savings_budget is not None:
-            warnings.warn(
-                "[lightning-nograd] `NoGradAuditor(savings_budget=...)` is deprecated and will be removed in "
-                "0.3; it is `budget` now, as in `SavingsMonitor`.",
-                FutureWarning,
-                stacklevel=2,
-            )
-            budget = savings_budget
-        check_float("savings_budget" if savings_budget is not None else "budget", budget, 0.0, 1000.0)
+        check_float("budget", budget, 0.0, 1000.0)
         if repeats is not None:
             check_int("repeats", repeats, 1)
         for argument, patterns in (
