@@ -242,7 +242,7 @@ def one_time_analyses(n: int) -> dict[str, Any]:
     timed("allow-list matching, every module path", lambda: [patterns.matches(p) for p, _ in named_modules(model)])
     model.train()
     timed("frozen-module check, each epoch start", lambda: _note_train_mode(model))
-    # the shape where asking each module's parent for its parameters was quadratic: every activation
+    # the shape where asking each module's parent for its parameters would be quadratic: every activation
     # sits directly under the whole stack (n modules here too)
     stack = nn.Sequential(*[m for _ in range(n // 2) for m in (nn.Linear(8, 8), nn.ReLU())])
     timed(f"the same, {n:,} modules as one nn.Sequential of Linear and ReLU", lambda: _note_train_mode(stack))

@@ -147,7 +147,7 @@ def test_a_gap_mid_epoch_is_found_by_the_rotating_window(tmp_path: Path) -> None
 
 
 def test_grouping_parameters_is_not_quadratic() -> None:
-    # 40,000 parameters, every one without a gradient: one call used to take minutes
+    # 40,000 parameters, every one without a gradient: a quadratic grouping would take minutes
     net = nn.ModuleList(nn.ModuleList(nn.Linear(1, 1) for _ in range(100)) for _ in range(200))
     index = ParamIndex(net)
     start = visits.total()

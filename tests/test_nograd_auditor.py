@@ -337,12 +337,9 @@ def test_the_readme_shows_the_real_defaults() -> None:
     block = readme.split("NoGradAuditor(\n", 1)[1].split("\n)\n", 1)[0]
     shown = dict(re.findall(r"^\s+(\w+)=(.+?),\s+#", block, flags=re.M))
     parameters = inspect.signature(NoGradAuditor).parameters.values()
-    real = {p.name: repr(p.default) for p in parameters if p.kind is not p.KEYWORD_ONLY}
+    real = {p.name: repr(p.default) for p in parameters}
     assert shown and {k: shown[k].replace('"', "'") for k in shown} == {k: real[k] for k in shown}
     assert set(shown) == set(real)
-    # the keyword-only ones are deprecated names, each introduced as such beside the block
-    for old in (p.name for p in parameters if p.kind is p.KEYWORD_ONLY):
-        assert f"`{old}`, the old name of" in readme, old
 
 
 def test_fit_validate_and_test_runs_get_rows_of_their_own(tmp_path: Path) -> None:

@@ -100,7 +100,7 @@ class ParamIndex:
         """Group ``params`` under the topmost module all of whose trainable parameters are among them."""
         chosen = {id(p) for p in params if id(p) in self.owner}
         # per module: how many trainable parameters it holds, and how many of those are chosen;
-        # O(parameters x depth), one pass each (a subset test per parameter and ancestor was quadratic)
+        # O(parameters x depth), one pass each, where a subset test per parameter and ancestor is quadratic
         trainable: dict[str, int] = {}
         trainable_chosen: dict[str, int] = {}
         for key, param in self.params.items():
@@ -349,7 +349,7 @@ class Learning:
     when none does, and a parameter-free one (dropout, an activation) goes with its parent. Each
     module's own parameters are read once, so a model of n modules and p parameters costs
     O(n + p), where asking every module's subtree costs O(n x p) (a deep ``nn.Sequential`` of
-    activations, each under the whole stack, took 80 s at 8,000 modules).
+    activations, each under the whole stack, is the shape where that shows).
 
     Args:
         modules: the modules to answer for (their submodules are read too).
