@@ -16,7 +16,7 @@ measurement, counted in the last column instead). Then the
 same for an empty ``Callback`` in a run of its own: between a forward and the next hook the CPU
 caches hold the model, so even an empty hook (and the clock around it) costs a microsecond or
 more, growing with the model. Also the share of the batch, and the most module/parameter visits
-of the checks in one such batch (``lightning_nograd.core.cost.visits``). Twice: with the savings
+of the checks in one such batch (``lightning_nograd.core.counters.visits``). Twice: with the savings
 replays off (``monitor_savings=False``) and at the defaults. Then the one-time analyses on the
 largest model (indexing, grouping and explaining parameters without gradients, inference-tensor
 and eval-mode scans, allow-list matching, the check of which modules are frozen that each epoch
@@ -59,8 +59,8 @@ from lightning_nograd.core.backprop import (
     explain_gradient_gaps,
     inference_tensors,
 )
-from lightning_nograd.core.cost import GRADIENT_EVERY, visits
-from lightning_nograd.core.patterns import NamePatterns, named_modules
+from lightning_nograd.core.counters import GRADIENT_EVERY, visits
+from lightning_nograd.core.module_paths import NamePatterns, named_modules
 
 SIZES = (50, 500, 5_000, 50_000)
 QUICK_SIZES = (50, 500)

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from lightning_nograd.core import kinds, torch_internals
+from lightning_nograd.core import messages, torch_internals
 from lightning_nograd.core.arguments import check_bool, check_choice, check_int
 from lightning_nograd.core.backprop import (
     GradModeProbe,
@@ -33,7 +33,7 @@ from lightning_nograd.core.faults import Probe, report_fault
 from lightning_nograd.core.findings import ON_VIOLATION_CHOICES, Finding, FindingLog, OnViolation
 from lightning_nograd.core.graph import MIB, GraphEvent, GraphProbe, tally_tensors, weight_storages
 from lightning_nograd.core.modes import ModeProbe
-from lightning_nograd.core.patterns import NamePatterns, named_modules
+from lightning_nograd.core.module_paths import NamePatterns, named_modules
 from lightning_nograd.core.replay import (
     EAGER_REPLAY_NOTE,
     CallRecorder,
@@ -127,18 +127,18 @@ class _EvaluationAudit(Probe):
             self._add(
                 "graph_in_outputs",
                 "model outputs",
-                kinds.graph_in_outputs("the model", tally, kept, self.grad_off_around),
+                messages.graph_in_outputs("the model", tally, kept, self.grad_off_around),
             )
 
-    def _add(self, kind: str, subject: str, text: kinds.Explanation) -> None:
+    def _add(self, kind: str, subject: str, text: messages.Explanation) -> None:
         self.log.add(Finding(kind, subject, "val", _LOOP, self.batch, 0, *text))
 
     def _on_train_forward(self, path: str, module: nn.Module, confirmed: bool) -> None:
-        self._add("train_mode", path, kinds.train_mode(path, module, self.root_type, confirmed, "the batch"))
+        self._add("train_mode", path, messages.train_mode(path, module, self.root_type, confirmed, "the batch"))
 
     def _graph_finding(self, event: GraphEvent, modules: list[str]) -> None:
         self._add(
-            "grad_enabled", event.module, kinds.grad_enabled(event, modules, self.root_type, self.grad_off_around)
+            "grad_enabled", event.module, messages.grad_enabled(event, modules, self.root_type, self.grad_off_around)
         )
 
     def savings(self, loop_seconds: float) -> tuple[dict[str, float], dict[str, Any]]:
@@ -160,7 +160,7 @@ class _EvaluationAudit(Probe):
             session.time_pairs(self.repeats)
         result = session.result
         if result.out_of_memory:
-            self._add("grad_replay_oom", type(self.model).__name__, kinds.grad_replay_oom())
+            self._add("grad_replay_oom", type(self.model).__name__, messages.grad_replay_oom())
         details["repeats"] = len(result.time_on)
         savings, savings_details = savings_metrics(result, self.batch + 1, loop_seconds, device, "time not measured")
         metrics.update(savings)
@@ -295,13 +295,13 @@ def check_training_step(
     log.listeners.append(report.findings.append)
     root_type = type(model).__name__
 
-    def add(kind: str, subject: str, hook: str, text: kinds.Explanation) -> None:
+    def add(kind: str, subject: str, hook: str, text: messages.Explanation) -> None:
         log.add(Finding(kind, subject, "train", hook, 0, 0, *text))
 
     for path, kind in inference_tensors(model, allowed.matches):
-        add("inference_tensor", path, "before the step", kinds.inference_tensor(path, kind))
+        add("inference_tensor", path, "before the step", messages.inference_tensor(path, kind))
     for path, layers in eval_mode_under_trainable(model, None, allowed.matches):
-        add("eval_mode_at_start", path, "before the step", kinds.eval_mode_at_start(path, layers, root_type))
+        add("eval_mode_at_start", path, "before the step", messages.eval_mode_at_start(path, layers, root_type))
 
     index = ParamIndex(model)
     params = index.stepped(optimizer, allowed.matches)

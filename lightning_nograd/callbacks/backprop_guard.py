@@ -13,7 +13,7 @@ from typing_extensions import override
 from lightning_nograd.callbacks._base import NoGradCallback, guarded
 from lightning_nograd.callbacks._lightning import LightningModule, Trainer, ddp_stops_on_unused_parameters
 from lightning_nograd.callbacks.loggers import reduce_present_max
-from lightning_nograd.core import kinds, torch_internals
+from lightning_nograd.core import messages, torch_internals
 from lightning_nograd.core.arguments import check_int
 from lightning_nograd.core.backprop import (
     EvalModeLeaks,
@@ -26,10 +26,10 @@ from lightning_nograd.core.backprop import (
     inference_tensors,
     trained_parameter_ids,
 )
-from lightning_nograd.core.cost import mode_switches
+from lightning_nograd.core.counters import mode_switches
 from lightning_nograd.core.findings import Finding, OnViolation
 from lightning_nograd.core.graph import GraphEvent, GraphProbe, StrayGraphWatch
-from lightning_nograd.core.patterns import NamePatterns, class_name
+from lightning_nograd.core.module_paths import NamePatterns, class_name
 from lightning_nograd.errors import BrokenBackpropWarning
 
 OUTSIDE_STEP_HOOKS = frozenset(
@@ -306,7 +306,7 @@ class BackpropGuard(NoGradCallback):
         index = self._gradients.index
         self._leaks.note_train_mode(index.modules if index is not None else {}, self._trained_ids, hook)
 
-    def _finding(self, kind: str, subject: str, hook: str, text: kinds.Explanation) -> None:
+    def _finding(self, kind: str, subject: str, hook: str, text: messages.Explanation) -> None:
         self._add_finding(Finding(kind, subject, "train", hook, self._batch_idx, self._epoch, *text))
 
     # -- inference tensors ----------------------------------------------------------------------
@@ -317,7 +317,7 @@ class BackpropGuard(NoGradCallback):
             if path in self._inference_reported:
                 continue
             self._inference_reported.add(path)
-            self._finding("inference_tensor", path, hook, kinds.inference_tensor(path, kind))
+            self._finding("inference_tensor", path, hook, messages.inference_tensor(path, kind))
 
     # -- modes -----------------------------------------------------------------------------------
 
@@ -354,7 +354,7 @@ class BackpropGuard(NoGradCallback):
         """Report the layers of ``path`` that were in eval as training started, if it has any not yet reported."""
         layers = self._eval_at_start.pop(path, None)
         if layers is not None:
-            text = kinds.eval_mode_at_start(path, layers, self._root_type)
+            text = messages.eval_mode_at_start(path, layers, self._root_type)
             self._add_finding(Finding("eval_mode_at_start", path, "train", "on_train_start", None, self._epoch, *text))
 
     def _stop_judging_eval_blocks(self) -> None:
@@ -370,7 +370,7 @@ class BackpropGuard(NoGradCallback):
         for leak in leaks:
             self._counts["eval_mode_modules"].add(leak.path)
             if leak.new:
-                text = kinds.eval_mode_leak(leak.path, leak.module, self._root_type, self.on_violation == "fix")
+                text = messages.eval_mode_leak(leak.path, leak.module, self._root_type, self.on_violation == "fix")
                 self._add_finding(
                     Finding("eval_mode_leak", leak.path, "train", leak.where, leak.batch_idx, self._epoch, *text)
                 )
@@ -517,7 +517,7 @@ class BackpropGuard(NoGradCallback):
 
     def _stray_finding(self, event: GraphEvent, modules: list[str]) -> None:
         hook = event.hook or "on_train_batch_end"
-        self._finding("stray_graph", event.module, hook, kinds.stray_graph(event, modules, hook, self._root_type))
+        self._finding("stray_graph", event.module, hook, messages.stray_graph(event, modules, hook, self._root_type))
 
     # -- metrics ---------------------------------------------------------------------------------
 

@@ -11,8 +11,8 @@ from typing_extensions import override
 from lightning_nograd.callbacks._base import LOOP_NAMES, EvaluationLoopCallback, guarded
 from lightning_nograd.callbacks._lightning import LightningModule, Trainer, is_sanity_checking
 from lightning_nograd.callbacks.loggers import reduce_present_max
-from lightning_nograd.core import kinds
-from lightning_nograd.core.cost import mode_switches
+from lightning_nograd.core import messages
+from lightning_nograd.core.counters import mode_switches
 from lightning_nograd.core.findings import Finding, OnViolation
 from lightning_nograd.core.graph import (
     MIB,
@@ -23,7 +23,7 @@ from lightning_nograd.core.graph import (
     weight_storages,
 )
 from lightning_nograd.core.modes import ModeProbe
-from lightning_nograd.core.patterns import NamePatterns, class_name
+from lightning_nograd.core.module_paths import NamePatterns, class_name
 from lightning_nograd.core.stack import calling_hook
 
 EVAL_HOOK_NAMES = frozenset(
@@ -214,7 +214,7 @@ class EvalModeAuditor(EvaluationLoopCallback):
         return self._stage or "val"
 
     def _on_train_forward(self, path: str, module: nn.Module, confirmed: bool) -> None:
-        text = kinds.train_mode(path, module, self._root_type, confirmed, "the step")
+        text = messages.train_mode(path, module, self._root_type, confirmed, "the step")
         hook = (calling_hook(None, EVAL_HOOK_NAMES) if confirmed else None) or self._step_hook
         action = ""
         if self.on_violation == "fix":
@@ -222,14 +222,16 @@ class EvalModeAuditor(EvaluationLoopCallback):
             action = action if confirmed else "; it is kept in eval mode from the next batch on"
         self._finding("train_mode", path, hook, text._replace(problem=text.problem + action))
 
-    def _finding(self, kind: str, subject: str, hook: str, text: kinds.Explanation, stage: str | None = None) -> None:
+    def _finding(
+        self, kind: str, subject: str, hook: str, text: messages.Explanation, stage: str | None = None
+    ) -> None:
         stage = stage or self._stage_name()
         batch_idx = None if kind in ("graph_in_attribute", "growing_collection") else self._batch_idx
         self._add_finding(Finding(kind, subject, stage, hook, batch_idx, self._epoch, *text))
 
     def _graph_finding(self, event: GraphEvent, modules: list[str]) -> None:
         # Lightning's loops run under no_grad / inference_mode: a graph means gradients were enabled inside
-        text = kinds.grad_enabled(event, modules, self._root_type, grad_off_around=True)
+        text = messages.grad_enabled(event, modules, self._root_type, grad_off_around=True)
         self._finding("grad_enabled", event.module, event.hook or self._step_hook, text)
 
     @guarded("graph_in_outputs")
@@ -237,7 +239,7 @@ class EvalModeAuditor(EvaluationLoopCallback):
         tally = tally_tensors(outputs)
         if tally.attached:
             kept = tally.kept_bytes(weight_storages(pl_module)) / MIB
-            text = kinds.graph_in_outputs(f"`{self._step_hook}`", tally, kept, grad_off_around=True)
+            text = messages.graph_in_outputs(f"`{self._step_hook}`", tally, kept, grad_off_around=True)
             self._finding("graph_in_outputs", f"{self._step_hook} outputs", self._step_hook, text)
 
     @guarded("graph_in_attribute")
@@ -250,10 +252,10 @@ class EvalModeAuditor(EvaluationLoopCallback):
                 mib = tally.kept_bytes(weight_storages(pl_module)) / MIB
                 in_training = self._fitting and kept.attached_between
                 when = "during training (`training_step` or a training hook)" if in_training else ""
-                text = kinds.graph_in_attribute(name, self._root_type, tally, mib, when)
+                text = messages.graph_in_attribute(name, self._root_type, tally, mib, when)
                 hook, where = ("training_step", "train") if in_training else (epoch_end, stage)
                 self._finding("graph_in_attribute", f"self.{name}", hook, text, where)
             if kept.grows:
                 devices = sorted(tally.devices)
-                text = kinds.growing_collection(name, tally.tensors, tally.nbytes / MIB, devices, epoch_end)
+                text = messages.growing_collection(name, tally.tensors, tally.nbytes / MIB, devices, epoch_end)
                 self._finding("growing_collection", f"self.{name}", epoch_end, text, stage)

@@ -18,7 +18,7 @@ from lightning_nograd.callbacks.loggers import flat_summary, write_summaries
 from lightning_nograd.callbacks.savings_monitor import SavingsMonitor
 from lightning_nograd.core.arguments import check_bool, check_float, check_int
 from lightning_nograd.core.findings import FindingLog, OnViolation, user_stacklevel
-from lightning_nograd.core.patterns import NamePatterns
+from lightning_nograd.core.module_paths import NamePatterns
 from lightning_nograd.core.report import unwritable_reason
 from lightning_nograd.core.summary import render, summarise
 from lightning_nograd.errors import NoGradWarning

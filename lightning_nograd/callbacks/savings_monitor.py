@@ -20,12 +20,12 @@ from lightning_nograd.callbacks._lightning import (
     world_size,
 )
 from lightning_nograd.callbacks.loggers import gather_objects, reduce_vector
-from lightning_nograd.core import kinds, torch_internals
+from lightning_nograd.core import messages, torch_internals
 from lightning_nograd.core.arguments import check_float, check_int
 from lightning_nograd.core.findings import Finding
 from lightning_nograd.core.graph import weight_storages
 from lightning_nograd.core.measure import EpochMeasures
-from lightning_nograd.core.patterns import class_name
+from lightning_nograd.core.module_paths import class_name
 from lightning_nograd.core.replay import CallRecorder, RecordedCall, ReplayResult, is_work_module, savings_metrics
 from lightning_nograd.core.schedule import Measurement, ReplayBudget, call_signature
 
@@ -366,7 +366,7 @@ class SavingsMonitor(EvaluationLoopCallback):
     def _report_oom(self, calls: list[RecordedCall]) -> None:
         stage = self._stage or "val"
         subject = ", ".join(sorted({class_name(c.module) for c in calls}))
-        text = kinds.grad_replay_oom()
+        text = messages.grad_replay_oom()
         self._add_finding(
             Finding(
                 "grad_replay_oom", subject, stage, f"{LOOP_NAMES[stage]}_step", self._batches - 1, self._epoch, *text

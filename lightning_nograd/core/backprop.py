@@ -26,13 +26,13 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from lightning_nograd.core.cost import GRADIENT_EVERY, GRADIENT_WINDOW, ModeSwitches, mode_switches, visits
+from lightning_nograd.core.counters import GRADIENT_EVERY, GRADIENT_WINDOW, ModeSwitches, mode_switches, visits
 from lightning_nograd.core.faults import Probe, isolated
 from lightning_nograd.core.findings import display_name
 from lightning_nograd.core.gradient_window import GradientWindow, HeldGap, has_gradient
-from lightning_nograd.core.kinds import Explanation
+from lightning_nograd.core.messages import Explanation
 from lightning_nograd.core.modes import MODE_SENSITIVE_TYPES, is_grad_recording
-from lightning_nograd.core.patterns import ancestors, mode_modules, named_modules, parent_path
+from lightning_nograd.core.module_paths import ancestors, mode_modules, named_modules, parent_path
 from lightning_nograd.core.torch_internals import child_modules, has_children, max_abs, own_parameters
 
 
@@ -631,7 +631,7 @@ def explain_gradient_gaps(
 class GradientCheck:
     """Which parameters a stepped optimizer holds reach its step with no gradient, at a cost that does not grow
     with the model: every parameter at an epoch's first step, then ``GRADIENT_WINDOW`` of them every
-    ``GRADIENT_EVERY``-th step, round robin (see ``lightning_nograd.core.cost``).
+    ``GRADIENT_EVERY``-th step, round robin (see ``lightning_nograd.core.counters``).
 
     Where gradients are zeroed with ``set_to_none=False`` a missing gradient is all zeros: that is
     learnt right after ``zero_grad`` at the start of each epoch (``backward``: one parameter that
@@ -890,7 +890,7 @@ class EvalModeLeaks:
     """Modules in eval mode during training although they were in train mode earlier: an ``.eval()``
     (a callback's, a hook's) that was not undone.
 
-    Modes are read only after some module's mode switched (``lightning_nograd.core.cost.ModeSwitches``);
+    Modes are read only after some module's mode switched (``lightning_nograd.core.counters.ModeSwitches``);
     a batch compares ``read_at`` with ``mode_switches.count`` and otherwise notes its hook in
     ``clean_at``. Frozen modules (no parameter of theirs learns) are left out: keeping them in eval is a choice.
     So is a layer switched to eval on its own (``switched_alone``: the usual way to freeze batch-norm

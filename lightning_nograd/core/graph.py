@@ -24,7 +24,7 @@ from torch import nn
 from lightning_nograd.core import torch_internals
 from lightning_nograd.core.faults import Probe, isolated, isolated_method, report_fault
 from lightning_nograd.core.findings import common_ancestor
-from lightning_nograd.core.patterns import named_modules
+from lightning_nograd.core.module_paths import named_modules
 from lightning_nograd.errors import NoGradError
 
 MIB = float(2**20)

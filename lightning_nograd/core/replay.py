@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from lightning_nograd.core.cost import mode_switches
+from lightning_nograd.core.counters import mode_switches
 from lightning_nograd.core.faults import Probe, isolated
 from lightning_nograd.core.graph import HUB, MIB, storage_bytes, storage_key
 from lightning_nograd.core.measure import cpu_timing_caveat, peak_bytes_of, synchronize

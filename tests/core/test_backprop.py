@@ -15,8 +15,8 @@ from lightning_nograd.core.backprop import (
     explain_gradient_gaps,
     inference_tensors,
 )
-from lightning_nograd.core.cost import ModeSwitches, mode_switches, visits
-from lightning_nograd.core.patterns import named_modules, parent_path
+from lightning_nograd.core.counters import ModeSwitches, mode_switches, visits
+from lightning_nograd.core.module_paths import named_modules, parent_path
 
 
 def test_gaps_are_explained_by_cause() -> None:
@@ -101,7 +101,7 @@ def _train_step(net: nn.Module, optimizer: torch.optim.Optimizer, check: Gradien
 
 
 def test_gradient_check_first_step_then_windows_and_suspects_once_per_epoch() -> None:
-    from lightning_nograd.core.cost import GRADIENT_EVERY, visits
+    from lightning_nograd.core.counters import GRADIENT_EVERY, visits
 
     net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
     optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
@@ -168,7 +168,7 @@ def test_eval_mode_leaks_read_only_after_a_switch_and_name_the_topmost_module() 
 
 
 def test_with_one_optimizer_steady_steps_are_skipped_on_the_same_schedule() -> None:
-    from lightning_nograd.core.cost import GRADIENT_EVERY
+    from lightning_nograd.core.counters import GRADIENT_EVERY
 
     def checked_steps(optimizers: int) -> list[int]:
         torch.manual_seed(0)

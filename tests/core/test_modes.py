@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from lightning_nograd.core.modes import ModeProbe
-from lightning_nograd.core.patterns import NamePatterns
+from lightning_nograd.core.module_paths import NamePatterns
 
 
 def make() -> nn.Sequential:

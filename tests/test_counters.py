@@ -1,4 +1,4 @@
-"""Per-batch work that does not grow with the model, counted (never timed): ``core.cost.visits``."""
+"""Per-batch work that does not grow with the model, counted (never timed): ``core.counters.visits``."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from torch import nn
 from benchmarks.scaling import Experts  # the scaling benchmark's model: N parallel experts
 from lightning_nograd import NoGradAuditor
 from lightning_nograd.core.backprop import ParamIndex
-from lightning_nograd.core.cost import GRADIENT_EVERY, GRADIENT_WINDOW, ModeSwitches, visits
+from lightning_nograd.core.counters import GRADIENT_EVERY, GRADIENT_WINDOW, ModeSwitches, visits
 from lightning_nograd.core.gradient_window import NO_GRADIENT_STEPS
 
 from .helpers import loader, nograd_warnings, trainer
