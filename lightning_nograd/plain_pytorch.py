@@ -75,7 +75,7 @@ class _EvaluationAudit(Probe):
             model, frozenset(), self._graph_finding, allow_grad.matches, log.on_violation == "error"
         )
         # the second batch's call is the one replayed: the first pays for lazy set-up and warm caches
-        self.recorder = CallRecorder({id(model)}) if monitor_savings else None
+        self.recorder = CallRecorder({id(model)}, on_error=self._recorder_failed) if monitor_savings else None
         self.recorded: list[RecordedCall] = []
         self.handles: list[RemovableHandle] = []
 
@@ -83,9 +83,11 @@ class _EvaluationAudit(Probe):
         self.modes.refresh()
         self.graph.start()
         if self.recorder is not None:
-            self.recorder.on_error = lambda err: report_fault(self, err)
             self.recorder.start()  # before the batch hooks: its post-hook has run when theirs does
         self.handles = call_hooks(self, self._pre, self._post)
+
+    def _recorder_failed(self, err: BaseException) -> None:
+        report_fault(self, err)
 
     def stop(self) -> None:
         for handle in self.handles:
@@ -211,10 +213,10 @@ def audit(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"Expected argument `model` to be a torch.nn.Module, but got {type(model).__name__}.")
-    log = FindingLog(check_choice("on_violation", on_violation, ON_VIOLATION_CHOICES))  # type: ignore[arg-type]
+    choice = check_choice("on_violation", on_violation, ON_VIOLATION_CHOICES)
     torch_internals.warn_missing()
     report = Report()
-    log.listeners.append(report.findings.append)
+    log = FindingLog(choice, on_new=report.findings.append)  # type: ignore[arg-type]
     session = _EvaluationAudit(
         model,
         log,
@@ -288,11 +290,11 @@ def check_training_step(
         raise TypeError(f"Expected argument `model` to be a torch.nn.Module, but got {type(model).__name__}.")
     if not callable(loss_fn):
         raise TypeError(f"Expected argument `loss_fn` to be callable, but got {type(loss_fn).__name__}.")
-    log = FindingLog(check_choice("on_violation", on_violation, ON_VIOLATION_CHOICES), BrokenBackpropWarning)  # type: ignore[arg-type]
+    choice = check_choice("on_violation", on_violation, ON_VIOLATION_CHOICES)
     allowed = NamePatterns("allow", allow)
     torch_internals.warn_missing()
     report = Report()
-    log.listeners.append(report.findings.append)
+    log = FindingLog(choice, BrokenBackpropWarning, on_new=report.findings.append)  # type: ignore[arg-type]
     root_type = type(model).__name__
 
     def add(kind: str, subject: str, hook: str, text: messages.Explanation) -> None:

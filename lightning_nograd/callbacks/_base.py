@@ -87,10 +87,10 @@ class NoGradCallback(CallbackBase):
         self._handoff = os.path.join(tempfile.gettempdir(), f"lightning-nograd-{self._origin_pid}-{uuid.uuid4().hex}")
         weakref.finalize(self, _remove_handoff, self._handoff, self._origin_pid)
         self._switched_off: set[str] = set()
-        self._findings = FindingLog(self.on_violation, self._warning_category)
+        self._findings = FindingLog(
+            self.on_violation, self._warning_category, on_new=self._on_new_finding, on_ranks_added=self._on_ranks_added
+        )
         self._run: str | None = None  # the Trainer call under way (setup's `stage`)
-        self._findings.listeners.append(self._on_new_finding)
-        self._findings.rank_listeners.append(self._on_ranks_added)
         self._sink = MetricSink()
         self._state_key: str | None = None
         self._shared = False
@@ -220,8 +220,8 @@ class NoGradCallback(CallbackBase):
     def _set_rank_zero(self, trainer: Trainer) -> None:
         """Only rank zero prints warnings; every rank records findings, and in a distributed run
         names its rank in them (``_gather_findings`` brings them together)."""
-        self._findings.may_warn = is_global_zero(trainer)
-        self._findings.rank = int(getattr(trainer, "global_rank", 0)) if world_size(trainer) > 1 else None
+        rank = int(getattr(trainer, "global_rank", 0)) if world_size(trainer) > 1 else None
+        self._findings.join_run(rank, warns=is_global_zero(trainer))
 
     def _gather_findings(self, trainer: Trainer) -> None:
         """Every rank's findings to every rank (a collective, made at epoch and stage ends): rank zero

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -13,7 +13,7 @@ from typing_extensions import override
 from lightning_nograd.callbacks._base import NoGradCallback, guarded
 from lightning_nograd.callbacks._lightning import LightningModule, Trainer, ddp_stops_on_unused_parameters
 from lightning_nograd.callbacks.loggers import reduce_present_max
-from lightning_nograd.core import messages, torch_internals
+from lightning_nograd.core import messages
 from lightning_nograd.core.arguments import check_int
 from lightning_nograd.core.backprop import (
     EvalModeLeaks,
@@ -26,7 +26,6 @@ from lightning_nograd.core.backprop import (
     inference_tensors,
     trained_parameter_ids,
 )
-from lightning_nograd.core.counters import mode_switches
 from lightning_nograd.core.findings import Finding, OnViolation
 from lightning_nograd.core.graph import GraphEvent, GraphProbe, StrayGraphWatch
 from lightning_nograd.core.module_paths import NamePatterns, class_name
@@ -116,8 +115,7 @@ class BackpropGuard(NoGradCallback):
         super().__init__(on_violation)
         self.allow = NamePatterns("allow", allow)
         self.zero_grad_steps = check_int("zero_grad_steps", zero_grad_steps, 1)
-        self._gradients = GradientCheck(self.zero_grad_steps, self.allow.matches)
-        self._gradients.judge = self._judge_eval_blocks
+        self._gradients = GradientCheck(self.zero_grad_steps, self.allow.matches, self._judge_eval_blocks)
         # eval mode as training started: blocks in eval holding learning parameters (path -> their ids), judged
         # at their first full gradient check, and the dropout / batch-norm layers to report for each
         self._eval_blocks: dict[str, set[int]] = {}
@@ -185,20 +183,12 @@ class BackpropGuard(NoGradCallback):
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         # every batch pays for this hook and the next four: each does its cheap test inline and calls
         # into a check only when there is work (modes switched, a gap to explain, a graph to report)
-        stray = self._stray
-        if stray is not None:
-            counter_at = stray.counter_at
-            if counter_at is not None and torch_internals.node_counter() == counter_at:
-                stray.counter_at = None  # no graph since the last step ended (StrayGraphWatch's fast path)
-            else:
-                stray.close()
+        if self._stray is not None:
+            self._stray.close()
         self._batch_idx = batch_idx
         if self._window_first_batch is None:
             self._window_first_batch = batch_idx
-        leaks = self._leaks
-        if leaks.read_at == mode_switches.count:
-            leaks.clean_at = "on_train_batch_start"
-        else:
+        if not self._leaks.unchanged("on_train_batch_start"):
             self._read_modes("on_train_batch_start")
         if self._pending_probe:
             self._start_grad_mode_probe()
@@ -207,31 +197,19 @@ class BackpropGuard(NoGradCallback):
     def on_before_zero_grad(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        gradients = self._gradients
-        if gradients.skip or gradients.keeps_zeros:
-            return
-        if gradients.reads_zeroing(optimizer):
-            gradients.zeroing = optimizer  # the backward that follows reads how zeroing works
+        self._gradients.zero_grad(optimizer)
 
     @override
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor) -> None:
-        gradients = self._gradients
-        if gradients.zeroing is None:
-            gradients.backward_seen = True
-        else:
+        if not self._gradients.before_backward():
             self._note_backward()
 
     @override
     def on_before_optimizer_step(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        gradients = self._gradients
-        if gradients.skip:  # a steady step: nothing to check (GradientCheck says how many)
-            gradients.skip -= 1
-            gradients.backward_seen = False
-            self._window_first_batch = None
-            return
-        self._step_gradients(optimizer)
+        if not self._gradients.passes_steady_step():
+            self._step_gradients(optimizer)
         self._window_first_batch = None
 
     @override
@@ -240,16 +218,9 @@ class BackpropGuard(NoGradCallback):
     ) -> None:
         if self._probe is not None:
             self._finish_grad_mode_probe()
-        leaks = self._leaks
-        if leaks.read_at == mode_switches.count:
-            leaks.clean_at = "training_step"
-        else:
+        if not self._leaks.unchanged("training_step"):
             self._read_modes("training_step")
-        stray = self._stray
-        if stray is not None and stray.counts_for is pl_module:
-            # a stretch under the counter alone (StrayGraphWatch's fast path)
-            stray.counter_at = torch_internals.node_counter()
-        else:
+        if self._stray is None or not self._stray.counting(pl_module):
             self._watch_stray_graphs(pl_module)
 
     @override
@@ -257,7 +228,7 @@ class BackpropGuard(NoGradCallback):
         self._stop_judging_eval_blocks()  # those no gradient check judged in the first epoch are reported
         self._collect_zero_gradients(wait=False)
         self._report_without_gradient_all_epoch()
-        self._flush_stray_graphs()  # the stretch goes on: Lightning calls the module's epoch-end hook next
+        self._flush_stray_graphs()  # the interval goes on: Lightning calls the module's epoch-end hook next
         self._log_counts(trainer)
 
     @override
@@ -267,7 +238,7 @@ class BackpropGuard(NoGradCallback):
 
     @override
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._leaks.read_at = None  # Lightning restores the modes after this hook, by assignment
+        self._leaks.forget_modes()
         if not trainer.sanity_checking and trainer.state.fn == "fit":
             self._watch_stray_graphs(pl_module, probe=True)
 
@@ -334,7 +305,8 @@ class BackpropGuard(NoGradCallback):
         self._eval_blocks = eval_blocks(pl_module, self._trained_ids, self.allow.matches)
 
     def _judge_eval_blocks(self, checked: list[nn.Parameter], missing: list[nn.Parameter]) -> set[int]:
-        """``GradientCheck.judge``: the blocks in eval that this full check covers, frozen on purpose or not."""
+        """``GradientCheck``'s ``frozen_on_purpose``: the blocks in eval that this full check covers, frozen
+        on purpose or not."""
         blocks = self._eval_blocks
         if not blocks:
             return set()
@@ -421,8 +393,8 @@ class BackpropGuard(NoGradCallback):
         if not self._pending_probe or index is None:
             return
         self._pending_probe = False
-        self._probe = GradModeProbe({id(m): path for path, m in index.modules.items() if not self.allow.matches(path)})
-        self._probe.on_error = lambda err: self._switch_off("no_grad_module", err)
+        watched = {id(m): path for path, m in index.modules.items() if not self.allow.matches(path)}
+        self._probe = GradModeProbe(watched, on_error=lambda err: self._switch_off("no_grad_module", err))
         self._probe.start()
 
     @guarded("no_grad_module")
@@ -496,15 +468,19 @@ class BackpropGuard(NoGradCallback):
 
     @guarded("stray_graph")
     def _watch_stray_graphs(self, pl_module: nn.Module, probe: bool = False) -> None:
-        """Start the stretch outside the training step; ``probe`` watches it with the saved-tensor probe."""
+        """Start the interval outside the training step; ``probe`` watches it with the saved-tensor probe."""
         if self._stray is None:
-            self._stray = StrayGraphWatch(self._new_graph_probe)
-            self._stray.on_error = self._stray_graph_failed
+            self._stray = StrayGraphWatch(self._new_graph_probe, on_error=self._stray_graph_failed)
         self._stray.open(pl_module, probe)
 
-    def _new_graph_probe(self, pl_module: nn.Module) -> GraphProbe:
+    def _new_graph_probe(self, pl_module: nn.Module, on_error: Callable[[BaseException], None]) -> GraphProbe:
         return GraphProbe(
-            pl_module, OUTSIDE_STEP_HOOKS, self._stray_finding, self.allow.matches, self.on_violation == "error"
+            pl_module,
+            OUTSIDE_STEP_HOOKS,
+            self._stray_finding,
+            self.allow.matches,
+            self.on_violation == "error",
+            on_error=on_error,
         )
 
     def _stray_graph_failed(self, err: BaseException) -> None:

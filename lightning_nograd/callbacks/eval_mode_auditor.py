@@ -173,16 +173,25 @@ class EvalModeAuditor(EvaluationLoopCallback):
 
     @guarded("train_mode")
     def _start_mode_probe(self, pl_module: nn.Module) -> None:
-        self._modes = ModeProbe(pl_module, self.allow_train_mode, self._on_train_forward, self.on_violation == "fix")
-        self._modes.on_error = lambda err: self._switch_off("train_mode", err)
+        self._modes = ModeProbe(
+            pl_module,
+            self.allow_train_mode,
+            self._on_train_forward,
+            self.on_violation == "fix",
+            on_error=lambda err: self._switch_off("train_mode", err),
+        )
         self._modes.keep_fixing(self._fixed_by_stage.get(self._stage_name(), set()))
 
     @guarded("grad_enabled")
     def _start_graph_probe(self, pl_module: nn.Module) -> None:
         self._graph = GraphProbe(
-            pl_module, EVAL_HOOK_NAMES, self._graph_finding, self.allow_grad.matches, self.on_violation == "error"
+            pl_module,
+            EVAL_HOOK_NAMES,
+            self._graph_finding,
+            self.allow_grad.matches,
+            self.on_violation == "error",
+            on_error=lambda err: self._switch_off("grad_enabled", err),
         )
-        self._graph.on_error = lambda err: self._switch_off("grad_enabled", err)
         self._graph.start()
 
     @guarded("graph_in_attribute")

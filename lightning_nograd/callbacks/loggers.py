@@ -25,8 +25,8 @@ class MetricSink:
     each logger gets one row per step rather than one per part.
     """
 
-    def __init__(self) -> None:
-        self.holding = False
+    def __init__(self, holding: bool = False) -> None:
+        self.holding = holding
         self._held: dict[str, float] = {}
         self._held_step = 0
         self._held_trainer: Any = None

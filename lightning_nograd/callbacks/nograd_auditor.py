@@ -14,7 +14,7 @@ from lightning_nograd.callbacks._base import LOOP_NAMES, EvaluationLoopCallback,
 from lightning_nograd.callbacks._lightning import LightningModule, Trainer, is_global_zero, is_logger
 from lightning_nograd.callbacks.backprop_guard import BackpropGuard
 from lightning_nograd.callbacks.eval_mode_auditor import EvalModeAuditor
-from lightning_nograd.callbacks.loggers import flat_summary, write_summaries
+from lightning_nograd.callbacks.loggers import MetricSink, flat_summary, write_summaries
 from lightning_nograd.callbacks.savings_monitor import SavingsMonitor
 from lightning_nograd.core.arguments import check_bool, check_float, check_int
 from lightning_nograd.core.findings import FindingLog, OnViolation, user_stacklevel
@@ -107,7 +107,7 @@ class NoGradAuditor(NoGradCallback):
         if check_bool("guard_backprop", guard_backprop):
             self._parts.append(BackpropGuard(on_violation, allow))
         self._findings_printed = 0
-        self._sink.holding = True
+        self._sink = MetricSink(holding=True)  # one row per step for each logger, whatever the parts log
         for part in self._parts:
             part._share(self.report, self._sink)
 

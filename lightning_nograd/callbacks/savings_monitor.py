@@ -253,8 +253,7 @@ class SavingsMonitor(EvaluationLoopCallback):
             self._candidates = {
                 id(m) for m in pl_module.modules() if m is not pl_module and is_work_module(m, excluded)
             }
-        self._recorder = CallRecorder(self._candidates)
-        self._recorder.on_error = lambda err: self._switch_off("replay", err)
+        self._recorder = CallRecorder(self._candidates, on_error=lambda err: self._switch_off("replay", err))
         self._recorder.start()
 
     @guarded("replay")

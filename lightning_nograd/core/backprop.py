@@ -134,7 +134,8 @@ class GradModeProbe(Probe):
         ['0']
     """
 
-    def __init__(self, watch: dict[int, str]) -> None:
+    def __init__(self, watch: dict[int, str], on_error: Callable[[BaseException], None] | None = None) -> None:
+        self.on_error = on_error
         self.watch = watch
         self.with_grad: set[str] = set()
         self.without_grad: set[str] = set()
@@ -639,23 +640,32 @@ class GradientCheck:
     ``zero_grad_steps`` consecutive all-zero steps make a gradient missing (``ZeroGradientStreaks``).
     With ``set_to_none=True`` (Lightning's default) a zero gradient is a real one (pruned weights).
     A step with no backward and no gradient at all was skipped (``training_step`` returned ``None``).
-    At each full check ``judge`` may name parameters that are frozen on purpose; they are not checked again.
+    At each full check ``frozen_on_purpose`` may name parameters that are frozen on purpose; they are not
+    checked again.
 
     Parameters found missing become *suspects* until explained (``take_suspects``); a suspect
     is explained once per epoch.
 
-    The loop calls ``step`` at each optimizer step, unless ``skip`` is positive: then the
-    step needs nothing (a run with one optimizer, between two checks, zeroing already read) and the
-    loop only decrements ``skip`` and clears ``backward_seen``. A steady step so costs two attribute
-    writes, whatever the model's size; a checked one makes few calls (while the CPU caches hold the
-    model, each costs microseconds).
+    The loop calls one method per event: ``zero_grad`` before an optimizer's ``zero_grad``,
+    ``before_backward`` (and ``backward`` when that returns ``False``), and ``passes_steady_step``
+    before each optimizer step, then ``step`` unless that returned ``True``: a step that needs nothing
+    (one optimizer, between two checks, zeroing already read) is only counted down. A steady step
+    so costs three short calls, whatever the model's size; a checked one makes few calls (while the
+    CPU caches hold the model, each costs microseconds).
 
     Args:
         zero_grad_steps: consecutive all-zero steps that make a kept-zero gradient missing.
         allowed: module paths whose parameters are never checked.
+        frozen_on_purpose: asked at each full check with (checked, missing): the ``id``s of parameters
+            never to check again (a block frozen on purpose); they are left out for the rest of the fit.
     """
 
-    def __init__(self, zero_grad_steps: int, allowed: Callable[[str], bool]) -> None:
+    def __init__(
+        self,
+        zero_grad_steps: int,
+        allowed: Callable[[str], bool],
+        frozen_on_purpose: Callable[[list[nn.Parameter], list[nn.Parameter]], set[int]] | None = None,
+    ) -> None:
         self.zero_grad_steps = zero_grad_steps
         self.allowed = allowed
         self.index: ParamIndex | None = None
@@ -663,21 +673,19 @@ class GradientCheck:
         self.suspects: dict[int, str] = {}
         self.explained: set[int] = set()
         self.keeps_zeros = False
-        # the optimizer whose zero_grad ran last, set by the loop only in a step that reads how zeroing works:
-        # while it is not known for that optimizer (`zeroing_known`), in its first `zero_grad_steps` steps of an epoch
-        self.zeroing: torch.optim.Optimizer | None = None
+        # the optimizer whose zero_grad ran last, kept only in a step that reads how zeroing works: while it is
+        # not known for that optimizer (`zeroing_known`), in its first `zero_grad_steps` steps of an epoch
+        self._zeroing: torch.optim.Optimizer | None = None
         self.zeroing_known: set[int] = set()  # optimizers (by id) whose zeroing was read in this epoch
         self._witness: dict[int, nn.Parameter] = {}  # per optimizer, a parameter with a gradient at its last full check
-        self.backward_seen = False
+        self._backward_seen = False
         self._params: dict[int, list[nn.Parameter]] = {}
         self.steps: dict[int, int] = {}  # per optimizer (by id), its steps in this epoch
-        self.skip = 0  # steps the loop may let pass without calling step (see the class doc)
+        self._skip = 0  # steps that pass without a call of `step` (see the class doc)
         self.optimizers = 0  # how many optimizers the loop has this epoch (0: not known)
         self._zero_checks: dict[int, int] = {}
         self._window_at: dict[int, int] = {}
-        # asked at each full check with (checked, missing): the ``id``s of parameters never to check again
-        # (a block frozen on purpose); they are left out from then on, for the rest of the fit
-        self.judge: Callable[[list[nn.Parameter], list[nn.Parameter]], set[int]] | None = None
+        self._frozen_on_purpose = frozen_on_purpose
         self.ignored: set[int] = set()
         self.window = GradientWindow()  # parameters found without a gradient, until the evidence is definite
         self._confirmed: list[HeldGap] = []
@@ -695,7 +703,7 @@ class GradientCheck:
         """Start an epoch of a loop with ``optimizers`` optimizers (0: not known): its first step checks
         every parameter, and each suspect is explained again."""
         self.optimizers = optimizers
-        self.skip = 0
+        self._skip = 0
         self._params = {}
         self._stepped_ids = {}
         self._first_step_missing = set()
@@ -705,12 +713,42 @@ class GradientCheck:
         self.zeroing_known = set()
         self.explained = set()
 
+    @property
+    def skip(self) -> int:
+        """Steps that will pass without a check (counted down by ``passes_steady_step``)."""
+        return self._skip
+
+    def zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
+        """``optimizer.zero_grad`` is about to run: the backward after it reads how zeroing works, while
+        that is not known (in a steady step, nothing to do)."""
+        if self._skip or self.keeps_zeros:
+            return
+        if self.reads_zeroing(optimizer):
+            self._zeroing = optimizer
+
+    def before_backward(self) -> bool:
+        """Note that a backward is about to run; ``False`` when ``backward`` has more to do (reading how
+        zeroing works, after ``zero_grad`` said so), ``True`` in the usual step."""
+        if self._zeroing is None:
+            self._backward_seen = True
+            return True
+        return False
+
+    def passes_steady_step(self) -> bool:
+        """An optimizer step is about to run: ``True`` when it needs nothing (counted down here), ``False``
+        when ``step`` must see it."""
+        if self._skip:
+            self._skip -= 1
+            self._backward_seen = False
+            return True
+        return False
+
     def backward(self) -> None:
-        """A backward is about to run (after ``zero_grad``, where the loop calls it). The loop may instead
-        set ``backward_seen`` itself while ``zeroing`` is ``None`` (the usual step: nothing else to do)."""
-        self.backward_seen = True
-        optimizer, self.zeroing = self.zeroing, None
-        if optimizer is None or self.keeps_zeros:  # (the loop set `zeroing` only where `reads_zeroing` said so)
+        """A backward is about to run: noted, and after a ``zero_grad`` that asked for it, how zeroing works
+        is read from one parameter that had a gradient."""
+        self._backward_seen = True
+        optimizer, self._zeroing = self._zeroing, None
+        if optimizer is None or self.keeps_zeros:  # (`zero_grad` kept it only where `reads_zeroing` said so)
             return
         key = id(optimizer)
         witness = self._witness.get(key)
@@ -727,8 +765,8 @@ class GradientCheck:
             self.zeroing_known.add(key)
 
     def reads_zeroing(self, optimizer: torch.optim.Optimizer) -> bool:
-        """Whether the backward after ``optimizer``'s ``zero_grad`` should read how zeroing works (the loop
-        then sets ``zeroing``): not yet known in this epoch, in its first ``zero_grad_steps`` steps."""
+        """Whether the backward after ``optimizer``'s ``zero_grad`` should read how zeroing works: not yet
+        known in this epoch, in its first ``zero_grad_steps`` steps."""
         key = id(optimizer)
         return key not in self.zeroing_known and self.steps.get(key, 0) < self.zero_grad_steps
 
@@ -739,7 +777,7 @@ class GradientCheck:
         Due: the epoch's first step (every parameter), every ``GRADIENT_EVERY``-th (the next window),
         and every step while kept zeros are checked or a zero check is pending. Then, with one
         optimizer, once zeroing is known and no zero check is due, ``skip`` says how many steps need
-        nothing until the next check (the loop counts them down without calling this)."""
+        nothing until the next check (``passes_steady_step`` counts them down)."""
         key = id(optimizer)
         steps = self.steps.get(key, 0) + 1
         self.steps[key] = steps
@@ -753,19 +791,19 @@ class GradientCheck:
                 return found  # nothing to check, or a skipped step: no plan either
             found = checked
         else:
-            self.backward_seen = False
+            self._backward_seen = False
         if self.optimizers != 1 or len(self.steps) != 1 or self.streaks.pending or self.window.held:
             return found
         if self.reads_zeroing(optimizer) or (self.keeps_zeros and self._zero_checks.get(key, 0) < self.zero_grad_steps):
             return found
-        self.skip = GRADIENT_EVERY - 1 - steps % GRADIENT_EVERY
-        self.steps[key] = steps + self.skip  # counted now: the skipped steps do not call this
+        self._skip = GRADIENT_EVERY - 1 - steps % GRADIENT_EVERY
+        self.steps[key] = steps + self._skip  # counted now: the skipped steps do not call this
         return found
 
     def _check(
         self, key: int, optimizer: torch.optim.Optimizer, steps: int, zero_check: bool
     ) -> list[nn.Parameter] | None:
-        backward_seen, self.backward_seen = self.backward_seen, False
+        backward_seen, self._backward_seen = self._backward_seen, False
         index = self.index
         if index is None:
             return None
@@ -784,8 +822,8 @@ class GradientCheck:
             self._first_step_missing.update(id(p) for p in missing)
         if missing and not backward_seen and len(missing) == sum(p.requires_grad for p in checked):
             return None  # no backward and no gradient at all: a skipped step (`training_step` returned None)
-        if checked is params and self.judge is not None:
-            ignored = self.judge(params, missing)
+        if checked is params and self._frozen_on_purpose is not None:
+            ignored = self._frozen_on_purpose(params, missing)
             if ignored:
                 self.ignored |= ignored
                 checked = params = self._params[key] = self._unignored(params)
@@ -827,10 +865,10 @@ class GradientCheck:
         names = {id(p): index.name(p) for p in later}
         whole = all(self.missing_all_epoch(p) for p in later)
         self.window.hold(gap, later, names, batch_idx, epoch, whole, missed=2)
-        if self.skip:  # held parameters are read at every step
+        if self._skip:  # held parameters are read at every step
             for key in self.steps:
-                self.steps[key] -= self.skip
-            self.skip = 0
+                self.steps[key] -= self._skip
+            self._skip = 0
 
     def take_confirmed(self, epoch_end: bool = False) -> list[HeldGap]:
         """The held groups whose evidence became definite (``epoch_end``: also those without a gradient
@@ -891,10 +929,11 @@ class EvalModeLeaks:
     (a callback's, a hook's) that was not undone.
 
     Modes are read only after some module's mode switched (``lightning_nograd.core.counters.ModeSwitches``);
-    a batch compares ``read_at`` with ``mode_switches.count`` and otherwise notes its hook in
-    ``clean_at``. Frozen modules (no parameter of theirs learns) are left out: keeping them in eval is a choice.
-    So is a layer switched to eval on its own (``switched_alone``: the usual way to freeze batch-norm
-    statistics); it is not put back in train mode under ``on_violation="fix"`` either.
+    at each check ``unchanged`` compares the count at the last read with ``mode_switches.count``, and
+    only when they differ does ``read`` look at the modules. Frozen modules (no parameter of theirs
+    learns) are left out: keeping them in eval is a choice. So is a layer switched to eval on its own
+    (``switched_alone``: the usual way to freeze batch-norm statistics); it is not put back in train
+    mode under ``on_violation="fix"`` either.
 
     Args:
         allowed: module paths never reported.
@@ -902,12 +941,30 @@ class EvalModeLeaks:
 
     def __init__(self, allowed: Callable[[str], bool]) -> None:
         self.allowed = allowed
-        self.read_at: int | None = None  # mode_switches.count when the modes were last read
+        self._read_at: int | None = None  # mode_switches.count when the modes were last read
         self.clean_at = "on_train_start"  # the last hook at which no trained module was in eval mode
         self._modules: list[tuple[str, nn.Module]] = []
         self._seen_training: set[str] = set()
         self._watched: list[tuple[str, nn.Module, nn.Module | None]] = []  # path, module, parent
         self._reported: set[str] = set()
+
+    @property
+    def read_at(self) -> int | None:
+        """``mode_switches.count`` when the modes were last read (``None``: to be read at the next check)."""
+        return self._read_at
+
+    def unchanged(self, hook: str) -> bool:
+        """Whether no module's mode switched since the modes were last read (then ``hook`` is noted as a clean
+        check: the usual batch); otherwise ``read`` must look."""
+        if self._read_at == mode_switches.count:
+            self.clean_at = hook
+            return True
+        return False
+
+    def forget_modes(self) -> None:
+        """The modes may have changed without a counted switch (Lightning restores them by assignment after
+        validation): the next check reads them."""
+        self._read_at = None
 
     def index(self, root: nn.Module) -> None:
         """The modules to watch, once per fit."""
@@ -927,12 +984,12 @@ class EvalModeLeaks:
             if path in self._seen_training and not learning.frozen(m, parent)
         ]
         self.clean_at = hook
-        self.read_at = None
+        self._read_at = None
         ModeSwitches.listen(self)
 
     def read(self, hook: str, batch_idx: int | None) -> tuple[list[nn.Module], list[Leak]]:
         """Read the watched modules' modes at ``hook``: every leaked module, and the topmost ones as leaks."""
-        self.read_at = mode_switches.count
+        self._read_at = mode_switches.count
         visits.modules += len(self._watched)
         leaked = [
             (path, module)
@@ -960,6 +1017,6 @@ class EvalModeLeaks:
     def stop(self) -> None:
         """Stop counting mode switches and forget the model (at the end of training)."""
         ModeSwitches.stop(self)
-        self.read_at = None
+        self._read_at = None
         self._modules = []
         self._watched = []

@@ -179,7 +179,13 @@ class FindingLog:
         (1, 1)
     """
 
-    def __init__(self, on_violation: OnViolation = "warn", category: type[NoGradWarning] = NoGradWarning) -> None:
+    def __init__(
+        self,
+        on_violation: OnViolation = "warn",
+        category: type[NoGradWarning] = NoGradWarning,
+        on_new: Callable[[Finding], None] | None = None,
+        on_ranks_added: Callable[[Finding, Finding], None] | None = None,
+    ) -> None:
         self.on_violation = on_violation
         self.category = category
         self.may_warn = True
@@ -187,11 +193,19 @@ class FindingLog:
         self._seen: set[tuple[str, str, str, str]] = set()
         self._held: dict[tuple[str, str, str, str], int] = {}  # key -> index in `findings`
         self._epoch_keys: dict[str, set[tuple[str, str, str, str]]] = {}
-        self.listeners: list[Callable[[Finding], None]] = []
+        self.listeners: list[Callable[[Finding], None]] = [on_new] if on_new is not None else []
         # called with (old, new) when other ranks saw a finding this one holds already
-        self.rank_listeners: list[Callable[[Finding, Finding], None]] = []
+        self.rank_listeners: list[Callable[[Finding, Finding], None]] = (
+            [on_ranks_added] if on_ranks_added is not None else []
+        )
         self.rank: int | None = None  # this process's rank in a distributed run
         self._unshared: list[Finding] = []  # new here since the last ``export``
+
+    def join_run(self, rank: int | None, warns: bool) -> None:
+        """Take part in a run as ``rank`` (``None``: the only process); only a log that ``warns`` (rank
+        zero's) prints warnings, while every rank records its findings and names its rank in them."""
+        self.rank = rank
+        self.may_warn = warns
 
     def add(self, finding: Finding) -> bool:
         """Record ``finding``; warn or raise when it is new. Returns whether it was new."""

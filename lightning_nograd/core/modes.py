@@ -72,7 +72,9 @@ class ModeProbe(Probe):
         allowed: NamePatterns,
         on_train_forward: Callable[[str, nn.Module, bool], None],
         fix: bool,
+        on_error: Callable[[BaseException], None] | None = None,
     ) -> None:
+        self.on_error = on_error
         self.root = root
         self.allowed = allowed
         self.on_train_forward = on_train_forward
@@ -127,7 +129,7 @@ class ModeProbe(Probe):
         self._tops = top_of
         return top_of
 
-    def _settle(self) -> None:
+    def _note_settled(self) -> None:
         """Note whether the probe is settled now (after anything that changes its state): ``settled_at``."""
         quiet = not self._tops and not self._fixed and self._handle is None
         self.settled_at = self._switches_seen if quiet else None
@@ -144,7 +146,7 @@ class ModeProbe(Probe):
             self._handle = nn.modules.module.register_module_forward_pre_hook(isolated(self._pre_forward, self))
         elif not watch:
             self._remove_hook()
-        self._settle()
+        self._note_settled()
 
     @isolated_method
     def after_batch(self) -> None:
@@ -161,7 +163,7 @@ class ModeProbe(Probe):
             self.on_train_forward(top, module, False)
             if self.fix:
                 self._fixed[id(module)] = top
-        self._settle()
+        self._note_settled()
 
     def close(self) -> None:
         """Remove every hook and drop references to the model."""
@@ -187,7 +189,7 @@ class ModeProbe(Probe):
             except AttributeError:
                 continue
             self._fixed[id(module)] = path
-        self._settle()
+        self._note_settled()
 
     def _remove_hook(self) -> None:
         if self._handle is not None:

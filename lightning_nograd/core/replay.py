@@ -121,7 +121,8 @@ class CallRecorder(Probe):
         ['Sequential']
     """
 
-    def __init__(self, candidates: set[int]) -> None:
+    def __init__(self, candidates: set[int], on_error: Callable[[BaseException], None] | None = None) -> None:
+        self.on_error = on_error
         self.candidates = candidates
         self.calls: list[RecordedCall] = []
         self._active: int | None = None

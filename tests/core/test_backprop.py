@@ -86,16 +86,14 @@ def test_zero_gradient_streaks_reset_and_skip_sparse_gradients() -> None:
 
 def _train_step(net: nn.Module, optimizer: torch.optim.Optimizer, check: GradientCheck, cut: bool = False) -> list:
     """One plain training step with the check's calls where a loop makes them; what the check found."""
+    check.zero_grad(optimizer)
     optimizer.zero_grad(set_to_none=True)
-    if not check.skip and not check.keeps_zeros and check.reads_zeroing(optimizer):
-        check.zeroing = optimizer
     h = net[0](torch.randn(4, 2))
     loss = net[1](h.detach() if cut else h).sum()
-    check.backward()
+    if not check.before_backward():
+        check.backward()
     loss.backward()
-    if check.skip:  # as BackpropGuard does: a steady step only counts down
-        check.skip -= 1
-        check.backward_seen = False
+    if check.passes_steady_step():  # as BackpropGuard does: a steady step only counts down
         return []
     return check.step(optimizer)
 
@@ -137,8 +135,8 @@ def test_gradient_check_skipped_step_allow_list_and_kept_zeros() -> None:
     check.new_epoch()
     found: list = []
     for _ in range(3):
+        check.zero_grad(optimizer)
         optimizer.zero_grad(set_to_none=False)
-        check.zeroing = optimizer
         check.backward()
         net[1](net[0](torch.randn(4, 2)).detach()).sum().backward()
         found += check.step(optimizer)
@@ -211,14 +209,14 @@ def test_zeroing_is_decided_by_one_parameter_that_had_a_gradient(set_to_none: bo
     check.new_epoch(1)
     read = []
     for _ in range(4):
-        optimizer.zero_grad(set_to_none=set_to_none)
         if not check.skip and not check.keeps_zeros and check.reads_zeroing(optimizer):
-            check.zeroing = optimizer
             read.append(check.steps.get(id(optimizer), 0) + 1)
-        check.backward()
+        check.zero_grad(optimizer)
+        optimizer.zero_grad(set_to_none=set_to_none)
+        if not check.before_backward():
+            check.backward()
         net[2](net[1](torch.randn(4, 2))).sum().backward()  # net[0] unused
-        if check.skip:
-            check.skip -= 1
+        if check.passes_steady_step():
             continue
         check.step(optimizer)
     assert read == [1, 2], "read at the first step (nothing to tell) and the second (decided), never again"

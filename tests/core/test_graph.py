@@ -3,7 +3,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lightning_nograd.core import torch_internals
 from lightning_nograd.core.graph import (
     HUB,
     GraphEvent,
@@ -69,30 +68,25 @@ def test_tally_and_tensor_attributes() -> None:
 
 
 def test_stray_graph_watch_fast_path_taken_by_the_loop_itself() -> None:
-    # what BackpropGuard does inline: while `counts_for` is the model a stretch is only two counter reads;
+    # what BackpropGuard does: while `counts_for` is the model an interval is only two counter reads;
     # a graph built in one arms the probe, which names it the next time and then steps aside again
     net = nn.Linear(2, 2)
     found: list[str] = []
-    watch = StrayGraphWatch(lambda root: GraphProbe(root, frozenset(), lambda e, m: found.append(e.module),
+    watch = StrayGraphWatch(lambda root, on_error: GraphProbe(root, frozenset(), lambda e, m: found.append(e.module),
                                                     lambda name: False))  # fmt: skip
     watch.new_epoch()
     assert watch.counts_for is None, "the epoch's first stretch is the probe's"
     fast = []
     for step in range(5):
         # the step's end
-        if watch.counts_for is net:
-            watch.counter_at = torch_internals.node_counter()
+        if watch.counting(net):
             fast.append(step)
         else:
             watch.open(net)
         if step in (1, 2):
             net(torch.ones(1, 2))  # a forward outside the step
         # the next step's start
-        counter_at = watch.counter_at
-        if counter_at is not None and torch_internals.node_counter() == counter_at:
-            watch.counter_at = None
-        else:
-            watch.close()
+        watch.close()
     assert fast == [1, 3, 4], "probed: the epoch's first stretch and the one after the counter moved"
     assert found == [""]
     watch.failed = True
