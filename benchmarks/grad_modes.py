@@ -21,9 +21,10 @@ import torch
 
 from benchmarks.models import MODELS
 from benchmarks.timing import in_fresh_process
-from lightning_nograd.core.graph import MIB
 from lightning_nograd.core.measure import peak_bytes_of, synchronize
-from lightning_nograd.core.replay import RecordedCall, graph_bytes_of
+from lightning_nograd.core.recording import RecordedCall
+from lightning_nograd.core.replay import graph_bytes_of
+from lightning_nograd.core.tensors import MIB
 
 MODES = ("grad", "no_grad", "inference_mode")
 

@@ -52,14 +52,11 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_nograd import NoGradAuditor
 from lightning_nograd.callbacks.nograd_auditor import PER_BATCH_HOOKS
-from lightning_nograd.core.backprop import (
-    EvalModeLeaks,
-    ParamIndex,
-    eval_mode_under_trainable,
-    explain_gradient_gaps,
-    inference_tensors,
-)
 from lightning_nograd.core.counters import GRADIENT_EVERY, visits
+from lightning_nograd.core.eval_mode import EvalModeLeaks, eval_mode_under_trainable
+from lightning_nograd.core.gradient_gaps import explain_gradient_gaps
+from lightning_nograd.core.inference_tensors import inference_tensors
+from lightning_nograd.core.model_index import ParamIndex
 from lightning_nograd.core.module_paths import NamePatterns, named_modules
 
 SIZES = (50, 500, 5_000, 50_000)

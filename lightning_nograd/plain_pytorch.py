@@ -21,29 +21,21 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_nograd.core import messages, torch_internals
 from lightning_nograd.core.arguments import check_bool, check_choice, check_int
-from lightning_nograd.core.backprop import (
-    GradModeProbe,
-    ParamIndex,
-    eval_mode_under_trainable,
-    explain_gradient_gaps,
-    inference_tensors,
-    without_gradient,
-)
+from lightning_nograd.core.eval_mode import eval_mode_under_trainable
 from lightning_nograd.core.faults import Probe, report_fault
 from lightning_nograd.core.findings import ON_VIOLATION_CHOICES, Finding, FindingLog, OnViolation
-from lightning_nograd.core.graph import MIB, GraphEvent, GraphProbe, tally_tensors, weight_storages
+from lightning_nograd.core.gradient_gaps import GradModeProbe, explain_gradient_gaps
+from lightning_nograd.core.gradients import without_gradient
+from lightning_nograd.core.graph import GraphEvent, GraphProbe
+from lightning_nograd.core.inference_tensors import inference_tensors
+from lightning_nograd.core.model_index import ParamIndex
 from lightning_nograd.core.modes import ModeProbe
 from lightning_nograd.core.module_paths import NamePatterns, named_modules
-from lightning_nograd.core.replay import (
-    EAGER_REPLAY_NOTE,
-    CallRecorder,
-    RecordedCall,
-    Replay,
-    call_hooks,
-    replayable,
-    savings_metrics,
-)
+from lightning_nograd.core.recording import CallRecorder, RecordedCall, call_hooks, replayable
+from lightning_nograd.core.replay import EAGER_REPLAY_NOTE, Replay
 from lightning_nograd.core.report import Report
+from lightning_nograd.core.savings import savings_metrics
+from lightning_nograd.core.tensors import MIB, tally_tensors, weight_storages
 from lightning_nograd.errors import BrokenBackpropWarning
 
 __all__ = ["audit", "check_training_step"]

@@ -261,11 +261,11 @@ def test_stray_forward_is_named_by_the_probe_the_node_counter_arms(
 ) -> None:
     # the saved-tensor probe watches the first stretch of an epoch and the one after a validation; the
     # other stretches only read autograd's node counter, which arms the probe once it moved
-    from lightning_nograd.core.graph import HUB
+    from lightning_nograd.core.graph import SAVED_TENSOR_HOOKS
 
     registered: list[int] = []
-    register = HUB.register
-    monkeypatch.setattr(HUB, "register", lambda probe: (registered.append(1), register(probe))[1])
+    register = SAVED_TENSOR_HOOKS.register
+    monkeypatch.setattr(SAVED_TENSOR_HOOKS, "register", lambda probe: (registered.append(1), register(probe))[1])
     guard = BackpropGuard()
     with nograd_warnings():
         trainer(tmp_path, [guard], max_epochs=1, limit_train_batches=8, limit_val_batches=0).fit(

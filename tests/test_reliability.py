@@ -21,10 +21,10 @@ from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, default_collate
 
 from lightning_nograd import BackpropGuard, EvalModeAuditor, NoGradAuditor, NoGradWarning, SavingsMonitor
-from lightning_nograd.core.backprop import GradModeProbe
-from lightning_nograd.core.graph import HUB, GraphProbe
+from lightning_nograd.core.gradient_gaps import GradModeProbe
+from lightning_nograd.core.graph import SAVED_TENSOR_HOOKS, GraphProbe
 from lightning_nograd.core.modes import ModeProbe
-from lightning_nograd.core.replay import CallRecorder
+from lightning_nograd.core.recording import CallRecorder
 from tests.helpers import Regressor, csv_values, loader, nograd_warnings, set_head_dropout_train, trainer
 from tests.test_backprop_guard import GAN, Net
 
@@ -218,7 +218,7 @@ def test_every_hook_is_removed_and_nothing_keeps_the_model(tmp_path: Path) -> No
         t.test(model, loader())
     assert not torch.nn.modules.module._global_forward_pre_hooks
     assert not torch.nn.modules.module._global_forward_hooks
-    assert HUB.probes == [] and not HUB.pushed
+    assert SAVED_TENSOR_HOOKS.probes == [] and not SAVED_TENSOR_HOOKS.pushed
     del model, t
     gc.collect()
     assert ref() is None

@@ -15,20 +15,15 @@ from lightning_nograd.callbacks._lightning import LightningModule, Trainer, ddp_
 from lightning_nograd.callbacks.loggers import reduce_present_max
 from lightning_nograd.core import messages
 from lightning_nograd.core.arguments import check_int
-from lightning_nograd.core.backprop import (
-    EvalModeLeaks,
-    GradientCheck,
-    GradientGap,
-    GradModeProbe,
-    eval_blocks,
-    eval_mode_under_trainable,
-    explain_gradient_gaps,
-    inference_tensors,
-    trained_parameter_ids,
-)
+from lightning_nograd.core.eval_mode import EvalModeLeaks, eval_blocks, eval_mode_under_trainable
 from lightning_nograd.core.findings import Finding, OnViolation
-from lightning_nograd.core.graph import GraphEvent, GraphProbe, StrayGraphWatch
+from lightning_nograd.core.gradient_gaps import GradientGap, GradModeProbe, explain_gradient_gaps
+from lightning_nograd.core.gradients import GradientCheck
+from lightning_nograd.core.graph import GraphEvent, GraphProbe
+from lightning_nograd.core.inference_tensors import inference_tensors
+from lightning_nograd.core.model_index import trained_parameter_ids
 from lightning_nograd.core.module_paths import NamePatterns, class_name
+from lightning_nograd.core.stray_graphs import StrayGraphWatch
 from lightning_nograd.errors import BrokenBackpropWarning
 
 OUTSIDE_STEP_HOOKS = frozenset(

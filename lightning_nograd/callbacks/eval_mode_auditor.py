@@ -14,17 +14,11 @@ from lightning_nograd.callbacks.loggers import reduce_present_max
 from lightning_nograd.core import messages
 from lightning_nograd.core.counters import mode_switches
 from lightning_nograd.core.findings import Finding, OnViolation
-from lightning_nograd.core.graph import (
-    MIB,
-    AttributeTensors,
-    GraphEvent,
-    GraphProbe,
-    tally_tensors,
-    weight_storages,
-)
+from lightning_nograd.core.graph import GraphEvent, GraphProbe
 from lightning_nograd.core.modes import ModeProbe
 from lightning_nograd.core.module_paths import NamePatterns, class_name
 from lightning_nograd.core.stack import calling_hook
+from lightning_nograd.core.tensors import MIB, AttributeTensors, tally_tensors, weight_storages
 
 EVAL_HOOK_NAMES = frozenset(
     name

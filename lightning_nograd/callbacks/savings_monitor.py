@@ -23,11 +23,12 @@ from lightning_nograd.callbacks.loggers import gather_objects, reduce_vector
 from lightning_nograd.core import messages, torch_internals
 from lightning_nograd.core.arguments import check_float, check_int
 from lightning_nograd.core.findings import Finding
-from lightning_nograd.core.graph import weight_storages
 from lightning_nograd.core.measure import EpochMeasures
 from lightning_nograd.core.module_paths import class_name
-from lightning_nograd.core.replay import CallRecorder, RecordedCall, ReplayResult, is_work_module, savings_metrics
+from lightning_nograd.core.recording import CallRecorder, RecordedCall, is_work_module
+from lightning_nograd.core.savings import ReplayResult, savings_metrics
 from lightning_nograd.core.schedule import Measurement, ReplayBudget, call_signature
+from lightning_nograd.core.tensors import weight_storages
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Detects autograd graphs built where none should be, and tensors that keep graphs alive.
+"""Detects autograd graphs built where none should be (the ``grad_enabled`` check and the probe of ``stray_graph``).
 
 ``GraphProbe`` installs ``torch.autograd.graph.saved_tensors_hooks`` for a whole evaluation
 stage. Autograd calls the pack hook only when it saves a tensor for backward, i.e. only when a
@@ -11,28 +11,27 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Iterable, Iterator
-from collections.abc import Set as AbstractSet
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import FrameType
-from typing import Any
 
 import torch
 from torch import nn
 
 from lightning_nograd.core import torch_internals
-from lightning_nograd.core.faults import Probe, isolated, isolated_method, report_fault
+from lightning_nograd.core.faults import Probe, isolated_method, report_fault
 from lightning_nograd.core.findings import common_ancestor
 from lightning_nograd.core.module_paths import named_modules
+from lightning_nograd.core.tensors import _storage, storage_bytes, storage_key, weight_storages
 from lightning_nograd.errors import NoGradError
-
-MIB = float(2**20)
 
 REPARAMETRIZATION_FILES = tuple(
     os.path.join("torch", "nn", "utils", name)
     for name in ("prune.py", "parametrize.py", "parametrizations.py", "weight_norm.py", "spectral_norm.py")
 )
+
+
 """PyTorch's re-parametrisation code: the graphs it records (``weight_orig * mask``) are not forwards."""
 
 
@@ -43,54 +42,6 @@ class GraphEvent:
     module: str
     hook: str | None
     saved_bytes: int
-
-
-def format_bytes(nbytes: float) -> str:
-    """``1536`` -> ``"1.5 KiB"``; MiB from 1 MiB up.
-
-    Examples:
-        >>> format_bytes(1536), format_bytes(3 * 2**20)
-        ('1.5 KiB', '3.00 MiB')
-    """
-    if nbytes < MIB:
-        return f"{nbytes / 1024:.1f} KiB"
-    return f"{nbytes / MIB:.2f} MiB"
-
-
-def _storage(tensor: torch.Tensor) -> torch.UntypedStorage | None:
-    """The storage that holds ``tensor``'s data on this process: a ``DTensor``'s (FSDP2, tensor
-    parallel) is its local shard's; ``None`` for a tensor subclass with no storage at all."""
-    to_local = getattr(tensor, "to_local", None)
-    if callable(to_local):
-        with torch.no_grad():
-            tensor = to_local()
-    try:
-        storage = tensor.untyped_storage()
-        storage.data_ptr()  # a wrapper subclass may hand out a storage it cannot back
-    except (RuntimeError, NotImplementedError):
-        return None
-    return storage
-
-
-def storage_key(tensor: torch.Tensor) -> tuple[str, int]:
-    """Identity of the storage behind ``tensor`` (views of one storage share it; a tensor without
-    one is its own identity)."""
-    storage = _storage(tensor)
-    if storage is None:
-        return (str(tensor.device), -id(tensor))
-    return (str(tensor.device), storage.data_ptr())
-
-
-def weight_storages(module: nn.Module) -> set[tuple[str, int]]:
-    """Storage keys of ``module``'s parameters and buffers: memory that exists anyway, left out of
-    graph and kept-graph sizes."""
-    return {storage_key(t) for t in [*module.parameters(), *module.buffers()] if t.numel() > 0}
-
-
-def storage_bytes(tensor: torch.Tensor) -> int:
-    """Bytes of the whole storage behind ``tensor`` (not just the view)."""
-    storage = _storage(tensor)
-    return int(storage.nbytes()) if storage is not None else tensor.numel() * tensor.element_size()
 
 
 class GraphProbe(Probe):
@@ -148,7 +99,7 @@ class GraphProbe(Probe):
             return
         if self._batch_events:
             self.new_batch()
-        HUB.register(self)
+        SAVED_TENSOR_HOOKS.register(self)
         self.active = True
 
     def rename(self) -> None:
@@ -163,7 +114,7 @@ class GraphProbe(Probe):
     def stop(self) -> None:
         """Stop receiving saved tensors (forgetting what was not flushed); ``start`` resumes cheaply."""
         if self.active:
-            HUB.unregister(self)
+            SAVED_TENSOR_HOOKS.unregister(self)
             self.active = False
         if self._batch_events:  # (a storage is only counted together with its event)
             self.new_batch()
@@ -261,160 +212,6 @@ class GraphProbe(Probe):
         return (module if module is not None else ""), None
 
 
-class StrayGraphWatch(Probe):
-    """Watches the intervals between training steps for forwards that record an autograd graph.
-
-    A ``GraphProbe`` names the module and hook, but installing and removing its saved-tensor
-    hooks around every training step costs a few microseconds a batch, more as the model grows (the
-    CPU caches then hold the model). So the probe watches the first interval of each epoch and the
-    interval after each validation; every other interval is watched by autograd's own node counter
-    (``lightning_nograd.core.torch_internals.node_counter``), read once as it starts and once
-    as it ends; on a torch without that counter the probe watches every interval. When the counter
-    moved, the probe watches the intervals that follow until it names the graph: a forward outside
-    the step is named the first time it runs in a watched interval, or the next time it runs after that.
-
-    A loop's fast path is ``counting(model)`` as an interval begins (``open`` when it answers ``False``)
-    and ``close`` as it ends: under the counter alone, each reads the counter once.
-
-    Args:
-        new_probe: builds the probe for a model (its ``report`` receives the graphs found).
-
-    Examples:
-        >>> net = nn.Linear(2, 2)
-        >>> found = []
-        >>> def new_probe(root, on_error):
-        ...     return GraphProbe(root, frozenset(), lambda e, m: found.append(e.module), lambda name: False)
-        >>> watch = StrayGraphWatch(new_probe)
-        >>> watch.new_epoch()
-        >>> for step in range(4):
-        ...     watch.open(net)  # a training step ended
-        ...     if step == 1:
-        ...         _ = net(torch.ones(1, 2))  # a forward outside the step, under the counter only
-        ...     if step == 2:
-        ...         _ = net(torch.ones(1, 2))  # again: the probe watches since the counter moved
-        ...     watch.close()  # the next training step starts
-        >>> found, watch.probing
-        ([''], False)
-    """
-
-    def __init__(
-        self,
-        new_probe: Callable[[nn.Module, Callable[[BaseException], None]], GraphProbe],
-        on_error: Callable[[BaseException], None] | None = None,
-    ) -> None:
-        self.on_error = on_error
-        self._new_probe = new_probe
-        self.probe: GraphProbe | None = None
-        self._probe_root: nn.Module | None = None  # the probe's model
-        self._counter_at: int | None = None  # the node counter as the current interval began, if counting
-        self._counts_for: nn.Module | None = None  # the model whose next interval the counter alone watches
-        self._failed = False
-        self._graph_unnamed = False  # the counter moved: probe until the graph is named
-        self._probe_next = True  # the first interval of an epoch, the one after a validation
-
-    @property  # type: ignore[override]
-    def failed(self) -> bool:
-        return self._failed
-
-    @failed.setter
-    def failed(self, value: bool) -> None:
-        self._failed = value
-        self._decide_fast_path()
-
-    def _decide_fast_path(self) -> None:
-        """Decide which model's next interval the counter alone watches (``counting``'s one test)."""
-        probe_needed = (
-            self._graph_unnamed or self._probe_next or self._failed or not torch_internals.available("node_counter")
-        )
-        self._counts_for = None if probe_needed else self._probe_root
-
-    @property
-    def counts_for(self) -> nn.Module | None:
-        """The model whose next interval the counter alone watches (``None``: the probe watches)."""
-        return self._counts_for
-
-    @property
-    def probing(self) -> bool:
-        """Whether the probe watches the current interval."""
-        return self.probe is not None and self.probe.active
-
-    def new_epoch(self) -> None:
-        """Probe the next interval, and name modules anew (the model may have changed)."""
-        self._probe_next = True
-        self._decide_fast_path()
-        if self.probe is not None:
-            self.probe.rename()
-
-    def counting(self, root: nn.Module) -> bool:
-        """Begin a interval under the counter alone, if the probe need not watch it; whether it did."""
-        if self._counts_for is not root:
-            return False
-        self._counter_at = torch_internals.node_counter()
-        return True
-
-    def open(self, root: nn.Module, probe: bool = False) -> None:
-        """A interval outside the training step begins; ``probe`` watches it with the probe."""
-        if not self._failed and (probe or not self.counting(root)):
-            self._start_probe(root)
-
-    @isolated_method
-    def _start_probe(self, root: nn.Module) -> None:
-        self._probe_next = False
-        current = self.probe
-        if current is None or current.root is not root:
-            self._drop_probe()
-            current = self.probe = self._new_probe(root, self._probe_failed)
-            self._probe_root = root
-        self._decide_fast_path()
-        current.start()
-
-    def close(self) -> None:
-        """The interval ends: report what the probe saw, or arm the probe if the counter moved."""
-        counter_at, self._counter_at = self._counter_at, None
-        if counter_at is not None:
-            if torch_internals.node_counter() != counter_at:
-                self._graph_unnamed = True
-                self._decide_fast_path()
-            return
-        if not self._failed and self.probing:
-            self._stop_probe()
-
-    @isolated_method
-    def _stop_probe(self) -> None:
-        probe = self.probe
-        assert probe is not None
-        if probe.has_events:
-            self._graph_unnamed = False
-            self._decide_fast_path()
-        try:
-            probe.flush()  # reports this interval's graphs (may stop the run, under on_violation="error")
-        finally:
-            probe.stop()
-
-    def flush(self) -> None:
-        """Report what the probe saw so far; the interval goes on."""
-        if not self.failed and self.probe is not None:
-            isolated(self.probe.flush, self)()
-
-    def release(self) -> None:
-        """Stop, report what is left, and drop every reference to the model."""
-        self._counter_at = None
-        try:
-            self.close()
-        finally:
-            self._drop_probe()
-
-    def _drop_probe(self) -> None:
-        probe, self.probe = self.probe, None
-        self._probe_root = None
-        self._decide_fast_path()
-        if probe is not None:
-            probe.close()
-
-    def _probe_failed(self, err: BaseException) -> None:
-        report_fault(self, err)
-
-
 class _SavedTensorsHub:
     """Owns the one ``saved_tensors_hooks`` entry all probes share.
 
@@ -465,191 +262,4 @@ def _unpack(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-HUB = _SavedTensorsHub()
-
-
-@dataclass
-class TensorTally:
-    """Tensors found inside a value: how many, how many still attached to a graph, their size."""
-
-    tensors: int = 0
-    attached: int = 0
-    nbytes: int = 0
-    attached_bytes: int = 0
-    devices: frozenset[str] = frozenset()
-    graph_roots: list[Any] = field(default_factory=list)  # the attached tensors' grad_fn nodes
-    attached_storages: set[tuple[str, int]] = field(default_factory=set)
-
-    def kept_bytes(self, exclude: AbstractSet[tuple[str, int]] = frozenset()) -> int:
-        """What the attached tensors keep alive: their own storages plus the tensors their graphs saved
-        for backward (each storage once; ``exclude`` holds parameter and buffer storages)."""
-        return self.attached_bytes + graph_saved_bytes(self.graph_roots, self.attached_storages | exclude)
-
-    @property
-    def attached_mib(self) -> float:
-        """Size of the graph-attached tensors' storages in MiB."""
-        return self.attached_bytes / MIB
-
-
-CONTAINERS = (list, tuple, dict, set)
-
-
-def graph_saved_bytes(
-    roots: Iterable[Any], exclude: AbstractSet[tuple[str, int]] = frozenset(), node_limit: int = 100_000
-) -> int:
-    """Bytes of the tensors that the autograd graphs behind ``roots`` saved for backward.
-
-    Walks each graph once (at most ``node_limit`` nodes) and reads every node's ``_saved_*``
-    tensors, each storage counted once, storages in ``exclude`` (parameters, buffers) left out.
-    A graph already used by a backward has freed what it saved, and adds nothing.
-
-    Examples:
-        >>> w = torch.ones(4, 4, requires_grad=True)
-        >>> y = (torch.ones(256, 4) @ w).relu()  # the matmul saves its 256x4 input, relu its output
-        >>> graph_saved_bytes([y.grad_fn], {storage_key(w)})  # 2 x 4 KiB; the weight is left out
-        8192
-    """
-    # the nodes themselves are kept: torch 2.4 makes a new Python object for a node each time it is
-    # reached and frees it after, so a bare id could be taken by another node and that node skipped
-    seen_nodes: dict[int, Any] = {}
-    seen_storages: set[tuple[str, int]] = set(exclude)
-    total = 0
-    stack = [r for r in roots if r is not None]
-    while stack and len(seen_nodes) < node_limit:
-        node = stack.pop()
-        if id(node) in seen_nodes:
-            continue
-        seen_nodes[id(node)] = node
-        for name in dir(node):
-            if not name.startswith("_saved_"):
-                continue
-            try:
-                value = getattr(node, name)
-            except RuntimeError:  # freed by a backward
-                continue
-            for tensor in value if isinstance(value, (list, tuple)) else (value,):
-                if isinstance(tensor, torch.Tensor) and tensor.numel() > 0:
-                    key = storage_key(tensor)
-                    if key not in seen_storages:
-                        seen_storages.add(key)
-                        total += storage_bytes(tensor)
-        stack.extend(next_node for next_node, _ in getattr(node, "next_functions", ()) if next_node is not None)
-    return total
-
-
-def tally_tensors(value: Any, limit: int = 100_000) -> TensorTally:
-    """Count the tensors in ``value`` (nested lists, tuples, dicts, sets), at most ``limit`` items.
-
-    Examples:
-        >>> t = torch.ones(4, requires_grad=True) * 2
-        >>> tally = tally_tensors({"a": [t, t.detach()]})
-        >>> tally.tensors, tally.attached
-        (2, 1)
-    """
-    tally = TensorTally()
-    seen: set[tuple[str, int]] = set()
-    devices: set[str] = set()
-    stack = [value]
-    visited = 0
-    while stack and visited < limit:
-        item = stack.pop()
-        visited += 1
-        if isinstance(item, torch.Tensor):
-            if isinstance(item, nn.Parameter):
-                continue
-            tally.tensors += 1
-            devices.add(item.device.type)
-            key = storage_key(item)
-            fresh = key not in seen
-            seen.add(key)
-            size = storage_bytes(item) if fresh else 0
-            tally.nbytes += size
-            if item.grad_fn is not None:
-                tally.attached += 1
-                tally.attached_bytes += size
-                tally.graph_roots.append(item.grad_fn)
-                tally.attached_storages.add(key)
-        elif isinstance(item, dict):
-            stack.extend(item.values())
-        elif isinstance(item, CONTAINERS):
-            stack.extend(item)
-    tally.devices = frozenset(devices)
-    return tally
-
-
-_MODULE_INTERNALS = frozenset(
-    {"_parameters", "_buffers", "_modules", "_trainer", "_fabric", "_device_mesh", "_metric_attributes"}
-)
-
-
-def tensor_attributes(module: nn.Module) -> Iterable[tuple[str, Any]]:
-    """Plain attributes of ``module`` that hold tensors directly or in containers.
-
-    Parameters, buffers and submodules are not attributes in this sense (they live in
-    ``_parameters``, ``_buffers`` and ``_modules``).
-    """
-    for name, value in vars(module).items():
-        if name in _MODULE_INTERNALS or name.startswith("__"):
-            continue
-        if isinstance(value, torch.Tensor) or (isinstance(value, CONTAINERS) and value):
-            yield name, value
-
-
-@dataclass
-class KeptTensors:
-    """What an attribute of the model holds at an evaluation epoch's end."""
-
-    name: str
-    tally: TensorTally
-    attached_between: bool  # its attached tensors appeared between two evaluation epochs (in training)
-    grows: bool  # a collection that grew since the last epoch of this stage and was never cleared
-
-
-class AttributeTensors:
-    """Tensors a model keeps in plain attributes across evaluation epochs (``self.outputs.append(...)``).
-
-    ``epoch_start`` and ``epoch_end`` are called around each evaluation epoch. A collection
-    *grows* when it was not cleared since the last epoch of the same stage ended (it holds at least
-    as many tensors at this epoch's start) and gained more than one tensor, or 1 MiB, in this epoch.
-
-    Examples:
-        >>> net, watch = nn.Linear(1, 1), AttributeTensors()
-        >>> net.outputs = []
-        >>> for epoch in range(3):
-        ...     watch.epoch_start(net)
-        ...     net.outputs.extend(torch.ones(1) for _ in range(4))
-        ...     kept = watch.epoch_end(net, "val")
-        >>> [(k.name, k.tally.tensors, k.grows) for k in kept]
-        [('outputs', 12, True)]
-    """
-
-    def __init__(self) -> None:
-        self._tensors_at_start: dict[str, int] = {}
-        self._attached_between: set[str] = set()
-        self._attached_at_end: dict[str, int] = {}
-        self._at_end: dict[tuple[str, str], tuple[int, int]] = {}
-
-    def epoch_start(self, root: nn.Module) -> None:
-        tallies = {name: tally_tensors(value) for name, value in tensor_attributes(root)}
-        self._tensors_at_start = {name: tally.tensors for name, tally in tallies.items()}
-        # graphs that appeared since the last evaluation epoch ended were stored in between: in training
-        self._attached_between = {
-            name for name, tally in tallies.items() if tally.attached > self._attached_at_end.get(name, 0)
-        }
-
-    def epoch_end(self, root: nn.Module, stage: str) -> list[KeptTensors]:
-        kept = []
-        for name, value in tensor_attributes(root):
-            tally = tally_tensors(value)
-            self._attached_at_end[name] = tally.attached
-            at_start = self._tensors_at_start.get(name, 0)
-            previous = self._at_end.get((stage, name))
-            self._at_end[(stage, name)] = (tally.tensors, tally.nbytes)
-            grows = (
-                previous is not None
-                and previous[0] > 0
-                and at_start >= previous[0]  # not cleared since the last epoch ended
-                and (tally.tensors - at_start > 1 or tally.nbytes - previous[1] >= 2**20)
-            )
-            kept.append(KeptTensors(name, tally, name in self._attached_between, grows))
-        return kept
+SAVED_TENSOR_HOOKS = _SavedTensorsHub()

@@ -18,7 +18,7 @@ import psutil
 import torch
 
 from lightning_nograd.core import torch_internals
-from lightning_nograd.core.graph import MIB, storage_key  # MIB: one definition, there
+from lightning_nograd.core.tensors import MIB, storage_key
 from lightning_nograd.core.torch_internals import MissingTorchInternal, tree_leaves
 
 

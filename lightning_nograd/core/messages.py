@@ -15,9 +15,10 @@ from typing import Any, NamedTuple
 from torch import nn
 
 from lightning_nograd.core.findings import display_name
-from lightning_nograd.core.graph import MIB, GraphEvent, TensorTally, format_bytes
+from lightning_nograd.core.graph import GraphEvent
 from lightning_nograd.core.modes import mode_sensitive_descendants
 from lightning_nograd.core.module_paths import class_name
+from lightning_nograd.core.tensors import MIB, TensorTally, format_bytes
 
 
 class Explanation(NamedTuple):

@@ -16,14 +16,9 @@ from typing import Any
 
 import torch
 
-from lightning_nograd.core.replay import (
-    EAGER_REPLAY_NOTE,
-    SETTLING_RUNS,
-    RecordedCall,
-    Replay,
-    ReplayResult,
-    replayable,
-)
+from lightning_nograd.core.recording import RecordedCall, replayable
+from lightning_nograd.core.replay import EAGER_REPLAY_NOTE, SETTLING_RUNS, Replay
+from lightning_nograd.core.savings import ReplayResult
 
 
 def call_signature(calls: list[RecordedCall]) -> tuple[Any, ...]:

@@ -4,18 +4,12 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_nograd.core.backprop import (
-    EvalModeLeaks,
-    GradientCheck,
-    GradModeProbe,
-    Learning,
-    ParamIndex,
-    ZeroGradientStreaks,
-    eval_mode_under_trainable,
-    explain_gradient_gaps,
-    inference_tensors,
-)
 from lightning_nograd.core.counters import ModeSwitches, mode_switches, visits
+from lightning_nograd.core.eval_mode import EvalModeLeaks, eval_mode_under_trainable
+from lightning_nograd.core.gradient_gaps import GradModeProbe, explain_gradient_gaps
+from lightning_nograd.core.gradients import GradientCheck, ZeroGradientStreaks
+from lightning_nograd.core.inference_tensors import inference_tensors
+from lightning_nograd.core.model_index import LearningModules, ParamIndex
 from lightning_nograd.core.module_paths import named_modules, parent_path
 
 
@@ -200,7 +194,7 @@ def test_with_one_optimizer_steady_steps_are_skipped_on_the_same_schedule() -> N
 
 @pytest.mark.parametrize("set_to_none", [True, False])
 def test_zeroing_is_decided_by_one_parameter_that_had_a_gradient(set_to_none: bool) -> None:
-    # the optimizer's first parameters never get a gradient (an unused embedding): the witness is the first
+    # the optimizer's first parameters never get a gradient (an unused embedding): the parameter read is the first
     # parameter that had one at the full check, so the second step decides either way
     net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(2, 1))
     optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
@@ -225,7 +219,7 @@ def test_zeroing_is_decided_by_one_parameter_that_had_a_gradient(set_to_none: bo
 
 
 def _frozen_by_subtree(module: nn.Module, parent: nn.Module | None, trained: set[int] | None) -> bool:
-    """The definition, asked of each module's whole subtree (what the checks did before ``Learning``)."""
+    """The definition, asked of each module's whole subtree: what ``LearningModules`` answers in one pass."""
     params = list(module.parameters()) or (list(parent.parameters()) if parent is not None else [])
     return not any(p.requires_grad and (trained is None or id(p) in trained) for p in params)
 
@@ -245,16 +239,16 @@ def test_learning_answers_as_each_subtree_would_in_one_pass() -> None:
     modules = dict(named_modules(net))
     optimized = {id(p) for p in net["head"].parameters()}
     for trained in (None, optimized, set()):
-        learning = Learning([net], trained)
+        learning = LearningModules([net], trained)
         for path, module in modules.items():
             parent = modules.get(parent_path(path)) if path else None
             assert learning.frozen(module, parent) is _frozen_by_subtree(module, parent, trained), (path, trained)
-    learning = Learning([net], None)
+    learning = LearningModules([net], None)
     assert [learning.frozen(net[k][1], net[k]) for k in ("backbone", "head", "tied")] == [True, False, False]
     # a module holding one of its ancestors (a cycle through `_modules`) is answered, not looped over
     loop = nn.Sequential(nn.Linear(1, 1), nn.Sequential(nn.ReLU()))
     loop[1].add_module("back", loop)
-    assert Learning([loop], None).learns(loop) and not Learning([loop], None).frozen(loop[1][0], loop[1])
+    assert LearningModules([loop], None).learns(loop) and not LearningModules([loop], None).frozen(loop[1][0], loop[1])
 
 
 def test_frozen_modules_are_found_in_one_visit_each_under_a_deep_stack() -> None:

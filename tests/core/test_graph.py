@@ -3,14 +3,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lightning_nograd.core.graph import (
-    HUB,
-    GraphEvent,
-    GraphProbe,
-    StrayGraphWatch,
-    tally_tensors,
-    tensor_attributes,
-)
+from lightning_nograd.core.graph import SAVED_TENSOR_HOOKS, GraphEvent, GraphProbe
+from lightning_nograd.core.stray_graphs import StrayGraphWatch
+from lightning_nograd.core.tensors import tally_tensors, tensor_attributes
 
 
 def _started_probe(net: nn.Module) -> tuple[GraphProbe, list[GraphEvent]]:
@@ -34,7 +29,7 @@ def test_probe_sees_graphs_only_and_names_the_deepest_common_module() -> None:
         probe.close()
     assert merged.module == "" and modules == ["0", "1", "2"]
     assert merged.saved_bytes == 2 * 4 * 4 + 2 * 4 * 4  # the input, and the ReLU output (saved once)
-    assert not HUB.pushed
+    assert not SAVED_TENSOR_HOOKS.pushed
 
 
 def test_two_probes_share_one_hook_entry_and_pause_hides_graphs() -> None:
@@ -46,13 +41,13 @@ def test_two_probes_share_one_hook_entry_and_pause_hides_graphs() -> None:
     a.start()
     b.start()
     a.stop()  # stopping in any order leaves the other probe working
-    with HUB.paused():
+    with SAVED_TENSOR_HOOKS.paused():
         net(torch.ones(1, 2))
     net(torch.ones(1, 2))
     b.close()
     a.close()
     assert seen_a == [] and len(seen_b) == 1
-    assert HUB.probes == [] and not HUB.pushed
+    assert SAVED_TENSOR_HOOKS.probes == [] and not SAVED_TENSOR_HOOKS.pushed
 
 
 def test_tally_and_tensor_attributes() -> None:
@@ -92,7 +87,7 @@ def test_stray_graph_watch_fast_path_taken_by_the_loop_itself() -> None:
     watch.failed = True
     assert watch.counts_for is None, "a failed watch takes no fast path"
     watch.release()
-    assert not HUB.pushed
+    assert not SAVED_TENSOR_HOOKS.pushed
 
 
 def test_probe_reads_the_model_at_the_first_graph_not_at_start() -> None:

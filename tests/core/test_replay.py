@@ -6,7 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_nograd.core.replay import CallRecorder, Replay, ReplayResult, replayable, time_savings
+from lightning_nograd.core.recording import CallRecorder, replayable
+from lightning_nograd.core.replay import Replay
+from lightning_nograd.core.savings import ReplayResult, time_savings
 
 
 def test_the_95_percent_interval_tells_a_real_difference_from_noise() -> None:

@@ -20,7 +20,7 @@ from torch import nn
 
 from lightning_nograd import NoGradAuditor, audit
 from lightning_nograd.core import torch_internals
-from lightning_nograd.core.replay import CallRecorder
+from lightning_nograd.core.recording import CallRecorder
 from lightning_nograd.core.torch_internals import INTERNALS, MissingTorchInternal, describe
 from tests.core.torch_removal import without
 from tests.helpers import loader, nograd_warnings, trainer
