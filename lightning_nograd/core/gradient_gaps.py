@@ -26,6 +26,7 @@ class GradModeProbe(Probe):
     """Records whether watched modules ran their forward with gradients on, for one step.
 
     Examples:
+        >>> import torch
         >>> net = nn.Sequential(nn.Linear(2, 2))
         >>> probe = GradModeProbe({id(net[0]): "0"})
         >>> probe.start()
@@ -159,6 +160,7 @@ def explain_gradient_gaps(
     """Why ``params`` got no gradient, from what ``probe`` saw of the step (``None``: not watched).
 
     Examples:
+        >>> import torch
         >>> net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
         >>> probe = GradModeProbe({id(m): p for p, m in net.named_modules()})
         >>> probe.start()

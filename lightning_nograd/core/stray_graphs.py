@@ -30,6 +30,7 @@ class StrayGraphWatch(Probe):
         new_probe: builds the probe for a model (its ``report`` receives the graphs found).
 
     Examples:
+        >>> import torch
         >>> net = nn.Linear(2, 2)
         >>> found = []
         >>> def new_probe(root, on_error):
