@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -49,6 +50,31 @@ def percent(share: float) -> str:
         ('0.5%', '20%', '100%')
     """
     return f"{share * 100:g}%"
+
+
+@dataclass
+class _StageEpoch:
+    """What ``SavingsMonitor`` holds for one epoch of one stage; each epoch starts a new one."""
+
+    stage: str | None = None  # None: no epoch watched (outside one, or the sanity check)
+    epoch: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    compiled_steps: bool = False
+    run_seconds: float | None = None  # the projected length of the run (the whole fit where it is known)
+    record_from: int = 1  # the first batch recorded (the second, unless the epoch is too short)
+    skip_reason: str | None = None  # why nothing is measured in this epoch
+    # under a sharded strategy every rank replays at the same batch end, as rank zero decides (see
+    # `_measure_in_lockstep`): a module call there gathers parameters from every rank
+    lockstep: bool = False
+    paths: dict[int, str] = field(default_factory=dict)
+    measures: EpochMeasures | None = None
+    candidates: set[int] | None = None  # the modules that do the model's work, read at the first recording
+    recorder: CallRecorder | None = None
+    recorded: list[list[RecordedCall]] = field(default_factory=list)
+    batches: int = 0
+    batch_started: float = 0.0
+    batch_seconds: list[float] = field(default_factory=list)
+    measurement: tuple[ReplayResult, dict[str, Any]] | None = None
 
 
 class SavingsMonitor(EvaluationLoopCallback):
@@ -116,26 +142,9 @@ class SavingsMonitor(EvaluationLoopCallback):
                 f"but got max_repeats={self.max_repeats} and min_repeats={self.min_repeats}."
             )
         self._budget = ReplayBudget(self.budget, self.repeats, self.min_repeats, self.max_repeats)
-        self._device = torch.device("cpu")
-        self._compiled_steps = False
-        self._measures: EpochMeasures | None = None
-        self._recorder: CallRecorder | None = None
-        self._recorded: list[list[RecordedCall]] = []
-        self._candidates: set[int] | None = None
-        self._batches = 0
-        self._record_from = 1
-        self._batch_started = 0.0
-        self._batch_seconds: list[float] = []
-        self._measurement: tuple[ReplayResult, dict[str, Any]] | None = None
         self._cache: dict[tuple[Any, ...], tuple[ReplayResult, dict[str, Any]]] = {}
-        self._skip_reason: str | None = None
-        self._stage: str | None = None
-        self._epoch = 0
-        # under a sharded strategy every rank replays at the same batch end, as rank zero decides (see
-        # `_measure_in_lockstep`): a module call there gathers parameters from every rank
-        self._lockstep = False
-        self._paths: dict[int, str] = {}
-        self._run_seconds: float | None = None
+        self._epochs: dict[str, _StageEpoch] = {}  # the latest epoch of each stage
+        self._now = _StageEpoch()  # the epoch under way (its `stage` is None outside a watched one)
 
     @override
     def _state_key_settings(self) -> dict[str, Any]:
@@ -152,27 +161,25 @@ class SavingsMonitor(EvaluationLoopCallback):
     @override
     def _eval_epoch_start(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if is_sanity_checking(trainer):
-            self._stage = None
+            self._now = _StageEpoch()
             return
-        self._stage = stage
-        self._epoch = int(trainer.current_epoch)
-        self._run_seconds = _projected_fit_seconds(trainer, self._budget.run_started)
-        self._batches = 0
-        self._recorded = []
-        self._measurement = None
-        self._batch_seconds = []
-        self._candidates = None
-        self._device = torch.device(pl_module.device)
-        self._compiled_steps = steps_are_compiled(pl_module)
-        self._start_epoch_measures()
+        device = torch.device(pl_module.device)
         total = _total_batches(trainer, stage)
-        self._record_from = 1 if total is None or total > self.measure_batches else 0
-        self._skip_reason = _replay_refusal(trainer, self._device)
-        self._lockstep = world_size(trainer) > 1 and _shards_parameters(trainer)
-        if self._lockstep and self._skip_reason is None:
-            self._paths = {id(m): path for path, m in pl_module.named_modules()}
-            if total is None or total < self._record_from + self.measure_batches:
-                self._skip_reason = (
+        now = self._now = self._epochs[stage] = _StageEpoch(
+            stage=stage,
+            epoch=int(trainer.current_epoch),
+            device=device,
+            compiled_steps=steps_are_compiled(pl_module),
+            run_seconds=_projected_fit_seconds(trainer, self._budget.run_started),
+            record_from=1 if total is None or total > self.measure_batches else 0,
+            skip_reason=_replay_refusal(trainer, device),
+            lockstep=world_size(trainer) > 1 and _shards_parameters(trainer),
+        )
+        self._start_epoch_measures()
+        if now.lockstep and now.skip_reason is None:
+            now.paths = {id(m): path for path, m in pl_module.named_modules()}
+            if total is None or total < now.record_from + self.measure_batches:
+                now.skip_reason = (
                     "replay skipped: under a sharded strategy the ranks replay together at a batch every rank "
                     "reaches, and this epoch's number of batches is not known (or too small)"
                 )
@@ -181,98 +188,100 @@ class SavingsMonitor(EvaluationLoopCallback):
     def _eval_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch_idx: int) -> None:
         # once this epoch's measurement is taken (or refused) a batch costs a counter and, where the
         # kernel's peak RSS cannot be read, one RSS sample
-        if self._stage is None or self._measurement is not None or self._skip_reason is not None:
+        now = self._now
+        if now.stage is None or now.measurement is not None or now.skip_reason is not None:
             return
-        self._batch_started = time.perf_counter()  # the batch times until then estimate the run's length
+        now.batch_started = time.perf_counter()  # the batch times until then estimate the run's length
         if self._wants_recording():
             self._start_recording(pl_module)
 
     @override
     def _eval_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch_idx: int) -> None:
-        if self._stage is None:
+        now = self._now
+        if now.stage is None:
             return
-        self._batches += 1
-        measures = self._measures
+        now.batches += 1
+        measures = now.measures
         if measures is not None and measures.memory.sampled:
             measures.memory.sample()
-        if self._measurement is not None or self._skip_reason is not None:
+        if now.measurement is not None or now.skip_reason is not None:
             return
-        self._batch_seconds.append(time.perf_counter() - self._batch_started)
-        if self._lockstep:
+        now.batch_seconds.append(time.perf_counter() - now.batch_started)
+        if now.lockstep:
             self._stop_lockstep_recording()
-            if self._batches == self._record_from + self.measure_batches:  # the same batch end on every rank
+            if now.batches == now.record_from + self.measure_batches:  # the same batch end on every rank
                 self._measure_in_lockstep(trainer, pl_module)
-        elif self._recorder is not None:
+        elif now.recorder is not None:
             self._finish_recording(trainer, pl_module)
 
     @override
     def _eval_epoch_end(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if self._stage is None or is_sanity_checking(trainer):
+        if self._now.stage is None or is_sanity_checking(trainer):
             return
         self._stop_recording()
-        if self._recorded and not self._lockstep and self._measurement is None:
+        if self._now.recorded and not self._now.lockstep and self._now.measurement is None:
             self._start_measurement(trainer, pl_module)  # an epoch shorter than `measure_batches` (fast_dev_run)
         self._emit_epoch_metrics(
             trainer, stage, lambda: self._epoch_metrics(stage), lambda t, m: _reduce_across_ranks(t, stage, m)
         )
-        self._stage = None
+        self._now.stage = None
 
     @override
     def _release(self, check: str | None = None) -> None:
-        if self._recorder is not None:
-            self._recorder.stop()
-            self._recorder = None
-        self._recorded = []
+        if self._now.recorder is not None:
+            self._now.recorder.stop()
+            self._now.recorder = None
+        self._now.recorded = []
         if check is None:
-            self._measurement = None
+            self._now.measurement = None
 
     # -- epoch -----------------------------------------------------------------------------------
 
     @guarded("epoch_measures")
     def _start_epoch_measures(self) -> None:
-        self._measures = EpochMeasures(self._device)
-        self._measures.start()
+        self._now.measures = EpochMeasures(self._now.device)
+        self._now.measures.start()
 
     def _wants_recording(self) -> bool:
         # steps compiled whole run no module call that could be recorded, and on torch 2.4 dynamo
         # recompiles them whenever a global hook comes or goes
-        if self._lockstep:  # by batch index alone, as on every other rank
-            return self._record_from <= self._batches < self._record_from + self.measure_batches
+        if self._now.lockstep:  # by batch index alone, as on every other rank
+            return self._now.record_from <= self._now.batches < self._now.record_from + self.measure_batches
         return (
-            not self._compiled_steps
-            and self._measurement is None
-            and self._skip_reason is None
-            and self._batches >= self._record_from
-            and len(self._recorded) < self.measure_batches
+            not self._now.compiled_steps
+            and self._now.measurement is None
+            and self._now.skip_reason is None
+            and self._now.batches >= self._now.record_from
+            and len(self._now.recorded) < self.measure_batches
             and "replay" not in self._switched_off
         )
 
     @guarded("replay")
     def _start_recording(self, pl_module: nn.Module) -> None:
-        if self._candidates is None:  # once per epoch: which modules do the model's work
+        if self._now.candidates is None:  # once per epoch: which modules do the model's work
             excluded = _excluded_types()
-            self._candidates = {
+            self._now.candidates = {
                 id(m) for m in pl_module.modules() if m is not pl_module and is_work_module(m, excluded)
             }
-        self._recorder = CallRecorder(self._candidates, on_error=lambda err: self._switch_off("replay", err))
-        self._recorder.start()
+        self._now.recorder = CallRecorder(self._now.candidates, on_error=lambda err: self._switch_off("replay", err))
+        self._now.recorder.start()
 
     @guarded("replay")
     def _finish_recording(self, trainer: Trainer, pl_module: nn.Module) -> None:
-        recorder, self._recorder = self._recorder, None
+        recorder, self._now.recorder = self._now.recorder, None
         if recorder is None:
             return
         recorder.stop()
         if recorder.calls:
-            self._recorded.append(recorder.calls)
-        if len(self._recorded) >= self.measure_batches:
+            self._now.recorded.append(recorder.calls)
+        if len(self._now.recorded) >= self.measure_batches:
             self._start_measurement(trainer, pl_module)
 
     def _stop_lockstep_recording(self) -> None:
-        recorder, self._recorder = self._recorder, None
+        recorder, self._now.recorder = self._now.recorder, None
         if recorder is not None:
             recorder.stop()
-            self._recorded.append(recorder.calls)
+            self._now.recorded.append(recorder.calls)
 
     def _measure_in_lockstep(self, trainer: Trainer, pl_module: nn.Module) -> None:
         """Every rank replays its recorded batches at this batch end, exactly as rank zero decides: a
@@ -280,9 +289,9 @@ class SavingsMonitor(EvaluationLoopCallback):
         calls at the same moment. Each decision is taken on rank zero from its own budget and sent to
         all (up to three small collectives, every rank makes each of them whatever it recorded); the replays
         run only if every rank recorded the same module calls on the same shapes."""
-        batches, self._recorded = self._recorded, []
+        batches, self._now.recorded = self._now.recorded, []
         ready = (
-            not self._compiled_steps
+            not self._now.compiled_steps
             and "replay" not in self._switched_off
             and len(batches) == self.measure_batches
             and all(batches)
@@ -294,10 +303,11 @@ class SavingsMonitor(EvaluationLoopCallback):
         if ready:
             try:
                 signature = tuple(call_signature(calls) for calls in batches)
-                shapes = repr([[(self._paths.get(key), *rest) for key, *rest in sig] for sig in signature])
-                seconds_per_batch = sorted(self._batch_seconds)[len(self._batch_seconds) // 2]
-                remaining = max(0, (_total_batches(trainer, self._stage or "val") or self._batches) - self._batches)
-                allowed = self._budget.allowed(remaining * seconds_per_batch, self._run_seconds)
+                shapes = repr([[(self._now.paths.get(key), *rest) for key, *rest in sig] for sig in signature])
+                seconds_per_batch = sorted(self._now.batch_seconds)[len(self._now.batch_seconds) // 2]
+                now = self._now
+                remaining = max(0, (_total_batches(trainer, now.stage or "val") or now.batches) - now.batches)
+                allowed = self._budget.allowed(remaining * seconds_per_batch, self._now.run_seconds)
                 cached = self._cache.get(signature)
                 reuse = float(cached is not None and self._budget.reusable(cached[0], signature, allowed))
             except Exception as err:
@@ -305,13 +315,13 @@ class SavingsMonitor(EvaluationLoopCallback):
                 ready = False
         plans = gather_objects(trainer, {"ready": ready, "calls": shapes, "allowed": allowed, "reuse": reuse})
         if not all(p["ready"] for p in plans) or len({p["calls"] for p in plans}) != 1:
-            self._skip_reason = "replay skipped in this epoch: the ranks did not all record the same module calls"
+            self._now.skip_reason = "replay skipped in this epoch: the ranks did not all record the same module calls"
             return
         if plans[0]["reuse"] and cached is not None:
-            self._measurement = cached
+            self._now.measurement = cached
             return
         measurement = Measurement(
-            self._budget, batches, signature, self._device, weight_storages(pl_module), plans[0]["allowed"],
+            self._budget, batches, signature, self._now.device, weight_storages(pl_module), plans[0]["allowed"],
             cached[0] if cached is not None else None, self._paused,
         )  # fmt: skip
         measurement.measure_memory()
@@ -325,25 +335,25 @@ class SavingsMonitor(EvaluationLoopCallback):
         self._finish_measurement(measurement)
 
     def _paused(self) -> AbstractContextManager[None]:
-        return self._measures.paused() if self._measures is not None else nullcontext()
+        return self._now.measures.paused() if self._now.measures is not None else nullcontext()
 
     @guarded("replay")
     def _start_measurement(self, trainer: Trainer, pl_module: nn.Module) -> None:
         """Memory always (one replay with gradients on, one off); time as the budget allows
         (``lightning_nograd.core.schedule``). A measurement is reused while the recorded calls stay the same."""
-        batches, self._recorded = self._recorded, []
+        batches, self._now.recorded = self._now.recorded, []
         signature = tuple(call_signature(calls) for calls in batches)
-        seconds_per_batch = sorted(self._batch_seconds)[len(self._batch_seconds) // 2]
-        remaining = max(0, (_total_batches(trainer, self._stage or "val") or self._batches) - self._batches)
-        allowed = self._budget.allowed(remaining * seconds_per_batch, self._run_seconds)
+        seconds_per_batch = sorted(self._now.batch_seconds)[len(self._now.batch_seconds) // 2]
+        remaining = max(0, (_total_batches(trainer, self._now.stage or "val") or self._now.batches) - self._now.batches)
+        allowed = self._budget.allowed(remaining * seconds_per_batch, self._now.run_seconds)
         cached = self._cache.get(signature)
         if cached is not None and self._budget.reusable(cached[0], signature, allowed):
-            self._measurement = cached
+            self._now.measurement = cached
             return
         memory_from = cached[0] if cached is not None else None
         exclude = weight_storages(pl_module)
         measurement = Measurement(
-            self._budget, batches, signature, self._device, exclude, allowed, memory_from, self._paused
+            self._budget, batches, signature, self._now.device, exclude, allowed, memory_from, self._paused
         )
         measurement.start()
         if measurement.out_of_memory:
@@ -359,38 +369,44 @@ class SavingsMonitor(EvaluationLoopCallback):
             info["pairs_this_epoch"] = len(result.time_on)
             result.time_on, result.time_off = earlier.time_on + result.time_on, earlier.time_off + result.time_off
             info["repeats"] = len(result.time_on)
-        self._measurement = (result, info)
+        self._now.measurement = (result, info)
         if not result.out_of_memory:
-            self._cache[measurement.signature] = self._measurement
+            self._cache[measurement.signature] = self._now.measurement
 
     def _report_oom(self, calls: list[RecordedCall]) -> None:
-        stage = self._stage or "val"
+        stage = self._now.stage or "val"
         subject = ", ".join(sorted({class_name(c.module) for c in calls}))
         text = messages.grad_replay_oom()
         self._add_finding(
             Finding(
-                "grad_replay_oom", subject, stage, f"{LOOP_NAMES[stage]}_step", self._batches - 1, self._epoch, *text
+                "grad_replay_oom",
+                subject,
+                stage,
+                f"{LOOP_NAMES[stage]}_step",
+                self._now.batches - 1,
+                self._now.epoch,
+                *text,
             )
         )
 
     def _stop_recording(self) -> None:
-        if self._recorder is not None:
-            self._recorder.stop()
-            self._recorder = None
+        if self._now.recorder is not None:
+            self._now.recorder.stop()
+            self._now.recorder = None
 
     def _epoch_metrics(self, stage: str) -> tuple[dict[str, float], dict[str, Any]]:
         prefix = f"nograd/{stage}"
         metrics: dict[str, float] = {}
-        details: dict[str, Any] = {"batches": self._batches}
-        if self._measures is not None and "epoch_measures" not in self._switched_off:
-            metrics[f"{prefix}/epoch_time_s"], metrics[f"{prefix}/peak_memory_mib"] = self._measures.stop()
-            details["peak_memory_of"] = "CUDA allocator" if self._device.type == "cuda" else "process RSS"
-        measurement = self._measurement
+        details: dict[str, Any] = {"batches": self._now.batches}
+        if self._now.measures is not None and "epoch_measures" not in self._switched_off:
+            metrics[f"{prefix}/epoch_time_s"], metrics[f"{prefix}/peak_memory_mib"] = self._now.measures.stop()
+            details["peak_memory_of"] = "CUDA allocator" if self._now.device.type == "cuda" else "process RSS"
+        measurement = self._now.measurement
         if measurement is None:
-            details["savings"] = self._skip_reason or (
+            details["savings"] = self._now.skip_reason or (
                 "not measured: the LightningModule was compiled whole (`torch.compile(model)`), so its steps run as "
                 "compiled code in which module calls cannot be recorded; compile submodules to have them measured"
-                if self._compiled_steps
+                if self._now.compiled_steps
                 else "no module calls with parameters were recorded"
             )
             return metrics, details
@@ -402,7 +418,7 @@ class SavingsMonitor(EvaluationLoopCallback):
             "or set `repeats` to measure now)"
         )
         epoch_seconds = metrics.get(f"{prefix}/epoch_time_s", 0.0)
-        savings, savings_details = savings_metrics(result, self._batches, epoch_seconds, self._device, untimed)
+        savings, savings_details = savings_metrics(result, self._now.batches, epoch_seconds, self._now.device, untimed)
         metrics.update({f"{prefix}/{key}": value for key, value in savings.items()})
         details.update(savings_details)
         return metrics, details
