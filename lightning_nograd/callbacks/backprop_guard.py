@@ -15,7 +15,7 @@ from lightning_nograd.callbacks._lightning import LightningModule, Trainer, ddp_
 from lightning_nograd.callbacks.loggers import reduce_present_max
 from lightning_nograd.core import messages
 from lightning_nograd.core.arguments import check_int
-from lightning_nograd.core.eval_mode import EvalModeLeaks, eval_blocks, eval_mode_under_trainable
+from lightning_nograd.core.eval_mode import EvalModeAtStart, EvalModeLeaks
 from lightning_nograd.core.findings import Finding, OnViolation
 from lightning_nograd.core.gradient_gaps import GradientGap, GradModeProbe, explain_gradient_gaps
 from lightning_nograd.core.gradients import GradientCheck
@@ -110,11 +110,8 @@ class BackpropGuard(NoGradCallback):
         super().__init__(on_violation)
         self.allow = NamePatterns("allow", allow)
         self.zero_grad_steps = check_int("zero_grad_steps", zero_grad_steps, 1)
-        self._gradients = GradientCheck(self.zero_grad_steps, self.allow.matches, self._judge_eval_blocks)
-        # eval mode as training started: blocks in eval holding learning parameters (path -> their ids), judged
-        # at their first full gradient check, and the dropout / batch-norm layers to report for each
-        self._eval_blocks: dict[str, set[int]] = {}
-        self._eval_at_start: dict[str, list[str]] = {}
+        self._eval_at_start = EvalModeAtStart(self._report_eval_at_start)
+        self._gradients = GradientCheck(self.zero_grad_steps, self.allow.matches, self._eval_at_start.frozen_on_purpose)
         self._leaks = EvalModeLeaks(self.allow.matches)
         self._inference_reported: set[str] = set()
         self._probe: GradModeProbe | None = None
@@ -220,7 +217,7 @@ class BackpropGuard(NoGradCallback):
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._stop_judging_eval_blocks()  # those no gradient check judged in the first epoch are reported
+        self._eval_at_start.stop()  # the blocks no gradient check judged in the first epoch are reported
         self._collect_zero_gradients(wait=False)
         self._report_without_gradient_all_epoch()
         self._flush_stray_graphs()  # the interval goes on: Lightning calls the module's epoch-end hook next
@@ -239,7 +236,7 @@ class BackpropGuard(NoGradCallback):
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._stop_judging_eval_blocks()
+        self._eval_at_start.stop()
         self._collect_zero_gradients(wait=True)
         if self._stray is not None:
             self._stray.close()
@@ -289,46 +286,11 @@ class BackpropGuard(NoGradCallback):
 
     @guarded("eval_mode_at_start")
     def _check_eval_mode_at_start(self, pl_module: nn.Module) -> None:
-        """Note the blocks in eval mode as training starts; each is judged at its first gradient check.
+        self._eval_at_start.start(pl_module, self._trained_ids, self.allow.matches)
 
-        A block in eval whose parameters all reach that step without a gradient is frozen on purpose
-        (Lightning's transfer-learning pattern with every parameter in the optimizer: the extractor in eval,
-        its forward under ``no_grad``): no finding, and its parameters are not checked again. Otherwise
-        its dropout / batch-norm layers are reported then (``eval_mode_at_start``), or at the end of the
-        first epoch if no check came."""
-        self._eval_at_start = dict(eval_mode_under_trainable(pl_module, self._trained_ids, self.allow.matches))
-        self._eval_blocks = eval_blocks(pl_module, self._trained_ids, self.allow.matches)
-
-    def _judge_eval_blocks(self, checked: list[nn.Parameter], missing: list[nn.Parameter]) -> set[int]:
-        """``GradientCheck``'s ``frozen_on_purpose``: the blocks in eval that this full check covers, frozen
-        on purpose or not."""
-        blocks = self._eval_blocks
-        if not blocks:
-            return set()
-        checked_ids = {id(p) for p in checked}
-        missing_ids = {id(p) for p in missing}
-        frozen: set[int] = set()
-        for path in [path for path, ids in blocks.items() if not ids.isdisjoint(checked_ids)]:
-            ids = blocks.pop(path)
-            if ids & checked_ids <= missing_ids:
-                frozen |= ids
-                self._eval_at_start.pop(path, None)
-            else:
-                self._report_eval_at_start(path)
-        return frozen
-
-    def _report_eval_at_start(self, path: str) -> None:
-        """Report the layers of ``path`` that were in eval as training started, if it has any not yet reported."""
-        layers = self._eval_at_start.pop(path, None)
-        if layers is not None:
-            text = messages.eval_mode_at_start(path, layers, self._root_type)
-            self._add_finding(Finding("eval_mode_at_start", path, "train", "on_train_start", None, self._epoch, *text))
-
-    def _stop_judging_eval_blocks(self) -> None:
-        """The blocks no gradient check judged are judged no more; their eval-mode layers are reported."""
-        self._eval_blocks = {}
-        for path in list(self._eval_at_start):
-            self._report_eval_at_start(path)
+    def _report_eval_at_start(self, path: str, layers: list[str]) -> None:
+        text = messages.eval_mode_at_start(path, layers, self._root_type)
+        self._add_finding(Finding("eval_mode_at_start", path, "train", "on_train_start", None, self._epoch, *text))
 
     @guarded("eval_mode_leak")
     def _read_modes(self, hook: str) -> None:

@@ -2,6 +2,7 @@
 
 * ``eval_mode_under_trainable`` finds dropout / batch-norm layers left in eval mode inside
   trainable blocks (``from_pretrained`` models arrive that way).
+* ``EvalModeAtStart`` reports them unless the block is frozen on purpose.
 * ``EvalModeLeaks`` finds the modules an ``.eval()`` left in eval mode during training.
 """
 
@@ -195,3 +196,57 @@ class EvalModeLeaks:
         self._read_at = None
         self._modules = []
         self._watched = []
+
+
+class EvalModeAtStart:
+    """Dropout / batch-norm layers in eval mode inside trainable blocks as training starts
+    (``eval_mode_at_start``; ``from_pretrained`` models arrive that way).
+
+    Each block in eval mode that holds learning parameters is judged at its first full gradient
+    check (``frozen_on_purpose``, which ``GradientCheck`` asks): a block whose checked parameters all
+    reach that step without a gradient is frozen on purpose (Lightning's transfer-learning pattern
+    with every parameter in the optimizer: the extractor in eval, its forward under ``no_grad``), so
+    there is no finding and its parameters are not checked again. Otherwise its layers are reported
+    then, or by ``stop`` at the end of the first epoch if no check came.
+
+    Args:
+        report: receives each finding: the block's path and its layers in eval mode.
+    """
+
+    def __init__(self, report: Callable[[str, list[str]], None]) -> None:
+        self._report = report
+        self._blocks: dict[str, set[int]] = {}  # block path -> the ids of its learning parameters
+        self._layers: dict[str, list[str]] = {}  # block path -> its dropout / batch-norm layers in eval mode
+
+    def start(self, root: nn.Module, trained: set[int] | None, allowed: Callable[[str], bool]) -> None:
+        """Note the blocks in eval mode as training starts (``trained``: the parameters some optimizer steps)."""
+        self._layers = dict(eval_mode_under_trainable(root, trained, allowed))
+        self._blocks = eval_blocks(root, trained, allowed)
+
+    def frozen_on_purpose(self, checked: list[nn.Parameter], missing: list[nn.Parameter]) -> set[int]:
+        """Judge the blocks a full gradient check covered: the ids of those frozen on purpose."""
+        blocks = self._blocks
+        if not blocks:
+            return set()
+        checked_ids = {id(p) for p in checked}
+        missing_ids = {id(p) for p in missing}
+        frozen: set[int] = set()
+        for path in [path for path, ids in blocks.items() if not ids.isdisjoint(checked_ids)]:
+            ids = blocks.pop(path)
+            if ids & checked_ids <= missing_ids:
+                frozen |= ids
+                self._layers.pop(path, None)
+            else:
+                self._report_block(path)
+        return frozen
+
+    def stop(self) -> None:
+        """Judge no more: the blocks not judged yet are reported."""
+        self._blocks = {}
+        for path in list(self._layers):
+            self._report_block(path)
+
+    def _report_block(self, path: str) -> None:
+        layers = self._layers.pop(path, None)
+        if layers is not None:
+            self._report(path, layers)

@@ -273,3 +273,27 @@ def test_frozen_modules_are_found_in_one_visit_each_under_a_deep_stack() -> None
     before = visits.total()
     assert eval_mode_under_trainable(net) == []  # no dropout or batch-norm: nothing to report, every parent read
     assert visits.total() - before <= 2 * (len(modules) + params)
+
+
+def test_eval_mode_at_start_judges_each_block_at_its_first_full_check() -> None:
+    from lightning_nograd.core.eval_mode import EvalModeAtStart
+
+    def block() -> nn.Module:
+        return nn.Sequential(nn.Linear(2, 2), nn.Dropout()).eval()  # arrives in eval mode, as from_pretrained
+
+    net = nn.Sequential(block(), block(), block(), nn.Linear(2, 1)).train()
+    net[0].eval()
+    net[1].eval()
+    net[2].eval()
+    reported: list[tuple[str, list[str]]] = []
+    check = EvalModeAtStart(lambda path, layers: reported.append((path, layers)))
+    check.start(net, None, lambda path: False)
+    # block 0 got no gradient at all (frozen on purpose: the extractor of transfer learning), block 1 did
+    params0, params1 = list(net[0].parameters()), list(net[1].parameters())
+    frozen = check.frozen_on_purpose(params0 + params1, missing=params0)
+    assert frozen == {id(p) for p in params0}
+    assert reported == [("1", ["1.1 (Dropout)"])]
+    # block 2 was never covered by a full check: reported when judging stops
+    check.stop()
+    assert reported == [("1", ["1.1 (Dropout)"]), ("2", ["2.1 (Dropout)"])]
+    assert check.frozen_on_purpose(list(net.parameters()), []) == set(), "judged once"
