@@ -51,7 +51,6 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_nograd import NoGradAuditor
-from lightning_nograd.callbacks.nograd_auditor import PER_BATCH_HOOKS
 from lightning_nograd.core.counters import GRADIENT_EVERY, visits
 from lightning_nograd.core.eval_mode import EvalModeLeaks, eval_mode_under_trainable
 from lightning_nograd.core.gradient_gaps import explain_gradient_gaps
@@ -160,17 +159,6 @@ class _HookClock:
 ALL_HOOKS = tuple(name for name in dir(pl.Callback) if name.startswith("on_") or name in ("setup", "teardown"))
 
 
-class _WrapBatchHooks(pl.Callback):
-    """Starts timing the per-batch hooks once ``setup`` has run: NoGradAuditor binds them there."""
-
-    def __init__(self, clocks: list[_HookClock]) -> None:
-        self.clocks = clocks
-
-    def setup(self, *args: Any, **kwargs: Any) -> None:
-        for clock in self.clocks:
-            clock.wrap(PER_BATCH_HOOKS)
-
-
 def measure(n: int, replays: bool | None, root: Path) -> dict[str, Any]:
     """One fit of ``Experts(n)`` with the auditor (``replays``: its savings replays on) or, for
     ``replays=None``, with an empty callback in its place."""
@@ -180,11 +168,11 @@ def measure(n: int, replays: bool | None, root: Path) -> dict[str, Any]:
     clock = _BatchClock()
     # the batch clock goes first: a batch's time then includes every hook of the auditor
     auditor = pl.Callback() if replays is None else NoGradAuditor(monitor_savings=replays, verbose=False)
-    hooks = _HookClock(auditor, tuple(hook for hook in ALL_HOOKS if hook not in PER_BATCH_HOOKS))
+    hooks = _HookClock(auditor, ALL_HOOKS)
     trainer = pl.Trainer(default_root_dir=root, max_epochs=EPOCHS, limit_train_batches=TRAIN_BATCHES,
                          limit_val_batches=VAL_BATCHES, num_sanity_val_steps=0, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         callbacks=[clock, auditor, _WrapBatchHooks([hooks])])  # fmt: skip
+                         callbacks=[clock, auditor])  # fmt: skip
     start = time.perf_counter()
     trainer.fit(model, DataLoader(data, batch_size=8), DataLoader(data, batch_size=8))
     fit_s = time.perf_counter() - start

@@ -445,23 +445,35 @@ def test_quickstart_shows_the_memory_savings_from_its_first_epoch_at_the_default
 
 def test_every_hook_a_part_overrides_is_forwarded_by_the_auditor() -> None:
     # a hook a part overrides but NoGradAuditor does not forward would silently never fire in it
+    import copy
     import inspect
+    import pickle
 
     from lightning_nograd.callbacks._base import NoGradCallback
+    from lightning_nograd.callbacks.nograd_auditor import _CallEach, _watches, implements
 
     hooks = [name for name in vars(pl.Callback) if not name.startswith("_") and callable(getattr(pl.Callback, name))]
     assert len(hooks) > 25 and "on_validation_batch_end" in hooks
     parts = (EvalModeAuditor, SavingsMonitor, BackpropGuard, NoGradCallback)
     overridden = sorted({h for h in hooks for cls in parts if getattr(cls, h) is not getattr(pl.Callback, h)})
     assert {"setup", "on_validation_batch_start", "on_before_optimizer_step"} <= set(overridden)
-    unforwarded = []
-    for hook in overridden:
-        own = vars(NoGradAuditor).get(hook)
-        source = inspect.getsource(own) if own is not None else ""
-        # through `_each`, or part by part (state_dict / load_state_dict, keyed by part)
-        if f'_each("{hook}"' not in source and not ("self._parts" in source and f".{hook}(" in source):
-            unforwarded.append(hook)
-    assert unforwarded == []
+    auditor = NoGradAuditor(verbose=False)
+    for built in (auditor, copy.deepcopy(auditor), pickle.loads(pickle.dumps(auditor))):  # as ddp_spawn sends it
+        unforwarded = []
+        for hook in overridden:
+            if hook not in NoGradAuditor.__slots__:
+                # a method of its own (setup, teardown, on_exception, state_dict, ...): it calls every part
+                source = inspect.getsource(vars(NoGradAuditor)[hook])
+                if f'_each("{hook}"' not in source and not ("self._parts" in source and f".{hook}(" in source):
+                    unforwarded.append(hook)
+                continue
+            # a slot: the handlers of exactly the parts that implement the hook and watch its loop, in order
+            route = getattr(built, hook)
+            handlers = list(route.handlers) if isinstance(route, _CallEach) else [route]
+            expected = [getattr(p, hook) for p in built._parts if implements(p, hook) and _watches(p, hook)]
+            if not expected or handlers != expected:
+                unforwarded.append(hook)
+        assert unforwarded == []
 
 
 def test_summaries_go_only_into_real_loggers_folders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

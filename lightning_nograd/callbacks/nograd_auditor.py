@@ -35,6 +35,16 @@ PER_BATCH_HOOKS = (
 )
 
 
+def _part_hooks() -> tuple[str, ...]:
+    """The Lightning hooks the parts implement in their own classes (not Lightning's no-op ``Callback``)."""
+    names: set[str] = set()
+    for part in (EvalModeAuditor, SavingsMonitor, BackpropGuard):
+        for cls in part.__mro__:
+            if cls.__module__.startswith("lightning_nograd."):
+                names |= {name for name, value in vars(cls).items() if name.startswith("on_") and callable(value)}
+    return tuple(sorted(names - {"on_exception"}))  # on_exception: NoGradAuditor's own, below
+
+
 class NoGradAuditor(NoGradCallback):
     """Everything in one line: ``Trainer(callbacks=[NoGradAuditor()])``.
 
@@ -71,6 +81,11 @@ class NoGradAuditor(NoGradCallback):
         >>> from lightning.pytorch import Trainer
         >>> trainer = Trainer(callbacks=[NoGradAuditor(report_path="nograd_report.json")])
     """
+
+    # Every hook a part implements is a slot of the auditor holding that hook's handlers, filled once at
+    # construction (`_route`): a part's method where one part handles it, all of them in order where
+    # several do. Lightning's call of a per-batch hook so costs what a method call costs.
+    __slots__ = _part_hooks()
 
     def __init__(
         self,
@@ -110,6 +125,24 @@ class NoGradAuditor(NoGradCallback):
         self._sink = MetricSink(holding=True)  # one row per step for each logger, whatever the parts log
         for part in self._parts:
             part._share(self.report, self._sink)
+        self._route()
+
+    def _route(self) -> None:
+        """Fill each hook's slot with the handlers of the parts that implement it and watch its loop; the
+        hooks of epochs and stages then send what the parts logged, together."""
+        for hook in type(self).__slots__:
+            handlers = tuple(getattr(p, hook) for p in self._parts if implements(p, hook) and _watches(p, hook))
+            if hook not in PER_BATCH_HOOKS:
+                setattr(self, hook, _CallEach(handlers, self._sink))
+            elif len(handlers) == 1:
+                setattr(self, hook, handlers[0])  # batch hooks log nothing: no metrics to send after them
+            else:
+                setattr(self, hook, _CallEach(handlers))
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # unpickled (a spawned worker, a deep copy): the slots are routed again, to the parts of this copy
+        self.__dict__.update(state)
+        self._route()
 
     @override
     def _state_key_settings(self) -> dict[str, Any]:
@@ -143,27 +176,17 @@ class NoGradAuditor(NoGradCallback):
             if self._sink.held:
                 self._sink.flush()
 
-    # -- every Lightning hook goes to every part, in order ----------------------------------------
+    # -- the hooks with work of their own; every other hook is a slot (see `_route`) --------------
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         self._each("setup", trainer, pl_module, stage)
-        # a per-batch hook goes straight to the parts implementing it: Lightning finds their methods
-        # on this instance (batch hooks log no metrics, so nothing waits in the sink)
-        for hook in PER_BATCH_HOOKS:
-            methods = tuple(getattr(p, hook) for p in self._parts if implements(p, hook) and _watches(p, hook))
-            if len(methods) == 1:
-                setattr(self, hook, methods[0])
-            elif methods:
-                setattr(self, hook, _Fanout(methods))
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._each("teardown", trainer, pl_module, stage)
         super().teardown(trainer, pl_module, stage)
-        for hook in PER_BATCH_HOOKS:
-            self.__dict__.pop(hook, None)
         self._end_of_stage_report(trainer, stage)
 
     @override
@@ -190,118 +213,6 @@ class NoGradAuditor(NoGradCallback):
                 NoGradWarning,
                 stacklevel=user_stacklevel(),
             )
-
-    @override
-    def on_fit_start(self, *args: Any) -> None:
-        self._each("on_fit_start", *args)
-
-    @override
-    def on_train_start(self, *args: Any) -> None:
-        self._each("on_train_start", *args)
-
-    @override
-    def on_train_end(self, *args: Any) -> None:
-        self._each("on_train_end", *args)
-
-    @override
-    def on_train_epoch_start(self, *args: Any) -> None:
-        self._each("on_train_epoch_start", *args)
-
-    @override
-    def on_train_epoch_end(self, *args: Any) -> None:
-        self._each("on_train_epoch_end", *args)
-
-    @override
-    def on_train_batch_start(self, *args: Any, **kwargs: Any) -> None:
-        self._each("on_train_batch_start", *args, **kwargs)
-
-    @override
-    def on_train_batch_end(self, *args: Any, **kwargs: Any) -> None:
-        self._each("on_train_batch_end", *args, **kwargs)
-
-    @override
-    def on_before_zero_grad(self, *args: Any) -> None:
-        self._each("on_before_zero_grad", *args)
-
-    @override
-    def on_before_backward(self, *args: Any) -> None:
-        self._each("on_before_backward", *args)
-
-    @override
-    def on_before_optimizer_step(self, *args: Any) -> None:
-        self._each("on_before_optimizer_step", *args)
-
-    @override
-    def on_validation_start(self, *args: Any) -> None:
-        self._each("on_validation_start", *args)
-
-    @override
-    def on_validation_end(self, *args: Any) -> None:
-        self._each("on_validation_end", *args)
-
-    @override
-    def on_validation_epoch_start(self, *args: Any) -> None:
-        self._each("on_validation_epoch_start", *args)
-
-    @override
-    def on_validation_epoch_end(self, *args: Any) -> None:
-        self._each("on_validation_epoch_end", *args)
-
-    @override
-    def on_validation_batch_start(self, *args: Any, **kwargs: Any) -> None:
-        self._each("on_validation_batch_start", *args, **kwargs)
-
-    @override
-    def on_validation_batch_end(self, *args: Any, **kwargs: Any) -> None:
-        self._each("on_validation_batch_end", *args, **kwargs)
-
-    @override
-    def on_test_start(self, *args: Any) -> None:
-        self._each("on_test_start", *args)
-
-    @override
-    def on_test_end(self, *args: Any) -> None:
-        self._each("on_test_end", *args)
-
-    @override
-    def on_test_epoch_start(self, *args: Any) -> None:
-        self._each("on_test_epoch_start", *args)
-
-    @override
-    def on_test_epoch_end(self, *args: Any) -> None:
-        self._each("on_test_epoch_end", *args)
-
-    @override
-    def on_test_batch_start(self, *args: Any, **kwargs: Any) -> None:
-        self._each("on_test_batch_start", *args, **kwargs)
-
-    @override
-    def on_test_batch_end(self, *args: Any, **kwargs: Any) -> None:
-        self._each("on_test_batch_end", *args, **kwargs)
-
-    @override
-    def on_predict_start(self, *args: Any) -> None:
-        self._each("on_predict_start", *args)
-
-    @override
-    def on_predict_end(self, *args: Any) -> None:
-        self._each("on_predict_end", *args)
-
-    @override
-    def on_predict_epoch_start(self, *args: Any) -> None:
-        self._each("on_predict_epoch_start", *args)
-
-    @override
-    def on_predict_epoch_end(self, *args: Any) -> None:
-        self._each("on_predict_epoch_end", *args)
-
-    @override
-    def on_predict_batch_start(self, *args: Any, **kwargs: Any) -> None:
-        self._each("on_predict_batch_start", *args, **kwargs)
-
-    @override
-    def on_predict_batch_end(self, *args: Any, **kwargs: Any) -> None:
-        self._each("on_predict_batch_end", *args, **kwargs)
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -342,15 +253,29 @@ class NoGradAuditor(NoGradCallback):
             log.warning("lightning-nograd could not produce its end-of-stage report: %s", err)
 
 
-class _Fanout:
-    """Calls each of ``methods`` with the same arguments (picklable, unlike a closure)."""
+class _CallEach:
+    """Calls each of ``handlers`` with the same arguments, then sends the metrics the sink holds (if given)."""
 
-    def __init__(self, methods: tuple[Any, ...]) -> None:
-        self.methods = methods
+    __slots__ = ("handlers", "sink")
+
+    def __init__(self, handlers: tuple[Any, ...], sink: MetricSink | None = None) -> None:
+        self.handlers = handlers
+        self.sink = sink
 
     def __call__(self, *args: Any, **kwargs: Any) -> None:
-        for method in self.methods:
-            method(*args, **kwargs)
+        try:
+            for handler in self.handlers:
+                handler(*args, **kwargs)
+        finally:
+            sink = self.sink
+            if sink is not None and sink.held:
+                sink.flush()
+
+    def __getstate__(self) -> tuple[tuple[Any, ...], MetricSink | None]:
+        return self.handlers, self.sink
+
+    def __setstate__(self, state: tuple[tuple[Any, ...], MetricSink | None]) -> None:
+        self.handlers, self.sink = state
 
 
 def _watches(part: NoGradCallback, hook: str) -> bool:
