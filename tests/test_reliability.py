@@ -466,6 +466,32 @@ auditor = NoGradAuditor(verbose=False)
 pl.Trainer(callbacks=[auditor], max_epochs=1, limit_train_batches=2, limit_val_batches=2,
            logger=False, enable_progress_bar=False, enable_checkpointing=False).fit(BoringModel())
 assert [e.stage for e in auditor.report.epochs].count("train") == 1
+import sys
+assert "lightning.pytorch" not in sys.modules, "only the user's namespace is loaded"
+""",
+    "both-namespaces-in-one-process": """
+import pickle, sys
+import lightning.pytorch
+from lightning_nograd import NoGradAuditor, SavingsMonitor
+from lightning_nograd.callbacks._base import NoGradCallback
+import pytorch_lightning  # after lightning_nograd: the built callback suits it too, no class is changed
+bases_before = {cls: cls.__bases__ for cls in (NoGradAuditor, SavingsMonitor, NoGradCallback)}
+auditor = NoGradAuditor(verbose=False)
+assert isinstance(auditor, (lightning.pytorch.Callback, pytorch_lightning.Callback, NoGradAuditor))
+assert isinstance(auditor, lightning.pytorch.Callback) and isinstance(auditor, pytorch_lightning.Callback)
+assert type(auditor).__name__ == type(auditor).__qualname__ == "NoGradAuditor"
+assert type(NoGradAuditor(verbose=False)) is type(auditor), "made once per class and namespace"
+assert not issubclass(NoGradAuditor, pytorch_lightning.Callback)
+assert {cls: cls.__bases__ for cls in bases_before} == bases_before
+copy = pickle.loads(pickle.dumps(auditor))  # as ddp_spawn sends it
+assert type(copy) is type(auditor) and copy.state_key.startswith("NoGradAuditor")
+for pl in (lightning.pytorch, pytorch_lightning):
+    from importlib import import_module
+    boring = import_module(pl.__name__ + ".demos.boring_classes").BoringModel
+    auditor = NoGradAuditor(verbose=False)
+    pl.Trainer(callbacks=[auditor], max_epochs=1, limit_train_batches=2, limit_val_batches=2,
+               logger=False, enable_progress_bar=False, enable_checkpointing=False).fit(boring())
+    assert [e.stage for e in auditor.report.epochs].count("train") == 1, pl.__name__
 """,
 }
 

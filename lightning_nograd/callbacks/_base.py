@@ -20,7 +20,6 @@ from lightning_nograd.callbacks._lightning import (
     CallbackBase,
     LightningModule,
     Trainer,
-    attach_lightning_bases,
     forget_lightning_module,
     is_global_zero,
     log_step,
@@ -71,10 +70,6 @@ class NoGradCallback(CallbackBase):
     """
 
     _warning_category: type[NoGradWarning] = NoGradWarning
-
-    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
-        attach_lightning_bases()  # a namespace imported after lightning_nograd joins the bases here
-        return super().__new__(cls)
 
     def __init__(self, on_violation: OnViolation = "warn") -> None:
         super().__init__()

@@ -22,21 +22,43 @@ def imported_callback_bases() -> tuple[type, ...]:
     return tuple(bases)
 
 
-def callback_bases_for_a_trainer() -> tuple[type, ...]:
-    """The ``Callback`` classes a callback built now must derive from, for either namespace's ``Trainer``.
+# the class made from a lightning-nograd class for the Lightning namespaces it lacked -> (that class, the namespaces)
+_MADE_FOR: dict[type, tuple[type, tuple[str, ...]]] = {}
+_MADE: dict[tuple[type, tuple[str, ...]], type] = {}
 
-    Those of the namespaces the user imported; when none is imported yet, ``lightning.pytorch``
-    (or ``pytorch_lightning`` where only that is installed) is imported here, at construction,
-    never when ``lightning_nograd`` itself is imported.
-    """
-    bases = imported_callback_bases()
-    if bases:
-        return bases
+
+def for_namespaces(cls: type, namespaces: tuple[str, ...]) -> type:
+    """``cls`` with the ``Callback`` of each of ``namespaces`` among its bases: ``cls`` itself when it has them
+    already, otherwise a subclass made once (same name and module) whose only addition is those bases."""
+    missing = tuple(n for n in namespaces if not issubclass(cls, importlib.import_module(n).Callback))
+    if not missing:
+        return cls
+    made = _MADE.get((cls, missing))
+    if made is None:
+        bases = (cls, *(importlib.import_module(n).Callback for n in missing))
+        made = type(cls)(cls.__name__, bases, {"__module__": cls.__module__, "__qualname__": cls.__qualname__})
+        _MADE[(cls, missing)] = made
+        _MADE_FOR[made] = (cls, missing)
+    return made
+
+
+def _remade(cls: type, namespaces: tuple[str, ...]) -> Any:
+    """Unpickling a callback built for ``namespaces``: an instance of the same class (its state follows)."""
+    return object.__new__(for_namespaces(cls, namespaces))
+
+
+def _namespaces_for_a_trainer() -> tuple[str, ...]:
+    """The namespaces a callback built now must suit: those imported; or, when none is yet, the installed one
+    (``lightning.pytorch``, else ``pytorch_lightning``), imported here, at construction."""
+    imported = tuple(name for name in _NAMESPACES if isinstance(getattr(sys.modules.get(name), "Callback", None), type))
+    if imported:
+        return imported
     for name in _NAMESPACES:
         try:
-            return (importlib.import_module(name).Callback,)
+            importlib.import_module(name)
         except ImportError:
             continue
+        return (name,)
     raise ImportError("lightning-nograd needs `lightning` (or `pytorch_lightning`) installed.")
 
 
@@ -45,47 +67,35 @@ if TYPE_CHECKING:
     from lightning.pytorch import LightningModule, Trainer
 else:
 
-    class _NoLightningYet:
-        """Where ``CallbackBase`` starts when no Lightning namespace is imported yet.
+    class CallbackBase(*imported_callback_bases()):
+        """Base of the lightning-nograd callbacks: a ``Callback`` of the Lightning namespaces in use.
 
-        A class of our own rather than ``object``: Python lets a class derived from it be re-based.
+        Its bases are the ``Callback`` classes of the namespaces imported when lightning-nograd is
+        imported (none is imported for it). A callback built later, once the Trainer's namespace is
+        imported (``pytorch_lightning`` after ``lightning_nograd``, the order isort gives), is an
+        instance of ``for_namespaces(cls, ...)``: a subclass made once per class and namespace, with the
+        same name, whose only addition is that ``Callback`` among its bases. No class is ever changed.
+        ``isinstance(callback, NoGradAuditor)``, the checkpoint's ``state_key`` and pickling hold.
         """
 
-    class CallbackBase(_NoLightningYet):
-        """The ``Callback`` classes of the Lightning namespaces in use (see ``attach_lightning_bases``)."""
+        def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+            return super().__new__(for_namespaces(cls, _namespaces_for_a_trainer()))
+
+        def __reduce_ex__(self, protocol: Any) -> Any:
+            made = _MADE_FOR.get(type(self))
+            if made is None:
+                return super().__reduce_ex__(protocol)
+            return _remade, made, self.__getstate__()
 
     LightningModule = Any
     Trainer = Any
 
 
-def attach_lightning_bases() -> None:
-    """Make every lightning-nograd callback a ``Callback`` of each Lightning namespace imported so far.
-
-    Only namespaces the user imported: importing ``pytorch_lightning`` behind a user of
-    ``lightning.pytorch`` re-points Lightning's loggers and warning classes for the whole process.
-    Runs when lightning-nograd is imported and again whenever a callback is built, so a namespace
-    imported in between (``pytorch_lightning`` after ``lightning_nograd``, as isort orders them)
-    joins; the classes stay the same classes, so ``type(cb) is NoGradAuditor`` and pickling hold.
-    """
-    current = tuple(b for b in CallbackBase.__bases__ if b.__name__ != "_NoLightningYet")
-    bases = imported_callback_bases() if current else callback_bases_for_a_trainer()
-    wanted = tuple(dict.fromkeys((*current, *bases)))
-    if wanted and wanted != current:
-        CallbackBase.__bases__ = wanted
-
-
-def _attach_imported_bases() -> None:
-    if imported_callback_bases():
-        attach_lightning_bases()
-
-
-_attach_imported_bases()
-
 __all__ = [
     "CallbackBase",
     "LightningModule",
     "Trainer",
-    "attach_lightning_bases",
+    "for_namespaces",
     "is_sanity_checking",
     "steps_are_compiled",
     "world_size",
