@@ -103,7 +103,9 @@ class NoGradCallback(CallbackBase):
         return self._state_key
 
     def _base_state_key(self) -> str:
-        return self._generate_state_key(**self._state_key_settings())
+        # Lightning's own format (`Callback._generate_state_key`, 2.2 to 2.6), written out: the parts of a
+        # NoGradAuditor need not derive from a Lightning `Callback`
+        return f"{type(self).__qualname__}{self._state_key_settings()!r}"
 
     def _claim_state_key(self, base: str) -> str:
         """``base``, or ``base#N`` when another instance with the same settings is in use now.

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import importlib
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 _NAMESPACES = ("lightning.pytorch", "pytorch_lightning")
@@ -40,6 +43,21 @@ def for_namespaces(cls: type, namespaces: tuple[str, ...]) -> type:
         _MADE[(cls, missing)] = made
         _MADE_FOR[made] = (cls, missing)
     return made
+
+
+# set while NoGradAuditor builds its parts: they are driven by the auditor, never handed to a Trainer
+_BUILDING_PARTS: ContextVar[bool] = ContextVar("lightning_nograd_building_parts", default=False)
+
+
+@contextmanager
+def building_parts() -> Iterator[None]:
+    """Callbacks built inside are parts of another one: their class is kept as it is (``type(part) is
+    EvalModeAuditor``), since no Trainer sees them."""
+    token = _BUILDING_PARTS.set(True)
+    try:
+        yield
+    finally:
+        _BUILDING_PARTS.reset(token)
 
 
 def _remade(cls: type, namespaces: tuple[str, ...]) -> Any:
@@ -79,13 +97,14 @@ else:
         """
 
         def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+            if _BUILDING_PARTS.get():
+                return super().__new__(cls)
             return super().__new__(for_namespaces(cls, _namespaces_for_a_trainer()))
 
         def __reduce_ex__(self, protocol: Any) -> Any:
-            made = _MADE_FOR.get(type(self))
-            if made is None:
-                return super().__reduce_ex__(protocol)
-            return _remade, made, self.__getstate__()
+            # rebuilt as this very class: the one made from, with the namespaces it was made for
+            cls, namespaces = _MADE_FOR.get(type(self), (type(self), ()))
+            return _remade, (cls, namespaces), self.__getstate__()
 
     LightningModule = Any
     Trainer = Any
@@ -95,6 +114,7 @@ __all__ = [
     "CallbackBase",
     "LightningModule",
     "Trainer",
+    "building_parts",
     "for_namespaces",
     "is_sanity_checking",
     "steps_are_compiled",
