@@ -236,11 +236,11 @@ def one_time_analyses(n: int) -> dict[str, Any]:
 
 def _note_train_mode(model: nn.Module) -> None:
     leaks = EvalModeLeaks(lambda path: False)
-    leaks.index(model)
+    leaks.start(model)
     try:
         leaks.note_train_mode(dict(named_modules(model)), None, "on_train_epoch_start")
     finally:
-        leaks.stop()
+        leaks.close()
 
 
 def table(rows: list[dict[str, Any]], analyses: dict[str, Any]) -> list[str]:

@@ -481,6 +481,8 @@ assert isinstance(auditor, (lightning.pytorch.Callback, pytorch_lightning.Callba
 assert isinstance(auditor, lightning.pytorch.Callback) and isinstance(auditor, pytorch_lightning.Callback)
 assert type(auditor).__name__ == type(auditor).__qualname__ == "NoGradAuditor"
 assert type(NoGradAuditor(verbose=False)) is type(auditor), "made once per class and namespace"
+import inspect
+assert inspect.signature(type(auditor)) == inspect.signature(NoGradAuditor)
 assert not issubclass(NoGradAuditor, pytorch_lightning.Callback)
 assert {cls: cls.__bases__ for cls in bases_before} == bases_before
 copy = pickle.loads(pickle.dumps(auditor))  # as ddp_spawn sends it

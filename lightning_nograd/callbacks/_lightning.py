@@ -6,6 +6,7 @@ Checked against lightning / pytorch_lightning 2.2 to 2.6.
 from __future__ import annotations
 
 import importlib
+import inspect
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -39,7 +40,9 @@ def for_namespaces(cls: type, namespaces: tuple[str, ...]) -> type:
     made = _MADE.get((cls, missing))
     if made is None:
         bases = (cls, *(importlib.import_module(n).Callback for n in missing))
-        made = type(cls)(cls.__name__, bases, {"__module__": cls.__module__, "__qualname__": cls.__qualname__})
+        names = {"__module__": cls.__module__, "__qualname__": cls.__qualname__}
+        # its signature is the class's (Python 3.10 would otherwise show `CallbackBase.__new__`'s)
+        made = type(cls)(cls.__name__, bases, {**names, "__signature__": inspect.signature(cls)})
         _MADE[(cls, missing)] = made
         _MADE_FOR[made] = (cls, missing)
     return made

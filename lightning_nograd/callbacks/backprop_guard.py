@@ -149,7 +149,7 @@ class BackpropGuard(NoGradCallback):
         self._root_type = class_name(pl_module)
         self._epoch = int(trainer.current_epoch)
         self._trained_ids = trained_parameter_ids(getattr(trainer, "optimizers", []), pl_module)
-        self._index_model(pl_module)
+        self._start_gradient_checks(pl_module)
         self._check_eval_mode_at_start(pl_module)
         self._ddp_stops_on_unused = ddp_stops_on_unused_parameters(trainer)
         if self._ddp_stops_on_unused:
@@ -166,7 +166,7 @@ class BackpropGuard(NoGradCallback):
         # frozen or unfrozen between epochs (BackboneFinetuning): what is trained is read again
         self._trained_ids = trained_parameter_ids(getattr(trainer, "optimizers", []), pl_module)
         if self._gradients.index is None:
-            self._index_model(pl_module)
+            self._start_gradient_checks(pl_module)
         else:
             self._note_train_mode("on_train_epoch_start")
         self._check_inference_tensors(pl_module, "on_train_epoch_start")
@@ -217,7 +217,7 @@ class BackpropGuard(NoGradCallback):
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._eval_at_start.stop()  # the blocks no gradient check judged in the first epoch are reported
+        self._eval_at_start.close()  # the blocks no gradient check judged in the first epoch are reported
         self._collect_zero_gradients(wait=False)
         self._report_without_gradient_all_epoch()
         self._flush_stray_graphs()  # the interval goes on: Lightning calls the module's epoch-end hook next
@@ -236,7 +236,7 @@ class BackpropGuard(NoGradCallback):
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._eval_at_start.stop()
+        self._eval_at_start.close()
         self._collect_zero_gradients(wait=True)
         if self._stray is not None:
             self._stray.close()
@@ -253,15 +253,15 @@ class BackpropGuard(NoGradCallback):
             if stray is not None:
                 stray.release()
         if check is None:
-            self._leaks.stop()
-            self._gradients.clear()
+            self._leaks.close()
+            self._gradients.close()
 
     # -- set-up ----------------------------------------------------------------------------------
 
     @guarded("index")
-    def _index_model(self, pl_module: nn.Module) -> None:
-        self._gradients.index_model(pl_module)
-        self._leaks.index(pl_module)
+    def _start_gradient_checks(self, pl_module: nn.Module) -> None:
+        self._gradients.start(pl_module)
+        self._leaks.start(pl_module)
         self._note_train_mode("on_train_start")
 
     @guarded("eval_mode_leak")

@@ -142,8 +142,8 @@ class EvalModeLeaks:
         validation): the next check reads them."""
         self._read_at = None
 
-    def index(self, root: nn.Module) -> None:
-        """The modules to watch, once per fit."""
+    def start(self, root: nn.Module) -> None:
+        """Start watching ``root``'s modules, once per fit."""
         self._modules = [(path, m) for path, m in mode_modules(root) if not self.allowed(path)]
 
     def note_train_mode(self, modules: dict[str, nn.Module], trained: set[int] | None, hook: str) -> None:
@@ -190,7 +190,7 @@ class EvalModeLeaks:
         self.clean_at = hook
         return [module for _, module in leaked], leaks
 
-    def stop(self) -> None:
+    def close(self) -> None:
         """Stop counting mode switches and forget the model (at the end of training)."""
         ModeSwitches.stop(self)
         self._read_at = None
@@ -207,7 +207,7 @@ class EvalModeAtStart:
     reach that step without a gradient is frozen on purpose (Lightning's transfer-learning pattern
     with every parameter in the optimizer: the extractor in eval, its forward under ``no_grad``), so
     there is no finding and its parameters are not checked again. Otherwise its layers are reported
-    then, or by ``stop`` at the end of the first epoch if no check came.
+    then, or by ``close`` at the end of the first epoch if no check came.
 
     Args:
         report: receives each finding: the block's path and its layers in eval mode.
@@ -240,7 +240,7 @@ class EvalModeAtStart:
                 self._report_block(path)
         return frozen
 
-    def stop(self) -> None:
+    def close(self) -> None:
         """Judge no more: the blocks not judged yet are reported."""
         self._blocks = {}
         for path in list(self._layers):

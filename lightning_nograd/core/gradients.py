@@ -202,8 +202,8 @@ class GradientCheck:
         self._first_step_missing: set[int] = set()  # without a gradient at the epoch's first full check
         self._stepped_ids: dict[int, set[int]] = {}
 
-    def index_model(self, root: nn.Module) -> None:
-        """Index ``root``'s parameters (when training starts)."""
+    def start(self, root: nn.Module) -> None:
+        """Start watching ``root``: index its parameters (when training starts)."""
         self.index = ParamIndex(root)
         self._params = {}
         self._had_gradient = {}
@@ -411,7 +411,7 @@ class GradientCheck:
         self.suspects = {}
         return params
 
-    def clear(self) -> None:
+    def close(self) -> None:
         """Forget the model (at the end of training)."""
         self.index = None
         self._params = {}

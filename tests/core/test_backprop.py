@@ -45,7 +45,7 @@ def test_frozen_block_in_eval_mode_and_inference_buffers() -> None:
 def test_layers_switched_to_eval_one_by_one_are_a_choice_blocks_are_not() -> None:
     net = nn.Sequential(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2), nn.Dropout()), nn.BatchNorm1d(2))
     leaks = EvalModeLeaks(allowed=lambda path: False)
-    leaks.index(net)
+    leaks.start(net)
     leaks.note_train_mode(dict(net.named_modules()), None, "on_train_start")
     try:
         for layer in (net[0][1], net[1]):
@@ -58,7 +58,7 @@ def test_layers_switched_to_eval_one_by_one_are_a_choice_blocks_are_not() -> Non
         assert len(leaked) == 4  # the block and its three layers, put back under on_violation="fix"
         assert eval_mode_under_trainable(net) == [("0", ["0.1 (BatchNorm1d)", "0.2 (Dropout)"])]
     finally:
-        leaks.stop()
+        leaks.close()
 
 
 def test_zero_gradient_streaks_reset_and_skip_sparse_gradients() -> None:
@@ -98,7 +98,7 @@ def test_gradient_check_first_step_then_windows_and_suspects_once_per_epoch() ->
     net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
     optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
     check = GradientCheck(zero_grad_steps=3, allowed=lambda path: False)
-    check.index_model(net)
+    check.start(net)
     check.new_epoch()
     missing = _train_step(net, optimizer, check, cut=True)
     assert sorted(check.index.name(p) for p in missing) == ["0.bias", "0.weight"]
@@ -117,7 +117,7 @@ def test_gradient_check_skipped_step_allow_list_and_kept_zeros() -> None:
     net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
     optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
     check = GradientCheck(zero_grad_steps=2, allowed=lambda path: path == "0")
-    check.index_model(net)
+    check.start(net)
     check.new_epoch()
     assert _train_step(net, optimizer, check, cut=True) == [], "the allowed module's parameters are not checked"
     check.new_epoch()
@@ -125,7 +125,7 @@ def test_gradient_check_skipped_step_allow_list_and_kept_zeros() -> None:
     assert check.step(optimizer) == [], "no backward, no gradient: a skipped step"
     # zeroing that keeps zeros: an all-zero gradient two steps running is missing
     check = GradientCheck(zero_grad_steps=2, allowed=lambda path: False)
-    check.index_model(net)
+    check.start(net)
     check.new_epoch()
     found: list = []
     for _ in range(3):
@@ -141,7 +141,7 @@ def test_gradient_check_skipped_step_allow_list_and_kept_zeros() -> None:
 def test_eval_mode_leaks_read_only_after_a_switch_and_name_the_topmost_module() -> None:
     net = nn.Sequential(nn.Sequential(nn.Linear(2, 2), nn.Dropout()), nn.Linear(2, 1)).train()
     leaks = EvalModeLeaks(allowed=lambda path: False)
-    leaks.index(net)
+    leaks.start(net)
     leaks.note_train_mode(dict(net.named_modules()), None, "on_train_start")
     try:
         assert leaks.read_at is None
@@ -155,7 +155,7 @@ def test_eval_mode_leaks_read_only_after_a_switch_and_name_the_topmost_module() 
         _, found = leaks.read("on_train_batch_start", 1)
         assert [leak.new for leak in found] == [False], "reported once per fit"
     finally:
-        leaks.stop()
+        leaks.close()
     assert id(leaks) not in ModeSwitches._owners, "it stopped listening (others, e.g. doctests, may still)"
 
 
@@ -167,7 +167,7 @@ def test_with_one_optimizer_steady_steps_are_skipped_on_the_same_schedule() -> N
         net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
         optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
         check = GradientCheck(zero_grad_steps=3, allowed=lambda path: False)
-        check.index_model(net)
+        check.start(net)
         check.new_epoch(optimizers)
         checked = []
         for step in range(1, 3 * GRADIENT_EVERY + 1):
@@ -180,7 +180,7 @@ def test_with_one_optimizer_steady_steps_are_skipped_on_the_same_schedule() -> N
     check = GradientCheck(zero_grad_steps=3, allowed=lambda path: False)
     net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
     optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
-    check.index_model(net)
+    check.start(net)
     check.new_epoch(1)
     skips = []
     for _ in range(GRADIENT_EVERY):
@@ -199,7 +199,7 @@ def test_zeroing_is_decided_by_one_parameter_that_had_a_gradient(set_to_none: bo
     net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(2, 1))
     optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
     check = GradientCheck(zero_grad_steps=3, allowed=lambda path: False)
-    check.index_model(net)
+    check.start(net)
     check.new_epoch(1)
     read = []
     for _ in range(4):
@@ -259,13 +259,13 @@ def test_frozen_modules_are_found_in_one_visit_each_under_a_deep_stack() -> None
     net[-4].requires_grad_(False)
     modules = dict(named_modules(net))
     leaks = EvalModeLeaks(lambda path: False)
-    leaks.index(net)
+    leaks.start(net)
     before = visits.total()
     try:
         leaks.note_train_mode(modules, None, "on_train_start")
         watched = {path for path, _, _ in leaks._watched}
     finally:
-        leaks.stop()
+        leaks.close()
     params = 2 * layers
     assert visits.total() - before <= 2 * (len(modules) + params)
     assert str(2 * layers - 4) not in watched and "0" in watched and "1" in watched  # frozen Linear left out
@@ -294,6 +294,6 @@ def test_eval_mode_at_start_judges_each_block_at_its_first_full_check() -> None:
     assert frozen == {id(p) for p in params0}
     assert reported == [("1", ["1.1 (Dropout)"])]
     # block 2 was never covered by a full check: reported when judging stops
-    check.stop()
+    check.close()
     assert reported == [("1", ["1.1 (Dropout)"]), ("2", ["2.1 (Dropout)"])]
     assert check.frozen_on_purpose(list(net.parameters()), []) == set(), "judged once"
