@@ -16,14 +16,14 @@ from typing import TYPE_CHECKING, Any
 _NAMESPACES = ("lightning.pytorch", "pytorch_lightning")
 
 
+def imported_namespaces() -> tuple[str, ...]:
+    """The Lightning namespaces this process has already imported."""
+    return tuple(name for name in _NAMESPACES if isinstance(getattr(sys.modules.get(name), "Callback", None), type))
+
+
 def imported_callback_bases() -> tuple[type, ...]:
     """The ``Callback`` classes of the Lightning namespaces this process has already imported."""
-    bases = []
-    for name in _NAMESPACES:
-        callback = getattr(sys.modules.get(name), "Callback", None)
-        if isinstance(callback, type):
-            bases.append(callback)
-    return tuple(bases)
+    return tuple(sys.modules[name].Callback for name in imported_namespaces())
 
 
 # the class made from a lightning-nograd class for the Lightning namespaces it lacked -> (that class, the namespaces)
@@ -71,7 +71,7 @@ def _remade(cls: type, namespaces: tuple[str, ...]) -> Any:
 def _namespaces_for_a_trainer() -> tuple[str, ...]:
     """The namespaces a callback built now must suit: those imported; or, when none is yet, the installed one
     (``lightning.pytorch``, else ``pytorch_lightning``), imported here, at construction."""
-    imported = tuple(name for name in _NAMESPACES if isinstance(getattr(sys.modules.get(name), "Callback", None), type))
+    imported = imported_namespaces()
     if imported:
         return imported
     for name in _NAMESPACES:

@@ -170,12 +170,7 @@ class NoGradAuditor(NoGradCallback):
         return next((p for p in self._parts if isinstance(p, kind)), None)
 
     def _each(self, hook: str, *args: Any, **kwargs: Any) -> None:
-        try:
-            for part in self._parts:
-                getattr(part, hook)(*args, **kwargs)
-        finally:
-            if self._sink.held:
-                self._sink.flush()
+        _CallEach(tuple(getattr(part, hook) for part in self._parts), self._sink)(*args, **kwargs)
 
     # -- the hooks with work of their own; every other hook is a slot (see `_route`) --------------
 
