@@ -1,9 +1,13 @@
-"""The quickstart model logged to Weights & Biases, offline: no account or network needed.
+"""The quickstart logged to Weights & Biases, offline: no account or network needed.
+
+The same model, data, epochs and ``NoGradAuditor()`` defaults as ``examples/quickstart.py``, with
+Lightning's ``WandbLogger`` instead of TensorBoard.
 
     WANDB_MODE=offline python examples/wandb_offline.py [--root-dir DIR]
 
 Every ``nograd/...`` metric goes to the run's history and the end-of-fit summary to its run
-summary; ``wandb sync DIR/wandb/offline-run-*`` uploads the run later if you want it online.
+summary. ``wandb leet DIR/wandb`` opens it in W&B's terminal viewer (no account needed);
+``wandb sync DIR/wandb/offline-run-*`` uploads the run later if you want it online.
 """
 
 from __future__ import annotations
@@ -28,8 +32,8 @@ def main() -> None:
     pl.seed_everything(0)
     logger = WandbLogger(project="lightning-nograd-example", save_dir=args.root_dir, offline=True)
     trainer = pl.Trainer(
-        max_epochs=2,
-        callbacks=[NoGradAuditor(budget=0.05)],
+        max_epochs=10,
+        callbacks=[NoGradAuditor()],
         logger=logger,
         enable_progress_bar=False,
         enable_checkpointing=False,

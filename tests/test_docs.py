@@ -3,12 +3,17 @@ every argument and every metric named where the reference says it is."""
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import re
+import shutil
 from pathlib import Path
+
+import pytest
 
 from lightning_nograd import BackpropGuard, EvalModeAuditor, NoGradAuditor, SavingsMonitor
 from lightning_nograd.callbacks import savings_monitor
+from tests.helpers import Regressor, loader, nograd_warnings, read_wandb_offline, trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -73,3 +78,39 @@ def test_every_savings_metric_is_in_the_metrics_table() -> None:
     table = (DOCS / "reference" / "metrics.md").read_text()
     for key in savings_monitor._KEYS:
         assert f"| `nograd/{{stage}}/{key}` |" in table, key
+
+
+def test_the_wandb_picture_is_photographed_from_a_real_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``scripts/wandb_screenshot.py`` shows a real offline W&B run in W&B's own viewer: the charts and
+    the run summary of the ``nograd/val`` keys, as the docs' picture does."""
+    pytest.importorskip("wandb")
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if browser is None or shutil.which("tmux") is None:
+        pytest.skip("needs tmux and headless Chromium")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    import wandb
+    from lightning.pytorch.loggers import WandbLogger
+
+    logger = WandbLogger(save_dir=str(tmp_path), project="nograd-test", offline=True)
+    with nograd_warnings():
+        trainer(tmp_path, [NoGradAuditor(verbose=False)], logger=logger, max_epochs=2).fit(
+            Regressor(), loader(), loader()
+        )
+    wandb.finish()
+    spec = importlib.util.spec_from_file_location("wandb_screenshot", ROOT / "scripts" / "wandb_screenshot.py")
+    assert spec is not None and spec.loader is not None
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
+    out = tmp_path / "wandb.png"
+    screen = script.photograph(run_dir, out, browser, tmp_path / "leet-config")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    history, _ = read_wandb_offline(tmp_path)
+    logged = {key for row in history for key in row if key.startswith("nograd/val/")}
+    assert {"nograd/val/graph_memory_mib", "nograd/val/memory_saved_mib", "nograd/val/violations"} <= logged
+    # a chart for each nograd/val key the run logged, and nothing else
+    assert f"Metrics [1-{len(logged)} of {len(logged)} filtered from" in screen
+    for key in logged:
+        assert key in screen, key
+    assert "nograd/train" not in screen
