@@ -32,7 +32,7 @@ def main() -> None:
     pl.seed_everything(0)
     logger = WandbLogger(project="lightning-nograd-example", save_dir=args.root_dir, offline=True)
     trainer = pl.Trainer(
-        max_epochs=10,
+        max_epochs=20,
         callbacks=[NoGradAuditor()],
         logger=logger,
         enable_progress_bar=False,
