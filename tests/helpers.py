@@ -126,6 +126,22 @@ def forward_with_grad(model: Regressor, x: torch.Tensor) -> torch.Tensor:
         return model(x)
 
 
+def fit_logged_to_wandb_offline(tmp_path: Path, monkeypatch: Any, model: pl.LightningModule) -> None:
+    """Two epochs of ``model`` with ``NoGradAuditor(verbose=False)``, logged by Lightning's ``WandbLogger``
+    in offline mode under ``tmp_path`` (the run finished, so its files are complete)."""
+    import wandb
+    from lightning.pytorch.loggers import WandbLogger
+
+    from lightning_nograd import NoGradAuditor
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    logger = WandbLogger(save_dir=str(tmp_path), project="nograd-test", offline=True)
+    with nograd_warnings():
+        trainer(tmp_path, [NoGradAuditor(verbose=False)], logger=logger, max_epochs=2).fit(model, loader(), loader())
+    wandb.finish()
+
+
 def read_wandb_offline(root: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """History rows and the final summary of the W&B offline run under ``root``, read from its
     ``.wandb`` transaction log with W&B's own reader (``wandb leet inspect --json``)."""

@@ -13,7 +13,7 @@ import pytest
 
 from lightning_nograd import BackpropGuard, EvalModeAuditor, NoGradAuditor, SavingsMonitor
 from lightning_nograd.callbacks import savings_monitor
-from tests.helpers import Regressor, loader, nograd_warnings, read_wandb_offline, trainer
+from tests.helpers import Regressor, fit_logged_to_wandb_offline, read_wandb_offline
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -87,17 +87,7 @@ def test_the_wandb_picture_is_photographed_from_a_real_run(tmp_path: Path, monke
     browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
     if browser is None or shutil.which("tmux") is None:
         pytest.skip("needs tmux and headless Chromium")
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    import wandb
-    from lightning.pytorch.loggers import WandbLogger
-
-    logger = WandbLogger(save_dir=str(tmp_path), project="nograd-test", offline=True)
-    with nograd_warnings():
-        trainer(tmp_path, [NoGradAuditor(verbose=False)], logger=logger, max_epochs=2).fit(
-            Regressor(), loader(), loader()
-        )
-    wandb.finish()
+    fit_logged_to_wandb_offline(tmp_path, monkeypatch, Regressor())
     spec = importlib.util.spec_from_file_location("wandb_screenshot", ROOT / "scripts" / "wandb_screenshot.py")
     assert spec is not None and spec.loader is not None
     script = importlib.util.module_from_spec(spec)

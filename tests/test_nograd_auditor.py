@@ -10,13 +10,14 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torch import nn
 
 from lightning_nograd import BackpropGuard, EvalModeAuditor, NoGradAuditor, NoGradWarning, SavingsMonitor
 from tests.helpers import (
     Regressor,
     csv_values,
+    fit_logged_to_wandb_offline,
     loader,
     nograd_warnings,
     read_tensorboard_scalars,
@@ -149,16 +150,7 @@ def test_metrics_and_summary_reach_csv_and_tensorboard(tmp_path: Path) -> None:
 
 def test_metrics_and_summary_reach_wandb_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("wandb")
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    import wandb
-
-    logger = WandbLogger(save_dir=str(tmp_path), project="nograd-test", offline=True)
-    with nograd_warnings():
-        trainer(tmp_path, [NoGradAuditor(verbose=False)], logger=logger, max_epochs=2).fit(
-            EveryBug(), loader(), loader()
-        )
-    wandb.finish()
+    fit_logged_to_wandb_offline(tmp_path, monkeypatch, EveryBug())
     history, summary = read_wandb_offline(tmp_path)
     violations = [row["nograd/val/violations"] for row in history if "nograd/val/violations" in row]
     assert violations == [1, 1]
