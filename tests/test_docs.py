@@ -104,3 +104,14 @@ def test_the_wandb_picture_is_photographed_from_a_real_run(tmp_path: Path, monke
     for key in logged:
         assert key in screen, key
     assert "nograd/train" not in screen
+
+
+def test_the_docs_front_page_shows_the_readme_s_table() -> None:
+    # one run's table, the one the pictures were made from, on both front pages
+    def table(text: str) -> str:
+        start = text.index("```text\n")
+        return text[start : text.index("```", start + 8)]
+
+    readme, index = (ROOT / "README.md").read_text(), (DOCS / "index.md").read_text()
+    assert table(readme) == table(index)
+    assert "lightning-nograd report" in table(readme) and "│ validation │" in table(readme)
