@@ -117,6 +117,17 @@ class Tmux:
                 raise TimeoutError(f"W&B LEET never showed {text!r}")
             time.sleep(0.5)
 
+    def settled_screen(self, seconds: float = 20.0) -> str:
+        """The screen, colours included, once two looks half a second apart agree (the charts are drawn)."""
+        deadline = time.monotonic() + seconds
+        last = None
+        while True:
+            time.sleep(0.5)
+            screen = self("capture-pane", "-t", "leet", "-e", "-p")
+            if screen == last or time.monotonic() > deadline:
+                return screen
+            last = screen
+
     def keys(self, *keys: str) -> None:
         """Each of ``keys``: a key name (``Enter``) or, in quotes, text typed as it is (``"'nograd/val'"``)."""
         for key in keys:
@@ -153,8 +164,7 @@ def photograph(run_dir: Path, out: Path, browser: str, config_home: Path) -> str
         # an earlier look at these runs: they are cleared first)
         tmux.keys("C-l", "C-o", "/", "'nograd/val'", "Enter", "o", "'nograd/val'", "Enter")
         tmux.wait_for("filtered from")
-        time.sleep(1.0)
-        screen = tmux("capture-pane", "-t", "leet", "-e", "-p")
+        screen = tmux.settled_screen()
     finally:
         subprocess.run([*tmux.base, "kill-server"], capture_output=True)
     page = f"""<!doctype html><meta charset="utf-8"><style>
