@@ -22,7 +22,7 @@ import torch
 from benchmarks.models import MODELS
 from benchmarks.timing import in_fresh_process
 from lightning_nograd.core.measure import peak_bytes_of, synchronize
-from lightning_nograd.core.recording import RecordedCall
+from lightning_nograd.core.recording import Tape
 from lightning_nograd.core.replay import graph_bytes_of
 from lightning_nograd.core.tensors import MIB
 
@@ -81,7 +81,7 @@ def measure(name: str, repeats: int, fused: bool = True) -> list[dict[str, Any]]
             order = MODES if rep % 2 == 0 else tuple(reversed(MODES))
             for mode in order:
                 times[mode].append(time_once(forward, mode, device))
-        graph = graph_bytes_of([RecordedCall(module, (x,), {}, False)], set())
+        graph = graph_bytes_of(Tape.of_call(module, x), set())
         peaks = {}
         for mode in MODES:
 

@@ -31,7 +31,7 @@ from lightning_nograd.core.inference_tensors import inference_tensors
 from lightning_nograd.core.model_index import ParamIndex
 from lightning_nograd.core.modes import ModeProbe
 from lightning_nograd.core.module_paths import NamePatterns, named_modules
-from lightning_nograd.core.recording import CallRecorder, RecordedCall, call_hooks, replayable
+from lightning_nograd.core.recording import StepRecorder, Tape, call_hooks, recorded_modules, replayable
 from lightning_nograd.core.replay import EAGER_REPLAY_NOTE, Replay
 from lightning_nograd.core.report import Report
 from lightning_nograd.core.savings import savings_metrics
@@ -66,17 +66,21 @@ class _EvaluationAudit(Probe):
         self.graph = GraphProbe(
             model, frozenset(), self._graph_finding, allow_grad.matches, log.on_violation == "error"
         )
-        # the second batch's call is the one replayed: the first pays for lazy set-up and warm caches
-        self.recorder = CallRecorder({id(model)}, on_error=self._recorder_failed) if monitor_savings else None
-        self.recorded: list[RecordedCall] = []
+        # one batch is what runs from one call of the model to the next (the loop's loss included); the second
+        # batch is the one replayed: the first pays for lazy set-up and warm caches
+        self.recorder: StepRecorder | None = None
+        if monitor_savings:
+            whole, opaque = recorded_modules(model)
+            self.recorder = StepRecorder(whole, opaque, model, on_error=self._recorder_failed)
+        self.recorded: Tape | None = None
         self.handles: list[RemovableHandle] = []
 
     def start(self) -> None:
         self.modes.refresh()
         self.graph.start()
-        if self.recorder is not None:
-            self.recorder.start()  # before the batch hooks: its post-hook has run when theirs does
         self.handles = call_hooks(self, self._pre, self._post)
+        if self.recorder is not None:
+            self.recorder.start(record=False)  # after the batch hooks: a batch begins before the recorder looks
 
     def _recorder_failed(self, err: BaseException) -> None:
         report_fault(self, err)
@@ -86,7 +90,7 @@ class _EvaluationAudit(Probe):
             handle.remove()
         self.handles = []
         if self.recorder is not None:
-            self.recorder.stop()
+            self.recorded = self.recorder.stop() or self.recorded
         self.graph.flush()
         self.modes.close()
         self.graph.close()
@@ -99,8 +103,10 @@ class _EvaluationAudit(Probe):
             return
         self.batch += 1
         self.grad_off_around = not torch.is_grad_enabled()
-        if self.batch == 2 and self.recorder is not None:
-            self.recorder.stop()
+        if self.recorder is not None and self.batch <= 2:
+            self.recorded = self.recorder.end() or self.recorded
+            if self.batch < 2:
+                self.recorder.begin()
         self.graph.new_batch()
         self.modes.before_batch()
 
@@ -112,9 +118,6 @@ class _EvaluationAudit(Probe):
             return
         self.modes.after_batch()
         self.graph.flush()
-        if self.recorder is not None and self.batch <= 1:
-            self.recorded = self.recorder.calls[-1:] or self.recorded
-            self.recorder.calls = []
         tally = tally_tensors(output)
         if tally.attached:
             kept = tally.kept_bytes(weight_storages(self.model)) / MIB
@@ -138,10 +141,10 @@ class _EvaluationAudit(Probe):
     def savings(self, loop_seconds: float) -> tuple[dict[str, float], dict[str, Any]]:
         metrics: dict[str, float] = {"epoch_time_s": loop_seconds}
         details: dict[str, Any] = {"batches": self.batch + 1}
-        if not self.recorded:
+        if self.recorded is None:
             details["savings"] = "no forward of the model was recorded"
             return metrics, details
-        if any(call.compiled for call in self.recorded):
+        if self.recorded.compiled:
             details["compiled"] = EAGER_REPLAY_NOTE
         device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
         refusal = torch_internals.replay_refusal(device)

@@ -207,20 +207,21 @@ def test_parts_kept_from_an_earlier_run_are_labelled_with_their_commit(tmp_path:
 def test_replay_and_check_training_step_restore_the_cuda_generator_too() -> None:
     # dropout on the GPU draws from the CUDA generator, which the CPU-side RNG tests never see
     from lightning_nograd import check_training_step
-    from lightning_nograd.core.recording import CallRecorder, replayable
+    from lightning_nograd.core.recording import StepRecorder, replayable
     from lightning_nograd.core.replay import Replay
 
     device = torch.device("cuda")
     net = nn.Sequential(nn.Linear(4, 4), nn.Dropout(), nn.Linear(4, 1)).to(device).train()
-    recorder = CallRecorder({id(net)})
+    recorder = StepRecorder({id(net)})
     recorder.start()
     with torch.inference_mode():
         net.eval()
         net(torch.randn(8, 4, device=device))
         net.train()
-    recorder.stop()
+    tape = recorder.stop()
+    assert tape is not None
     cpu, cuda = torch.get_rng_state(), torch.cuda.get_rng_state_all()
-    session = Replay(replayable(recorder.calls), device, set())
+    session = Replay(replayable(tape), device, set())
     session.measure_memory()
     session.time_pairs(2)
     assert torch.equal(torch.get_rng_state(), cpu)

@@ -24,7 +24,7 @@ from lightning_nograd import BackpropGuard, EvalModeAuditor, NoGradAuditor, NoGr
 from lightning_nograd.core.gradient_gaps import GradModeProbe
 from lightning_nograd.core.graph import SAVED_TENSOR_HOOKS, GraphProbe
 from lightning_nograd.core.modes import ModeProbe
-from lightning_nograd.core.recording import CallRecorder
+from lightning_nograd.core.recording import StepRecorder
 from tests.helpers import Regressor, csv_values, loader, nograd_warnings, set_head_dropout_train, trainer
 from tests.test_backprop_guard import GAN, Net
 
@@ -387,8 +387,9 @@ def _raise(*args: Any, **kwargs: Any) -> None:
     [
         (ModeProbe, "_pre_forward", "train_mode"),
         (GradModeProbe, "_pre_forward", "no_grad_module"),
-        (CallRecorder, "_pre", "replay"),
-        (CallRecorder, "_post", "replay"),
+        (StepRecorder, "_pre", "replay"),
+        (StepRecorder, "_post", "replay"),
+        (StepRecorder, "_record_function_unsafe", "replay"),
         (GraphProbe, "_record", "grad_enabled"),
     ],
     ids=lambda v: v if isinstance(v, str) else v.__name__,

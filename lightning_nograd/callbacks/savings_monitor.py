@@ -26,20 +26,12 @@ from lightning_nograd.core.arguments import check_float, check_int
 from lightning_nograd.core.findings import Finding
 from lightning_nograd.core.measure import EpochMeasures
 from lightning_nograd.core.module_paths import class_name
-from lightning_nograd.core.recording import CallRecorder, RecordedCall, is_work_module
+from lightning_nograd.core.recording import StepRecorder, Tape, recorded_modules
 from lightning_nograd.core.savings import ReplayResult, savings_metrics
-from lightning_nograd.core.schedule import Measurement, ReplayBudget, call_signature
+from lightning_nograd.core.schedule import Measurement, ReplayBudget
 from lightning_nograd.core.tensors import weight_storages
 
 log = logging.getLogger(__name__)
-
-
-def _excluded_types() -> tuple[type, ...]:
-    try:
-        from torchmetrics import Metric
-    except ImportError:  # torchmetrics is a dependency, but the check must not depend on it
-        return ()
-    return (Metric,)
 
 
 def percent(share: float) -> str:
@@ -68,9 +60,10 @@ class _StageEpoch:
     lockstep: bool = False
     paths: dict[int, str] = field(default_factory=dict)
     measures: EpochMeasures | None = None
-    candidates: set[int] | None = None  # the modules that do the model's work, read at the first recording
-    recorder: CallRecorder | None = None
-    recorded: list[list[RecordedCall]] = field(default_factory=list)
+    # the modules recorded whole (those that do the model's work) and the metrics, read at the first recording
+    candidates: tuple[set[int], set[int]] | None = None
+    recorder: StepRecorder | None = None
+    recorded: list[Tape | None] = field(default_factory=list)
     batches: int = 0
     batch_started: float = 0.0
     batch_seconds: list[float] = field(default_factory=list)
@@ -258,30 +251,32 @@ class SavingsMonitor(EvaluationLoopCallback):
 
     @guarded("replay")
     def _start_recording(self, pl_module: nn.Module) -> None:
-        if self._now.candidates is None:  # once per epoch: which modules do the model's work
-            excluded = _excluded_types()
-            self._now.candidates = {
-                id(m) for m in pl_module.modules() if m is not pl_module and is_work_module(m, excluded)
-            }
-        self._now.recorder = CallRecorder(self._now.candidates, on_error=lambda err: self._switch_off("replay", err))
-        self._now.recorder.start()
+        now = self._now
+        if now.candidates is None:  # once per epoch: which modules do the model's work
+            # under a sharded strategy parameters are whole only inside their module's call: only module calls
+            # below the LightningModule are replayed
+            now.candidates = recorded_modules(pl_module, root_whole=not now.lockstep)
+        whole, opaque = now.candidates
+        now.recorder = StepRecorder(
+            whole, opaque, pl_module, functions=not now.lockstep, on_error=lambda err: self._switch_off("replay", err)
+        )
+        now.recorder.start()
 
     @guarded("replay")
     def _finish_recording(self, trainer: Trainer, pl_module: nn.Module) -> None:
         recorder, self._now.recorder = self._now.recorder, None
         if recorder is None:
             return
-        recorder.stop()
-        if recorder.calls:
-            self._now.recorded.append(recorder.calls)
+        tape = recorder.stop()
+        if tape is not None:
+            self._now.recorded.append(tape)
         if len(self._now.recorded) >= self.measure_batches:
             self._start_measurement(trainer, pl_module)
 
     def _stop_lockstep_recording(self) -> None:
         recorder, self._now.recorder = self._now.recorder, None
         if recorder is not None:
-            recorder.stop()
-            self._now.recorded.append(recorder.calls)
+            self._now.recorded.append(recorder.stop())
 
     def _measure_in_lockstep(self, trainer: Trainer, pl_module: nn.Module) -> None:
         """Every rank replays its recorded batches at this batch end, exactly as rank zero decides: a
@@ -294,16 +289,17 @@ class SavingsMonitor(EvaluationLoopCallback):
             not self._now.compiled_steps
             and "replay" not in self._switched_off
             and len(batches) == self.measure_batches
-            and all(batches)
+            and all(tape is not None for tape in batches)
         )
         shapes = None
         allowed = reuse = 0.0
         signature: tuple[Any, ...] = ()
+        tapes = [tape for tape in batches if tape is not None]
         cached = None
         if ready:
             try:
-                signature = tuple(call_signature(calls) for calls in batches)
-                shapes = repr([[(self._now.paths.get(key), *rest) for key, *rest in sig] for sig in signature])
+                signature = tuple(tape.signature for tape in tapes)
+                shapes = repr([[(self._now.paths.get(key, key), *rest) for key, *rest in sig] for sig in signature])
                 seconds_per_batch = sorted(self._now.batch_seconds)[len(self._now.batch_seconds) // 2]
                 now = self._now
                 remaining = max(0, (_total_batches(trainer, now.stage or "val") or now.batches) - now.batches)
@@ -321,7 +317,7 @@ class SavingsMonitor(EvaluationLoopCallback):
             self._now.measurement = cached
             return
         measurement = Measurement(
-            self._budget, batches, signature, self._now.device, weight_storages(pl_module), plans[0]["allowed"],
+            self._budget, tapes, signature, self._now.device, weight_storages(pl_module), plans[0]["allowed"],
             cached[0] if cached is not None else None, self._paused,
         )  # fmt: skip
         measurement.measure_memory()
@@ -331,7 +327,7 @@ class SavingsMonitor(EvaluationLoopCallback):
         if plans[0]["pairs"] and not any(p["oom"] for p in plans):
             measurement.time_pairs(plans[0]["pairs"])
         if measurement.out_of_memory:
-            self._report_oom(batches[0])
+            self._report_oom(tapes[0])
         self._finish_measurement(measurement)
 
     def _paused(self) -> AbstractContextManager[None]:
@@ -341,8 +337,9 @@ class SavingsMonitor(EvaluationLoopCallback):
     def _start_measurement(self, trainer: Trainer, pl_module: nn.Module) -> None:
         """Memory always (one replay with gradients on, one off); time as the budget allows
         (``lightning_nograd.core.schedule``). A measurement is reused while the recorded calls stay the same."""
-        batches, self._now.recorded = self._now.recorded, []
-        signature = tuple(call_signature(calls) for calls in batches)
+        batches = [tape for tape in self._now.recorded if tape is not None]
+        self._now.recorded = []
+        signature = tuple(tape.signature for tape in batches)
         seconds_per_batch = sorted(self._now.batch_seconds)[len(self._now.batch_seconds) // 2]
         remaining = max(0, (_total_batches(trainer, self._now.stage or "val") or self._now.batches) - self._now.batches)
         allowed = self._budget.allowed(remaining * seconds_per_batch, self._now.run_seconds)
@@ -373,9 +370,9 @@ class SavingsMonitor(EvaluationLoopCallback):
         if not result.out_of_memory:
             self._cache[measurement.signature] = self._now.measurement
 
-    def _report_oom(self, calls: list[RecordedCall]) -> None:
+    def _report_oom(self, tape: Tape) -> None:
         stage = self._now.stage or "val"
-        subject = ", ".join(sorted({class_name(c.module) for c in calls}))
+        subject = ", ".join(sorted({class_name(m) for m in tape.modules})) or "the step's functional code"
         text = messages.grad_replay_oom()
         self._add_finding(
             Finding(

@@ -1,9 +1,9 @@
 """The replay that measures what disabling gradients saves, on the user's own model and data.
 
-``Replay`` runs the module calls ``lightning_nograd.core.recording.CallRecorder`` recorded
-during one evaluation batch again, with gradients on and off, in eval mode, with RNG state
-restored, and measures graph bytes, peak memory and time (settled blocks of timed runs). No user
-hook or step is re-run.
+``Replay`` runs the tape ``lightning_nograd.core.recording.StepRecorder`` recorded during one
+evaluation batch (its module calls and the functional code between them) again, with gradients on
+and off, in eval mode, with RNG state and the modules' attributes restored, and measures graph bytes,
+peak memory and time (settled blocks of timed runs). No user hook or step is re-run.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from torch import nn
 from lightning_nograd.core.counters import mode_switches
 from lightning_nograd.core.graph import SAVED_TENSOR_HOOKS
 from lightning_nograd.core.measure import peak_bytes_of, synchronize
-from lightning_nograd.core.recording import RecordedCall
+from lightning_nograd.core.recording import Tape, run_tape
 from lightning_nograd.core.savings import ReplayResult
 from lightning_nograd.core.tensors import storage_bytes, storage_key
 from lightning_nograd.core.torch_internals import (
@@ -32,30 +32,8 @@ EAGER_REPLAY_NOTE = (
 )
 
 
-def _run_calls(calls: list[RecordedCall], grad: bool) -> list[Any]:
-    outputs = []
-    for call in calls:
-        precision: contextlib.AbstractContextManager[Any] = (
-            torch.autocast(call.autocast[0], dtype=call.autocast[1]) if call.autocast else contextlib.nullcontext()
-        )
-        with precision:
-            outputs.append(_run_call(call, grad))
-    return outputs
-
-
-def _run_call(call: RecordedCall, grad: bool) -> Any:
-    if grad:
-        with torch.inference_mode(False), torch.enable_grad():
-            return call.module(*call.args, **call.kwargs)
-    if call.inference_mode:
-        with torch.inference_mode():
-            return call.module(*call.args, **call.kwargs)
-    with torch.no_grad():
-        return call.module(*call.args, **call.kwargs)
-
-
-def graph_bytes_of(calls: list[RecordedCall], exclude: set[tuple[str, int]]) -> int:
-    """Bytes autograd saves for backward in one grad-enabled run of ``calls``.
+def graph_bytes_of(tape: Tape, exclude: set[tuple[str, int]]) -> int:
+    """Bytes autograd saves for backward in one grad-enabled run of ``tape``.
 
     Each storage is counted once, at its full size; parameters and buffers (``exclude``) are left
     out because they exist anyway.
@@ -71,8 +49,7 @@ def graph_bytes_of(calls: list[RecordedCall], exclude: set[tuple[str, int]]) -> 
         return tensor.detach()
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        outputs = _run_calls(calls, grad=True)
-    del outputs
+        run_tape(tape, grad=True)
     return sum(seen.values())
 
 
@@ -106,19 +83,26 @@ def _user_hooks_off(roots: list[nn.Module]) -> UserHooksOff:
     return UserHooksOff(modules, lambda hook: torch_runs_the_module(hook, weight_hooks))
 
 
+_MISSING = object()
+
+
 class _EvalModeAndRng:
-    """Puts the replayed modules in eval mode and restores modes and RNG state afterwards."""
+    """Puts the replayed modules in eval mode and restores modes, RNG state and the modules' attributes
+    afterwards (a ``forward`` that keeps ``self.last_attention = weights`` must not be left holding the
+    replay's grad-attached tensor)."""
 
     def __init__(self, modules: list[nn.Module], device: torch.device) -> None:
         self.modules = modules
         self.device = device
         self._modes: list[tuple[nn.Module, bool]] = []
+        self._attributes: list[tuple[nn.Module, dict[str, Any]]] = []
         self._cpu_rng: torch.Tensor | None = None
         self._cuda_rng: list[torch.Tensor] | None = None
         self._switches = 0
 
     def __enter__(self) -> None:
         self._modes = [(m, m.training) for root in self.modules for m in root.modules()]
+        self._attributes = [(m, dict(vars(m))) for m, _ in self._modes]
         self._switches = mode_switches.count
         for root in self.modules:
             root.train(False)
@@ -129,6 +113,14 @@ class _EvalModeAndRng:
     def __exit__(self, *exc: object) -> None:
         for module, mode in self._modes:
             module.training = mode
+        for module, before in self._attributes:
+            state = vars(module)
+            for name in [name for name in state if name not in before]:
+                del state[name]
+            for name, value in before.items():
+                if state.get(name, _MISSING) is not value:
+                    state[name] = value
+        self._attributes = []
         # the modes are as they were: our own switches are no reason for the checks to read them again
         mode_switches.count = self._switches
         if self._cpu_rng is not None:
@@ -142,9 +134,9 @@ SETTLING_RUNS = 2
 
 
 def _timed_runs(
-    calls: list[RecordedCall], grad: bool, device: torch.device, runs: int, deadline: float | None = None
+    tape: Tape, grad: bool, device: torch.device, runs: int, deadline: float | None = None
 ) -> list[float]:
-    """Seconds of each of ``runs`` runs of ``calls``, timed one by one after two untimed runs in the same
+    """Seconds of each of ``runs`` runs of ``tape``, timed one by one after two untimed runs in the same
     grad mode; fewer when ``deadline`` (a ``time.perf_counter()`` value) passes.
 
     A run straight after one in the other mode is slowed by the allocator reshaping its memory
@@ -159,22 +151,21 @@ def _timed_runs(
     freeing it is part of what gradients cost.
     """
     for _ in range(SETTLING_RUNS):
-        _run_calls(calls, grad)
+        run_tape(tape, grad)
     times = []
     for _ in range(runs):
         if deadline is not None and time.perf_counter() > deadline:
             break
         synchronize(device)
         start = time.perf_counter()
-        outputs = _run_calls(calls, grad)
-        del outputs
+        run_tape(tape, grad)
         synchronize(device)
         times.append(time.perf_counter() - start)
     return times
 
 
 class Replay:
-    """Replays one batch's recorded calls, a little at a time.
+    """Replays one batch's tape, a little at a time.
 
     ``measure_memory`` runs once (graph bytes and both peaks; ``memory_run_seconds`` is
     what its two runs took, the profiler's start and stop left out);
@@ -183,7 +174,7 @@ class Replay:
     the same side.
 
     Args:
-        calls: the recorded calls of one batch (inference-mode inputs already cloned).
+        tape: what one batch ran (``lightning_nograd.core.recording.replayable``: inference-mode inputs cloned).
         device: where the model runs (CUDA is synchronised around every timing).
         exclude_storages: parameter and buffer storages, not counted as graph memory.
 
@@ -193,18 +184,18 @@ class Replay:
 
     def __init__(
         self,
-        calls: list[RecordedCall],
+        tape: Tape,
         device: torch.device,
         exclude_storages: set[tuple[str, int]],
     ) -> None:
-        self.calls = calls
+        self.tape = tape
         self.device = device
         self.exclude_storages = exclude_storages
         self.result = ReplayResult()
         self.run_seconds = 0.0
         self._blocks = 0
         self.memory_run_seconds = 0.0
-        self._modules = list({id(c.module): c.module for c in calls}.values())
+        self._modules = tape.modules
 
     def _guarded(self, work: Callable[[], None]) -> None:
         if self.result.out_of_memory:
@@ -220,15 +211,15 @@ class Replay:
         """Graph bytes and peak memory with gradients on and off (one run each)."""
 
         def work() -> None:
-            calls, device = self.calls, self.device
+            tape, device = self.tape, self.device
             graph: list[int] = []
             # one run with gradients on gives both the graph's bytes and the peak (the counting hook
             # adds no storage), one run with them off the other peak
             self.result.peak_on_bytes = peak_bytes_of(
-                self._clocked(lambda: graph.append(graph_bytes_of(calls, self.exclude_storages))), device
+                self._clocked(lambda: graph.append(graph_bytes_of(tape, self.exclude_storages))), device
             )
             self.result.graph_bytes = graph[0]
-            self.result.peak_off_bytes = peak_bytes_of(self._clocked(lambda: _run_calls(calls, grad=False)), device)
+            self.result.peak_off_bytes = peak_bytes_of(self._clocked(lambda: run_tape(tape, grad=False)), device)
 
         self._guarded(work)
 
@@ -257,7 +248,7 @@ class Replay:
             blocks: dict[bool, list[float]] = {}
             wanted = pairs
             for grad in (first, not first):
-                blocks[grad] = _timed_runs(self.calls, grad, self.device, wanted, deadline)
+                blocks[grad] = _timed_runs(self.tape, grad, self.device, wanted, deadline)
                 wanted = len(blocks[grad])  # the second block pairs with what the first took
             kept = min(len(blocks[True]), len(blocks[False]))
             self.result.time_on.extend(blocks[True][:kept])

@@ -16,24 +16,9 @@ from typing import Any
 
 import torch
 
-from lightning_nograd.core.recording import RecordedCall, replayable
+from lightning_nograd.core.recording import Tape, replayable
 from lightning_nograd.core.replay import EAGER_REPLAY_NOTE, SETTLING_RUNS, Replay
 from lightning_nograd.core.savings import ReplayResult
-
-
-def call_signature(calls: list[RecordedCall]) -> tuple[Any, ...]:
-    """What a measurement depends on: which modules ran, on what input shapes, in which grad mode."""
-
-    def describe(value: Any) -> Any:
-        if isinstance(value, torch.Tensor):
-            return (tuple(value.shape), str(value.dtype), str(value.device))
-        if isinstance(value, (list, tuple)):
-            return tuple(describe(v) for v in value)
-        if isinstance(value, dict):
-            return tuple(sorted((k, describe(v)) for k, v in value.items()))
-        return type(value).__name__
-
-    return tuple((id(c.module), describe(c.args), describe(c.kwargs), c.inference_mode) for c in calls)
 
 
 class ReplayBudget:
@@ -130,8 +115,8 @@ class Measurement:
 
     Args:
         budget: the run's budget; every second spent here is added to it.
-        batches: the recorded calls of each batch to replay.
-        signature: what the measurement depends on (``call_signature`` of each batch).
+        batches: the tape of each batch to replay.
+        signature: what the measurement depends on (each tape's ``signature``).
         device: where the model runs.
         exclude: storages of parameters and buffers (never counted as graph memory).
         allowed: seconds this measurement may take.
@@ -143,7 +128,7 @@ class Measurement:
     def __init__(
         self,
         budget: ReplayBudget,
-        batches: list[list[RecordedCall]],
+        batches: list[Tape],
         signature: tuple[Any, ...],
         device: torch.device,
         exclude: set[tuple[str, int]],
@@ -158,7 +143,7 @@ class Measurement:
         self.spent = 0.0
         self._pause = pause
         with self._paused():
-            self.sessions = [Replay(replayable(calls), device, exclude) for calls in batches]
+            self.sessions = [Replay(replayable(tape), device, exclude) for tape in batches]
 
     @contextmanager
     def _paused(self) -> Iterator[None]:
@@ -233,6 +218,6 @@ class Measurement:
             merged.graph_bytes, merged.peak_on_bytes = memory.graph_bytes, memory.peak_on_bytes
             merged.peak_off_bytes = memory.peak_off_bytes
         info: dict[str, Any] = {"repeats": len(merged.time_on), "batches_replayed": len(self.sessions)}
-        if any(call.compiled for session in self.sessions for call in session.calls):
+        if any(session.tape.compiled for session in self.sessions):
             info["compiled"] = EAGER_REPLAY_NOTE
         return merged, info

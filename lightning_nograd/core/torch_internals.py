@@ -135,6 +135,19 @@ INTERNALS: dict[str, TorchInternal] = {
         "indexes of a model with tens of thousands of modules)",
         "`named_parameters(recurse=False)` and `children()`: the same result, slower on very large models",
     ),
+    "function_mode_stack": TorchInternal(
+        (
+            "torch._C._len_torch_function_stack",
+            "torch._C._get_function_stack_at",
+            "torch._C._pop_torch_function_stack",
+            "torch._C._push_on_torch_function_stack",
+        ),
+        "the stack of torch-function modes: the savings recorder's mode, which sees the functional code a "
+        "step runs between module calls, steps aside during module calls and leaves the stack as it found it",
+        "the savings replay runs module calls only, without the functional code between them",
+        "graph and memory savings leave out what a step computes outside module calls (`torch.cat`, "
+        "`F.max_pool2d`, the loss)",
+    ),
     "orig_mod": TorchInternal(
         ("torch._dynamo.eval_frame.OptimizedModule()._orig_mod",),
         "the eager module behind a `torch.compile` wrapper: replays run it, never the compiled code, and "
@@ -197,13 +210,14 @@ _tree_leaves: Callable[[Any], list[Any]] | None = None
 _foreach_norm: Callable[..., list[torch.Tensor]] | None = None
 _module_dicts = False
 _hook_dicts = False
+_mode_stack: list[Callable[..., Any]] | None = None
 
 
 def resolve() -> None:
     """Look every internal up again (at import, and in tests that take one away)."""
     global node_counter, CALL_IMPL_CODE, FORWARD_HOOKS_TAKE_KWARGS, LiveTensorMemoryBase
     global _push_saved, _pop_saved, _profiler_enabled, _cpu_device_type, _tree_map, _tree_leaves
-    global _foreach_norm, _module_dicts, _hook_dicts
+    global _foreach_norm, _module_dicts, _hook_dicts, _mode_stack
     found: dict[str, list[Any]] = {}
     _missing.clear()
     for key, internal in INTERNALS.items():
@@ -229,6 +243,7 @@ def resolve() -> None:
     CALL_IMPL_CODE = getattr(call_impl, "__code__", None)
     _module_dicts = "module_dicts" in found
     _hook_dicts = "hook_dicts" in found
+    _mode_stack = found.get("function_mode_stack")
     FORWARD_HOOKS_TAKE_KWARGS = (
         "with_kwargs" in inspect.signature(nn.modules.module.register_module_forward_hook).parameters
     )
@@ -285,6 +300,43 @@ def replay_refusal(device: torch.device | None = None) -> str | None:
     if device is not None and device.type == "cpu" and LiveTensorMemoryBase is object and profiler_running():
         return "replay skipped: " + describe("dispatch_mode")
     return None
+
+
+def function_modes_available() -> bool:
+    """Whether a torch-function mode can be taken off and put back on the stack (``function_mode_stack``)."""
+    return _mode_stack is not None
+
+
+def function_mode_on_top(mode: Any) -> bool:
+    """Whether ``mode`` is the innermost torch-function mode, so it can step aside and come back."""
+    if _mode_stack is None:
+        return False
+    length, at = _mode_stack[0], _mode_stack[1]
+    size = int(length())
+    return size > 0 and at(size - 1) is mode
+
+
+def push_function_mode(mode: Any) -> None:
+    """Put ``mode`` on top of the torch-function mode stack."""
+    if _mode_stack is None:
+        raise MissingTorchInternal(describe("function_mode_stack"))
+    _mode_stack[3](mode)
+
+
+def remove_function_mode(mode: Any) -> bool:
+    """Take ``mode`` off the torch-function mode stack wherever it is, the modes above it put back in their
+    order (a user's ``with torch.device(...)`` entered after it stays); ``False`` when it is not there."""
+    if _mode_stack is None:
+        return False
+    length, at, pop, push = _mode_stack
+    depth = next((i for i in range(int(length()) - 1, -1, -1) if at(i) is mode), None)
+    if depth is None:
+        return False
+    above = [pop() for _ in range(int(length()) - 1 - depth)]
+    pop()
+    for other in reversed(above):
+        push(other)
+    return True
 
 
 class SavedTensorsHooks:

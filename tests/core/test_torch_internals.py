@@ -20,7 +20,7 @@ from torch import nn
 
 from lightning_nograd import NoGradAuditor, audit
 from lightning_nograd.core import torch_internals
-from lightning_nograd.core.recording import CallRecorder
+from lightning_nograd.core.recording import StepRecorder
 from lightning_nograd.core.torch_internals import INTERNALS, MissingTorchInternal, describe
 from tests.core.torch_removal import without
 from tests.helpers import loader, nograd_warnings, trainer
@@ -199,12 +199,13 @@ def test_keyword_arguments_are_recorded_where_global_hooks_take_none(monkeypatch
 
     net = Scaled()
     monkeypatch.setattr(torch_internals, "FORWARD_HOOKS_TAKE_KWARGS", False)
-    recorder = CallRecorder({id(net)})
+    recorder = StepRecorder({id(net)})
     recorder.start()
     with torch.no_grad():
         net(torch.ones(1, 2), scale=3.0)
-    recorder.stop()
-    (call,) = recorder.calls
+    tape = recorder.stop()
+    assert tape is not None
+    (call,) = tape.entries
     assert call.kwargs == {"scale": 3.0}
     assert torch_internals.replay_refusal() is None
     monkeypatch.setattr(torch_internals, "CALL_IMPL_CODE", None)  # and where the frame cannot be found
