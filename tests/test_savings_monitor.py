@@ -608,3 +608,149 @@ def test_time_is_a_running_estimate_over_the_fit_with_its_interval(tmp_path: Pat
     assert all(e.details.get("pairs_this_epoch", 3) == 3 for e in epochs)
     errors = csv_values(Path(logger.log_dir), "nograd/val/time_saved_pct_err")
     assert len(errors) == 4 and all(err >= 0 for err in errors)
+
+
+class _Shape(pl.LightningModule):
+    """A model as users write it; ``evaluate`` is its whole evaluation step (forward and loss)."""
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self.log("val_loss", self.evaluate(batch))
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self.log("test_loss", self.evaluate(batch))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self.evaluate(batch)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    def evaluate(self, batch: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def _conv_block(width_in: int, width: int) -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(width_in, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(), nn.Conv2d(width, width, 3, padding=1)
+    )
+
+
+class UNet(_Shape):
+    """Its own forward joins its children with parameter-free functions: pooling, upsampling, skip concatenations."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc1, self.enc2, self.mid = _conv_block(3, 8), _conv_block(8, 16), _conv_block(16, 32)
+        self.dec2, self.dec1 = _conv_block(32 + 16, 16), _conv_block(16 + 8, 8)
+        self.out = nn.Conv2d(8, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x1 = torch.relu(self.enc1(x))
+        x2 = torch.relu(self.enc2(nn.functional.max_pool2d(x1, 2)))
+        mid = torch.relu(self.mid(nn.functional.max_pool2d(x2, 2)))
+        d2 = self.dec2(torch.cat([nn.functional.interpolate(mid, scale_factor=2.0), x2], 1))
+        return self.out(self.dec1(torch.cat([nn.functional.interpolate(d2, scale_factor=2.0), x1], 1)))
+
+    def evaluate(self, batch: Any) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.mse_loss(self(x), y)
+
+
+class ViT(_Shape):
+    """Patch embedding, class token and position embedding joined functionally, then encoder layers."""
+
+    def __init__(self, dim: int = 32) -> None:
+        super().__init__()
+        self.patch_embed = nn.Conv2d(3, dim, 4, stride=4)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.randn(1, 1 + 16, dim) * 0.02)
+        self.blocks = nn.ModuleList(
+            nn.TransformerEncoderLayer(dim, 4, 2 * dim, batch_first=True, norm_first=True) for _ in range(2)
+        )
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], 1) + self.pos_embed
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x)[:, 0])
+
+    def evaluate(self, batch: Any) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+
+class CallsItsParts(_Shape):
+    """The step calls submodules directly, with functional code between them (a gate, a residual)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64))
+        self.gate = nn.Linear(64, 64)
+        self.head = nn.Linear(64, 5)
+
+    def evaluate(self, batch: Any) -> torch.Tensor:
+        x, y = batch
+        h = self.encoder(x)
+        h = nn.functional.gelu(h) * torch.sigmoid(self.gate(h)) + h
+        return nn.functional.cross_entropy(self.head(nn.functional.layer_norm(h, (64,))), y)
+
+
+SHAPES: dict[str, tuple[type[_Shape], tuple[int, ...], Any]] = {
+    "unet": (UNet, (3, 16, 16), lambda n: torch.randn(n, 1, 16, 16)),
+    "vit": (ViT, (3, 16, 16), lambda n: torch.randint(0, 5, (n,))),
+    "step-calls-its-parts": (CallsItsParts, (16,), lambda n: torch.randint(0, 5, (n,))),
+}
+
+
+def saved_tensor_bytes(model: _Shape, batch: Any) -> int:
+    """The independent count: saved-tensor hooks around the real evaluation step with gradients on, each
+    storage once at its full size, parameters and buffers left out."""
+    weights = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    kept: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.untyped_storage().data_ptr() not in weights:
+            kept[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    model.eval()
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = model.evaluate(batch)
+    del loss
+    return sum(kept.values())
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_graph_memory_is_what_the_step_keeps_the_same_in_every_entry_point_and_in_audit(
+    tmp_path: Path, shape: str
+) -> None:
+    from lightning_nograd import audit
+
+    cls, sample, target = SHAPES[shape]
+    torch.manual_seed(0)
+    model = cls()
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(24, *sample), target(24)), 8)
+    expected = saved_tensor_bytes(model, next(iter(data)))
+    monitor = SavingsMonitor(repeats=2, budget=1000.0)
+    t = trainer(tmp_path, [monitor], max_epochs=1, limit_train_batches=2, limit_val_batches=3, limit_test_batches=3)
+    t.fit(model, data, data)
+    t.validate(model, data, verbose=False)
+    t.test(model, data, verbose=False)
+    figures = {
+        entry: (e.metrics[f"nograd/{e.stage}/graph_memory_mib"], e.metrics[f"nograd/{e.stage}/memory_saved_mib"])
+        for entry, e in zip(["fit", "validate", "test"], monitor.report.epochs, strict=True)
+    }
+    if shape != "step-calls-its-parts":  # a loop around the model's own calls, with the same loss
+        model.eval()
+        with audit(model, repeats=2) as report, torch.no_grad():
+            for batch in data:
+                model.evaluate(batch)
+        (epoch,) = report.epochs
+        figures["audit"] = (epoch.metrics["nograd/val/graph_memory_mib"], epoch.metrics["nograd/val/memory_saved_mib"])
+    for entry, (graph, saved) in figures.items():
+        assert graph * 2**20 == pytest.approx(expected, rel=0.01), (entry, graph * 2**20, expected)
+        assert 0 < saved <= graph + 1, entry
+    assert len({saved for _, saved in figures.values()}) == 1, figures
