@@ -37,6 +37,10 @@ ALLOW_OPTIONS = {
 }
 
 
+#: How the report's notes name the settings they advise: as this command's options.
+OPTION_NAMES = {"budget": "--budget", "repeats": "--repeats"}
+
+
 class UsageError(Exception):
     """A bad argument or import path: one line on stderr, exit 2."""
 
@@ -126,6 +130,17 @@ def parser() -> argparse.ArgumentParser:
     audit.add_argument("--data-init-args", help="JSON object of keyword arguments for the datamodule")
     audit.add_argument("--batches", type=int, default=4, help="batches per stage (default 4)")
     audit.add_argument("--json", dest="json_path", help="write the report as JSON to this path")
+    audit.add_argument(
+        "--budget",
+        type=float,
+        default=1.0,
+        help="share of the audit's run time the savings replays may take (default 1.0: as much as the run itself)",
+    )
+    audit.add_argument(
+        "--repeats",
+        type=int,
+        help="timed runs per grad mode for the time saved, whatever the budget (default: as --budget allows)",
+    )
     allow = audit.add_argument_group(
         "allow-lists",
         "regular expressions over module or parameter paths (a path matches when it or one of its parents "
@@ -148,6 +163,10 @@ def run_audit(args: argparse.Namespace) -> int:
     # every argument is checked before anything runs
     if args.batches < 1:
         raise UsageError(f"--batches must be at least 1, got {args.batches}")
+    if not 0 <= args.budget <= 1000 or args.budget != args.budget:
+        raise UsageError(f"--budget must be between 0 and 1000, got {args.budget}")
+    if args.repeats is not None and args.repeats < 1:
+        raise UsageError(f"--repeats must be at least 1, got {args.repeats}")
     if args.data_init_args is not None and not args.data:
         raise UsageError("--data-init-args needs --data (the datamodule it is for)")
     if args.json_path:
@@ -169,7 +188,7 @@ def run_audit(args: argparse.Namespace) -> int:
     data_kwargs = _json_object(args.data_init_args, "--data-init-args")
     model = _build(model_cls, model_kwargs, "MODEL")
     datamodule = _build(data_cls, data_kwargs, "--data") if data_cls is not None else None
-    auditor = NoGradAuditor(verbose=False, budget=1.0, **allow_lists)
+    auditor = NoGradAuditor(verbose=False, budget=args.budget, repeats=args.repeats, **allow_lists)
     options: dict[str, Any] = dict(
         callbacks=[auditor],
         max_epochs=2,
@@ -196,7 +215,7 @@ def run_audit(args: argparse.Namespace) -> int:
                 trainer.test(model, datamodule=datamodule, verbose=False)
         except Exception as err:
             crashed = f"`trainer.{stage}` stopped with {_one_line(err)}"
-    print(render(auditor.report, incomplete=crashed), end="")
+    print(render(auditor.report, incomplete=crashed, option_names=OPTION_NAMES), end="")
     if args.json_path:
         try:
             auditor.report.write_json(args.json_path)

@@ -158,7 +158,7 @@ class _EvaluationAudit(Probe):
         result = session.result
         if result.out_of_memory:
             self._add("grad_replay_oom", type(self.model).__name__, messages.grad_replay_oom())
-        details["repeats"] = len(result.time_on)
+        details["repeats"] = result.pairs
         savings, savings_details = savings_metrics(result, self.batch + 1, loop_seconds, device, "time not measured")
         metrics.update(savings)
         details.update(savings_details)
@@ -211,7 +211,7 @@ def audit(
     choice = check_choice("on_violation", on_violation, ON_VIOLATION_CHOICES)
     torch_internals.warn_missing()
     report = Report()
-    log = FindingLog(choice, on_new=report.findings.append)  # type: ignore[arg-type]
+    log = FindingLog(choice, on_new=report.add_finding)  # type: ignore[arg-type]
     session = _EvaluationAudit(
         model,
         log,
@@ -289,7 +289,7 @@ def check_training_step(
     allowed = NamePatterns("allow", allow)
     torch_internals.warn_missing()
     report = Report()
-    log = FindingLog(choice, BrokenBackpropWarning, on_new=report.findings.append)  # type: ignore[arg-type]
+    log = FindingLog(choice, BrokenBackpropWarning, on_new=report.add_finding)  # type: ignore[arg-type]
     root_type = type(model).__name__
 
     def add(kind: str, subject: str, hook: str, text: messages.Explanation) -> None:

@@ -182,7 +182,8 @@ def test_short_run_measures_memory_and_says_why_time_waits(tmp_path: Path) -> No
     (epoch,) = monitor.report.epochs
     assert {"nograd/val/graph_memory_mib", "nograd/val/memory_saved_mib"} <= set(epoch.metrics)
     assert "nograd/val/time_saved_s" not in epoch.metrics
-    assert "0% time budget" in epoch.details["savings"] and "set `repeats`" in epoch.details["savings"]
+    assert "0% time budget" in epoch.details["savings"] and epoch.details["savings_options"] == ["budget", "repeats"]
+    assert "tried again" not in epoch.details["savings"], "a validate run has no later epoch to promise"
     assert "nograd/val/epoch_time_s" in epoch.metrics
 
 
@@ -559,7 +560,7 @@ def test_timed_pairs_stop_at_the_budget_when_they_cost_more_than_the_warm_up_sai
     assert (net.grad_calls - 4) // 3 <= 2, f"{(net.grad_calls - 4) // 3} slow pairs taken"
     assert "nograd/val/time_saved_s" not in epoch.metrics  # fewer than min_repeats pairs: no time figure
     assert {"nograd/val/graph_memory_mib", "nograd/val/memory_saved_mib"} <= set(epoch.metrics)
-    assert "time not measured yet" in epoch.details["savings"]
+    assert "time not measured" in epoch.details["savings"]
 
 
 class SmallCNN(pl.LightningModule):
@@ -631,7 +632,10 @@ class _Shape(pl.LightningModule):
 
 def _conv_block(width_in: int, width: int) -> nn.Module:
     return nn.Sequential(
-        nn.Conv2d(width_in, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(), nn.Conv2d(width, width, 3, padding=1)
+        nn.Conv2d(width_in, width, 3, padding=1),
+        nn.BatchNorm2d(width),
+        nn.ReLU(),
+        nn.Conv2d(width, width, 3, padding=1),
     )
 
 
@@ -754,3 +758,86 @@ def test_graph_memory_is_what_the_step_keeps_the_same_in_every_entry_point_and_i
         assert graph * 2**20 == pytest.approx(expected, rel=0.01), (entry, graph * 2**20, expected)
         assert 0 < saved <= graph + 1, entry
     assert len({saved for _, saved in figures.values()}) == 1, figures
+
+
+class FineTuned(_Shape):
+    """A backbone and a head; ``unfreeze_at`` unfreezes the backbone by hand at that epoch's start."""
+
+    def __init__(self, unfreeze_at: int | None = None) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(
+            nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU()
+        )
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 2))
+        self.unfreeze_at = unfreeze_at
+        if unfreeze_at is not None:
+            self.backbone.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+    def evaluate(self, batch: Any) -> torch.Tensor:
+        return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+    def on_train_epoch_start(self) -> None:
+        if self.current_epoch == self.unfreeze_at:
+            self.backbone.requires_grad_(True)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        # as BackboneFinetuning's docs show: it adds the backbone as a parameter group when it unfreezes it
+        trainable = self.parameters() if self.unfreeze_at is not None else self.head.parameters()
+        return torch.optim.SGD(trainable, lr=0.01)
+
+
+class CountsEachEpoch(pl.Callback):
+    """The independent count, taken at each validation epoch's end with the flags the model has then."""
+
+    def __init__(self, batch: Any) -> None:
+        self.batch = batch
+        self.counts: list[int] = []
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self.counts.append(saved_tensor_bytes(pl_module, self.batch))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("schedule", ["BackboneFinetuning", "by-hand"])
+def test_graph_memory_follows_layers_that_fine_tuning_unfreezes(tmp_path: Path, schedule: str) -> None:
+    from lightning.pytorch.callbacks import BackboneFinetuning
+
+    data = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(torch.randn(16, 3, 16, 16), torch.randint(0, 2, (16,))), batch_size=8
+    )
+    monitor, reference = SavingsMonitor(repeats=2, budget=1000.0), CountsEachEpoch(next(iter(data)))
+    callbacks: list[Any] = [monitor, reference]
+    if schedule == "BackboneFinetuning":  # Lightning's own: frozen at the start (batch norm trainable), then all
+        callbacks.append(BackboneFinetuning(unfreeze_backbone_at_epoch=2, train_bn=False))
+        model = FineTuned()
+    else:
+        model = FineTuned(unfreeze_at=2)
+    trainer(tmp_path, callbacks, max_epochs=3, num_sanity_val_steps=0).fit(model, data, data)
+    logged = [round(e.metrics["nograd/val/graph_memory_mib"] * 2**20) for e in monitor.report.epochs]
+    assert logged == reference.counts
+    assert logged[0] == logged[1] < logged[2], "the unfrozen backbone's graph is measured from its first epoch"
+
+
+def test_graph_memory_is_measured_again_for_another_dtype_batch_shape_or_autocast(tmp_path: Path) -> None:
+    model = FineTuned()
+
+    def validate(batch_size: int, dtype: torch.dtype = torch.float32, **options: Any) -> tuple[float, int]:
+        x = torch.randn(16, 3, 16, 16, dtype=dtype)
+        data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, torch.randint(0, 2, (16,))), batch_size)
+        monitor = SavingsMonitor(repeats=2, budget=1000.0)
+        trainer(tmp_path, [monitor], limit_val_batches=2, **options).validate(model, data, verbose=False)
+        batch = next(iter(data))
+        precision = options.get("precision") == "bf16-mixed"
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision):
+            expected = saved_tensor_bytes(model, batch)
+        return monitor.report.epochs[0].metrics["nograd/val/graph_memory_mib"] * 2**20, expected
+
+    figures = [validate(8), validate(4), validate(8, precision="bf16-mixed")]
+    model.double()
+    figures.append(validate(8, torch.float64))
+    for logged, expected in figures:
+        assert logged == pytest.approx(expected, rel=0.01)
+    assert len({round(logged) for logged, _ in figures}) == 4, figures

@@ -139,7 +139,7 @@ class NoGradCallback(CallbackBase):
             self.report.start_call()
 
     def _on_new_finding(self, finding: Finding) -> None:
-        self.report.findings.append(finding)
+        self.report.add_finding(finding)
 
     @property
     def report(self) -> Report:
@@ -197,10 +197,7 @@ class NoGradCallback(CallbackBase):
             log.debug("could not hand the report to the launching process", exc_info=err)
 
     def _on_ranks_added(self, old: Finding, new: Finding) -> None:
-        findings = self.report.findings
-        for i, finding in enumerate(findings):
-            if finding is old:
-                findings[i] = new
+        self.report.update_finding(old, new)
 
     def _share(self, report: Report, sink: MetricSink) -> None:
         """Use ``report`` and ``sink`` shared with sibling callbacks (used by ``NoGradAuditor``)."""

@@ -53,6 +53,7 @@ class _StageEpoch:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     compiled_steps: bool = False
     run_seconds: float | None = None  # the projected length of the run (the whole fit where it is known)
+    more_epochs: bool = False  # whether another epoch of this stage follows in this run (a fit with epochs left)
     record_from: int = 1  # the first batch recorded (the second, unless the epoch is too short)
     skip_reason: str | None = None  # why nothing is measured in this epoch
     # under a sharded strategy every rank replays at the same batch end, as rank zero decides (see
@@ -164,6 +165,7 @@ class SavingsMonitor(EvaluationLoopCallback):
             device=device,
             compiled_steps=steps_are_compiled(pl_module),
             run_seconds=_projected_fit_seconds(trainer, self._budget.run_started),
+            more_epochs=_more_epochs_follow(trainer),
             record_from=1 if total is None or total > self.measure_batches else 0,
             skip_reason=_replay_refusal(trainer, device),
             lockstep=world_size(trainer) > 1 and _shards_parameters(trainer),
@@ -361,11 +363,10 @@ class SavingsMonitor(EvaluationLoopCallback):
         result, info = measurement.result()
         cached = self._cache.get(measurement.signature)
         if cached is not None and not result.out_of_memory:
-            # a running estimate over the whole fit: this epoch's pairs join the earlier ones of the same calls
-            earlier = cached[0]
-            info["pairs_this_epoch"] = len(result.time_on)
-            result.time_on, result.time_off = earlier.time_on + result.time_on, earlier.time_off + result.time_off
-            info["repeats"] = len(result.time_on)
+            # a running estimate over the whole fit: this epoch's blocks join the earlier ones of the same step
+            info["pairs_this_epoch"] = result.pairs
+            result = result.with_earlier(cached[0])
+            info["repeats"] = result.pairs
         self._now.measurement = (result, info)
         if not result.out_of_memory:
             self._cache[measurement.signature] = self._now.measurement
@@ -410,14 +411,17 @@ class SavingsMonitor(EvaluationLoopCallback):
         result, info = measurement
         details.update(info)
         untimed = (
-            f"time not measured yet: the run so far is too short for {self.min_repeats} timed repeats within "
-            f"its {percent(self.budget)} time budget (retried in later epochs; raise `budget` "
-            "or set `repeats` to measure now)"
+            f"time not measured: the run so far is too short for {self.min_repeats} timed repeats in two blocks "
+            f"within its {percent(self.budget)} time budget"
         )
+        if self._now.more_epochs and stage == "val":
+            untimed += " (tried again in the next validation epoch)"
         epoch_seconds = metrics.get(f"{prefix}/epoch_time_s", 0.0)
         savings, savings_details = savings_metrics(result, self._now.batches, epoch_seconds, self._now.device, untimed)
         metrics.update({f"{prefix}/{key}": value for key, value in savings.items()})
         details.update(savings_details)
+        if details.get("savings") == untimed:
+            details["savings_options"] = ["budget", "repeats"]  # what would measure it: the table names them
         return metrics, details
 
 
@@ -473,6 +477,17 @@ def _projected_fit_seconds(trainer: Trainer, started: float) -> float | None:
         return (time.perf_counter() - started) * max(1.0, max_epochs / done)
     except (AttributeError, TypeError, ValueError):
         return None
+
+
+def _more_epochs_follow(trainer: Trainer) -> bool:
+    """Whether this is a ``fit`` with training epochs left after this one (so another validation epoch comes)."""
+    try:
+        if getattr(getattr(trainer, "state", None), "fn", None) != "fit":
+            return False
+        max_epochs = trainer.max_epochs
+        return max_epochs is None or max_epochs < 0 or int(trainer.current_epoch) + 1 < max_epochs
+    except (AttributeError, TypeError, ValueError):
+        return False
 
 
 def _shards_parameters(trainer: Trainer) -> bool:

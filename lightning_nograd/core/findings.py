@@ -34,6 +34,7 @@ class Finding:
         run: the Trainer call it happened in (``"fit"``, ``"validate"``, ``"test"``, ``"predict"``);
             ``None`` outside Lightning (``audit()``, ``check_training_step``).
         ranks: the ranks of a distributed run that saw it (``()`` in a run of one process).
+        call: which Trainer call of the report it was first seen in (``Report.add_finding`` says; 0 outside one).
     """
 
     kind: str
@@ -47,6 +48,7 @@ class Finding:
     details: dict[str, Any] = field(default_factory=dict)
     run: str | None = None
     ranks: tuple[int, ...] = ()
+    call: int = 0
 
     @property
     def key(self) -> tuple[str, str, str, str]:

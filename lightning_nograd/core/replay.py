@@ -8,7 +8,6 @@ peak memory and time (settled blocks of timed runs). No user hook or step is re-
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Callable
 from typing import Any
@@ -20,7 +19,7 @@ from lightning_nograd.core.counters import mode_switches
 from lightning_nograd.core.graph import SAVED_TENSOR_HOOKS
 from lightning_nograd.core.measure import peak_bytes_of, synchronize
 from lightning_nograd.core.recording import Tape, run_tape
-from lightning_nograd.core.savings import ReplayResult
+from lightning_nograd.core.savings import ReplayResult, TimedBlock
 from lightning_nograd.core.tensors import storage_bytes, storage_key
 from lightning_nograd.core.torch_internals import (
     UserHooksOff,
@@ -131,13 +130,26 @@ class _EvalModeAndRng:
 
 #: Untimed runs before a block of timed runs in one grad mode.
 SETTLING_RUNS = 2
+#: Blocks a measurement's timed runs are split into: the spread between blocks is what the interval is made of.
+TIMED_BLOCKS = 2
+
+
+def block_sizes(pairs: int) -> list[int]:
+    """How ``pairs`` timed runs per grad mode are split into blocks: ``TIMED_BLOCKS`` of them, as even as can be.
+
+    Examples:
+        >>> block_sizes(7), block_sizes(1)
+        ([4, 3], [1])
+    """
+    blocks = max(1, min(TIMED_BLOCKS, pairs))
+    return [pairs // blocks + (1 if i < pairs % blocks else 0) for i in range(blocks)]
 
 
 def _timed_runs(
     tape: Tape, grad: bool, device: torch.device, runs: int, deadline: float | None = None
-) -> list[float]:
-    """Seconds of each of ``runs`` runs of ``tape``, timed one by one after two untimed runs in the same
-    grad mode; fewer when ``deadline`` (a ``time.perf_counter()`` value) passes.
+) -> tuple[list[float], list[float]]:
+    """The process CPU seconds and the wall seconds of each of ``runs`` runs of ``tape``, timed one by one after
+    two untimed runs in the same grad mode; fewer when ``deadline`` (a ``time.perf_counter()`` value) passes.
 
     A run straight after one in the other mode is slowed by the allocator reshaping its memory
     (a ResNet under no_grad runs about a quarter slower after a grad-enabled run than after another
@@ -152,16 +164,17 @@ def _timed_runs(
     """
     for _ in range(SETTLING_RUNS):
         run_tape(tape, grad)
-    times = []
+    cpu, wall = [], []
     for _ in range(runs):
         if deadline is not None and time.perf_counter() > deadline:
             break
         synchronize(device)
-        start = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         run_tape(tape, grad)
         synchronize(device)
-        times.append(time.perf_counter() - start)
-    return times
+        cpu.append(time.process_time() - cpu_started)
+        wall.append(time.perf_counter() - started)
+    return cpu, wall
 
 
 class Replay:
@@ -169,9 +182,10 @@ class Replay:
 
     ``measure_memory`` runs once (graph bytes and both peaks; ``memory_run_seconds`` is
     what its two runs took, the profiler's start and stop left out);
-    ``time_pairs`` adds settled on/off timings, a block per grad mode; each later epoch that
-    adds pairs starts with the other mode, so a slow moment of the machine does not always fall on
-    the same side.
+    ``time_pairs`` adds settled blocks of timed runs (``lightning_nograd.core.savings``), each block
+    starting with the other grad mode than the one before, so a slow moment of the machine does not
+    always fall on the same side. On a CPU the runs are timed by the process's CPU time as well as the
+    wall clock (``ReplayResult.clock``).
 
     Args:
         tape: what one batch ran (``lightning_nograd.core.recording.replayable``: inference-mode inputs cloned).
@@ -191,7 +205,7 @@ class Replay:
         self.tape = tape
         self.device = device
         self.exclude_storages = exclude_storages
-        self.result = ReplayResult()
+        self.result = ReplayResult(clock="cpu" if device.type == "cpu" else "wall")
         self.run_seconds = 0.0
         self._blocks = 0
         self.memory_run_seconds = 0.0
@@ -205,7 +219,7 @@ class Replay:
                 work()
             except torch.OutOfMemoryError:
                 self.result.out_of_memory = True
-                self.result.time_on, self.result.time_off = [], []
+                self.result.blocks = []
 
     def measure_memory(self) -> None:
         """Graph bytes and peak memory with gradients on and off (one run each)."""
@@ -237,23 +251,30 @@ class Replay:
         return clocked
 
     def time_pairs(self, pairs: int, deadline: float | None = None) -> None:
-        """Add up to ``pairs`` timed on/off pairs as two blocks, one per grad mode, each after its settling
-        runs; which mode goes first alternates from block to block. A ``deadline`` that passes ends the
-        blocks early (only complete pairs are kept); ``run_seconds`` is then what one run cost."""
+        """Add ``pairs`` timed runs per grad mode, split into blocks (``block_sizes``), each grad mode of a
+        block after its settling runs; which mode goes first alternates from block to block. A ``deadline``
+        that passes ends the blocks early (only the runs both modes of a block took are kept);
+        ``run_seconds`` is then what one run cost."""
 
         def work() -> None:
-            first = self._blocks % 2 == 0
-            self._blocks += 1
             started = time.perf_counter()
-            blocks: dict[bool, list[float]] = {}
-            wanted = pairs
-            for grad in (first, not first):
-                blocks[grad] = _timed_runs(self.tape, grad, self.device, wanted, deadline)
-                wanted = len(blocks[grad])  # the second block pairs with what the first took
-            kept = min(len(blocks[True]), len(blocks[False]))
-            self.result.time_on.extend(blocks[True][:kept])
-            self.result.time_off.extend(blocks[False][:kept])
-            runs = 2 * SETTLING_RUNS + len(blocks[True]) + len(blocks[False])
-            self.run_seconds = (time.perf_counter() - started) / runs
+            runs = 0
+            for size in block_sizes(pairs):
+                first = self._blocks % 2 == 0
+                self._blocks += 1
+                timed: dict[bool, tuple[list[float], list[float]]] = {}
+                wanted = size
+                for grad in (first, not first):
+                    timed[grad] = _timed_runs(self.tape, grad, self.device, wanted, deadline)
+                    wanted = len(timed[grad][0])  # the second mode pairs with what the first took
+                    runs += SETTLING_RUNS + wanted
+                kept = min(len(timed[True][0]), len(timed[False][0]))
+                if kept:
+                    clock = 0 if self.result.clock == "cpu" else 1
+                    on, off = timed[True][clock][:kept], timed[False][clock][:kept]
+                    self.result.blocks.append(TimedBlock(on, off, timed[False][1][:kept]))
+                if kept < size:
+                    break
+            self.run_seconds = (time.perf_counter() - started) / max(runs, 1)
 
         self._guarded(work)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,17 @@ class Report:
     findings: list[Finding] = field(default_factory=list)
     epochs: list[EpochRecord] = field(default_factory=list)
     calls: int = 0
+
+    def add_finding(self, finding: Finding) -> None:
+        """Hold ``finding`` as one of the Trainer call under way (``Finding.call``)."""
+        self.findings.append(finding if finding.call else replace(finding, call=self.calls))
+
+    def update_finding(self, old: Finding, new: Finding) -> None:
+        """Put ``new`` (the same finding, seen on more ranks) in the place of ``old``, in ``old``'s call."""
+        for i, held in enumerate(self.findings):
+            if held.key == old.key and held.ranks == old.ranks:
+                self.findings[i] = new if new.call else replace(new, call=held.call)
+                return
 
     def start_call(self) -> int:
         """Count one more Trainer call; epochs recorded from now on belong to it."""

@@ -1,8 +1,24 @@
 """What the replays' measurements mean: the savings metrics of an epoch and their uncertainty.
 
-``ReplayResult`` holds the graph bytes, the peaks and the timed on/off pairs of a measurement;
+``ReplayResult`` holds the graph bytes, the peaks and the timed blocks of a measurement;
 ``savings_metrics`` turns it into the logged ``graph_memory_mib``, ``memory_saved_mib``,
-``time_saved_s``, ``time_saved_pct`` and ``time_saved_pct_err`` (a Student-t 95% half-width).
+``time_saved_s``, ``time_saved_pct`` and ``time_saved_pct_err``.
+
+How time is estimated. Each timed block runs the recorded step a few times with gradients on and a few
+times without, each mode after settling runs of its own; a block gives one ratio, the median run with
+gradients on over the median run without. The runs are timed by the process's CPU time on a CPU (a
+competing process does not lengthen it, where wall time takes every moment the process waits for a
+core) and by the wall clock, CUDA synchronised, on a GPU. The block, not the run, is the unit of
+replication: the state the allocator is left in moves the runs of a whole block together, so the
+95% interval comes from the spread between blocks (Student's t over their log ratios), and a time
+figure needs two blocks at least. The epoch's saving is then ``(ratio - 1)`` times what the replayed
+work took per batch in wall time (at most the epoch's own time per batch), times its batches, so a
+batch can never be said to take a negative time with gradients on.
+
+``time_saved_pct`` is ``100 * time_saved_s / max(T_on, T)``, ``T`` the epoch's time as it ran and
+``T_on = T + time_saved_s`` what it would have taken with gradients on: the time gradients would have
+added as a share of the epoch with them, or, when negative, the time no_grad cost as a share of the
+epoch as it ran. It lies strictly between -100 and 100 for any measurement, and is never clipped.
 """
 
 from __future__ import annotations
@@ -10,7 +26,6 @@ from __future__ import annotations
 import math
 import statistics
 from dataclasses import dataclass, field
-from math import comb
 from typing import Any
 
 import torch
@@ -20,127 +35,197 @@ from lightning_nograd.core.tensors import MIB
 
 
 @dataclass
-class ReplayResult:
-    """Per-batch measurements of a replay. Times are seconds for all recorded calls of one batch."""
+class TimedBlock:
+    """One settled block of timed runs per grad mode, in seconds of the measurement's clock.
 
-    time_on: list[float] = field(default_factory=list)
-    time_off: list[float] = field(default_factory=list)
+    Attributes:
+        on: each timed run with gradients on.
+        off: each timed run without gradients (no_grad or inference mode, as the step ran).
+        wall_off: the wall time of each run without gradients (what the work takes in an epoch).
+    """
+
+    on: list[float]
+    off: list[float]
+    wall_off: list[float]
+
+    @property
+    def log_ratio(self) -> float:
+        """``log(median(on) / median(off))``: how much longer a run takes with gradients on, on a log scale."""
+        return math.log(max(statistics.median(self.on), 1e-12) / max(statistics.median(self.off), 1e-12))
+
+
+@dataclass
+class ReplayResult:
+    """Per-batch measurements of a replay (all recorded steps of one batch).
+
+    Attributes:
+        blocks: the timed blocks, oldest first (a running estimate keeps adding them).
+        clock: what the runs were timed with: ``"cpu"`` (process CPU time) or ``"wall"``.
+    """
+
+    blocks: list[TimedBlock] = field(default_factory=list)
     graph_bytes: int = 0
     peak_on_bytes: int = 0
     peak_off_bytes: int = 0
     out_of_memory: bool = False
+    clock: str = "wall"
 
     @property
-    def differences(self) -> list[float]:
-        """Paired (grad on - grad off) differences, one per repeat."""
-        return [a - b for a, b in zip(self.time_on, self.time_off, strict=True)]
+    def pairs(self) -> int:
+        """Timed runs per grad mode, over every block."""
+        return sum(min(len(b.on), len(b.off)) for b in self.blocks)
 
     @property
-    def saved_per_batch(self) -> float:
-        """Mean time one batch saves by running without gradients (over every pair taken so far)."""
-        return statistics.fmean(self.differences) if self.time_on else 0.0
-
-    @property
-    def half_width(self) -> float | None:
-        """Half-width of the 95% interval of ``saved_per_batch`` (Student's t over the paired
-        differences); ``None`` with fewer than two pairs.
+    def ratio(self) -> float:
+        """How many times longer a run takes with gradients on: the geometric mean of the blocks' ratios.
 
         Examples:
-            >>> result = ReplayResult(time_on=[3.0, 5.0, 4.0], time_off=[1.0, 1.0, 1.0])
-            >>> result.saved_per_batch, round(result.half_width, 3)  # mean 3, sd 1, t(2) = 4.303
-            (3.0, 2.484)
+            >>> result = ReplayResult([TimedBlock([2.0], [1.0], [1.0]), TimedBlock([8.0], [1.0], [1.0])])
+            >>> result.ratio
+            4.0
         """
-        n = len(self.time_on)
-        if n < 2:
-            return None
-        return t_quantile_95(n - 1) * statistics.stdev(self.differences) / math.sqrt(n)
-
-    @property
-    def spread(self) -> tuple[float, float]:
-        """Interquartile range of the paired differences (seconds per batch)."""
-        diffs = self.differences
-        if len(diffs) < 2:
-            return (diffs[0], diffs[0]) if diffs else (0.0, 0.0)
-        q1, _, q3 = statistics.quantiles(diffs, n=4)
-        return (q1, q3)
-
-    @property
-    def sign_test_p(self) -> float:
-        """Two-sided sign-test p-value that grad on and off take the same time."""
-        diffs = [d for d in self.differences if d != 0]
-        n = len(diffs)
-        if n == 0:
+        if not self.blocks:
             return 1.0
-        k = min(sum(d > 0 for d in diffs), sum(d < 0 for d in diffs))
-        return float(min(1.0, 2 * sum(comb(n, i) for i in range(k + 1)) / 2**n))
+        return math.exp(statistics.fmean(b.log_ratio for b in self.blocks))
+
+    @property
+    def ratio_interval(self) -> tuple[float, float] | None:
+        """The 95% interval of ``ratio`` (Student's t over the blocks' log ratios); ``None`` below two blocks.
+
+        Examples:
+            >>> steady = [TimedBlock([1.21, 1.2], [1.0, 1.0], [1.0, 1.0]), TimedBlock([1.19], [1.0], [1.0])]
+            >>> [round(r, 2) for r in ReplayResult(steady).ratio_interval]
+            [1.11, 1.3]
+        """
+        if len(self.blocks) < 2:
+            return None
+        logs = [b.log_ratio for b in self.blocks]
+        half = t_quantile_95(len(logs) - 1) * statistics.stdev(logs) / math.sqrt(len(logs))
+        centre = statistics.fmean(logs)
+        return math.exp(centre - half), math.exp(centre + half)
+
+    @property
+    def work_seconds(self) -> float:
+        """The wall time one run without gradients took (the median over every block)."""
+        return statistics.median([t for b in self.blocks for t in b.wall_off]) if self.blocks else 0.0
 
     def within_noise(self) -> bool:
-        """Whether the saving cannot be told from noise: its 95% interval straddles 0 (or is unknown)."""
-        half_width = self.half_width
-        return half_width is None or abs(self.saved_per_batch) <= half_width
+        """Whether gradients' cost cannot be told from noise: the ratio's interval holds 1 (or is unknown)."""
+        interval = self.ratio_interval
+        return interval is None or interval[0] <= 1.0 <= interval[1]
+
+    def with_earlier(self, earlier: ReplayResult) -> ReplayResult:
+        """This result's memory figures with ``earlier``'s blocks before its own: a running estimate over a fit.
+
+        Examples:
+            >>> first = ReplayResult([TimedBlock([2.0], [1.0], [1.0])], graph_bytes=10)
+            >>> later = ReplayResult([TimedBlock([3.0], [1.0], [1.0])], graph_bytes=10)
+            >>> len(later.with_earlier(first).blocks)
+            2
+        """
+        return ReplayResult(
+            earlier.blocks + self.blocks,
+            self.graph_bytes,
+            self.peak_on_bytes,
+            self.peak_off_bytes,
+            self.out_of_memory,
+            self.clock,
+        )
+
+    def with_memory_of(self, other: ReplayResult) -> ReplayResult:
+        """This result's blocks with ``other``'s memory figures (a measurement that only added time)."""
+        return ReplayResult(
+            self.blocks, other.graph_bytes, other.peak_on_bytes, other.peak_off_bytes, self.out_of_memory, self.clock
+        )
 
     @classmethod
     def merge(cls, results: list[ReplayResult]) -> ReplayResult:
-        """One per-batch result from several replayed batches: their means, pair by pair.
+        """One per-batch result from several replayed batches: their means, run by run.
 
         Examples:
-            >>> a = ReplayResult(time_on=[3.0, 5.0], time_off=[1.0, 1.0], graph_bytes=10)
-            >>> b = ReplayResult(time_on=[5.0], time_off=[3.0], graph_bytes=20)
+            >>> a = ReplayResult([TimedBlock([3.0, 5.0], [1.0, 1.0], [1.0, 1.0])], graph_bytes=10)
+            >>> b = ReplayResult([TimedBlock([5.0], [3.0], [3.0])], graph_bytes=20)
             >>> merged = ReplayResult.merge([a, b])
-            >>> merged.time_on, merged.time_off, merged.graph_bytes
+            >>> merged.blocks[0].on, merged.blocks[0].off, merged.graph_bytes
             ([4.0], [2.0], 15)
         """
         if len(results) == 1:
             return results[0]
         n = len(results)
-        pairs = min(len(r.time_on) for r in results)
+        blocks = []
+        for index in range(min(len(r.blocks) for r in results)):
+            parts = [r.blocks[index] for r in results]
+            runs = min(min(len(p.on), len(p.off)) for p in parts)
+            if runs:
+                blocks.append(
+                    TimedBlock(
+                        [sum(p.on[i] for p in parts) / n for i in range(runs)],
+                        [sum(p.off[i] for p in parts) / n for i in range(runs)],
+                        [sum(p.wall_off[i] for p in parts) / n for i in range(runs)],
+                    )
+                )
         return cls(
-            time_on=[sum(r.time_on[i] for r in results) / n for i in range(pairs)],
-            time_off=[sum(r.time_off[i] for r in results) / n for i in range(pairs)],
+            blocks,
             graph_bytes=sum(r.graph_bytes for r in results) // n,
             peak_on_bytes=sum(r.peak_on_bytes for r in results) // n,
             peak_off_bytes=sum(r.peak_off_bytes for r in results) // n,
             out_of_memory=any(r.out_of_memory for r in results),
+            clock=results[0].clock,
         )
+
+
+def saved_share(saved: float, epoch_seconds: float) -> float:
+    """``100 * saved / max(epoch_seconds + saved, epoch_seconds)``: the percentage ``time_saved_pct`` is.
+
+    Examples:
+        >>> saved_share(1.0, 3.0), round(saved_share(-1.0, 3.0), 2)  # a quarter of the epoch with gradients on
+        (25.0, -33.33)
+    """
+    return 100.0 * saved / max(epoch_seconds + saved, epoch_seconds)
 
 
 def time_savings(result: ReplayResult, batches: int, epoch_seconds: float) -> tuple[dict[str, float], dict[str, Any]]:
-    """``time_saved_s``, ``time_saved_pct`` and ``time_saved_pct_err`` of an epoch of ``batches``, and the
-    details behind them.
+    """``time_saved_s``, ``time_saved_pct`` and ``time_saved_pct_err`` of an epoch of ``batches`` that took
+    ``epoch_seconds``, and the details behind them (see the module's doc for the estimate).
 
-    The saving per batch is the mean of every paired difference taken so far (a running estimate that
-    narrows as pairs accumulate); ``time_saved_pct_err`` is the half-width of its 95% interval, as
-    points of the same percentage. Logged also when the interval straddles 0 (a chart with holes reads
-    as a bug): the details then say the saving is within noise.
+    ``time_saved_pct_err`` is the larger distance from ``time_saved_pct`` to an end of its 95% interval, so
+    ``pct ± err`` holds the whole interval; it is logged once two blocks were timed. Logged also when the
+    interval straddles 0 (a chart with holes reads as a bug): the details then say the saving is within noise.
 
     Examples:
-        >>> result = ReplayResult(time_on=[0.004, 0.005, 0.004, 0.005], time_off=[0.001] * 4)
-        >>> metrics, details = time_savings(result, batches=10, epoch_seconds=0.07)
+        >>> blocks = [TimedBlock([4.0, 4.1], [2.0, 2.0], [0.002] * 2), TimedBlock([4.0, 3.9], [2.0, 2.0], [0.002] * 2)]
+        >>> metrics, details = time_savings(ReplayResult(blocks, clock="cpu"), batches=10, epoch_seconds=0.05)
         >>> round(metrics["time_saved_s"], 3), round(metrics["time_saved_pct"], 1), details["savings"]
-        (0.035, 33.3, 'measured')
-        >>> round(metrics["time_saved_pct_err"], 1)  # the 95% interval: 33.3 +- 8.7 points
-        8.7
+        (0.02, 28.6, 'measured')
     """
-    saved = result.saved_per_batch * batches
-    total = epoch_seconds + saved
-    metrics = {"time_saved_s": saved, "time_saved_pct": 100.0 * saved / total if total > 0 else 0.0}
-    half_width = result.half_width
-    if half_width is not None:
-        metrics["time_saved_pct_err"] = 100.0 * half_width * batches / total if total > 0 else 0.0
-    low, high = result.spread
+    work = min(result.work_seconds, epoch_seconds / max(batches, 1))
+    ratio = result.ratio
+    saved = batches * work * (ratio - 1.0)
+    metrics = {"time_saved_s": saved, "time_saved_pct": saved_share(saved, epoch_seconds)}
     details: dict[str, Any] = {
-        "time_saved_per_batch_s": result.saved_per_batch,
-        "time_saved_per_batch_iqr_s": [low, high],
-        "sign_test_p": result.sign_test_p,
+        "time_saved_per_batch_s": work * (ratio - 1.0),
+        "grad_on_ratio": ratio,
+        "replayed_work_s": work,
+        "timed_blocks": len(result.blocks),
+        "clock": "process CPU time" if result.clock == "cpu" else "wall time",
         "within_noise": result.within_noise(),
         "savings": "measured",
     }
-    if result.within_noise():
-        interval = "" if half_width is None else f", 95% interval {half_width * 1e3:.3f} ms either side"
-        details["savings"] = (
-            f"time difference within noise: {result.saved_per_batch * 1e3:+.3f} ms per batch over "
-            f"{len(result.time_on)} pairs{interval} (sign test p={result.sign_test_p:.2f})"
+    interval = result.ratio_interval
+    if interval is not None:
+        low, high = (batches * work * (r - 1.0) for r in interval)
+        details["grad_on_ratio_95"] = list(interval)
+        details["time_saved_interval_s"] = [low, high]
+        pct = metrics["time_saved_pct"]
+        metrics["time_saved_pct_err"] = max(
+            pct - saved_share(low, epoch_seconds), saved_share(high, epoch_seconds) - pct
         )
+    if result.within_noise():
+        if interval is None:
+            why = f"one timed block of {result.pairs} runs per grad mode: no interval yet"
+        else:
+            why = f"95% interval of the ratio {interval[0]:.3f}-{interval[1]:.3f} over {len(result.blocks)} blocks"
+        details["savings"] = f"time difference within noise: gradients on x{ratio:.3f} ({why})"
     return metrics, details
 
 
@@ -161,6 +246,7 @@ _T_95 = (
     12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
     2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
 )
+# fmt: on
 
 
 def savings_metrics(
@@ -173,8 +259,8 @@ def savings_metrics(
     caveat when CPU timings share the cores with other threads. ``untimed`` says why time is missing.
 
     Examples:
-        >>> result = ReplayResult(time_on=[0.004] * 6, time_off=[0.001] * 6, graph_bytes=2**20)
-        >>> metrics, _ = savings_metrics(result, 10, 0.07, torch.device("cuda"), "not timed")
+        >>> blocks = [TimedBlock([0.004] * 3, [0.001] * 3, [0.001] * 3)] * 2
+        >>> metrics, _ = savings_metrics(ReplayResult(blocks, 2**20), 10, 0.07, torch.device("cuda"), "not timed")
         >>> sorted(metrics)
         ['graph_memory_mib', 'memory_saved_mib', 'time_saved_pct', 'time_saved_pct_err', 'time_saved_s']
     """
@@ -185,7 +271,7 @@ def savings_metrics(
         return metrics, details
     metrics["graph_memory_mib"] = result.graph_bytes / MIB
     metrics["memory_saved_mib"] = (result.peak_on_bytes - result.peak_off_bytes) / MIB
-    if not result.time_on:
+    if not result.blocks or epoch_seconds <= 0:
         details["savings"] = untimed
         return metrics, details
     caveat = cpu_timing_caveat() if device.type == "cpu" else None

@@ -17,15 +17,15 @@ from typing import Any
 import torch
 
 from lightning_nograd.core.recording import Tape, replayable
-from lightning_nograd.core.replay import EAGER_REPLAY_NOTE, SETTLING_RUNS, Replay
+from lightning_nograd.core.replay import EAGER_REPLAY_NOTE, SETTLING_RUNS, Replay, block_sizes
 from lightning_nograd.core.savings import ReplayResult
 
 
 class ReplayBudget:
     """The share of the run's time the replays may take, what they took, and what one run of the calls costs.
 
-    Timed pairs are taken as two blocks, one per grad mode, each after two settling runs: ``k`` pairs
-    cost ``4 + 2k`` runs of the recorded calls.
+    Timed runs are taken in two blocks, each grad mode of a block after two settling runs: ``k`` timed runs
+    per grad mode cost ``8 + 2k`` runs of the recorded step.
 
     Args:
         budget: share of the run's own time (0.01: 1%).
@@ -36,10 +36,10 @@ class ReplayBudget:
     Examples:
         >>> budget = ReplayBudget(0.01, None, min_repeats=3, max_repeats=40)
         >>> budget.estimate_run("calls", memory_seconds=0.002)  # the memory replay's two runs: 1 ms a run
-        >>> budget.can_time("calls", allowed=0.009), budget.can_time("calls", allowed=0.010)  # 4 + 2 x 3 runs
+        >>> budget.can_time("calls", allowed=0.013), budget.can_time("calls", allowed=0.014)  # 8 + 2 x 3 runs
         (False, True)
-        >>> budget.pairs(0.030, budget.run_cost("calls"))  # (30 - 4) / 2
-        13
+        >>> budget.pairs(0.030, budget.run_cost("calls"))  # (30 - 8) / 2
+        11
     """
 
     def __init__(self, budget: float, repeats: int | None, min_repeats: int, max_repeats: int) -> None:
@@ -79,8 +79,8 @@ class ReplayBudget:
 
     @staticmethod
     def block_runs(pairs: int) -> int:
-        """Runs of the calls that ``pairs`` timed pairs take: a block per grad mode, each after its settling runs."""
-        return 2 * (SETTLING_RUNS + pairs)
+        """Runs of the step that ``pairs`` timed runs per grad mode take, settling runs included."""
+        return 2 * (SETTLING_RUNS * len(block_sizes(pairs)) + pairs)
 
     def can_time(self, signature: Any, allowed: float) -> bool:
         """Whether ``allowed`` seconds cover ``min_repeats`` timed pairs of ``signature`` (always, with ``repeats``)."""
@@ -99,14 +99,14 @@ class ReplayBudget:
         """Whether an earlier measurement of the same calls stands as it is: it holds all the pairs it may
         keep, or timing more is not affordable now. Otherwise this epoch adds pairs to its running estimate
         (and a measurement without time gets its first ones once the run has grown)."""
-        return cached is not None and (len(cached.time_on) >= self.pairs_kept or not self.can_time(signature, allowed))
+        return cached is not None and (cached.pairs >= self.pairs_kept or not self.can_time(signature, allowed))
 
     def pairs(self, affordable_seconds: float, run: float) -> int:
         """How many timed pairs to take: ``repeats``, or as many as ``affordable_seconds`` pay for, between
         ``min_repeats`` (else none) and ``max_repeats``."""
         if self.repeats is not None:
             return self.repeats
-        affordable = int((affordable_seconds / max(run, 1e-9) - 2 * SETTLING_RUNS) / 2)
+        affordable = int((affordable_seconds / max(run, 1e-9) - 2 * SETTLING_RUNS * len(block_sizes(2))) / 2)
         return 0 if affordable < self.min_repeats else min(affordable, self.max_repeats)
 
 
@@ -163,7 +163,11 @@ class Measurement:
 
     @property
     def pairs_done(self) -> int:
-        return min(len(s.result.time_on) for s in self.sessions)
+        return min(s.result.pairs for s in self.sessions)
+
+    @property
+    def blocks_done(self) -> int:
+        return min(len(s.result.blocks) for s in self.sessions)
 
     def start(self) -> None:
         """Measure memory (unless known), then as many timed pairs as the budget covers (none below
@@ -180,9 +184,9 @@ class Measurement:
             self.time_pairs(pairs, stop_at_budget=True)
 
     def _drop_time(self) -> None:
-        """Fewer than ``min_repeats`` pairs tell nothing: the time is retried in a later epoch."""
+        """Fewer than ``min_repeats`` runs, or a single block, give no interval: the time is retried later."""
         for session in self.sessions:
-            session.result.time_on, session.result.time_off = [], []
+            session.result.blocks = []
 
     def measure_memory(self) -> None:
         """The memory replay alone (unless known): for ranks that must agree on timing before they time."""
@@ -207,17 +211,16 @@ class Measurement:
             for session in self.sessions:
                 session.time_pairs(pairs, deadline)
         self.budget.measured_run(self.signature, sum(s.run_seconds for s in self.sessions))
-        if self.pairs_done < self.budget.min_repeats and self.budget.repeats is None:
+        short = self.pairs_done < self.budget.min_repeats or self.blocks_done < len(block_sizes(pairs))
+        if short and self.budget.repeats is None:
             self._drop_time()
 
     def result(self) -> tuple[ReplayResult, dict[str, Any]]:
         """The per-batch result (means over the replayed batches) and its details."""
         merged = ReplayResult.merge([s.result for s in self.sessions])
         if self.memory_from is not None:  # timed later: the memory figures of the first measurement
-            memory = self.memory_from
-            merged.graph_bytes, merged.peak_on_bytes = memory.graph_bytes, memory.peak_on_bytes
-            merged.peak_off_bytes = memory.peak_off_bytes
-        info: dict[str, Any] = {"repeats": len(merged.time_on), "batches_replayed": len(self.sessions)}
+            merged = merged.with_memory_of(self.memory_from)
+        info: dict[str, Any] = {"repeats": merged.pairs, "batches_replayed": len(self.sessions)}
         if any(session.tape.compiled for session in self.sessions):
             info["compiled"] = EAGER_REPLAY_NOTE
         return merged, info

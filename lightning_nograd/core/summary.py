@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import io
 import statistics
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from lightning_nograd.core.findings import STAGE_WORDS
 from lightning_nograd.core.report import Report
+from lightning_nograd.core.savings import saved_share
 
 
 @dataclass
@@ -31,10 +33,11 @@ class StageSummary:
     time_saved_s: float | None = None
     time_saved_pct: float | None = None
     time_saved_pct_err: float | None = None
-    time_saved_per_batch_iqr_s: list[float] | None = None
     within_noise: bool | None = None
     savings_note: str | None = None
+    savings_options: list[str] | None = None
     timing_caveat: str | None = None
+    findings: int = 0
     counts: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -77,7 +80,6 @@ def summarise(report: Report, call: int | None = None) -> list[StageSummary]:
             return [e.metrics[f"nograd/{stage}/{key}"] for e in epochs if f"nograd/{stage}/{key}" in e.metrics]
 
         peaks = values("peak_memory_mib")
-        saved = values("time_saved_s")
         last = epochs[-1]
         summary = StageSummary(
             stage=stage,
@@ -88,20 +90,17 @@ def summarise(report: Report, call: int | None = None) -> list[StageSummary]:
             peak_memory_mib=max(peaks) if peaks else None,
             graph_memory_mib=_mean(values("graph_memory_mib")),
             memory_saved_mib=_mean(values("memory_saved_mib")),
-            time_saved_s=sum(saved) if saved else None,
+            findings=sum(1 for f in report.findings if f.call == last.call and f.stage == stage),
         )
+        _whole_call_time(summary, epochs)
         for epoch in reversed(epochs):  # the latest epoch that has each figure
-            metrics, details = epoch.metrics, epoch.details
-            if summary.time_saved_pct is None and f"nograd/{stage}/time_saved_pct" in metrics:
-                summary.time_saved_pct = metrics[f"nograd/{stage}/time_saved_pct"]
-                summary.time_saved_pct_err = metrics.get(f"nograd/{stage}/time_saved_pct_err")
-                iqr = details.get("time_saved_per_batch_iqr_s")
-                summary.time_saved_per_batch_iqr_s = list(iqr) if iqr is not None else None
-                summary.within_noise = details.get("within_noise")
+            details = epoch.details
             if "peak_memory_of" in details and summary.peak_memory_of is None:
                 summary.peak_memory_of = str(details["peak_memory_of"])
             if "savings" in details and summary.savings_note is None:
                 summary.savings_note = str(details["savings"])
+                options = details.get("savings_options")
+                summary.savings_options = list(options) if options else None
             if "timing_caveat" in details and summary.timing_caveat is None:
                 summary.timing_caveat = str(details["timing_caveat"])
         for key in ("violations", "no_grad_modules", "params_without_grad", "eval_mode_modules"):
@@ -110,6 +109,34 @@ def summarise(report: Report, call: int | None = None) -> list[StageSummary]:
                 summary.counts[key] = max(found)
         summaries.append(summary)
     return summaries
+
+
+def _whole_call_time(summary: StageSummary, epochs: list[Any]) -> None:
+    """The time saved over every epoch of the call that has a time figure: the sum of their ``time_saved_s``,
+    as ``saved_share`` of the sum of their times, and its interval from the sum of theirs."""
+    stage = summary.stage
+    timed = [e for e in epochs if f"nograd/{stage}/time_saved_s" in e.metrics]
+    if not timed:
+        return
+    saved = sum(e.metrics[f"nograd/{stage}/time_saved_s"] for e in timed)
+    seconds = sum(e.metrics.get(f"nograd/{stage}/epoch_time_s", 0.0) for e in timed)
+    if seconds <= 0:
+        return
+    summary.time_saved_s = saved
+    summary.time_saved_pct = saved_share(saved, seconds)
+    intervals = [e.details.get("time_saved_interval_s") for e in timed]
+    if all(isinstance(i, (list, tuple)) and len(i) == 2 for i in intervals):
+        low = saved_share(sum(i[0] for i in intervals), seconds)  # type: ignore[index]
+        high = saved_share(sum(i[1] for i in intervals), seconds)  # type: ignore[index]
+        summary.time_saved_pct_err = max(summary.time_saved_pct - low, high - summary.time_saved_pct)
+        summary.within_noise = low <= 0 <= high
+    else:
+        summary.within_noise = True
+    if summary.within_noise:
+        summary.savings_note = next(
+            (str(e.details["savings"]) for e in reversed(timed) if "within noise" in str(e.details.get("savings"))),
+            None,
+        )
 
 
 def _fmt(value: float | None, unit: str, digits: int = 3) -> str:
@@ -146,10 +173,14 @@ GRAPH_NOTE = (
 )
 
 
-def _time_saved(summary: StageSummary, notes: Footnotes) -> str:
+def _time_saved(summary: StageSummary, notes: Footnotes, option_names: Mapping[str, str]) -> str:
     if summary.time_saved_pct is None:
         if summary.savings_note and summary.savings_note != "measured":
-            return "-" + notes.mark(f"{row_label(summary)}: {summary.savings_note}")
+            note = summary.savings_note
+            if summary.savings_options:
+                names = [f"`{option_names.get(o, o)}`" for o in summary.savings_options]
+                note += f"; to measure it now, raise {names[0]}" + "".join(f" or set {n}" for n in names[1:])
+            return "-" + notes.mark(f"{row_label(summary)}: {note}")
         return "-"
     text = f"{summary.time_saved_pct:.1f}%"
     if summary.time_saved_pct_err is not None:
@@ -176,13 +207,18 @@ def _labels(summaries: list[StageSummary]) -> list[str]:
     return [row_label(s, numbered=plain.count(label) > 1) for s, label in zip(summaries, plain, strict=True)]
 
 
-def rows(report: Report, call: int | None = None, notes: Footnotes | None = None) -> list[list[str]]:
+def rows(
+    report: Report,
+    call: int | None = None,
+    notes: Footnotes | None = None,
+    option_names: Mapping[str, str] | None = None,
+) -> list[list[str]]:
     """The table's rows (one per Trainer call and stage): stage, epochs, mean epoch time, peak memory,
     graph memory, memory saved, time saved, problems. Long notes go to ``notes`` as footnotes."""
-    return _rows(summarise(report, call), notes if notes is not None else Footnotes())
+    return _rows(summarise(report, call), notes if notes is not None else Footnotes(), option_names or {})
 
 
-def _rows(summaries: list[StageSummary], notes: Footnotes) -> list[list[str]]:
+def _rows(summaries: list[StageSummary], notes: Footnotes, option_names: Mapping[str, str]) -> list[list[str]]:
     table = []
     for summary, label in zip(summaries, _labels(summaries), strict=True):
         peak = _fmt(summary.peak_memory_mib, " MiB", 1)
@@ -199,27 +235,36 @@ def _rows(summaries: list[StageSummary], notes: Footnotes) -> list[list[str]]:
                 peak,
                 graph,
                 _fmt(summary.memory_saved_mib, " MiB", 2),
-                _time_saved(summary, notes),
+                _time_saved(summary, notes, option_names),
                 _problems(summary),
             ]
         )
     return table
 
 
-_COUNT_WORDS = {
-    "violations": "violations",
-    "no_grad_modules": "no-grad modules",
-    "params_without_grad": "params without grad",
-    "eval_mode_modules": "eval-mode leaks",
-}
-
-
 def _problems(summary: StageSummary) -> str:
-    found = [f"{_COUNT_WORDS[k]}: {v:g}" for k, v in summary.counts.items() if v]
-    return ", ".join(found) if found else ("none" if summary.counts else "-")
+    """The findings first reported in this row's call and stage; those an earlier call reported and this one
+    saw again (an evaluation's ``violations``) are said to be earlier ones."""
+    if summary.findings:
+        return f"{summary.findings} finding" + ("s" if summary.findings > 1 else "")
+    again = int(summary.counts.get("violations", 0))
+    if again:
+        return f"{again} reported earlier"
+    return "none" if summary.counts else "-"
 
 
 HEADER = ["stage", "epochs", "epoch time", "peak memory", "graph/batch", "saved/batch", "time saved", "problems"]
+
+
+def _clean_bill(summaries: list[StageSummary]) -> str:
+    """ "No findings", saying what was checked: only the stages that ran."""
+    ran = {s.stage for s in summaries}
+    checked = []
+    if ran & {"val", "test", "predict"}:
+        checked.append("evaluation ran in eval mode without gradients")
+    if "train" in ran:
+        checked.append("every trainable part got its gradient")
+    return "No findings" + (": " + ", and ".join(checked) if checked else "") + ".\n"
 
 
 def render(
@@ -228,15 +273,18 @@ def render(
     incomplete: str | None = None,
     call: int | None = None,
     findings_from: int = 0,
+    option_names: Mapping[str, str] | None = None,
 ) -> str:
     """The end-of-stage report as text: the table (one row per Trainer call and stage; only ``call``'s
     when given), its footnotes, then every finding from ``findings_from`` on with its fix.
 
     ``incomplete`` says why the run stopped early: then no clean bill of health is printed.
+    ``option_names`` spells the settings a note advises as the tool that ran takes them (the CLI's
+    ``--budget`` for ``budget``).
     """
     notes = Footnotes()
     summaries = summarise(report, call)
-    table_rows = _rows(summaries, notes)
+    table_rows = _rows(summaries, notes, option_names or {})
     findings = [f"- {f.message}" for f in report.findings[findings_from:]]
     if use_rich:
         try:
@@ -266,7 +314,7 @@ def render(
     if findings:
         text += f"{len(findings)} finding(s):\n" + "\n".join(findings) + "\n"
     elif incomplete is None and findings_from == 0:
-        text += "No findings: evaluation ran in eval mode without gradients, and every trainable part learned.\n"
+        text += _clean_bill(summaries)
     elif incomplete is None:
         text += f"No new findings ({findings_from} earlier, listed in an earlier table and in `callback.report`).\n"
     if incomplete is not None:

@@ -4,33 +4,58 @@ from typing import Any
 
 import pytest
 import torch
-from torch import nn
-
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
 
 from lightning_nograd.core import torch_internals
 from lightning_nograd.core.recording import Slot, StepRecorder, Tape, function_name, replayable, run_tape
 from lightning_nograd.core.replay import Replay, graph_bytes_of
-from lightning_nograd.core.savings import ReplayResult, time_savings
+from lightning_nograd.core.savings import ReplayResult, TimedBlock, time_savings
 
 
-def test_the_95_percent_interval_tells_a_real_difference_from_noise() -> None:
-    clear = ReplayResult(time_on=[1.1] * 8, time_off=[1.0] * 8)
-    assert not clear.within_noise() and clear.sign_test_p < 0.01
-    noisy = ReplayResult(time_on=[1.1, 0.9, 1.1, 0.9, 1.0, 1.1], time_off=[1.0] * 6)
-    assert noisy.within_noise()
+def blocks(*ratios: float, runs: int = 3, work: float = 0.01) -> list[TimedBlock]:
+    """Timed blocks whose runs with gradients on take ``ratio`` times the runs without."""
+    return [TimedBlock([work * r] * runs, [work] * runs, [work] * runs) for r in ratios]
+
+
+def test_the_95_percent_interval_is_made_of_the_spread_between_blocks() -> None:
+    clear = ReplayResult(blocks(1.21, 1.19, 1.2, 1.22))
+    assert not clear.within_noise() and clear.ratio == pytest.approx(1.205, abs=0.002)
+    # every run of a block agreeing tells nothing about the next block: the blocks disagree, so it is noise
+    assert ReplayResult(blocks(1.6, 0.8, 1.3, 0.9, runs=10)).within_noise()
     assert ReplayResult().within_noise()
-    assert ReplayResult(time_on=[2.0], time_off=[1.0]).within_noise()  # one pair: no interval yet
-    # the interval narrows as pairs accumulate: the same spread over four times the pairs
-    few = ReplayResult(time_on=[1.2, 1.0, 1.3, 1.1], time_off=[1.0] * 4)
-    many = ReplayResult(time_on=few.time_on * 4, time_off=few.time_off * 4)
-    assert few.half_width is not None and many.half_width is not None and many.half_width < few.half_width / 2
+    assert ReplayResult(blocks(2.0, runs=20)).within_noise(), "one block: no interval yet"
+    # the interval narrows as blocks accumulate: the same spread over four times the blocks
+    few = ReplayResult(blocks(1.2, 1.0, 1.3, 1.1))
+    many = ReplayResult(few.blocks * 4)
+    assert few.ratio_interval is not None and many.ratio_interval is not None
+    assert many.ratio_interval[1] - many.ratio_interval[0] < (few.ratio_interval[1] - few.ratio_interval[0]) / 2
 
 
-def test_spread_is_the_interquartile_range_of_paired_differences() -> None:
-    result = ReplayResult(time_on=[2.0, 3.0, 4.0, 5.0, 6.0], time_off=[1.0] * 5)
-    low, high = result.spread
-    assert low < result.saved_per_batch == 3.0 < high
+@settings(max_examples=300, deadline=None)
+@given(
+    on=st.lists(st.floats(1e-6, 10.0), min_size=2, max_size=8),
+    off=st.lists(st.floats(1e-6, 10.0), min_size=2, max_size=8),
+    wall=st.floats(1e-6, 10.0),
+    batches=st.integers(1, 1000),
+    epoch_seconds=st.floats(1e-6, 1e4),
+)
+def test_the_percentage_stays_inside_100_and_a_batch_never_takes_negative_time(
+    on: list[float], off: list[float], wall: float, batches: int, epoch_seconds: float
+) -> None:
+    first, second = len(on) // 2, len(off) // 2
+    result = ReplayResult([TimedBlock(on[:first], off[:second], [wall]), TimedBlock(on[first:], off[second:], [wall])])
+    metrics, details = time_savings(result, batches, epoch_seconds)
+    assert -100 < metrics["time_saved_pct"] < 100
+    # with gradients on, the epoch and each batch would still take a positive time
+    assert epoch_seconds + metrics["time_saved_s"] > 0
+    assert details["time_saved_per_batch_s"] > -epoch_seconds / batches
+    err = metrics["time_saved_pct_err"]
+    assert err >= 0
+    if details["within_noise"]:  # the interval it stands for holds 0
+        assert metrics["time_saved_pct"] - err <= 1e-9 <= metrics["time_saved_pct"] + err + 2e-9
 
 
 def record(run: Any, *modules: nn.Module, inference: bool = True) -> Tape:
@@ -206,9 +231,10 @@ def test_replay_restores_modes_rng_batch_norm_stats_and_attributes() -> None:
     session.measure_memory()
     session.time_pairs(3)
     result = session.result
-    assert len(result.time_on) == 3 and result.graph_bytes > 0
-    session.time_pairs(2, deadline=0.0)  # a deadline already past: no pair is taken, none half-taken
-    assert len(result.time_on) == len(result.time_off) == 3
+    assert result.pairs == 3 and len(result.blocks) == 2 and result.graph_bytes > 0
+    assert result.clock == "cpu"
+    session.time_pairs(2, deadline=0.0)  # a deadline already past: no run is taken, no block half-taken
+    assert result.pairs == 3 and len(result.blocks) == 2
     assert torch.equal(net[1].running_mean, stats)
     assert torch.equal(torch.get_rng_state(), rng)
     assert all(m.training for m in net.modules())
@@ -216,13 +242,23 @@ def test_replay_restores_modes_rng_batch_norm_stats_and_attributes() -> None:
 
 
 def test_time_savings_are_logged_within_noise_too() -> None:
-    noisy = ReplayResult(time_on=[0.010, 0.011, 0.009, 0.010], time_off=[0.011, 0.009, 0.010, 0.010])
-    metrics, details = time_savings(noisy, batches=5, epoch_seconds=0.05)
+    metrics, details = time_savings(ReplayResult(blocks(1.1, 0.9, 1.05, 0.97)), batches=5, epoch_seconds=0.05)
     assert set(metrics) == {"time_saved_s", "time_saved_pct", "time_saved_pct_err"}
     # the interval straddles 0: its half-width is larger than the estimate
     assert metrics["time_saved_pct_err"] > abs(metrics["time_saved_pct"])
     assert details["within_noise"] and details["savings"].startswith("time difference within noise")
-    assert "sign test p=" in details["savings"]
+    assert "over 4 blocks" in details["savings"]
+
+
+def test_a_saving_is_what_the_ratio_makes_of_the_work_never_more_than_the_epochs_own_time() -> None:
+    # the replayed work took 10 ms a run; gradients make it 1.5 times as long: 5 ms a batch
+    metrics, details = time_savings(ReplayResult(blocks(1.5, 1.5)), batches=10, epoch_seconds=0.2)
+    assert details["time_saved_per_batch_s"] == pytest.approx(0.005)
+    assert metrics["time_saved_pct"] == pytest.approx(100 * 0.05 / 0.25)
+    # replays slowed by a busy machine (a run took 50 ms, the epoch's batches 20 ms): the batch's own time counts
+    metrics, details = time_savings(ReplayResult(blocks(1.5, 1.5, work=0.05)), batches=10, epoch_seconds=0.2)
+    assert details["replayed_work_s"] == pytest.approx(0.02)
+    assert details["time_saved_per_batch_s"] == pytest.approx(0.01)
 
 
 def test_timed_replay_counts_freeing_the_graph(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -257,7 +293,7 @@ def test_timed_replay_counts_freeing_the_graph(monkeypatch: pytest.MonkeyPatch) 
     tape = record(lambda: net(torch.ones(1, 2)), net, inference=False)
     monkeypatch.setattr(replay, "synchronize", lambda device: events.append("clock"))
     events.clear()
-    times = replay._timed_runs(tape, grad=True, device=torch.device("cpu"), runs=2)
-    assert len(times) == 2
+    cpu, wall = replay._timed_runs(tape, grad=True, device=torch.device("cpu"), runs=2)
+    assert len(cpu) == len(wall) == 2
     # each timed run frees its graph between the clock's start and stop; the settling runs are not timed
     assert events == ["graph freed"] * replay.SETTLING_RUNS + ["clock", "graph freed", "clock"] * 2
