@@ -176,11 +176,13 @@ def audit(
 ) -> Iterator[Report]:
     """Audit a plain PyTorch evaluation loop: ``with audit(model) as report: ...``.
 
-    Each call of ``model`` is one batch. Inside the block it finds modules that run in train
-    mode and forwards that record an autograd graph (warned as they happen, like the callbacks);
-    when the block ends it replays one recorded batch with gradients on and off and adds the
-    measured savings (``nograd/val/graph_memory_mib``, ``memory_saved_mib``, ``time_saved_s``,
-    ``time_saved_pct`` and the loop's ``epoch_time_s``) to ``report.epochs``.
+    Each call of ``model`` starts a batch, which runs until the next call: the loss the loop computes
+    from the model's output is part of it, as it is of a Lightning evaluation step. Inside the block it
+    finds modules that run in train mode and forwards that record an autograd graph (warned as they
+    happen, like the callbacks); when the block ends it replays one recorded batch (the second, or the
+    first if there is one only) with gradients on and off and adds the measured savings
+    (``nograd/val/graph_memory_mib``, ``memory_saved_mib``, ``time_saved_s``, ``time_saved_pct`` and the
+    loop's ``epoch_time_s``) to ``report.epochs``.
 
     Args:
         model: the model the loop calls.
@@ -190,7 +192,7 @@ def audit(
         allow_grad: regular expressions of module paths allowed to record a graph.
         monitor_savings: replay one batch to measure the savings when the block ends (the name
             ``NoGradAuditor`` uses for its savings part).
-        repeats: timed on/off pairs for the time measurement.
+        repeats: timed on/off pairs for the time measurement (each a settled block of its own).
 
     Raises:
         ValueError, TypeError: bad arguments, naming the argument.

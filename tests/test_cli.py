@@ -87,6 +87,24 @@ def test_findings_exit_one_and_json_report(tmp_path: Path) -> None:
     assert [f["kind"] for f in data["findings"]] == ["train_mode"]
 
 
+def test_its_notes_name_its_own_options_and_promise_no_later_epoch(tmp_path: Path) -> None:
+    # no time budget at all, whatever the machine's speed: every stage's time waits, and the notes say why
+    quickstart = ("examples.quickstart:Classifier", "--data", "examples.quickstart:SyntheticData", "--batches", "2")
+    report = tmp_path / "report.json"
+    refused, forced = cli_calls(
+        [("audit", *quickstart, "--budget", "0", "--json", str(report)), ("audit", *quickstart, "--repeats", "3")]
+    )
+    assert refused.returncode == 0, refused.stderr[-2000:]
+    notes = [line for line in refused.stdout.splitlines() if "time not measured" in line]
+    assert len(notes) == 3 and all("raise `--budget` or set `--repeats`" in note for note in notes), notes
+    assert not any("`budget`" in note or "`repeats`" in note for note in notes)
+    # only the fit's first validation epoch has one after it; the table's rows end with an epoch that has none
+    assert not any("tried again" in note for note in notes), notes
+    epochs = [e for e in json.loads(report.read_text())["epochs"] if e["stage"] != "train"]
+    assert [("tried again" in e["details"]["savings"]) for e in epochs] == [True, False, False, False]
+    assert forced.returncode == 0 and "time not measured" not in forced.stdout, forced.stdout
+
+
 def test_every_bug_example_is_audited() -> None:
     done = cli("audit", "examples.every_bug:BuggyModel", "--data", "examples.every_bug:BuggyData", "--batches", "3")
     assert done.returncode == 1, done.stderr[-2000:]
@@ -102,6 +120,8 @@ def test_bad_arguments_give_one_line_and_exit_two() -> None:
         (("audit", "examples.quickstart:Classifier", "--init-args", "{bad"), "--init-args is not valid JSON"),
         (("audit", "examples.quickstart:Classifier", "--init-args", '{"width": 3}'), "cannot build Classifier"),
         (("audit", "examples.quickstart:synthetic_data"), "MODEL must name a class"),
+        (("audit", "examples.quickstart:Classifier", "--budget", "-1"), "--budget must be between 0 and 1000"),
+        (("audit", "examples.quickstart:Classifier", "--repeats", "0"), "--repeats must be at least 1"),
     ]
     for (args, text), done in zip(cases, cli_calls([args for args, _ in cases]), strict=True):
         assert done.returncode == 2, (args, done.stderr)

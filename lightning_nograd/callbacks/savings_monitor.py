@@ -75,12 +75,15 @@ class SavingsMonitor(EvaluationLoopCallback):
     """Measures each validation / test epoch and what running it without gradients saved.
 
     Per epoch (never the sanity check) it logs wall time and peak memory. During
-    ``measure_batches`` batches of an epoch it records the outermost calls of the modules that do
-    the model's work (modules with parameters, not torchmetrics metrics) with their inputs, then
-    replays them with gradients on and off, interleaved and repeated, in eval mode, after a
-    warm-up pair. No step or hook of the user is re-run, RNG state is restored and batch-norm
-    statistics are untouched. A measurement is reused until the recorded calls change (other
-    modules, another input shape), so a long fit pays for it once.
+    ``measure_batches`` batches of an epoch it records what the step runs that autograd would record
+    (the outermost calls of the modules that do the model's work, the LightningModule's own forward
+    included, and the torch functions between them, the loss too;
+    ``lightning_nograd.core.recording``), then replays that with gradients on and off, in eval mode,
+    in settled blocks. No step or hook of the user is re-run, RNG state is restored and batch-norm
+    statistics are untouched. A measurement is reused while what decides the graph stays the same
+    (the modules and functions run, input shapes and dtypes, autocast, which parameters are
+    trainable), so a long fit pays for it once and a fine-tuning schedule that unfreezes layers gets
+    measured again.
 
     Logged metrics (``{stage}`` is ``val`` or ``test``):
         ``nograd/{stage}/epoch_time_s``: wall time of the epoch, CUDA-synchronised, replays excluded.
@@ -89,21 +92,24 @@ class SavingsMonitor(EvaluationLoopCallback):
             (each storage once, parameters and buffers left out).
         ``nograd/{stage}/memory_saved_mib``: peak memory of one batch with gradients on minus off
             (CUDA allocator peak; exact tensor-storage peak on CPU).
-        ``nograd/{stage}/time_saved_s`` and ``nograd/{stage}/time_saved_pct``: the mean per-batch
-            difference of every timed pair so far (a running estimate over the fit: each epoch the
-            budget allows adds pairs to it) times the batches of the epoch, and that as a percentage
-            of what the epoch would have taken with gradients on. Logged within noise too.
-        ``nograd/{stage}/time_saved_pct_err``: half-width of the 95% interval of ``time_saved_pct``
-            (Student's t over the paired differences); the interval straddles 0 when the saving is
-            within noise, and ``report`` then says so.
+        ``nograd/{stage}/time_saved_s``: ``(ratio - 1)`` times the replayed work's wall time per batch
+            (at most the epoch's time per batch) times the epoch's batches, ``ratio`` how much longer
+            the step runs with gradients on (a running estimate over the fit: each epoch the budget
+            allows adds timed blocks to it; ``lightning_nograd.core.savings``). Logged within noise too.
+        ``nograd/{stage}/time_saved_pct``: ``100 * time_saved_s / max(T_on, T)``, ``T`` the epoch's
+            time and ``T_on`` its time with gradients on: strictly between -100 and 100.
+        ``nograd/{stage}/time_saved_pct_err``: half-width (the larger side) of the 95% interval of
+            ``time_saved_pct``, from the spread between timed blocks; the interval straddles 0 when
+            the saving is within noise, and ``report`` then says so.
 
     Args:
         measure_batches: batches recorded and replayed per measurement (>= 1).
-        repeats: timed on/off pairs per measurement; ``None`` chooses as many as ``budget`` allows,
-            between ``min_repeats`` and ``max_repeats``.
+        repeats: timed on/off pairs per measurement, each a settled block of its own; ``None`` chooses as
+            many as ``budget`` allows, between ``min_repeats`` and ``max_repeats``.
         budget: the share of the run (of the whole `fit` where `max_epochs` says how long it is) the replays
             may take (default 1.5%).
-        min_repeats: fewest timed pairs worth running; below it time is not measured.
+        min_repeats: fewest timed pairs worth running (the interval needs blocks to spread); below it time is
+            not measured.
         max_repeats: most timed pairs when ``repeats`` is ``None``.
 
     Raises:
@@ -338,7 +344,8 @@ class SavingsMonitor(EvaluationLoopCallback):
     @guarded("replay")
     def _start_measurement(self, trainer: Trainer, pl_module: nn.Module) -> None:
         """Memory always (one replay with gradients on, one off); time as the budget allows
-        (``lightning_nograd.core.schedule``). A measurement is reused while the recorded calls stay the same."""
+        (``lightning_nograd.core.schedule``). A measurement is reused while what decides the graph stays the
+        same (``lightning_nograd.core.recording.tape_signature``)."""
         batches = [tape for tape in self._now.recorded if tape is not None]
         self._now.recorded = []
         signature = tuple(tape.signature for tape in batches)
@@ -405,13 +412,14 @@ class SavingsMonitor(EvaluationLoopCallback):
                 "not measured: the LightningModule was compiled whole (`torch.compile(model)`), so its steps run as "
                 "compiled code in which module calls cannot be recorded; compile submodules to have them measured"
                 if self._now.compiled_steps
-                else "no module calls with parameters were recorded"
+                else "nothing the step ran would record a graph with gradients on (no module with parameters, "
+                "no trainable parameter used)"
             )
             return metrics, details
         result, info = measurement
         details.update(info)
         untimed = (
-            f"time not measured: the run so far is too short for {self.min_repeats} timed repeats in two blocks "
+            f"time not measured: the run so far is too short for {self.min_repeats} timed pairs "
             f"within its {percent(self.budget)} time budget"
         )
         if self._now.more_epochs and stage == "val":

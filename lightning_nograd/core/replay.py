@@ -128,21 +128,12 @@ class _EvalModeAndRng:
             torch.cuda.set_rng_state_all(self._cuda_rng)
 
 
-#: Untimed runs before a block of timed runs in one grad mode.
+#: Untimed runs before the timed run of each grad mode in a block.
 SETTLING_RUNS = 2
-#: Blocks a measurement's timed runs are split into: the spread between blocks is what the interval is made of.
-TIMED_BLOCKS = 2
-
-
-def block_sizes(pairs: int) -> list[int]:
-    """How ``pairs`` timed runs per grad mode are split into blocks: ``TIMED_BLOCKS`` of them, as even as can be.
-
-    Examples:
-        >>> block_sizes(7), block_sizes(1)
-        ([4, 3], [1])
-    """
-    blocks = max(1, min(TIMED_BLOCKS, pairs))
-    return [pairs // blocks + (1 if i < pairs % blocks else 0) for i in range(blocks)]
+#: Runs one timed pair costs: each is a block of its own, one settled timed run per grad mode. Many small
+#: blocks give a far narrower honest interval than a few long ones for the same runs (the spread between
+#: blocks, not between the runs of one, is what varies: the allocator's state moves a whole block).
+RUNS_PER_PAIR = 2 * (SETTLING_RUNS + 1)
 
 
 def _timed_runs(
@@ -251,30 +242,25 @@ class Replay:
         return clocked
 
     def time_pairs(self, pairs: int, deadline: float | None = None) -> None:
-        """Add ``pairs`` timed runs per grad mode, split into blocks (``block_sizes``), each grad mode of a
-        block after its settling runs; which mode goes first alternates from block to block. A ``deadline``
-        that passes ends the blocks early (only the runs both modes of a block took are kept);
-        ``run_seconds`` is then what one run cost."""
+        """Add ``pairs`` timed pairs, each a block of its own: one timed run per grad mode, each after its
+        settling runs; which mode goes first alternates from block to block. A ``deadline`` that passes ends
+        them early (a block is kept only whole); ``run_seconds`` is then what one run cost."""
 
         def work() -> None:
             started = time.perf_counter()
             runs = 0
-            for size in block_sizes(pairs):
+            for _ in range(pairs):
                 first = self._blocks % 2 == 0
                 self._blocks += 1
                 timed: dict[bool, tuple[list[float], list[float]]] = {}
-                wanted = size
                 for grad in (first, not first):
-                    timed[grad] = _timed_runs(self.tape, grad, self.device, wanted, deadline)
-                    wanted = len(timed[grad][0])  # the second mode pairs with what the first took
-                    runs += SETTLING_RUNS + wanted
-                kept = min(len(timed[True][0]), len(timed[False][0]))
-                if kept:
-                    clock = 0 if self.result.clock == "cpu" else 1
-                    on, off = timed[True][clock][:kept], timed[False][clock][:kept]
-                    self.result.blocks.append(TimedBlock(on, off, timed[False][1][:kept]))
-                if kept < size:
-                    break
+                    timed[grad] = _timed_runs(self.tape, grad, self.device, 1, deadline)
+                    runs += SETTLING_RUNS + len(timed[grad][0])
+                    if not timed[grad][0]:  # the deadline passed: no half block is kept
+                        self.run_seconds = (time.perf_counter() - started) / max(runs, 1)
+                        return
+                clock = 0 if self.result.clock == "cpu" else 1
+                self.result.blocks.append(TimedBlock(timed[True][clock], timed[False][clock], timed[False][1]))
             self.run_seconds = (time.perf_counter() - started) / max(runs, 1)
 
         self._guarded(work)

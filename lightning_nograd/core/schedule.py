@@ -3,7 +3,7 @@
 ``ReplayBudget`` keeps the replays within a share of the run (of the whole ``fit`` where its length
 is known) and learns what one run of each set of recorded calls costs (estimated from the memory
 replay, then measured by the timed runs). ``Measurement`` is one measurement: memory first, then
-as many timed pairs as the budget covers, as one block per grad mode. Framework-free:
+as many timed pairs as the budget covers, each a settled block of one timed run per grad mode. Framework-free:
 ``SavingsMonitor`` feeds it batches and reads the result.
 """
 
@@ -17,15 +17,15 @@ from typing import Any
 import torch
 
 from lightning_nograd.core.recording import Tape, replayable
-from lightning_nograd.core.replay import EAGER_REPLAY_NOTE, SETTLING_RUNS, Replay, block_sizes
+from lightning_nograd.core.replay import EAGER_REPLAY_NOTE, RUNS_PER_PAIR, Replay
 from lightning_nograd.core.savings import ReplayResult
 
 
 class ReplayBudget:
     """The share of the run's time the replays may take, what they took, and what one run of the calls costs.
 
-    Timed runs are taken in two blocks, each grad mode of a block after two settling runs: ``k`` timed runs
-    per grad mode cost ``8 + 2k`` runs of the recorded step.
+    Each timed pair is a block of its own, each grad mode's timed run after two settling runs: ``k`` pairs
+    cost ``6k`` runs of the recorded step.
 
     Args:
         budget: share of the run's own time (0.01: 1%).
@@ -36,10 +36,10 @@ class ReplayBudget:
     Examples:
         >>> budget = ReplayBudget(0.01, None, min_repeats=3, max_repeats=40)
         >>> budget.estimate_run("calls", memory_seconds=0.002)  # the memory replay's two runs: 1 ms a run
-        >>> budget.can_time("calls", allowed=0.013), budget.can_time("calls", allowed=0.014)  # 8 + 2 x 3 runs
+        >>> budget.can_time("calls", allowed=0.017), budget.can_time("calls", allowed=0.019)  # 6 x 3 runs
         (False, True)
-        >>> budget.pairs(0.030, budget.run_cost("calls"))  # (30 - 8) / 2
-        11
+        >>> budget.pairs(0.030, budget.run_cost("calls"))  # 30 / 6
+        5
     """
 
     def __init__(self, budget: float, repeats: int | None, min_repeats: int, max_repeats: int) -> None:
@@ -79,8 +79,8 @@ class ReplayBudget:
 
     @staticmethod
     def block_runs(pairs: int) -> int:
-        """Runs of the step that ``pairs`` timed runs per grad mode take, settling runs included."""
-        return 2 * (SETTLING_RUNS * len(block_sizes(pairs)) + pairs)
+        """Runs of the step that ``pairs`` timed pairs take, settling runs included."""
+        return RUNS_PER_PAIR * pairs
 
     def can_time(self, signature: Any, allowed: float) -> bool:
         """Whether ``allowed`` seconds cover ``min_repeats`` timed pairs of ``signature`` (always, with ``repeats``)."""
@@ -106,7 +106,7 @@ class ReplayBudget:
         ``min_repeats`` (else none) and ``max_repeats``."""
         if self.repeats is not None:
             return self.repeats
-        affordable = int((affordable_seconds / max(run, 1e-9) - 2 * SETTLING_RUNS * len(block_sizes(2))) / 2)
+        affordable = int(affordable_seconds / max(run, 1e-9) / RUNS_PER_PAIR)
         return 0 if affordable < self.min_repeats else min(affordable, self.max_repeats)
 
 
@@ -162,10 +162,6 @@ class Measurement:
         return any(s.result.out_of_memory for s in self.sessions)
 
     @property
-    def pairs_done(self) -> int:
-        return min(s.result.pairs for s in self.sessions)
-
-    @property
     def blocks_done(self) -> int:
         return min(len(s.result.blocks) for s in self.sessions)
 
@@ -184,7 +180,7 @@ class Measurement:
             self.time_pairs(pairs, stop_at_budget=True)
 
     def _drop_time(self) -> None:
-        """Fewer than ``min_repeats`` runs, or a single block, give no interval: the time is retried later."""
+        """Fewer than ``min_repeats`` blocks give no useful interval: the time is retried later."""
         for session in self.sessions:
             session.result.blocks = []
 
@@ -211,8 +207,7 @@ class Measurement:
             for session in self.sessions:
                 session.time_pairs(pairs, deadline)
         self.budget.measured_run(self.signature, sum(s.run_seconds for s in self.sessions))
-        short = self.pairs_done < self.budget.min_repeats or self.blocks_done < len(block_sizes(pairs))
-        if short and self.budget.repeats is None:
+        if self.blocks_done < self.budget.min_repeats and self.budget.repeats is None:
             self._drop_time()
 
     def result(self) -> tuple[ReplayResult, dict[str, Any]]:
