@@ -322,7 +322,9 @@ def check_training_step(
         if loss.requires_grad:
             loss.backward()  # type: ignore[no-untyped-call]
         for gap in explain_gradient_gaps(index, without_gradient(params), probe):
-            add(gap.kind, gap.subject, "training step", gap.explanation(root_type))
+            if not allowed.matches(gap.subject):
+                add(gap.kind, gap.subject, "training step", gap.explanation(root_type))
+        probe.release()
     finally:
         for p in index.params.values():
             p.grad = saved_grads.get(id(p))

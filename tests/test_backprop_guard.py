@@ -97,8 +97,113 @@ def test_detached_branch_is_named(tmp_path: Path) -> None:
     assert len(seen) == 1
     message = str(seen[0].message)
     assert "4 trainable parameter(s) of `encoder` reached the optimizer step with no gradient" in message
-    assert "its module's forward ran with gradients on, yet no gradient reached it" in message
-    assert "not observed" in message  # a cause is named only when it was seen
+    assert "a `.detach()` in the training step's own code cut them off the loss" in message  # the cause, seen
+    assert "remove a `.detach()` in the training step's own code on the way to the loss" in message
+
+
+class Attends(pl.LightningModule):
+    """``emb`` -> ``attn`` -> ``head``, with ``attn`` under ``no_grad`` by mistake (``bug``), in one of the shapes
+    users write it: ``nn.MultiheadAttention`` (which uses ``out_proj.weight`` functionally), a ViT whose first
+    block runs under ``no_grad`` (class token and position embedding joined functionally before it), a
+    ``.detach()`` upstream of the ``no_grad`` region, or a decoder whose weight is tied to the embedding."""
+
+    def __init__(self, shape: str) -> None:
+        super().__init__()
+        self.shape = shape
+        if shape == "vit":
+            self.patch_embed = nn.Conv2d(3, 16, 4, stride=4)
+            self.cls_token = nn.Parameter(torch.zeros(1, 1, 16))
+            self.pos_embed = nn.Parameter(torch.zeros(1, 5, 16))
+            self.blocks = nn.ModuleList(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True) for _ in range(2))
+        else:
+            self.emb = nn.Embedding(10, 16) if shape == "tied" else nn.Linear(8, 16)
+            self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.head = nn.Linear(16, 10, bias=False) if shape == "tied" else nn.Linear(16, 1)
+        if shape == "tied":
+            self.head.weight = self.emb.weight  # the decoder's weight is the embedding's
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.shape == "vit":
+            x = self.patch_embed(x).flatten(2).transpose(1, 2)
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], 1) + self.pos_embed
+            with torch.no_grad():
+                x = self.blocks[0](x)
+            return self.head(self.blocks[1](x)[:, 0])
+        h = self.emb(x)
+        if self.shape == "detach":
+            h = h.detach()
+        with torch.no_grad():
+            h = self.attn(h, h, h)[0]
+            if self.shape == "tied":
+                return self.head(h).mean(1) + 0 * h.sum()
+        return self.head(h).mean(1)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        out = self(x)
+        if self.shape == "tied":  # the decoder ran under no_grad too: only a bias-free extra term learns
+            out = out + self.bias_term
+        return nn.functional.mse_loss(out, y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def attends_data(shape: str) -> Any:
+    g = torch.Generator().manual_seed(0)
+    x = {
+        "vit": torch.randn(16, 3, 8, 8, generator=g),
+        "tied": torch.randint(0, 10, (16, 5), generator=g),
+    }.get(shape, torch.randn(16, 5, 8, generator=g))
+    y = torch.randn(16, 10 if shape == "tied" else 1, generator=g)
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)
+
+
+ROOT_CAUSES = {
+    # shape: (the one no_grad finding's subject, the parameters it names, those upstream it cut off the loss)
+    "mha": ("attn", ["attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight", "attn.out_proj.bias"],
+            ["emb.weight", "emb.bias"]),
+    "vit": ("blocks.0", ["blocks.0.self_attn.in_proj_weight", "blocks.0.self_attn.out_proj.weight",
+                         "blocks.0.linear1.weight", "blocks.0.norm2.bias"],
+            ["cls_token", "pos_embed", "patch_embed.weight", "patch_embed.bias"]),
+    "detach": ("attn", ["attn.in_proj_weight", "attn.out_proj.weight"], []),
+    "tied": ("attn", ["attn.in_proj_weight", "attn.out_proj.weight"], ["emb.weight"]),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("shape", list(ROOT_CAUSES))
+def test_one_root_cause_is_one_finding_with_every_parameter_it_starved(tmp_path: Path, shape: str) -> None:
+    from lightning_nograd import check_training_step
+    from lightning_nograd.core.summary import rows
+
+    model = Attends(shape)
+    if shape == "tied":
+        model.bias_term = nn.Parameter(torch.zeros(1))
+    guard = BackpropGuard()
+    with nograd_warnings():
+        trainer(tmp_path, [guard], max_epochs=1, limit_val_batches=0).fit(model, attends_data(shape))
+    subject, own, upstream = ROOT_CAUSES[shape]
+    no_grad = [f for f in guard.report.findings if f.kind == "no_grad_module"]
+    assert [f.subject for f in no_grad] == [subject], [f.message for f in guard.report.findings]
+    (finding,) = no_grad
+    assert set(own) <= set(finding.details["parameters"]), finding.details
+    assert finding.details.get("upstream", []) == upstream or set(finding.details["upstream"]) == set(upstream)
+    assert finding.details["count"] == len(finding.details["parameters"]) + len(upstream)
+    others = [f for f in guard.report.findings if f is not finding]
+    if shape == "detach":  # two causes, two findings: the detach starved `emb`, the no_grad region `attn`
+        (cut,) = others
+        assert cut.subject == "emb" and cut.details["cause"] == "detach" and "a `.detach()`" in cut.message
+    elif shape == "tied":  # the tied weight's lookup ran with gradients, its decoder under no_grad: one cause,
+        # no second finding that blames the embedding (its module did run) with a cause that was not there
+        assert others == []
+    else:
+        assert others == [], [f.message for f in others]
+    assert next(row[-1] for row in rows(guard.report)) == f"{1 + len(others)} finding" + ("s" * bool(others))
+    # the plain-PyTorch API names the same root causes
+    x, y = next(iter(attends_data(shape)))
+    report = check_training_step(model, (x, y), lambda m, b: m.training_step(b, 0))
+    found = sorted((f.kind, f.subject) for f in guard.report.findings)
+    assert sorted((f.kind, f.subject) for f in report.findings) == found
 
 
 def test_unused_parameter_is_named(tmp_path: Path) -> None:
@@ -413,7 +518,7 @@ def test_training_metrics_reach_csv(tmp_path: Path, bug: str | None) -> None:
     ("bug", "match"),
     [
         ("no_grad", "forward ran only with gradients disabled"),
-        ("detach", "reached the optimizer step with no gradient.*forward ran with gradients on, yet no gradient"),
+        ("detach", r"reached the optimizer step with no gradient.*a `\.detach\(\)` in the training step.s own code"),
         ("eval_leak", r"`encoder` \(Sequential\) is in eval mode during training"),
         ("stray_forward", "ran a forward in `on_train_batch_end`, outside the training step"),
     ],

@@ -125,7 +125,7 @@ def test_under_ddp_a_parameter_without_gradient_is_reported_before_ddp_stops_the
     [warning] = rank0["warnings"]
     assert "`spare` reached the optimizer step with no gradient (spare.weight, spare.bias)" in warning
     assert "first at batch 0" in warning and "DistributedDataParallel (without `find_unused_parameters`)" in warning
-    assert "ddp_find_unused_parameters_true" in warning and "`allow=`" in warning
+    assert "ddp_find_unused_parameters_true" in warning and 'pass `allow=[r"spare"]`' in warning
     gate = json.loads((tmp_path / "report.json").read_text())  # written as the run failed
     assert [(f["kind"], f["subject"], f["batch_idx"]) for f in gate["findings"]] == [("param_without_grad", "spare", 0)]
     assert read(tmp_path, "rank1")["warnings"] == []

@@ -467,5 +467,5 @@ def test_a_branch_that_never_runs_is_found_within_the_first_epoch(tmp_path: Path
     auditor = fit_conditional(tmp_path, "dead", steps=steps, epochs=1)
     found = [f for f in auditor.report.findings]
     assert [(f.kind, f.subject, f.epoch, f.batch_idx) for f in found] == [("param_without_grad", "aux_head", 0, 0)]
-    assert evidence in found[0].problem and "`allow=`" in found[0].fix
+    assert evidence in found[0].problem and 'pass `allow=[r"aux_head"]`' in found[0].fix
     assert found[0].details["parameters"] == ["aux_head.weight", "aux_head.bias"]

@@ -362,7 +362,9 @@ class BackpropGuard(NoGradCallback):
             return
         probe.stop()
         suspects = self._gradients.take_suspects()
-        self._report_gaps(explain_gradient_gaps(index, suspects, probe), suspects)
+        gaps = explain_gradient_gaps(index, suspects, probe)
+        probe.release()
+        self._report_gaps(gaps, suspects)
 
     def _report_unexplained_suspects(self, whole_epoch_only: bool) -> None:
         """Explain and report the suspects no watched step explained: at an epoch's end, those without a
@@ -413,6 +415,8 @@ class BackpropGuard(NoGradCallback):
             self._report_gap(gap, held.batch_idx, held.epoch)
 
     def _report_gap(self, gap: GradientGap, batch_idx: int | None, epoch: int | None = None) -> None:
+        if self.allow.matches(gap.subject):  # the pattern its fix names: a region kept on purpose
+            return
         if gap.kind == "no_grad_module":
             self._counts["no_grad_modules"].add(gap.subject)
         self._counts["params_without_grad"].update(gap.parameters)

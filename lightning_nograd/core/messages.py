@@ -10,6 +10,7 @@ text from ``NoGradAuditor`` and from ``audit()`` / ``check_training_step``.
 
 from __future__ import annotations
 
+import re
 from typing import Any, NamedTuple
 
 from torch import nn
@@ -37,6 +38,31 @@ def shown(items: list[str], limit: int = 5) -> str:
         'a, b and 1 more'
     """
     return ", ".join(items[:limit]) + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def allow_pattern(paths: list[str]) -> str:
+    r"""The one regular expression that allow-lists exactly ``paths`` (``""``: the model itself, and so all of it).
+
+    Examples:
+        >>> print(allow_pattern(["emb_drop", "encoder", "head.1"]))
+        emb_drop|encoder|head\.1
+    """
+    unique = list(dict.fromkeys(paths))
+    return "|".join(re.escape(path) for path in unique) if unique != [""] else ""
+
+
+def allow_hint(option: str, paths: str | list[str], root_type: str = "LightningModule") -> str:
+    r"""The words that end a fix: the exact pattern of ``option`` (and the CLI's flag of the same name) that
+    silences a finding about ``paths``.
+
+    Examples:
+        >>> print(allow_hint("allow_train_mode", ["head.1"]))
+        pass `allow_train_mode=[r"head\.1"]` (CLI: `--allow-train-mode 'head\.1'`).
+    """
+    pattern = allow_pattern([paths] if isinstance(paths, str) else paths)
+    whole = f" (the whole {root_type}, all of it)" if pattern == "" else ""
+    flag = "--" + option.replace("_", "-")
+    return f"pass `{option}=[r\"{pattern}\"]`{whole} (CLI: `{flag} '{pattern}'`)."
 
 
 _ALLOW_TRAIN_MODE = "or add the module to `allow_train_mode` if it must stay in train mode (e.g. MC dropout)."

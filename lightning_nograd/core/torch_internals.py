@@ -142,11 +142,15 @@ INTERNALS: dict[str, TorchInternal] = {
             "torch._C._pop_torch_function_stack",
             "torch._C._push_on_torch_function_stack",
         ),
-        "the stack of torch-function modes: the savings recorder's mode, which sees the functional code a "
-        "step runs between module calls, steps aside during module calls and leaves the stack as it found it",
-        "the savings replay runs module calls only, without the functional code between them",
+        "the stack of torch-function modes: a mode of ours sees the functional code a step runs (the savings "
+        "recorder's between module calls; the gradient probe's, on a training step that lost gradients, where "
+        "parameters were used and where the graph was cut), steps aside in compiled code and leaves the stack "
+        "as it found it",
+        "the savings replay runs module calls only, without the functional code between them; a parameter "
+        "without a gradient is explained by its module alone",
         "graph and memory savings leave out what a step computes outside module calls (`torch.cat`, "
-        "`F.max_pool2d`, the loss)",
+        "`F.max_pool2d`, the loss), and parameters that a `no_grad` region cut off upstream are named in a "
+        "finding of their own, without their cause",
     ),
     "orig_mod": TorchInternal(
         ("torch._dynamo.eval_frame.OptimizedModule()._orig_mod",),

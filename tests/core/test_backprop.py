@@ -26,7 +26,7 @@ def test_gaps_are_explained_by_cause() -> None:
     gaps = {(g.kind, g.subject, g.cause) for g in explain_gradient_gaps(ParamIndex(net), params, probe)}
     assert gaps == {
         ("no_grad_module", "a", None),
-        ("param_without_grad", "b", "detached"),
+        ("param_without_grad", "b", "detach"),  # the `.detach()` was seen
         ("param_without_grad", "c", "unused"),
     }
 

@@ -148,6 +148,8 @@ def test_without_one_internal_the_rest_works(
         assert {k for k, s in found if k in graphs} == graphs
         assert all(s == "" for k, s in found if k in graphs), found
         assert {f for f in found if f[0] not in graphs} == {f for f in with_every_internal if f[0] not in graphs}
+    elif key == "function_mode_stack":  # the encoder the no_grad block cut off is named apart, without its cause
+        assert found == with_every_internal | {("param_without_grad", "encoder")}
     else:
         assert found == with_every_internal
     replay_lost = key == "hook_dicts" or (key == "call_impl" and not torch_internals.FORWARD_HOOKS_TAKE_KWARGS)
