@@ -36,6 +36,7 @@ from lightning_nograd.core.replay import EAGER_REPLAY_NOTE, Replay
 from lightning_nograd.core.report import Report
 from lightning_nograd.core.savings import savings_metrics
 from lightning_nograd.core.tensors import MIB, tally_tensors, weight_storages
+from lightning_nograd.core.unstepped_gradients import UnsteppedGradients, describe_groups
 from lightning_nograd.errors import BrokenBackpropWarning
 
 __all__ = ["audit", "check_training_step"]
@@ -311,9 +312,13 @@ def check_training_step(
     rng = contextlib.ExitStack()
     rng.enter_context(torch.random.fork_rng(devices=cuda_devices))
     probe = GradModeProbe({id(m): path for path, m in named_modules(model) if not allowed.matches(path)})
+    unstepped = UnsteppedGradients(allowed.matches)
+    unstepped.start(index)
     try:
         for p in index.params.values():
             p.grad = None
+        if optimizer is not None:
+            unstepped.before_backward([optimizer])
         probe.start()
         try:
             loss = loss_fn(model, batch)
@@ -321,6 +326,10 @@ def check_training_step(
             probe.stop()
         if loss.requires_grad:
             loss.backward()  # type: ignore[no-untyped-call]
+        if optimizer is not None:  # gradients the backward made that the optimizer will never apply
+            for path, names, mib in unstepped.step([optimizer]):
+                text = messages.grad_without_step(path, names, mib, describe_groups([optimizer]), root_type)
+                add("grad_without_step", path, "training step", text)
         for gap in explain_gradient_gaps(index, without_gradient(params), probe):
             if not allowed.matches(gap.subject):
                 add(gap.kind, gap.subject, "training step", gap.explanation(root_type))

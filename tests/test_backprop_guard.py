@@ -696,3 +696,93 @@ def test_model_pruning_is_silent(tmp_path: Path) -> None:
     with nograd_warnings() as seen:
         trainer(tmp_path, [pruning, auditor], max_epochs=3, limit_train_batches=4).fit(Net(), loader(), loader())
     assert auditor.report.findings == [], [str(w.message) for w in seen]
+
+
+class Milestones(pl.callbacks.BaseFinetuning):
+    """Lightning's fine-tuning example's callback: the extractor frozen, unfrozen at a milestone into a group
+    of its own; with ``train_bn=False`` its batch-norm layers are made trainable but left out of the group."""
+
+    def __init__(self, train_bn: bool) -> None:
+        super().__init__()
+        self.train_bn = train_bn
+
+    def freeze_before_training(self, pl_module: pl.LightningModule) -> None:
+        self.freeze(pl_module.backbone, train_bn=self.train_bn)  # type: ignore[arg-type]
+
+    def finetune_function(self, pl_module: pl.LightningModule, epoch: int, optimizer: torch.optim.Optimizer) -> None:
+        if epoch == 1:
+            self.unfreeze_and_add_param_group(pl_module.backbone, optimizer, train_bn=self.train_bn)  # type: ignore[arg-type]
+
+
+class FineTuned(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 16))
+        self.head = nn.Linear(16, 1)
+        self.target = copy.deepcopy(self.head)  # a target network: used under no_grad, in no optimizer
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        h = self.backbone(x)
+        with torch.no_grad():
+            bootstrap = self.target(h)
+        return nn.functional.mse_loss(self.head(h), y + 0.1 * bootstrap)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        # as the example does: only what is trainable now; the callback adds the rest as a group at its milestone
+        return torch.optim.Adam([p for p in [*self.backbone.parameters(), *self.head.parameters()] if p.requires_grad])
+
+
+@pytest.mark.parametrize(
+    ("schedule", "expected"),
+    [
+        ("milestones, train_bn=False", [("grad_without_step", "backbone.1", 1)]),
+        ("milestones, train_bn=True", []),
+        ("BackboneFinetuning, train_bn=False", []),  # its batch norm is in the optimizer from the start
+    ],
+)
+def test_gradients_no_optimizer_steps_are_named(tmp_path: Path, schedule: str, expected: list[Any]) -> None:
+    from lightning.pytorch.callbacks import BackboneFinetuning
+
+    if schedule.startswith("milestones"):
+        finetuning: pl.Callback = Milestones(train_bn=schedule.endswith("True"))
+    else:
+        finetuning = BackboneFinetuning(unfreeze_backbone_at_epoch=1, train_bn=False)
+    guard = BackpropGuard()
+    with nograd_warnings():
+        trainer(tmp_path, [guard, finetuning], max_epochs=3, limit_val_batches=0).fit(FineTuned(), loader())
+    assert [(f.kind, f.subject, f.epoch) for f in guard.report.findings] == expected
+    if expected:
+        (finding,) = guard.report.findings
+        assert finding.details["parameters"] == ["backbone.1.weight", "backbone.1.bias"]
+        assert finding.details["gradient_mib"] == pytest.approx(2 * 16 * 4 / 2**20)
+        assert finding.details["optimizer_groups"] == ["Adam group 0: 2 parameters, lr 0.001",
+                                                       "Adam group 1: 4 parameters, lr 0.0001"]  # fmt: skip
+        assert "add them to an optimizer" in finding.fix and 'pass `allow=[r"backbone\\.1"]`' in finding.fix
+
+
+class ToggledGAN(GAN):
+    """The GAN as Lightning's docs write manual optimization: each optimizer toggled around its step."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        real, _ = batch
+        opt_g, opt_d = self.optimizers()  # type: ignore[misc]
+        z = torch.randn(real.shape[0], 4)
+        self.toggle_optimizer(opt_g)
+        g_loss = nn.functional.softplus(-self.discriminator(self.generator(z))).mean()
+        self.manual_backward(g_loss)
+        opt_g.step()
+        opt_g.zero_grad()
+        self.untoggle_optimizer(opt_g)
+        self.toggle_optimizer(opt_d)
+        d_loss = nn.functional.softplus(self.discriminator(self.generator(z).detach())).mean()
+        self.manual_backward(d_loss + nn.functional.softplus(-self.discriminator(real)).mean())
+        opt_d.step()
+        opt_d.zero_grad()
+        self.untoggle_optimizer(opt_d)
+
+
+def test_gan_with_toggled_optimizers_is_silent(tmp_path: Path) -> None:
+    with nograd_warnings() as seen:
+        trainer(tmp_path, [BackpropGuard()], max_epochs=2, limit_val_batches=0).fit(ToggledGAN(), loader())
+    assert seen == []

@@ -308,3 +308,27 @@ def test_audit_notes_the_cpu_timing_caveat_as_the_callback_does(monkeypatch: pyt
     (epoch,) = report.epochs
     assert "nograd/val/time_saved_s" in epoch.metrics
     assert ("timing_caveat" in epoch.details) is not settled
+
+
+def test_check_training_step_names_gradients_no_optimizer_steps() -> None:
+    net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 1))
+    target = nn.Linear(8, 1)  # used under no_grad and in no optimizer: no gradient, no finding
+    optimizer = torch.optim.SGD([*net[0].parameters(), *net[2].parameters()], lr=0.1)
+
+    def loss_fn(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, y = batch
+        h = model[1](model[0](x))
+        with torch.no_grad():
+            bootstrap = target(h)
+        return ((model[2](h) - y - bootstrap) ** 2).mean()
+
+    batch = (torch.randn(6, 4), torch.randn(6, 1))
+    with pytest.warns(BrokenBackpropWarning, match="get a gradient in every backward"):
+        report = check_training_step(net, batch, loss_fn, optimizer)
+    assert [(f.kind, f.subject, f.details["parameters"]) for f in report.findings] == [
+        ("grad_without_step", "1", ["1.weight", "1.bias"])
+    ]
+    assert all(p.grad is None for p in net.parameters()), "gradients restored"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", BrokenBackpropWarning)
+        assert check_training_step(net, batch, loss_fn, optimizer, allow=[r"1"]).findings == []

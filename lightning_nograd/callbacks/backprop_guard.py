@@ -24,6 +24,7 @@ from lightning_nograd.core.inference_tensors import inference_tensors
 from lightning_nograd.core.model_index import trained_parameter_ids
 from lightning_nograd.core.module_paths import NamePatterns, class_name
 from lightning_nograd.core.stray_graphs import StrayGraphWatch
+from lightning_nograd.core.unstepped_gradients import UnsteppedGradients, describe_groups
 from lightning_nograd.errors import BrokenBackpropWarning
 
 OUTSIDE_STEP_HOOKS = frozenset(
@@ -113,6 +114,7 @@ class BackpropGuard(NoGradCallback):
         self._eval_at_start = EvalModeAtStart(self._report_eval_at_start)
         self._gradients = GradientCheck(self.zero_grad_steps, self.allow.matches, self._eval_at_start.frozen_on_purpose)
         self._leaks = EvalModeLeaks(self.allow.matches)
+        self._unstepped = UnsteppedGradients(self.allow.matches)
         self._inference_reported: set[str] = set()
         self._probe: GradModeProbe | None = None
         self._pending_probe = False
@@ -170,6 +172,7 @@ class BackpropGuard(NoGradCallback):
         else:
             self._note_train_mode("on_train_epoch_start")
         self._check_inference_tensors(pl_module, "on_train_epoch_start")
+        self._arm_unstepped_gradients(trainer)
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
@@ -195,6 +198,8 @@ class BackpropGuard(NoGradCallback):
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor) -> None:
         if not self._gradients.before_backward():
             self._note_backward()
+        if self._unstepped.armed:
+            self._note_unstepped_gradients(trainer)
 
     @override
     def on_before_optimizer_step(
@@ -202,6 +207,8 @@ class BackpropGuard(NoGradCallback):
     ) -> None:
         if not self._gradients.passes_steady_step():
             self._step_gradients(optimizer)
+        if self._unstepped.armed:
+            self._check_unstepped_gradients(trainer)
         self._window_first_batch = None
 
     @override
@@ -252,6 +259,8 @@ class BackpropGuard(NoGradCallback):
             stray, self._stray = self._stray, None
             if stray is not None:
                 stray.release()
+        if check in (None, "grad_without_step"):
+            self._unstepped.close()
         if check is None:
             self._leaks.close()
             self._gradients.close()
@@ -424,6 +433,26 @@ class BackpropGuard(NoGradCallback):
         text = gap.explanation(self._root_type)
         first_epoch = self._epoch if epoch is None else epoch
         self._add_finding(Finding(gap.kind, gap.subject, "train", hook, batch_idx, first_epoch, *text))
+
+    # -- gradients no optimizer steps ---------------------------------------------------------
+
+    @guarded("grad_without_step")
+    def _arm_unstepped_gradients(self, trainer: Trainer) -> None:
+        index = self._gradients.index
+        if index is not None:
+            self._unstepped.start(index)
+
+    @guarded("grad_without_step")
+    def _note_unstepped_gradients(self, trainer: Trainer) -> None:
+        self._unstepped.before_backward(getattr(trainer, "optimizers", []))
+
+    @guarded("grad_without_step")
+    def _check_unstepped_gradients(self, trainer: Trainer) -> None:
+        optimizers = getattr(trainer, "optimizers", [])
+        groups = describe_groups(optimizers)
+        for path, names, mib in self._unstepped.step(optimizers):
+            text = messages.grad_without_step(path, names, mib, groups, self._root_type)
+            self._finding("grad_without_step", path, "on_before_optimizer_step", text)
 
     # -- stray graphs ----------------------------------------------------------------------------
 

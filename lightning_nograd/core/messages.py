@@ -197,3 +197,16 @@ def stray_graph(event: GraphEvent, modules: list[str], hook: str, root_type: str
         "wrap that code in `torch.no_grad()` (or `torch.inference_mode()`).",
         {"saved_mib": event.saved_bytes / MIB, "modules": modules},
     )
+
+
+def grad_without_step(path: str, parameters: list[str], mib: float, groups: list[str], root_type: str) -> Explanation:
+    """Trainable parameters got a gradient in a training step, but no optimizer steps them."""
+    return Explanation(
+        f"{len(parameters)} parameter(s) of {display_name(path, root_type)} get a gradient in every backward "
+        f"({format_bytes(mib * MIB)} of gradients) but no optimizer steps them ({shown(parameters)}): backward "
+        f"spends time and memory on them and they never change; the optimizers hold: {'; '.join(groups)}",
+        "add them to an optimizer (a parameter group of their own, with its learning rate), or set "
+        f"`requires_grad_(False)` on them if they are meant to stay fixed. If they are kept out on purpose, "
+        f"{allow_hint('allow', path, root_type)}",
+        {"parameters": parameters, "gradient_mib": mib, "optimizer_groups": groups},
+    )
