@@ -15,7 +15,6 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
-from torch import nn
 
 from lightning_nograd.core.model_index import ParamIndex
 from lightning_nograd.core.tensors import MIB
@@ -25,6 +24,7 @@ def describe_groups(optimizers: Iterable[torch.optim.Optimizer]) -> list[str]:
     """Each optimizer's parameter groups in a few words: ``"Adam group 0: 4 parameters, lr 0.001"``.
 
     Examples:
+        >>> from torch import nn
         >>> net = nn.Linear(2, 1)
         >>> describe_groups([torch.optim.SGD(net.parameters(), lr=0.1)])
         ['SGD group 0: 2 parameters, lr 0.1']
@@ -45,6 +45,7 @@ class UnsteppedGradients:
         allowed: module paths never reported.
 
     Examples:
+        >>> from torch import nn
         >>> net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
         >>> optimizers = [torch.optim.SGD(net[1].parameters(), lr=0.1)]
         >>> check = UnsteppedGradients(lambda path: False)
