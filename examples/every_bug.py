@@ -7,9 +7,10 @@ Planted bugs:
 * validation: dropout switched to train mode; part of the forward under ``torch.enable_grad()``;
   graph-attached outputs kept in ``self.validation_step_outputs`` and never cleared;
 * training: the encoder's second block runs under ``torch.no_grad()``; an auxiliary head is
-  never used; the classifier head is put in eval mode in ``on_train_batch_end`` and left there;
-  a stray forward with gradients on in ``on_train_epoch_end``; a cache filled under
-  ``torch.inference_mode`` by ``trainer.validate`` before ``trainer.fit``.
+  never used; a normalisation layer gets gradients but the optimizer was built without it; the
+  classifier head is put in eval mode in ``on_train_batch_end`` and left there; a stray forward with
+  gradients on in ``on_train_epoch_end``; a cache filled under ``torch.inference_mode`` by
+  ``trainer.validate`` before ``trainer.fit``.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class BuggyModel(pl.LightningModule):
         self.block2 = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Dropout(0.2))
         self.head = nn.Sequential(nn.Dropout(0.2), nn.Linear(32, 2))
         self.aux_head = nn.Linear(32, 2)  # bug: never used in the loss
+        self.norm = nn.LayerNorm(32)  # bug: trains in every backward, but the optimizer leaves it out
         self.validation_step_outputs: list[torch.Tensor] = []
         self.scale: torch.Tensor | None = None
 
@@ -45,7 +47,7 @@ class BuggyModel(pl.LightningModule):
         h = self.block1(x)
         with torch.no_grad():  # bug: block2 never learns
             h2 = self.block2(h)
-        loss = nn.functional.cross_entropy(self.head(h + h2), y)
+        loss = nn.functional.cross_entropy(self.head(self.norm(h + h2)), y)
         self.log("train_loss", loss)
         return loss
 
@@ -65,7 +67,7 @@ class BuggyModel(pl.LightningModule):
         self.log("val_loss", nn.functional.cross_entropy(logits, y))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.05)
+        return torch.optim.SGD([p for n, p in self.named_parameters() if not n.startswith("norm.")], lr=0.05)
 
 
 def data(seed: int) -> DataLoader:

@@ -53,17 +53,26 @@ class _EvaluationAudit(Probe):
         log: FindingLog,
         allow_train_mode: NamePatterns,
         allow_grad: NamePatterns,
+        allow: NamePatterns,
         monitor_savings: bool,
         repeats: int,
     ) -> None:
         self.model = model
         self.log = log
+        self.allow_grad = allow_grad
+        self.allow = allow
         self.root_type = type(model).__name__
         self.batch = -1
         self.depth = 0
         self.grad_off_around = True  # gradients were off as the batch started: a graph was enabled inside
         self.repeats = repeats
-        self.modes = ModeProbe(model, allow_train_mode, self._on_train_forward, log.on_violation == "fix")
+        self.modes = ModeProbe(
+            model,
+            allow_train_mode,
+            self._on_train_forward,
+            log.on_violation == "fix",
+            report_at_once=log.on_violation == "error",
+        )
         self.graph = GraphProbe(
             model, frozenset(), self._graph_finding, allow_grad.matches, log.on_violation == "error"
         )
@@ -120,19 +129,21 @@ class _EvaluationAudit(Probe):
         self.modes.after_batch()
         self.graph.flush()
         tally = tally_tensors(output)
-        if tally.attached:
+        if tally.attached and not self.allow_grad.names("model outputs"):
             kept = tally.kept_bytes(weight_storages(self.model)) / MIB
             self._add(
                 "graph_in_outputs",
                 "model outputs",
-                messages.graph_in_outputs("the model", tally, kept, self.grad_off_around),
+                messages.graph_in_outputs("the model", "model outputs", tally, kept, self.grad_off_around),
             )
 
     def _add(self, kind: str, subject: str, text: messages.Explanation) -> None:
         self.log.add(Finding(kind, subject, "val", _LOOP, self.batch, 0, *text))
 
-    def _on_train_forward(self, path: str, module: nn.Module, confirmed: bool) -> None:
-        self._add("train_mode", path, messages.train_mode(path, module, self.root_type, confirmed, "the batch"))
+    def _on_train_forward(
+        self, path: str, module: nn.Module, confirmed: bool, layers: list[tuple[str, nn.Module]], hook: str | None
+    ) -> None:
+        self._add("train_mode", path, messages.train_mode(path, module, self.root_type, confirmed, "the batch", layers))
 
     def _graph_finding(self, event: GraphEvent, modules: list[str]) -> None:
         self._add(
@@ -158,7 +169,8 @@ class _EvaluationAudit(Probe):
             session.time_pairs(self.repeats)
         result = session.result
         if result.out_of_memory:
-            self._add("grad_replay_oom", type(self.model).__name__, messages.grad_replay_oom())
+            if not self.allow.names(messages.REPLAY_SUBJECT):
+                self._add("grad_replay_oom", messages.REPLAY_SUBJECT, messages.grad_replay_oom())
         details["repeats"] = result.pairs
         savings, savings_details = savings_metrics(result, self.batch + 1, loop_seconds, device, "time not measured")
         metrics.update(savings)
@@ -174,6 +186,7 @@ def audit(
     allow_grad: Iterable[str] = (),
     monitor_savings: bool = True,
     repeats: int = 10,
+    allow: Iterable[str] = (),
 ) -> Iterator[Report]:
     """Audit a plain PyTorch evaluation loop: ``with audit(model) as report: ...``.
 
@@ -190,10 +203,14 @@ def audit(
         on_violation: ``"warn"``, ``"fix"`` (modules put in eval mode before their forward) or
             ``"error"`` (``lightning_nograd.NoGradError`` at the first violation).
         allow_train_mode: regular expressions of module paths allowed to stay in train mode.
-        allow_grad: regular expressions of module paths allowed to record a graph.
+        allow_grad: regular expressions of module paths allowed to record a graph (``"model outputs"``: the
+            model may return tensors attached to one).
         monitor_savings: replay one batch to measure the savings when the block ends (the name
             ``NoGradAuditor`` uses for its savings part).
         repeats: timed on/off pairs for the time measurement (each a settled block of its own).
+        allow: regular expressions of the other findings' subjects not to report (``"savings replay"``).
+
+    Each finding's fix ends with the exact pattern that silences it (and the CLI option of the same name).
 
     Raises:
         ValueError, TypeError: bad arguments, naming the argument.
@@ -220,6 +237,7 @@ def audit(
         log,
         NamePatterns("allow_train_mode", allow_train_mode),
         NamePatterns("allow_grad", allow_grad),
+        NamePatterns("allow", allow),
         check_bool("monitor_savings", monitor_savings),
         check_int("repeats", repeats, 1),
     )

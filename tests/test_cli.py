@@ -282,3 +282,67 @@ def test_allow_lists_mean_what_the_callback_arguments_mean() -> None:
         "lightning-nograd: error: --allow-train-mode must be a regular expression, got '(' "
         "(missing ), unterminated subpattern at position 0)"
     )
+
+
+GRU_MODEL = """
+import lightning.pytorch as pl
+import torch
+from torch import nn
+
+
+class GRUClassifier(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(20, 8)
+        self.emb_drop = nn.Dropout(0.2)
+        self.encoder = nn.GRU(8, 8, batch_first=True, dropout=0.1, num_layers=2)
+        self.head = nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.2), nn.Linear(8, 2))
+
+    def forward(self, x):
+        return self.head(self.encoder(self.emb_drop(self.emb(x)))[0][:, -1])
+
+    def training_step(self, batch, batch_idx):
+        return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+    def validation_step(self, batch, batch_idx):
+        self.train()  # the bug: the whole model in train mode
+        self.log("val_loss", nn.functional.cross_entropy(self(batch[0]), batch[1]))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    def train_dataloader(self):
+        data = torch.utils.data.TensorDataset(torch.randint(0, 20, (16, 6)), torch.randint(0, 2, (16,)))
+        return torch.utils.data.DataLoader(data, batch_size=4)
+
+    val_dataloader = train_dataloader
+"""
+
+
+def test_a_finding_on_the_whole_model_is_silenced_by_the_flag_it_prints(tmp_path: Path) -> None:
+    import re
+
+    (tmp_path / "gru_model.py").write_text(GRU_MODEL)
+    args = ("audit", "gru_model:GRUClassifier", "--batches", "2")
+    (found,) = cli_calls([args], path=tmp_path)
+    assert found.returncode == 1, found.stderr[-2000:]
+    assert "the whole GRUClassifier was switched to train mode during the step;" in found.stdout  # named once
+    flag = re.search(r"CLI: `--allow-train-mode '(.*?)'`", found.stdout)
+    assert flag is not None and flag.group(1) == "emb_drop|encoder|head\\.1", found.stdout
+    (silenced,) = cli_calls([(*args, "--allow-train-mode", flag.group(1))], path=tmp_path)
+    assert silenced.returncode == 0, silenced.stdout[-3000:]
+
+
+def test_every_finding_of_the_every_bug_example_is_silenced_by_the_flags_it_prints(tmp_path: Path) -> None:
+    import re
+
+    args = ("audit", "examples.every_bug:BuggyModel", "--data", "examples.every_bug:BuggyData", "--batches", "3")
+    (found,) = cli_calls([(*args, "--json", str(tmp_path / "found.json"))])
+    assert found.returncode == 1, found.stderr[-2000:]
+    flags: list[str] = []
+    for finding in json.loads((tmp_path / "found.json").read_text())["findings"]:
+        flag = re.search(r"CLI: `(--allow[\w-]*) '(.+?)'`", finding["fix"])
+        assert flag is not None, finding["fix"]
+        flags += [flag.group(1), flag.group(2)]
+    (silenced,) = cli_calls([(*args, *flags)])
+    assert silenced.returncode == 0, silenced.stdout[-3000:]

@@ -100,7 +100,7 @@ def test_whole_model_left_in_train_mode_names_the_root(tmp_path: Path) -> None:
         run("validate", tmp_path, Regressor(body), EvalModeAuditor())
     assert len(seen) == 1
     message = str(seen[0].message)
-    assert "the whole Regressor (Regressor) was switched to train mode during the step" in message
+    assert "the whole Regressor was switched to train mode during the step" in message
     assert "backbone.1 (BatchNorm1d)" in message and "head.0 (Dropout)" in message
 
 
@@ -395,7 +395,7 @@ def test_graph_kept_on_the_model_is_named_where_it_was_stored(
                 self.losses.append(loss)
             return loss.detach()
 
-    auditor = EvalModeAuditor(allow_grad=[""] if stored_in == "validation_step" else ())
+    auditor = EvalModeAuditor(allow_grad=[""] if stored_in == "validation_step" else ())  # every module, no attribute
     with nograd_warnings():
         trainer(tmp_path, [auditor], inference_mode=False).fit(KeepsLosses(), loader(), loader())
     found = {(f.stage, f.hook) for f in auditor.report.findings if f.kind == "graph_in_attribute"}

@@ -514,3 +514,116 @@ def test_each_trainer_call_prints_its_own_rows_and_new_findings(
     assert "│ test " in test and "validation" not in test.split("\n[1]")[0] and "│ training " not in test
     for text in (validate, test):  # the fit's finding is not printed again
         assert "`head.0`" not in text and "No new findings (1 earlier" in text
+
+
+def _allow_from_fix(fix: str) -> tuple[str, str]:
+    """The option and pattern a fix says silence its finding: ``pass `allow_grad=[r"head\\.1"]` ...``."""
+    import re
+
+    found = re.search(r'pass `(allow\w*)=\[r"(.*?)"\]`', fix)
+    assert found is not None, fix
+    return found.group(1), found.group(2)
+
+
+def _every_bug_run(tmp_path: Path, **allowed: list[str]) -> NoGradAuditor:
+    """The every-bug example's sequence (a validate that leaves an inference tensor, a fit it crashes, a fit)."""
+    from examples.every_bug import BuggyModel, data
+
+    pl.seed_everything(0)
+    model = BuggyModel()
+    auditor = NoGradAuditor(verbose=False, **allowed)
+    with nograd_warnings():
+        trainer(tmp_path, [auditor], limit_val_batches=4).validate(model, data(1), verbose=False)
+        try:
+            trainer(tmp_path, [auditor], max_epochs=2, limit_val_batches=4).fit(model, data(0), data(1))
+        except RuntimeError:  # "Inference tensors cannot be saved for backward", as its finding said
+            with torch.inference_mode(False):
+                model.scale, model.validation_step_outputs = None, []
+            trainer(tmp_path, [auditor], max_epochs=2, limit_val_batches=4).fit(model, data(0), data(1))
+    return auditor
+
+
+class EvaluationExtras(Regressor):
+    """What the every-bug example does not plant: attached outputs and attributes, a batch too big for
+    gradients, and `.train()` on the whole model (which names its layers, not the model)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kept: torch.Tensor | None = None
+        self.big = TooBigWithGradients()
+
+    def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        self.train()
+        x, y = batch
+        self.big(x)  # without gradients, as Lightning runs it; the savings replay runs it with them
+        with torch.enable_grad():
+            out = self(x)
+            loss = nn.functional.mse_loss(out, y)
+        self.kept = out  # still attached
+        return loss  # attached too
+
+
+class TooBigWithGradients(nn.Module):
+    """A real out-of-memory needs a GPU; this raises the same error where the replay turns gradients on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            raise torch.OutOfMemoryError("CUDA out of memory (with gradients on, in the replay)")
+        return x * self.scale
+
+
+@pytest.fixture(scope="module")
+def every_finding(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[str, str, str, str]]:
+    """(model, kind, subject, fix) of every finding the two models give at the defaults."""
+    found = [
+        ("every_bug", f.kind, f.subject, f.fix) for f in _every_bug_run(tmp_path_factory.mktemp("bugs")).report.findings
+    ]
+    extras = EvaluationExtras()
+    auditor = NoGradAuditor(verbose=False, repeats=1)
+    with nograd_warnings():
+        trainer(tmp_path_factory.mktemp("extras"), [auditor], inference_mode=False).validate(extras, loader())
+    found += [("extras", f.kind, f.subject, f.fix) for f in auditor.report.findings]
+    return found
+
+
+ALL_KINDS = {
+    "train_mode", "grad_enabled", "graph_in_outputs", "graph_in_attribute", "growing_collection", "grad_replay_oom",
+    "inference_tensor", "eval_mode_at_start", "eval_mode_leak", "no_grad_module", "param_without_grad",
+    "grad_without_step", "stray_graph",
+}  # fmt: skip
+
+
+def test_every_kind_is_found_by_the_runs_the_silencing_test_uses(
+    every_finding: list[tuple[str, str, str, str]],
+) -> None:
+    import re
+
+    from tests.test_docs import DOCS
+
+    documented = set(re.findall(r"^## `([a-z_]+)`$", (DOCS / "reference" / "findings.md").read_text(), flags=re.M))
+    assert {kind for _, kind, _, _ in every_finding} == ALL_KINDS == documented
+    # `.train()` on the whole model is named once, by its class, and its pattern names its layers, not ""
+    (whole,) = [fix for model, kind, subject, fix in every_finding if model == "extras" and kind == "train_mode"]
+    assert _allow_from_fix(whole) == ("allow_train_mode", "backbone\\.1|head\\.0")
+
+
+@pytest.mark.parametrize("kind", sorted(ALL_KINDS))
+def test_every_finding_is_silenced_by_the_pattern_its_fix_names(
+    tmp_path: Path, every_finding: list[tuple[str, str, str, str]], kind: str
+) -> None:
+    for model, found_kind, subject, fix in [f for f in every_finding if f[1] == kind][:1]:
+        option, pattern = _allow_from_fix(fix)
+        assert pattern != "", fix  # never "allow everything"
+        if model == "every_bug":
+            auditor = _every_bug_run(tmp_path, **{option: [pattern]})
+        else:
+            extras = EvaluationExtras()
+            auditor = NoGradAuditor(verbose=False, repeats=1, **{option: [pattern]})
+            with nograd_warnings():
+                trainer(tmp_path, [auditor], inference_mode=False).validate(extras, loader())
+        left = {(f.kind, f.subject) for f in auditor.report.findings}
+        assert (found_kind, subject) not in left, (fix, left)

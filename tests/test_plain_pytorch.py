@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
 
@@ -49,7 +50,7 @@ def test_buggy_evaluation_loop_gets_the_same_findings_as_the_callbacks() -> None
     kinds = sorted(f.kind for f in report.findings)
     assert kinds == ["grad_enabled", "graph_in_outputs", "train_mode"]
     train = next(f for f in report.findings if f.kind == "train_mode")
-    assert "the whole Sequential (Sequential) ran its forward in train mode" in train.message
+    assert "the whole Sequential ran its forward in train mode" in train.message  # named once, by its class
     assert "1 (BatchNorm1d)" in train.message and "3 (Dropout)" in train.message
     assert len(seen) == 3, "each finding once, not once per batch"
     assert {w.filename for w in seen} == {__file__}, "warnings point at the user's loop, not at our code"
@@ -162,7 +163,10 @@ def test_audit_and_the_callback_give_a_train_mode_switch_the_same_subject_and_fi
         warnings.simplefilter("ignore")
         with audit(net, monitor_savings=False) as report, torch.no_grad():
             net(torch.randn(4, 8))
-    from_callback = [(f.kind, f.subject.removeprefix("net."), f.fix) for f in auditor.report.findings]
+    # the callback's model holds the net as `self.net`: its paths (and the patterns that silence them) start with it
+    from_callback = [
+        (f.kind, f.subject.removeprefix("net."), f.fix.replace("net\\.", "")) for f in auditor.report.findings
+    ]
     from_audit = [(f.kind, f.subject, f.fix) for f in report.findings]
     assert from_callback == from_audit == [("train_mode", "drop", from_audit[0][2])]
     assert from_audit[0][2].startswith("remove the `.train()` call")  # not "call model.eval()": it was in eval
@@ -206,9 +210,16 @@ def test_the_same_evaluation_bugs_get_the_same_findings_from_audit_and_the_callb
             net(torch.randn(4, 8))
 
     def seen(findings: list, root: str, outputs: str) -> set[tuple[str, str, str]]:
-        # the same module under its own path: `net.body` in the LightningModule is `body` for audit(net)
+        # the same module under its own path: `net.body` in the LightningModule is `body` for audit(net), and the
+        # patterns the fixes name follow it
         subjects = {outputs: "outputs", root: ""}
-        return {(f.kind, subjects.get(f.subject, f.subject.removeprefix(f"{root}.")), f.fix) for f in findings}
+
+        def fix(text: str) -> str:
+            return (
+                text.replace(f"{root}\\.", "").replace(outputs, "outputs") if root else text.replace(outputs, "outputs")
+            )
+
+        return {(f.kind, subjects.get(f.subject, f.subject.removeprefix(f"{root}.")), fix(f.fix)) for f in findings}
 
     from_callback = seen(auditor.report.findings, "net", "validation_step outputs")
     from_audit = seen(report.findings, "", "model outputs")
@@ -332,3 +343,68 @@ def test_check_training_step_names_gradients_no_optimizer_steps() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error", BrokenBackpropWarning)
         assert check_training_step(net, batch, loss_fn, optimizer, allow=[r"1"]).findings == []
+
+
+class EvaluationBugs(nn.Module):
+    """The evaluation findings `audit()` gives: `.train()` on the whole model, a graph recorded inside the forward
+    and returned with its output, a part that does not fit with gradients on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.drop, self.head = nn.Linear(8, 8), nn.Dropout(0.5), nn.Linear(8, 1)
+        self.scale = nn.Parameter(torch.ones(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.train()
+        if torch.is_grad_enabled() and not torch.is_inference_mode_enabled() and x.shape[0] == 5:
+            raise torch.OutOfMemoryError("CUDA out of memory (the replay, with gradients on)")
+        with torch.enable_grad():
+            return self.head(self.drop(self.body(x)))
+
+
+def _allowed_by_its_fix(fix: str) -> tuple[str, str]:
+    found = re.search(r'pass `(allow\w*)=\[r"(.*?)"\]`', fix)
+    assert found is not None and found.group(2) != "", fix
+    return found.group(1), found.group(2)
+
+
+def test_every_finding_of_the_plain_pytorch_api_is_silenced_by_the_pattern_its_fix_names() -> None:
+    def evaluate(**allowed: list[str]) -> list[tuple[str, str, str]]:
+        net = EvaluationBugs()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with audit(net, repeats=1, **allowed) as report, torch.no_grad():
+                net(torch.randn(4, 8))
+                net(torch.randn(5, 8))  # the batch the replay measures: too big with gradients on
+        return [(f.kind, f.subject, f.fix) for f in report.findings]
+
+    def train(**allowed: list[str]) -> list[tuple[str, str, str]]:
+        net = Student()
+        net.norm = nn.LayerNorm(1)  # trainable, used, and left out of the optimizer
+        optimizer = torch.optim.SGD([p for n, p in net.named_parameters() if not n.startswith("norm")], lr=0.1)
+
+        def loss_fn(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+            return nn.functional.mse_loss(model.norm(model(batch[0])), batch[1])
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            report = check_training_step(net, (torch.randn(4, 8), torch.randn(4, 1)), loss_fn, optimizer, **allowed)
+        return [(f.kind, f.subject, f.fix) for f in report.findings]
+
+    found = {"audit": evaluate(), "check_training_step": train()}
+    kinds = {api: {kind for kind, _, _ in findings} for api, findings in found.items()}
+    assert kinds == {
+        "audit": {"train_mode", "grad_enabled", "graph_in_outputs", "grad_replay_oom"},
+        "check_training_step": {
+            "no_grad_module", "param_without_grad", "eval_mode_at_start", "inference_tensor", "grad_without_step",
+        },
+    }  # fmt: skip
+    for api, findings in found.items():
+        for kind, subject, fix in findings:
+            option, pattern = _allowed_by_its_fix(fix)
+            if api == "check_training_step":
+                assert option == "allow", fix  # its one allow-list
+                left = train(allow=[pattern])
+            else:
+                left = evaluate(**{option: [pattern]})
+            assert (kind, subject) not in {(k, s) for k, s, _ in left}, (fix, left)

@@ -297,7 +297,7 @@ class BackpropGuard(NoGradCallback):
     def _check_eval_mode_at_start(self, pl_module: nn.Module) -> None:
         self._eval_at_start.start(pl_module, self._trained_ids, self.allow.matches)
 
-    def _report_eval_at_start(self, path: str, layers: list[str]) -> None:
+    def _report_eval_at_start(self, path: str, layers: list[tuple[str, str]]) -> None:
         text = messages.eval_mode_at_start(path, layers, self._root_type)
         self._add_finding(Finding("eval_mode_at_start", path, "train", "on_train_start", None, self._epoch, *text))
 
@@ -308,7 +308,8 @@ class BackpropGuard(NoGradCallback):
         for leak in leaks:
             self._counts["eval_mode_modules"].add(leak.path)
             if leak.new:
-                text = messages.eval_mode_leak(leak.path, leak.module, self._root_type, self.on_violation == "fix")
+                fixed = self.on_violation == "fix"
+                text = messages.eval_mode_leak(leak.path, leak.module, self._root_type, fixed, leak.layers)
                 self._add_finding(
                     Finding("eval_mode_leak", leak.path, "train", leak.where, leak.batch_idx, self._epoch, *text)
                 )

@@ -64,7 +64,12 @@ class EvalModeAuditor(EvaluationLoopCallback):
         allow_train_mode: regular expressions (full match on ``named_modules()`` paths) of modules
             that legitimately stay in train mode, e.g. MC dropout. Their submodules are allowed too.
         allow_grad: regular expressions of modules that legitimately record a graph while
-            evaluating (saliency maps, forces from a physics model).
+            evaluating (saliency maps, forces from a physics model), and of the step outputs or attributes
+            (``validation_step outputs``, ``self.preds``) that may hold one.
+        allow: regular expressions of the attributes whose collections may grow across epochs
+            (``self.preds``), as its finding names them.
+
+    Each finding's fix ends with the exact pattern (and the CLI option) that silences it.
 
     Raises:
         ValueError: ``on_violation`` is not ``"warn"``, ``"fix"`` or ``"error"``, or a pattern is
@@ -81,10 +86,12 @@ class EvalModeAuditor(EvaluationLoopCallback):
         on_violation: OnViolation = "warn",
         allow_train_mode: Iterable[str] = (),
         allow_grad: Iterable[str] = (),
+        allow: Iterable[str] = (),
     ) -> None:
         super().__init__(on_violation)
         self.allow_train_mode = NamePatterns("allow_train_mode", allow_train_mode)
         self.allow_grad = NamePatterns("allow_grad", allow_grad)
+        self.allow = NamePatterns("allow", allow)
         self._stage: str | None = None
         self._step_hook = ""
         self._batch_idx: int | None = None
@@ -99,7 +106,10 @@ class EvalModeAuditor(EvaluationLoopCallback):
     @override
     def _state_key_settings(self) -> dict[str, Any]:
         settings = super()._state_key_settings()
-        return {**settings, "allow_train_mode": self.allow_train_mode.patterns, "allow_grad": self.allow_grad.patterns}
+        allowed = {"allow_train_mode": self.allow_train_mode.patterns, "allow_grad": self.allow_grad.patterns}
+        if self.allow.patterns:  # (only then: checkpoints of runs without it keep their key)
+            allowed["allow"] = self.allow.patterns
+        return {**settings, **allowed}
 
     # -- the evaluation loops' events, as calls into core ---------------------------------------
     # (the probes' methods isolate their own failures: one switches that check off, the run goes on)
@@ -173,6 +183,8 @@ class EvalModeAuditor(EvaluationLoopCallback):
             self._on_train_forward,
             self.on_violation == "fix",
             on_error=lambda err: self._switch_off("train_mode", err),
+            report_at_once=self.on_violation == "error",
+            locate=lambda: calling_hook(None, EVAL_HOOK_NAMES),
         )
         self._modes.keep_fixing(self._fixed_by_stage.get(self._stage_name(), set()))
 
@@ -216,9 +228,11 @@ class EvalModeAuditor(EvaluationLoopCallback):
     def _stage_name(self) -> str:
         return self._stage or "val"
 
-    def _on_train_forward(self, path: str, module: nn.Module, confirmed: bool) -> None:
-        text = messages.train_mode(path, module, self._root_type, confirmed, "the step")
-        hook = (calling_hook(None, EVAL_HOOK_NAMES) if confirmed else None) or self._step_hook
+    def _on_train_forward(
+        self, path: str, module: nn.Module, confirmed: bool, layers: list[tuple[str, nn.Module]], hook: str | None
+    ) -> None:
+        text = messages.train_mode(path, module, self._root_type, confirmed, "the step", layers)
+        hook = hook or self._step_hook
         action = ""
         if self.on_violation == "fix":
             action = "; it was put in eval mode for the rest of the stage"
@@ -239,11 +253,14 @@ class EvalModeAuditor(EvaluationLoopCallback):
 
     @guarded("graph_in_outputs")
     def _check_outputs(self, pl_module: nn.Module, outputs: Any) -> None:
+        subject = f"{self._step_hook} outputs"
+        if self.allow_grad.names(subject):
+            return
         tally = tally_tensors(outputs)
         if tally.attached:
             kept = tally.kept_bytes(weight_storages(pl_module)) / MIB
-            text = messages.graph_in_outputs(f"`{self._step_hook}`", tally, kept, grad_off_around=True)
-            self._finding("graph_in_outputs", f"{self._step_hook} outputs", self._step_hook, text)
+            text = messages.graph_in_outputs(f"`{self._step_hook}`", subject, tally, kept, grad_off_around=True)
+            self._finding("graph_in_outputs", subject, self._step_hook, text)
 
     @guarded("graph_in_attribute")
     def _check_attributes(self, pl_module: nn.Module) -> None:
@@ -251,14 +268,14 @@ class EvalModeAuditor(EvaluationLoopCallback):
         epoch_end = f"on_{LOOP_NAMES.get(stage, stage)}_epoch_end"
         for kept in self._attributes.epoch_end(pl_module, stage):
             name, tally = kept.name, kept.tally
-            if tally.attached:
+            if tally.attached and not self.allow_grad.names(f"self.{name}"):
                 mib = tally.kept_bytes(weight_storages(pl_module)) / MIB
                 in_training = self._fitting and kept.attached_between
                 when = "during training (`training_step` or a training hook)" if in_training else ""
                 text = messages.graph_in_attribute(name, self._root_type, tally, mib, when)
                 hook, where = ("training_step", "train") if in_training else (epoch_end, stage)
                 self._finding("graph_in_attribute", f"self.{name}", hook, text, where)
-            if kept.grows:
+            if kept.grows and not self.allow.names(f"self.{name}"):
                 devices = sorted(tally.devices)
                 text = messages.growing_collection(name, tally.tensors, tally.nbytes / MIB, devices, epoch_end)
                 self._finding("growing_collection", f"self.{name}", epoch_end, text, stage)

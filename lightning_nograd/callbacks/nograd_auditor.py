@@ -66,7 +66,9 @@ class NoGradAuditor(NoGradCallback):
         guard_backprop: run the ``BackpropGuard`` part.
         allow_train_mode: see ``EvalModeAuditor``.
         allow_grad: see ``EvalModeAuditor``.
-        allow: see ``BackpropGuard``.
+        allow: see ``BackpropGuard`` (and, for the collections that grow across evaluation epochs and the
+            savings replay, ``EvalModeAuditor`` and ``SavingsMonitor``). Each finding's fix ends with the exact
+            pattern, and its option, that silences it.
         budget: share of the run's time the timed savings replays may take (default 1.5%); the
             memory figures are measured at any budget (see the docs' SavingsMonitor page).
         repeats: timed on/off pairs per savings measurement, whatever the budget (``None``: as many
@@ -117,9 +119,9 @@ class NoGradAuditor(NoGradCallback):
         self._parts: list[NoGradCallback] = []
         with building_parts():
             if check_bool("audit_eval", audit_eval):
-                self._parts.append(EvalModeAuditor(on_violation, allow_train_mode, allow_grad))
+                self._parts.append(EvalModeAuditor(on_violation, allow_train_mode, allow_grad, allow))
             if check_bool("monitor_savings", monitor_savings):
-                self._parts.append(SavingsMonitor(budget=budget, repeats=repeats))
+                self._parts.append(SavingsMonitor(budget=budget, repeats=repeats, allow=allow))
             if check_bool("guard_backprop", guard_backprop):
                 self._parts.append(BackpropGuard(on_violation, allow))
         self._findings_printed = 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,7 +26,7 @@ from lightning_nograd.core import messages, torch_internals
 from lightning_nograd.core.arguments import check_float, check_int
 from lightning_nograd.core.findings import Finding
 from lightning_nograd.core.measure import EpochMeasures
-from lightning_nograd.core.module_paths import class_name
+from lightning_nograd.core.module_paths import NamePatterns
 from lightning_nograd.core.recording import StepRecorder, Tape, recorded_modules
 from lightning_nograd.core.savings import ReplayResult, savings_metrics
 from lightning_nograd.core.schedule import Measurement, ReplayBudget
@@ -111,6 +112,8 @@ class SavingsMonitor(EvaluationLoopCallback):
         min_repeats: fewest timed pairs worth running (the interval needs blocks to spread); below it time is
             not measured.
         max_repeats: most timed pairs when ``repeats`` is ``None``.
+        allow: regular expressions; ``"savings replay"`` silences the finding that a batch does not fit with
+            gradients on (``grad_replay_oom``).
 
     Raises:
         ValueError, TypeError: an argument of the wrong type or out of range.
@@ -129,8 +132,10 @@ class SavingsMonitor(EvaluationLoopCallback):
         budget: float = 0.015,
         min_repeats: int = 3,
         max_repeats: int = 10,
+        allow: Iterable[str] = (),
     ) -> None:
         super().__init__("warn")
+        self.allow = NamePatterns("allow", allow)
         self.measure_batches = check_int("measure_batches", measure_batches, 1)
         self.repeats = None if repeats is None else check_int("repeats", repeats, 1)
         self.budget = check_float("budget", budget, 0.0, 1000.0)
@@ -335,7 +340,7 @@ class SavingsMonitor(EvaluationLoopCallback):
         if plans[0]["pairs"] and not any(p["oom"] for p in plans):
             measurement.time_pairs(plans[0]["pairs"])
         if measurement.out_of_memory:
-            self._report_oom(tapes[0])
+            self._report_oom()
         self._finish_measurement(measurement)
 
     def _paused(self) -> AbstractContextManager[None]:
@@ -363,7 +368,7 @@ class SavingsMonitor(EvaluationLoopCallback):
         )
         measurement.start()
         if measurement.out_of_memory:
-            self._report_oom(batches[0])
+            self._report_oom()
         self._finish_measurement(measurement)
 
     def _finish_measurement(self, measurement: Measurement) -> None:
@@ -378,14 +383,15 @@ class SavingsMonitor(EvaluationLoopCallback):
         if not result.out_of_memory:
             self._cache[measurement.signature] = self._now.measurement
 
-    def _report_oom(self, tape: Tape) -> None:
+    def _report_oom(self) -> None:
+        if self.allow.names(messages.REPLAY_SUBJECT):
+            return
         stage = self._now.stage or "val"
-        subject = ", ".join(sorted({class_name(m) for m in tape.modules})) or "the step's functional code"
         text = messages.grad_replay_oom()
         self._add_finding(
             Finding(
                 "grad_replay_oom",
-                subject,
+                messages.REPLAY_SUBJECT,
                 stage,
                 f"{LOOP_NAMES[stage]}_step",
                 self._now.batches - 1,

@@ -51,10 +51,11 @@ def eval_blocks(
 
 def eval_mode_under_trainable(
     root: nn.Module, trained: set[int] | None = None, allowed: Callable[[str], bool] | None = None
-) -> list[tuple[str, list[str]]]:
+) -> list[tuple[str, list[tuple[str, str]]]]:
     """Dropout / batch-norm layers in eval mode whose block has trainable parameters.
 
-    Returns (topmost eval-mode module containing them, the layers), leaving out ``allowed`` paths.
+    Returns (topmost eval-mode module containing them, the layers as (path, class)), leaving out ``allowed``
+    layers (a block whose layers are all allowed is not returned).
     A frozen backbone in eval mode (parameters that do not require grad, or that no optimizer in
     ``trained`` steps) has no trainable parameters around its layers and is not returned, nor is a
     layer switched to eval on its own (``switched_alone``: frozen batch-norm statistics).
@@ -62,16 +63,18 @@ def eval_mode_under_trainable(
     Examples:
         >>> net = nn.Sequential(nn.Linear(2, 2), nn.Dropout()).eval()
         >>> eval_mode_under_trainable(net)
-        [('', ['1 (Dropout)'])]
+        [('', [('1', 'Dropout')])]
         >>> _ = net.requires_grad_(False)
         >>> eval_mode_under_trainable(net)
         []
     """
     modules = dict(named_modules(root))
     learning: LearningModules | None = None  # read only once a layer in eval mode asks
-    groups: dict[str, list[str]] = {}
+    groups: dict[str, list[tuple[str, str]]] = {}
     for path, module in modules.items():
         if module.training or not isinstance(module, MODE_SENSITIVE_TYPES):
+            continue
+        if allowed is not None and allowed(path):
             continue
         parent = modules.get(parent_path(path), module) if path else module
         if path and switched_alone(module, parent):
@@ -85,8 +88,8 @@ def eval_mode_under_trainable(
             if modules[ancestor].training:
                 break
             top = ancestor
-        groups.setdefault(top, []).append(f"{path} ({type(module).__name__})")
-    return [(top, layers) for top, layers in groups.items() if allowed is None or not allowed(top)]
+        groups.setdefault(top, []).append((path, type(module).__name__))
+    return list(groups.items())
 
 
 @dataclass
@@ -98,6 +101,7 @@ class Leak:
     where: str  # the hook or step during which it was switched
     batch_idx: int | None
     new: bool  # not reported before in this fit
+    layers: list[str]  # the layers in it that behave differently in train mode (and are not allowed to)
 
 
 class EvalModeLeaks:
@@ -184,9 +188,16 @@ class EvalModeLeaks:
                 where = "training_step"
             seen_at = batch_idx - 1 if where == "on_train_batch_end" and batch_idx else batch_idx
             for path, module in leaked:
-                if not any(a in paths for a in ancestors(path)[:-1]):
-                    leaks.append(Leak(path, module, where, seen_at, path not in self._reported))
-                    self._reported.add(path)
+                if any(a in paths for a in ancestors(path)[:-1]):
+                    continue
+                sensitive = [
+                    name for name, m in module.named_modules(prefix=path) if isinstance(m, MODE_SENSITIVE_TYPES)
+                ]
+                layers = [name for name in sensitive if not self.allowed(name)]
+                if sensitive and not layers:
+                    continue  # every layer in it that behaves differently in train mode is allowed to
+                leaks.append(Leak(path, module, where, seen_at, path not in self._reported, layers))
+                self._reported.add(path)
         self.clean_at = hook
         return [module for _, module in leaked], leaks
 
@@ -213,10 +224,10 @@ class EvalModeAtStart:
         report: receives each finding: the block's path and its layers in eval mode.
     """
 
-    def __init__(self, report: Callable[[str, list[str]], None]) -> None:
+    def __init__(self, report: Callable[[str, list[tuple[str, str]]], None]) -> None:
         self._report = report
         self._blocks: dict[str, set[int]] = {}  # block path -> the ids of its learning parameters
-        self._layers: dict[str, list[str]] = {}  # block path -> its dropout / batch-norm layers in eval mode
+        self._layers: dict[str, list[tuple[str, str]]] = {}  # block path -> its layers in eval mode (path, class)
 
     def start(self, root: nn.Module, trained: set[int] | None, allowed: Callable[[str], bool]) -> None:
         """Note the blocks in eval mode as training starts (``trained``: the parameters some optimizer steps)."""

@@ -145,13 +145,14 @@ class GraphProbe(Probe):
             self.report(event, modules)
 
     def grouped_events(self) -> list[tuple[GraphEvent, list[str]]]:
-        """This batch's graphs, one per hook, named by the deepest module containing all of them."""
+        """This batch's graphs, one per hook, named by the deepest module containing all of them, with the modules
+        that recorded them in the order the forward ran them (the order their first tensor was saved)."""
         by_hook: dict[str | None, list[GraphEvent]] = {}
         for event in self._batch_events.values():
             by_hook.setdefault(event.hook, []).append(event)
         grouped = []
         for hook, events in by_hook.items():
-            modules = sorted({e.module for e in events})
+            modules = list(dict.fromkeys(e.module for e in events))
             total = sum(e.saved_bytes for e in events)
             grouped.append((GraphEvent(common_ancestor(modules), hook, total), modules))
         return grouped

@@ -16,7 +16,7 @@ def inference_tensors(root: nn.Module, allowed: Callable[[str], bool] | None = N
     """Buffers and tensor attributes created under ``torch.inference_mode``: (path, kind).
 
     A list, tuple or dict attribute is reported once, with how many inference tensors it holds.
-    Those held by an ``allowed`` module path are left out.
+    Those held by an ``allowed`` module path, or whose own path is allowed, are left out.
 
     Examples:
         >>> net = nn.Linear(2, 2)
@@ -45,4 +45,5 @@ def inference_tensors(root: nn.Module, allowed: Callable[[str], bool] | None = N
                 count = sum(1 for item in items if isinstance(item, torch.Tensor) and item.is_inference())
                 if count:
                     found.append((prefix + name, f"collection attribute ({count} tensors)"))
-    return found
+    # the path a finding names (and its fix's pattern) allows it too
+    return [(path, kind) for path, kind in found if allowed is None or not allowed(path)]

@@ -21,7 +21,7 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_nograd.core.counters import ModeSwitches, mode_switches, visits
 from lightning_nograd.core.faults import Probe, isolated, isolated_method
-from lightning_nograd.core.module_paths import NamePatterns, class_name, mode_modules, parent_path
+from lightning_nograd.core.module_paths import NamePatterns, mode_modules, parent_path
 
 MODE_SENSITIVE_TYPES: tuple[type[nn.Module], ...] = (
     nn.modules.dropout._DropoutNd,
@@ -33,13 +33,28 @@ MODE_SENSITIVE_TYPES: tuple[type[nn.Module], ...] = (
 )
 
 
-def mode_sensitive_descendants(module: nn.Module, prefix: str) -> list[str]:
-    """Paths of layers in ``module`` that are in train mode and behave differently there."""
-    found = []
-    for name, child in module.named_modules(prefix=prefix):
-        if child.training and isinstance(child, MODE_SENSITIVE_TYPES):
-            found.append(f"{name} ({class_name(child)})")
-    return found
+def train_mode_layers(
+    module: nn.Module, prefix: str, allowed: Callable[[str], bool] | None = None, order: dict[int, int] | None = None
+) -> tuple[list[tuple[str, nn.Module]], bool]:
+    """The layers in ``module`` (itself included) that are in train mode and behave differently there, those
+    ``allowed`` left out, in the order the forward ran them where ``order`` (module ``id`` -> first call)
+    knows it; and whether any were left out.
+
+    Examples:
+        >>> net = nn.Sequential(nn.Linear(2, 2), nn.Dropout(), nn.BatchNorm1d(2))
+        >>> [path for path, _ in train_mode_layers(net, "", order={id(net[2]): 0, id(net[1]): 1})[0]]
+        ['2', '1']
+    """
+    found = [
+        (name, child)
+        for name, child in module.named_modules(prefix=prefix)
+        if child.training and isinstance(child, MODE_SENSITIVE_TYPES)
+    ]
+    kept = [(name, child) for name, child in found if allowed is None or not allowed(name)]
+    if order:
+        last = len(order)
+        kept.sort(key=lambda item: order.get(id(item[1]), last))
+    return kept, len(kept) < len(found)
 
 
 class ModeProbe(Probe):
@@ -47,19 +62,25 @@ class ModeProbe(Probe):
 
     Args:
         root: the module tree to watch (the LightningModule).
-        allowed: modules that legitimately stay in train mode (MC dropout); never reported.
-        on_train_forward: called with (topmost train-mode module path, module, confirmed) when a
-            forward in train mode starts (``confirmed=True``), or at the end of a batch for a module
-            that user code switched to train mode during the batch (``confirmed=False``: its
+        allowed: modules that legitimately stay in train mode (MC dropout); never reported, nor is a module
+            whose layers that behave differently in train mode are all allowed.
+        on_train_forward: called with (topmost train-mode module path, module, confirmed, its layers that
+            behave differently in train mode, in the order the forward ran them) at the end of the batch in
+            which a forward in train mode started (``confirmed=True``; as it starts with ``report_at_once``),
+            or for a module that user code switched to train mode during the batch (``confirmed=False``: its
             forward may have run before the switch); may raise to stop the run.
         fix: put the offending module (and everything below it) in eval mode before its
             forward runs.
+        report_at_once: report as the forward starts (``on_violation="error"`` stops there), the layers then
+            in the order they are defined.
+        locate: where a forward in train mode was found, asked as it starts (the callbacks name the hook that
+            ran it); passed on with the report as its last argument (``None`` without it, or when switched).
 
     Examples:
         >>> net = nn.Sequential(nn.Linear(2, 2), nn.Dropout()).eval()
         >>> _ = net[1].train()
         >>> seen = []
-        >>> probe = ModeProbe(net, NamePatterns("allow", ()), lambda p, m, c: seen.append(p), fix=True)
+        >>> probe = ModeProbe(net, NamePatterns("allow", ()), lambda p, m, c, layers, hook: seen.append(p), fix=True)
         >>> probe.refresh(); probe.before_batch()
         >>> _ = net(torch.ones(1, 2)); probe.after_batch()
         >>> seen, net[1].training
@@ -70,15 +91,22 @@ class ModeProbe(Probe):
         self,
         root: nn.Module,
         allowed: NamePatterns,
-        on_train_forward: Callable[[str, nn.Module, bool], None],
+        on_train_forward: Callable[[str, nn.Module, bool, list[tuple[str, nn.Module]], str | None], None],
         fix: bool,
         on_error: Callable[[BaseException], None] | None = None,
+        report_at_once: bool = False,
+        locate: Callable[[], str | None] | None = None,
     ) -> None:
         self.on_error = on_error
         self.root = root
         self.allowed = allowed
         self.on_train_forward = on_train_forward
         self.fix = fix
+        self.report_at_once = report_at_once
+        self.locate = locate
+        self._calls: dict[int, int] = {}  # module id -> order of its first call in a watched batch
+        # found as their forward started (with where), reported at the batch end
+        self._pending: list[tuple[str, nn.Module, str | None]] = []
         self._modules: list[tuple[str, nn.Module, nn.Module | None]] = []
         self._watch: dict[int, str] = {}
         self._reported_this_epoch: set[str] = set()
@@ -142,6 +170,7 @@ class ModeProbe(Probe):
         watch = {key: top for key, top in top_of.items() if top not in self._reported_this_epoch}
         watch.update({k: v for k, v in self._fixed.items() if k not in watch})
         self._watch = watch
+        self._calls = {}
         if watch and self._handle is None:
             self._handle = nn.modules.module.register_module_forward_pre_hook(isolated(self._pre_forward, self))
         elif not watch:
@@ -150,8 +179,12 @@ class ModeProbe(Probe):
 
     @isolated_method
     def after_batch(self) -> None:
-        """Remove the global pre-hook; report modules switched to train mode during the batch."""
+        """Remove the global pre-hook; report the modules found in train mode as their forward started (their
+        layers in the order the batch ran them), then those switched to train mode during the batch."""
         self._remove_hook()
+        pending, self._pending = self._pending, []
+        for top, module, where in pending:
+            self._report(top, module, True, where)
         switched = {
             top
             for key, top in self._train_mode_tops().items()
@@ -160,10 +193,17 @@ class ModeProbe(Probe):
         for top in sorted(switched):
             self._reported_this_epoch.add(top)
             module = self.root.get_submodule(top) if top else self.root
-            self.on_train_forward(top, module, False)
+            self._report(top, module, False, None)
             if self.fix:
                 self._fixed[id(module)] = top
+        self._calls = {}
         self._note_settled()
+
+    def _report(self, top: str, module: nn.Module, confirmed: bool, where: str | None) -> None:
+        layers, left_out = train_mode_layers(module, top, self.allowed.matches, self._calls)
+        if left_out and not layers:
+            return  # every layer that behaves differently in train mode is allowed to
+        self.on_train_forward(top, module, confirmed, layers, where)
 
     def close(self) -> None:
         """Remove every hook and drop references to the model."""
@@ -174,6 +214,7 @@ class ModeProbe(Probe):
         self._watch = {}
         self._fixed = {}
         self._train_at_start = set()
+        self._calls, self._pending = {}, []
         self.root = nn.Module()
         self.settled_at = None
 
@@ -197,13 +238,18 @@ class ModeProbe(Probe):
             self._handle = None
 
     def _pre_forward(self, module: nn.Module, args: Any) -> None:
+        self._calls.setdefault(id(module), len(self._calls))
         top = self._watch.get(id(module))
         if top is None or not module.training:
             return
         top_module = self.root.get_submodule(top) if top else self.root
         if top not in self._reported_this_epoch:
             self._reported_this_epoch.add(top)
-            self.on_train_forward(top, top_module, True)
+            where = self.locate() if self.locate is not None else None
+            if self.report_at_once:
+                self._report(top, top_module, True, where)
+            else:
+                self._pending.append((top, top_module, where))
         if self.fix:
             top_module.train(False)
             self._fixed[id(top_module)] = top

@@ -114,6 +114,17 @@ class NamePatterns:
             return False
         return any(p.fullmatch(c) for p in self._compiled for c in ancestors(path))
 
+    def names(self, subject: str) -> bool:
+        """Whether a pattern full-matches ``subject`` itself: for what is no module (a step's outputs, an attribute
+        ``self.preds``, the savings replay), which no module's pattern, the model's ``""`` included, allows.
+
+        Examples:
+            >>> everything, preds = NamePatterns("allow_grad", [""]), NamePatterns("allow", ["self[.]preds"])
+            >>> everything.names("self.preds"), preds.names("self.preds")
+            (False, True)
+        """
+        return any(p.fullmatch(subject) for p in self._compiled)
+
 
 def class_name(module: object) -> str:
     """The name of ``module``'s class as the user wrote it: FSDP2's ``fully_shard`` swaps a module's class

@@ -34,7 +34,7 @@ def test_gaps_are_explained_by_cause() -> None:
 def test_frozen_block_in_eval_mode_and_inference_buffers() -> None:
     net = nn.Sequential(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)), nn.Linear(2, 1))
     net[0].eval()
-    assert eval_mode_under_trainable(net) == [("0", ["0.1 (BatchNorm1d)"])]
+    assert eval_mode_under_trainable(net) == [("0", [("0.1", "BatchNorm1d")])]
     net[0].requires_grad_(False)
     assert eval_mode_under_trainable(net) == []
     with torch.inference_mode():
@@ -56,7 +56,7 @@ def test_layers_switched_to_eval_one_by_one_are_a_choice_blocks_are_not() -> Non
         leaked, found = leaks.read("training_step", 1)
         assert [leak.path for leak in found] == ["0"]
         assert len(leaked) == 4  # the block and its three layers, put back under on_violation="fix"
-        assert eval_mode_under_trainable(net) == [("0", ["0.1 (BatchNorm1d)", "0.2 (Dropout)"])]
+        assert eval_mode_under_trainable(net) == [("0", [("0.1", "BatchNorm1d"), ("0.2", "Dropout")])]
     finally:
         leaks.close()
 
@@ -292,8 +292,8 @@ def test_eval_mode_at_start_judges_each_block_at_its_first_full_check() -> None:
     params0, params1 = list(net[0].parameters()), list(net[1].parameters())
     frozen = check.frozen_on_purpose(params0 + params1, missing=params0)
     assert frozen == {id(p) for p in params0}
-    assert reported == [("1", ["1.1 (Dropout)"])]
+    assert reported == [("1", [("1.1", "Dropout")])]
     # block 2 was never covered by a full check: reported when judging stops
     check.close()
-    assert reported == [("1", ["1.1 (Dropout)"]), ("2", ["2.1 (Dropout)"])]
+    assert reported == [("1", [("1.1", "Dropout")]), ("2", [("2.1", "Dropout")])]
     assert check.frozen_on_purpose(list(net.parameters()), []) == set(), "judged once"
