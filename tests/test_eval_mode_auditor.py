@@ -489,3 +489,31 @@ def test_audit_gives_the_same_kept_graph_size() -> None:
         model(torch.ones(8, 8))
     (finding,) = [f for f in report.findings if f.kind == "graph_in_outputs"]
     assert finding.details["mib"] * 2**20 == 8 * 32768 * 4 + 8 * 8 * 4 + 8 * 4
+
+
+def test_findings_list_modules_in_the_order_the_forward_ran_them(tmp_path: Path) -> None:
+    class Backwards(pl.LightningModule):
+        """Modules named against the alphabet: the forward runs `zeta`, then `mid`, then `alpha`."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.zeta, self.mid, self.alpha = nn.Linear(8, 8), nn.Dropout(0.1), nn.Linear(8, 1)
+            self.zeta_drop = nn.Dropout(0.1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.alpha(self.mid(self.zeta_drop(self.zeta(x))))
+
+        def on_validation_epoch_start(self) -> None:
+            self.train()  # every layer in train mode as the batches start
+
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            with torch.enable_grad():
+                self(batch[0])
+
+    auditor = EvalModeAuditor()
+    with nograd_warnings():
+        trainer(tmp_path, [auditor], inference_mode=False, num_sanity_val_steps=0).validate(Backwards(), loader())
+    found = {f.kind: f for f in auditor.report.findings}
+    assert found["grad_enabled"].details["modules"] == ["zeta", "zeta_drop", "mid", "alpha"]  # not alphabetical
+    assert found["train_mode"].details["mode_sensitive_layers"] == ["zeta_drop (Dropout)", "mid (Dropout)"]
+    assert "zeta_drop (Dropout), mid (Dropout)" in found["train_mode"].problem
