@@ -24,7 +24,7 @@ def test_the_readme_is_a_front_page() -> None:
     assert len(lines) <= 250
     head = "\n".join(lines[:25])
     # what it is, the two set-up commands and the one-line use, all within the first 25 lines
-    assert 'pip install -e ".[tensorboard]" && python examples/quickstart.py' in head
+    assert 'pip install -e ".[tensorboard,rich]" && python examples/quickstart.py' in head  # the table as shown
     assert 'pip install -e ".[dev]" && python -m pytest -q' in head
     assert "trainer = pl.Trainer(callbacks=[NoGradAuditor()])" in head
     # the pictures and the pages it links to exist
@@ -35,7 +35,7 @@ def test_the_readme_is_a_front_page() -> None:
 
 def test_every_docs_page_is_in_the_site_and_every_link_resolves() -> None:
     config = (ROOT / "mkdocs.yml").read_text()
-    pages = {p.relative_to(DOCS).as_posix() for p in DOCS.rglob("*.md")}
+    pages = {p.relative_to(DOCS).as_posix() for p in DOCS.rglob("*.md")} - {"package-description.md"}  # the index's
     assert pages == set(re.findall(r":\s+([\w/-]+\.md)$", config, flags=re.M))
     for page in DOCS.rglob("*.md"):
         for target in re.findall(r"\]\(([^)#:]+)\)", page.read_text()):
@@ -115,3 +115,18 @@ def test_the_docs_front_page_shows_the_readme_s_table() -> None:
     readme, index = (ROOT / "README.md").read_text(), (DOCS / "index.md").read_text()
     assert table(readme) == table(index)
     assert "lightning-nograd report" in table(readme) and "│ validation │" in table(readme)
+
+
+def test_the_package_index_gets_the_readme_with_nothing_that_needs_a_clone() -> None:
+    spec = importlib.util.spec_from_file_location("package_description", ROOT / "scripts" / "package_description.py")
+    assert spec is not None and spec.loader is not None
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    readme, pyproject = (ROOT / "README.md").read_text(), (ROOT / "pyproject.toml").read_text()
+    described = (DOCS / "package-description.md").read_text()
+    assert described == script.render(readme, script.source_url(pyproject)), "run scripts/package_description.py"
+    assert 'readme = { file = "docs/package-description.md", content-type = "text/markdown" }' in pyproject
+    # every link and picture on the index page is absolute, or none is a link at all
+    targets = re.findall(r"\]\(([^)\s]+)\)", described)
+    assert all(t.startswith(("https://", "http://", "#")) for t in targets), targets
+    assert "docs/install.md` in the source distribution" in described
