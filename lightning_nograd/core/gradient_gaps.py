@@ -23,7 +23,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
 from lightning_nograd.core import torch_internals
@@ -67,23 +66,6 @@ class Cut:
     function: str
 
 
-class _StepTrace(TorchFunctionMode):
-    """Sees every torch function of the watched step, for ``GradModeProbe``."""
-
-    def __init__(self, probe: GradModeProbe) -> None:
-        super().__init__()
-        self.probe = probe
-
-    def __torch_function__(
-        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
-    ) -> Any:
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        if not torch.compiler.is_compiling():
-            self.probe._see_function(func, args, kwargs, out)
-        return out
-
-
 class GradModeProbe(Probe):
     """Records, for one step, which watched modules ran their forward with gradients on or off, and (where
     this torch's mode stack allows, ``torch_internals.function_modes_available``) where parameters were
@@ -116,7 +98,7 @@ class GradModeProbe(Probe):
         self._cut_nodes: set[int] = set()
         self._stack: list[str] = []
         self._handles: list[RemovableHandle] = []
-        self._trace: _StepTrace | None = None
+        self._trace: torch_internals.FunctionWatch | None = None
         self._aside: list[bool] = []  # per compiled module call: the trace stepped off the stack for it
         self._see_function = isolated(self._see_function_unsafe, self)
 
@@ -128,7 +110,7 @@ class GradModeProbe(Probe):
             nn.modules.module.register_module_forward_hook(isolated(self._post_forward, self), always_call=True),
         ]
         if torch_internals.function_modes_available():
-            self._trace = _StepTrace(self)
+            self._trace = torch_internals.FunctionWatch(self._see_function)
             torch_internals.push_function_mode(self._trace)
 
     def stop(self) -> None:

@@ -23,13 +23,13 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 from torch.utils.weak import WeakTensorKeyDictionary
 
 from lightning_nograd.core import torch_internals
 from lightning_nograd.core.faults import Probe, isolated
 from lightning_nograd.core.torch_internals import (
+    FunctionWatch,
     eager_module,
     register_forward_hook_with_kwargs,
     tree_leaves,
@@ -256,25 +256,6 @@ def _forward_patched(module: nn.Module) -> bool:
     return patched is not None and getattr(patched, "__func__", None) is not type(module).forward
 
 
-class _GlueMode(TorchFunctionMode):
-    """Sees every torch function the step runs outside recorded module calls, for ``StepRecorder``."""
-
-    def __init__(self, recorder: StepRecorder) -> None:
-        super().__init__()
-        self.recorder = recorder
-
-    def __torch_function__(
-        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
-    ) -> Any:
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        recorder = self.recorder
-        # dynamo, tracing compiled code that runs under this mode, takes the plain path: nothing recorded
-        if recorder.recording and recorder._active is None and not torch.compiler.is_compiling():
-            recorder._record_function(func, args, kwargs, out)
-        return out
-
-
 class StepRecorder(Probe):
     """Records a ``Tape`` of what runs between ``start()`` and ``stop()``.
 
@@ -317,9 +298,9 @@ class StepRecorder(Probe):
         self._active: int | None = None  # the module whose outermost call is running
         self._active_depth = 0
         self._stepped_aside = False
-        self._aside: _GlueMode | None = None  # the mode, off the stack while a whole call runs
+        self._aside: FunctionWatch | None = None  # the mode, off the stack while a whole call runs
         self._handles: list[RemovableHandle] = []
-        self._mode: _GlueMode | None = None
+        self._mode: FunctionWatch | None = None
         self._entries: list[TapeEntry] = []
         self._slots = 0
         self._produced: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
@@ -341,7 +322,7 @@ class StepRecorder(Probe):
         self._produced = WeakTensorKeyDictionary()
         self._trainable = {}
         if self.functions and torch_internals.function_modes_available():
-            self._mode = _GlueMode(self)
+            self._mode = FunctionWatch(self._see_function)
             torch_internals.push_function_mode(self._mode)
         self.recording = True
 
@@ -420,6 +401,11 @@ class StepRecorder(Probe):
 
     def _derived(self, tensor: torch.Tensor) -> bool:
         return tensor.requires_grad or tensor in self._produced
+
+    def _see_function(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
+        """A torch function the step ran outside whole module calls (inside one, the mode is off the stack)."""
+        if self.recording and self._active is None:
+            self._record_function(func, args, kwargs, out)
 
     def _record_function_unsafe(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
         name = function_name(func)

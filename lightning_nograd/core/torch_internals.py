@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
 from lightning_nograd.core.findings import user_stacklevel
@@ -304,6 +305,32 @@ def replay_refusal(device: torch.device | None = None) -> str | None:
     if device is not None and device.type == "cpu" and LiveTensorMemoryBase is object and profiler_running():
         return "replay skipped: " + describe("dispatch_mode")
     return None
+
+
+class FunctionWatch(TorchFunctionMode):
+    """A torch-function mode that runs each function as called, then hands it with its result to ``see`` (never
+    while dynamo traces code under it: compiled code takes the plain path, and nothing is seen there).
+
+    Examples:
+        >>> seen = []
+        >>> with FunctionWatch(lambda func, args, kwargs, out: seen.append(func.__name__)):
+        ...     _ = torch.ones(2) + 1
+        >>> seen
+        ['ones', 'add']
+    """
+
+    def __init__(self, see: Callable[[Any, tuple[Any, ...], dict[str, Any], Any], None]) -> None:
+        super().__init__()
+        self.see = see
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if not torch.compiler.is_compiling():
+            self.see(func, args, kwargs, out)
+        return out
 
 
 def function_modes_available() -> bool:
