@@ -1,6 +1,6 @@
 """Quickstart: a small convolutional classifier on synthetic images, with ``NoGradAuditor()``.
 
-Runs in under a minute on a 2-core CPU (20 epochs, about 50 s) and writes TensorBoard logs to
+20 epochs; the quickstart itself about 40 s on 2 CPU cores. Writes TensorBoard logs to
 ``./lightning_logs``.
 ``NoGradAuditor()`` is at its defaults. A batch of this model keeps about 12 MiB for backward when
 gradients are on, so the memory figures show what running validation without gradients saves, and
