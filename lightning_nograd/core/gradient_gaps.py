@@ -209,14 +209,16 @@ def starved_by(cuts: list[Cut], params: Iterable[nn.Parameter]) -> dict[int, Cut
     """
     wanted = {id(p) for p in params}
     found: dict[int, Cut] = {}
-    seen: set[int] = set()
+    # the nodes walked, kept referenced: a torch may hand out a new wrapper for a node at each
+    # `next_functions`, and a freed one's `id` would come back for another node (seen on torch 2.4)
+    seen: dict[int, Any] = {}
     for cut in cuts:
         stack = [cut.node]
         while stack and len(found) < len(wanted):
             node = stack.pop()
             if node is None or id(node) in seen:
                 continue
-            seen.add(id(node))
+            seen[id(node)] = node
             variable = getattr(node, "variable", None)  # AccumulateGrad: the parameter itself
             if variable is not None and id(variable) in wanted:
                 found.setdefault(id(variable), cut)
