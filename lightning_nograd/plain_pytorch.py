@@ -345,9 +345,12 @@ def check_training_step(
         if loss.requires_grad:
             loss.backward()  # type: ignore[no-untyped-call]
         if optimizer is not None:  # gradients the backward made that the optimizer will never apply
-            for path, names, mib in unstepped.step([optimizer]):
-                text = messages.grad_without_step(path, names, mib, describe_groups([optimizer]), root_type)
-                add("grad_without_step", path, "training step", text)
+            for group in unstepped.step([optimizer]):
+                text = messages.grad_without_step(
+                    group.subject, group.parameters, group.modules, group.kinds, group.mib,
+                    describe_groups([optimizer]), root_type,
+                )  # fmt: skip
+                add("grad_without_step", group.subject, "training step", text)
         for gap in explain_gradient_gaps(index, without_gradient(params), probe):
             if not allowed.matches(gap.subject):
                 add(gap.kind, gap.subject, "training step", gap.explanation(root_type))

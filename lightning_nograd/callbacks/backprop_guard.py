@@ -451,9 +451,11 @@ class BackpropGuard(NoGradCallback):
     def _check_unstepped_gradients(self, trainer: Trainer) -> None:
         optimizers = getattr(trainer, "optimizers", [])
         groups = describe_groups(optimizers)
-        for path, names, mib in self._unstepped.step(optimizers):
-            text = messages.grad_without_step(path, names, mib, groups, self._root_type)
-            self._finding("grad_without_step", path, "on_before_optimizer_step", text)
+        for group in self._unstepped.step(optimizers):
+            text = messages.grad_without_step(
+                group.subject, group.parameters, group.modules, group.kinds, group.mib, groups, self._root_type
+            )
+            self._finding("grad_without_step", group.subject, "on_before_optimizer_step", text)
 
     # -- stray graphs ----------------------------------------------------------------------------
 

@@ -224,14 +224,29 @@ def stray_graph(event: GraphEvent, modules: list[str], hook: str, root_type: str
     )
 
 
-def grad_without_step(path: str, parameters: list[str], mib: float, groups: list[str], root_type: str) -> Explanation:
-    """Trainable parameters got a gradient in a training step, but no optimizer steps them."""
+def grad_without_step(
+    path: str,
+    parameters: list[str],
+    modules: list[str],
+    kinds: dict[str, int],
+    mib: float,
+    groups: list[str],
+    root_type: str,
+) -> Explanation:
+    """Trainable parameters of ``modules`` (``kinds``: how many of each class) got a gradient in a training step,
+    but no optimizer steps them: one cause, the optimizers were built without them."""
+    layers = ", ".join(f"{kind} x{count}" if count > 1 else kind for kind, count in kinds.items())
+    where = (
+        f"{display_name(path, root_type)}"
+        if len(modules) == 1
+        else (f"{len(modules)} modules of {display_name(path, root_type)} ({layers})")
+    )
     return Explanation(
-        f"{len(parameters)} parameter(s) of {display_name(path, root_type)} get a gradient in every backward "
+        f"{len(parameters)} parameter(s) of {where} get a gradient in every backward "
         f"({format_bytes(mib * MIB)} of gradients) but no optimizer steps them ({shown(parameters)}): backward "
         f"spends time and memory on them and they never change; the optimizers hold: {'; '.join(groups)}",
         "add them to an optimizer (a parameter group of their own, with its learning rate), or set "
         f"`requires_grad_(False)` on them if they are meant to stay fixed. If they are kept out on purpose, "
-        f"{allow_hint('allow', path, root_type)}",
-        {"parameters": parameters, "gradient_mib": mib, "optimizer_groups": groups},
+        f"{allow_hint('allow', [path] if path else modules, root_type)}",
+        {"parameters": parameters, "modules": modules, "gradient_mib": mib, "optimizer_groups": groups},
     )

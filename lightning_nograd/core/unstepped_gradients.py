@@ -12,12 +12,32 @@ optimizer). A parameter that gets no gradient (a target network or an EMA teache
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from lightning_nograd.core.findings import common_ancestor
 from lightning_nograd.core.model_index import ParamIndex
 from lightning_nograd.core.tensors import MIB
+
+
+@dataclass
+class UnsteppedGroup:
+    """Parameters a backward gave a gradient that no optimizer steps.
+
+    Attributes:
+        subject: the deepest module that holds them all.
+        parameters: their names, in the model's order.
+        modules: the modules that own them, and ``kinds``, how many of each class.
+        mib: the memory of their gradients.
+    """
+
+    subject: str
+    parameters: list[str]
+    modules: list[str]
+    kinds: dict[str, int]
+    mib: float
 
 
 def describe_groups(optimizers: Iterable[torch.optim.Optimizer]) -> list[str]:
@@ -52,8 +72,8 @@ class UnsteppedGradients:
         >>> check.start(ParamIndex(net))
         >>> check.before_backward(optimizers)
         >>> net(torch.ones(1, 2)).sum().backward()
-        >>> [(path, names) for path, names, _ in check.step(optimizers)]
-        [('0', ['0.weight', '0.bias'])]
+        >>> [(group.subject, group.parameters, group.kinds) for group in check.step(optimizers)]
+        [('0', ['0.weight', '0.bias'], {'Linear': 1})]
     """
 
     def __init__(self, allowed: Callable[[str], bool]) -> None:
@@ -85,10 +105,10 @@ class UnsteppedGradients:
             if key not in stepped and p.requires_grad and not self.allowed(index.owner[key])
         }
 
-    def step(self, optimizers: Iterable[torch.optim.Optimizer]) -> list[tuple[str, list[str], float]]:
+    def step(self, optimizers: Iterable[torch.optim.Optimizer]) -> list[UnsteppedGroup]:
         """At the armed step's optimizer step: the parameters its backward gave a gradient and no optimizer
-        steps, grouped under the topmost module that holds them all (path, parameter names, MiB of their
-        gradients); then disarmed."""
+        steps, as one group (one cause: the optimizers were built without them), named by the deepest module
+        that holds them all; then disarmed."""
         before, self._before = self._before, None
         index = self.index
         if not self.armed or before is None or index is None:
@@ -96,15 +116,19 @@ class UnsteppedGradients:
         self.armed = False
         stepped = _stepped(optimizers) or set()
         got = [
-            index.params[key]
+            key
             for key, noted in before.items()
             if key not in stepped and _grad_state(index.params[key]) not in (None, noted)
         ]
-        by_name = {index.name(p): p for p in got}
-        return [
-            (path, names, sum(_nbytes(by_name[n].grad) for n in names) / MIB)
-            for path, names in index.group(got).items()
-        ]
+        if not got:
+            return []
+        owners = list(dict.fromkeys(index.owner[key] for key in got))
+        kinds: dict[str, int] = {}
+        for owner in owners:
+            kind = type(index.modules[owner]).__name__ if owner in index.modules else "Module"
+            kinds[kind] = kinds.get(kind, 0) + 1
+        mib = sum(_nbytes(index.params[key].grad) for key in got) / MIB
+        return [UnsteppedGroup(common_ancestor(owners), [index.names[key] for key in got], owners, kinds, mib)]
 
     def close(self) -> None:
         self.index, self._before, self.armed = None, None, False
