@@ -116,10 +116,6 @@ class Tape:
     def compiled(self) -> bool:
         return any(e.compiled for e in self.entries)
 
-    @property
-    def module_entries(self) -> int:
-        return sum(isinstance(e.fn, nn.Module) for e in self.entries)
-
 
 def current_autocast() -> tuple[str, torch.dtype] | None:
     """The active autocast (device type, dtype), if any: mixed precision must be replayed as run."""
@@ -297,7 +293,6 @@ class StepRecorder(Probe):
         self.recording = False
         self._active: int | None = None  # the module whose outermost call is running
         self._active_depth = 0
-        self._stepped_aside = False
         self._aside: FunctionWatch | None = None  # the mode, off the stack while a whole call runs
         self._handles: list[RemovableHandle] = []
         self._mode: FunctionWatch | None = None
@@ -332,7 +327,6 @@ class StepRecorder(Probe):
         mode, self._mode = self._mode, None
         if mode is not None:
             torch_internals.remove_function_mode(mode)
-        self._stepped_aside = False
         entries, self._entries = self._entries, []
         self._produced = WeakTensorKeyDictionary()
         if self.failed or not entries:
@@ -368,8 +362,7 @@ class StepRecorder(Probe):
         if mode is not None and torch_internals.function_mode_on_top(mode):
             # off the stack inside the call: no cost per op, and compiled code sees its usual stack
             torch_internals.remove_function_mode(mode)
-            self._mode, self._stepped_aside = None, True
-            self._aside = mode
+            self._mode, self._aside = None, mode
 
     def _post(self, module: nn.Module, args: Any, kwargs: dict[str, Any] | None, output: Any) -> None:
         if self._active != id(module):
@@ -378,12 +371,10 @@ class StepRecorder(Probe):
         if self._active_depth > 0:
             return
         self._active = None
-        if self._stepped_aside:
-            self._stepped_aside = False
-            if self.recording:
-                self._mode = self._aside
-                torch_internals.push_function_mode(self._mode)
-            self._aside = None
+        aside, self._aside = self._aside, None
+        if aside is not None and self.recording:
+            self._mode = aside
+            torch_internals.push_function_mode(aside)
         # a call whose keyword arguments are not known cannot be replayed; a raised forward has no output
         if kwargs is None or output is None or id(module) in self.opaque:
             return
@@ -488,14 +479,18 @@ def _finish(entries: list[TapeEntry], slots: int) -> Tape:
     for index, entry in enumerate(entries):
         entry.outputs = tuple((position, slot) for position, slot in entry.outputs if slot in last_use)
         entry.frees = tuple(frees.get(index, ()))
-    tape = Tape(entries, slots, tape_signature(entries))
+    return Tape(entries, slots, tape_signature(entries), _segments(entries))
+
+
+def _segments(entries: list[TapeEntry]) -> list[tuple[tuple[str, torch.dtype] | None, bool, list[TapeEntry]]]:
+    """Runs of consecutive entries with the same autocast and inference mode: the replay enters each once."""
+    segments: list[tuple[tuple[str, torch.dtype] | None, bool, list[TapeEntry]]] = []
     for entry in entries:
-        key = (entry.autocast, entry.inference_mode)
-        if tape.segments and (tape.segments[-1][0], tape.segments[-1][1]) == key:
-            tape.segments[-1][2].append(entry)
+        if segments and (segments[-1][0], segments[-1][1]) == (entry.autocast, entry.inference_mode):
+            segments[-1][2].append(entry)
         else:
-            tape.segments.append((entry.autocast, entry.inference_mode, [entry]))
-    return tape
+            segments.append((entry.autocast, entry.inference_mode, [entry]))
+    return segments
 
 
 def _replayable_value(value: Any) -> Any:
@@ -525,16 +520,7 @@ def replayable(tape: Tape) -> Tape:
         )
         for e in tape.entries
     ]
-    return _finish_copy(tape, entries)
-
-
-def _finish_copy(tape: Tape, entries: list[TapeEntry]) -> Tape:
-    copy = Tape(entries, tape.slots, tape.signature)
-    position = 0
-    for autocast, inference, segment in tape.segments:
-        copy.segments.append((autocast, inference, entries[position : position + len(segment)]))
-        position += len(segment)
-    return copy
+    return Tape(entries, tape.slots, tape.signature, _segments(entries))
 
 
 @contextlib.contextmanager
