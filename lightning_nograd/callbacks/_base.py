@@ -89,6 +89,8 @@ class NoGradCallback(CallbackBase):
         self._sink = MetricSink()
         self._state_key: str | None = None
         self._shared = False
+        # the names the loop under watch gives Lightning's hooks (a Hugging Face or Fabric loop's): findings use them
+        self._hook_names: dict[str, str] = {}
 
     def _state_key_settings(self) -> dict[str, Any]:
         """The constructor settings that tell two instances of this callback apart in a checkpoint."""
@@ -134,6 +136,7 @@ class NoGradCallback(CallbackBase):
         if position is not None:
             self._state_key = base if position == 0 else f"{base}#{position + 1}"
         _LIVE_STATE_KEYS.setdefault(base, weakref.WeakSet()).add(self)
+        self._hook_names = dict(getattr(trainer, "hook_names", None) or {})
         self._run = stage  # Lightning's `stage` here is the Trainer call: fit, validate, test, predict
         if not self._shared:  # a shared report is counted by its owner
             self.report.start_call()
@@ -209,6 +212,8 @@ class NoGradCallback(CallbackBase):
         """Report ``finding`` under this callback's ``on_violation``; returns whether it was new."""
         if finding.run is None and self._run is not None:
             finding = dataclasses.replace(finding, run=self._run)
+        if finding.hook in self._hook_names:
+            finding = dataclasses.replace(finding, hook=self._hook_names[finding.hook])
         return self._findings.add(finding)
 
     def _set_rank_zero(self, trainer: Trainer) -> None:

@@ -411,8 +411,8 @@ class BackpropGuard(NoGradCallback):
         for gap in gaps:
             members = [by_name[name] for name in gap.parameters if name in by_name]
             found_at = self._found_at(gap, by_name)
-            if gap.kind == "no_grad_module" or self._ddp_stops_on_unused:
-                gap.ddp_stops = self._ddp_stops_on_unused and gap.kind != "no_grad_module"
+            if gap.definite or self._ddp_stops_on_unused:
+                gap.ddp_stops = self._ddp_stops_on_unused and not gap.definite
                 self._report_gap(gap, found_at)
             else:
                 self._gradients.hold(gap, members, found_at, self._epoch)
@@ -430,7 +430,7 @@ class BackpropGuard(NoGradCallback):
         if gap.kind == "no_grad_module":
             self._counts["no_grad_modules"].add(gap.subject)
         self._counts["params_without_grad"].update(gap.parameters)
-        hook = "training_step" if gap.kind == "no_grad_module" else "on_before_optimizer_step"
+        hook = "training_step" if gap.definite else "on_before_optimizer_step"
         text = gap.explanation(self._root_type)
         first_epoch = self._epoch if epoch is None else epoch
         self._add_finding(Finding(gap.kind, gap.subject, "train", hook, batch_idx, first_epoch, *text))

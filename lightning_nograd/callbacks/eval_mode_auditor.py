@@ -120,7 +120,8 @@ class EvalModeAuditor(EvaluationLoopCallback):
         self._set_rank_zero(trainer)
         self._stage = stage
         self._fitting = getattr(getattr(trainer, "state", None), "fn", None) == "fit"  # a str enum
-        self._step_hook = f"{LOOP_NAMES[stage]}_step"
+        step_hook = f"{LOOP_NAMES[stage]}_step"
+        self._step_hook = self._hook_names.get(step_hook, step_hook)
         self._epoch = int(trainer.current_epoch)
         self._root_type = class_name(pl_module)
         self._findings.start_epoch(stage)

@@ -17,8 +17,11 @@ under the one finding that names the region.
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from types import FrameType
 from typing import Any
 
 import torch
@@ -27,7 +30,7 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_nograd.core import torch_internals
 from lightning_nograd.core.faults import Probe, isolated
-from lightning_nograd.core.findings import display_name
+from lightning_nograd.core.findings import common_ancestor, display_name
 from lightning_nograd.core.messages import Explanation, allow_hint
 from lightning_nograd.core.model_index import ParamIndex, topmost_in
 from lightning_nograd.core.modes import is_grad_recording
@@ -95,6 +98,8 @@ class GradModeProbe(Probe):
         # parameters used only where nothing is recorded: where (innermost watched module) and in which function
         self.used_without_grad: dict[int, tuple[str | None, str]] = {}
         self.cuts: list[Cut] = []
+        # watched modules that ran with gradients off inside a reentrant activation checkpoint
+        self.checkpointed: set[str] = set()
         self._cut_nodes: set[int] = set()
         self._stack: list[str] = []
         self._handles: list[RemovableHandle] = []
@@ -138,7 +143,10 @@ class GradModeProbe(Probe):
         if path is None:
             return
         self.order.setdefault(path, len(self.order))
-        (self.with_grad if is_grad_recording() else self.without_grad).add(path)
+        recording = is_grad_recording()
+        (self.with_grad if recording else self.without_grad).add(path)
+        if not recording and path not in self.checkpointed and _in_reentrant_checkpoint():
+            self.checkpointed.add(path)
         self._stack.append(path)
 
     def _post_forward(self, module: nn.Module, args: Any, output: Any) -> None:
@@ -195,6 +203,21 @@ class GradModeProbe(Probe):
         self.used_with_grad, self.used_without_grad = set(), {}
 
 
+def _in_reentrant_checkpoint() -> bool:
+    """Whether the forward under way runs inside ``torch.utils.checkpoint``'s reentrant function, which runs
+    it with gradients off and gives its output a gradient only when one of its inputs requires one."""
+    frame: FrameType | None = sys._getframe(2)
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name == "forward" and code.co_filename.endswith(_CHECKPOINT_FILE):
+            return True
+        frame = frame.f_back
+    return False
+
+
+_CHECKPOINT_FILE = os.path.join("torch", "utils", "checkpoint.py")
+
+
 def starved_by(cuts: list[Cut], params: Iterable[nn.Parameter]) -> dict[int, Cut]:
     """For each of ``params`` (by ``id``) that lies behind a cut in the autograd graph, the first such cut.
 
@@ -247,6 +270,14 @@ _CAUSES = {
     "unused": (
         "its module's forward did not run in the training step",
         "use it in the loss, or freeze it (`requires_grad_(False)`) or leave it out of the optimizer.",
+    ),
+    "reentrant_checkpoint": (
+        "they ran inside reentrant activation checkpoints (`torch.utils.checkpoint(..., use_reentrant=True)`, "
+        "gradient checkpointing) whose inputs did not require grad (frozen embeddings feed them), so the "
+        "checkpoints ran them with gradients off and gave their output no gradient",
+        "make the checkpoints' inputs require grad (Hugging Face models: `model.enable_input_require_grads()`), "
+        "or use non-reentrant checkpoints (`use_reentrant=False`; Hugging Face: "
+        '`gradient_checkpointing_kwargs={"use_reentrant": False}`).',
     ),
     "cause not yet known": (
         "no gradient reached it",
@@ -303,6 +334,12 @@ class GradientGap:
     upstream: list[str] = field(default_factory=list)
     cut_at: str | None = None
     cut_by: str = ""
+
+    @property
+    def definite(self) -> bool:
+        """Whether one watched step proves the parameters will never learn (a module run only under ``no_grad``,
+        a reentrant checkpoint without inputs that require grad), so the finding needs no more evidence."""
+        return self.kind == "no_grad_module" or self.cause == "reentrant_checkpoint"
 
     def problem(self, root_type: str) -> str:
         name = display_name(self.subject, root_type)
@@ -405,8 +442,10 @@ def explain_gradient_gaps(
     cut_groups: dict[int, tuple[Cut, list[nn.Parameter]]] = {}
     by_cause: dict[str, list[nn.Parameter]] = {}
 
+    containers = set(probe.watch.values()) - ran  # never called (a `ModuleList`): a region reaches over them
+
     def region_of(path: str | None) -> str | None:
-        return topmost_in(path, no_grad) if path is not None and path in no_grad else None
+        return topmost_in(path, no_grad, containers) if path is not None and path in no_grad else None
 
     for param in params:
         key, owner = id(param), index.owner[id(param)]
@@ -417,7 +456,7 @@ def explain_gradient_gaps(
             cut = Cut("no_grad", used_off[0], None, used_off[1])
             cut_groups.setdefault(hash((used_off[0], used_off[1])), (cut, []))[1].append(param)
         elif key not in probe.used_with_grad and owner in no_grad:
-            regions.setdefault(topmost_in(owner, no_grad), []).append(index.name(param))
+            regions.setdefault(topmost_in(owner, no_grad, containers), []).append(index.name(param))
         elif key in starved:
             cut = starved[key]
             region = region_of(cut.where) if cut.kind == "no_grad" else None
@@ -431,7 +470,13 @@ def explain_gradient_gaps(
             by_cause.setdefault("not used", []).append(param)
         else:
             by_cause.setdefault("detached" if owner in ran else "unused", []).append(param)
-    gaps = [
+    # modules run with gradients off by reentrant checkpoints: one cause, the checkpoints' inputs
+    checkpointed = sorted(r for r in {*regions, *upstream} if r in probe.checkpointed)
+    gaps = []
+    if checkpointed:
+        names = [n for r in checkpointed for n in (*regions.pop(r, []), *upstream.pop(r, []))]
+        gaps.append(GradientGap("param_without_grad", common_ancestor(checkpointed), names, "reentrant_checkpoint"))
+    gaps[:0] = [
         GradientGap("no_grad_module", region, regions.get(region, []), upstream=upstream.get(region, []))
         for region in sorted({*regions, *upstream}, key=lambda r: probe.order.get(r, len(probe.order)))
     ]

@@ -215,11 +215,18 @@ def switched_alone(module: nn.Module, parent: nn.Module | None) -> bool:
     return parent is not None and parent.training and not has_children(module)
 
 
-def topmost_in(path: str, paths: set[str]) -> str:
-    """The outermost ancestor of ``path`` reached through modules that are all in ``paths``."""
+def topmost_in(path: str, paths: set[str], through: set[str] | frozenset[str] = frozenset()) -> str:
+    """The outermost ancestor of ``path`` reached through modules that are all in ``paths``; an ancestor in
+    ``through`` (a ``ModuleList`` that is never called) is passed over on the way, never the answer itself.
+
+    Examples:
+        >>> topmost_in("net.blocks.0", {"net", "net.blocks.0"}, through={"net.blocks"})
+        'net'
+    """
     top = path
     for ancestor in reversed(ancestors(path)[:-1]):
-        if ancestor not in paths:
+        if ancestor in paths:
+            top = ancestor
+        elif ancestor not in through:
             break
-        top = ancestor
     return top

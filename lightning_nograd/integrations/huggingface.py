@@ -1,0 +1,326 @@
+"""NoGradTrainerCallback: lightning-nograd for the Hugging Face ``Trainer``.
+
+``Trainer(..., callbacks=[NoGradTrainerCallback()])`` (or ``trainer.add_callback(...)``) gives a
+Hugging Face run what ``NoGradAuditor`` gives a Lightning one: every evaluation and prediction batch
+audited (modules in train mode, forwards that record a graph, outputs that keep one), the training
+steps checked at each optimizer step (parameters without a gradient and why, trainable modules run
+under ``no_grad``, eval mode leaking into training, stray graphs, inference tensors, gradients no
+optimizer applies), and the savings of each evaluation measured and logged to every ``report_to``
+integration. Checked against transformers 4.46 to 5.x.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from lightning_nograd.callbacks.nograd_auditor import NoGradAuditor
+from lightning_nograd.core.findings import OnViolation
+from lightning_nograd.core.report import Report
+from lightning_nograd.integrations._loop import LoopDriver, LoopRun, Stage
+
+__all__ = ["NoGradTrainerCallback", "hf_metric_name"]
+
+
+def hf_metric_name(key: str) -> str:
+    """The name a lightning-nograd metric gets in a Hugging Face run's logs.
+
+    Evaluation metrics take the prefix the ``Trainer`` gives its own (``eval_``, ``test_``), so that its
+    ``report_to`` integrations show them beside ``eval/loss``; training counts keep their name.
+
+    Examples:
+        >>> hf_metric_name("nograd/val/graph_memory_mib"), hf_metric_name("nograd/train/params_without_grad")
+        ('eval_nograd/graph_memory_mib', 'nograd/params_without_grad')
+    """
+    parts = key.split("/")
+    if len(parts) == 3 and parts[0] == "nograd":
+        prefix = {"val": "eval_", "test": "test_", "train": ""}.get(parts[1])
+        if prefix is not None:
+            return f"{prefix}nograd/{parts[2]}"
+    return key
+
+
+#: Where a finding happened, in the Hugging Face ``Trainer``'s words.
+HOOK_NAMES = {
+    "validation_step": "prediction_step",
+    "test_step": "prediction_step",
+    "predict_step": "prediction_step",
+    "training_step": "compute_loss",
+    "on_before_optimizer_step": "on_pre_optimizer_step",
+    "on_train_batch_start": "training_step",
+    "on_train_batch_end": "on_step_end",
+    "on_train_epoch_start": "on_epoch_begin",
+    "on_train_epoch_end": "on_epoch_end",
+    "on_train_start": "on_train_begin",
+    "on_fit_start": "on_train_begin",
+    "on_validation_start": "evaluate",
+    "on_validation_end": "evaluate",
+    "on_validation_epoch_start": "evaluate",
+    "on_validation_epoch_end": "evaluate",
+}
+
+
+class _TrainerLog:
+    """Metrics into ``Trainer.log``: its ``log_history`` and every ``report_to`` integration."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self.trainer.log({hf_metric_name(key): value for key, value in metrics.items()})
+
+
+def _find_trainer() -> Trainer | None:
+    """The ``Trainer`` whose callback handler called this event: a ``self`` up the stack.
+
+    ``TrainerCallback`` events get the model, the optimizer and the dataloaders but not the trainer
+    (transformers 4.46 to 5.x); the trainer's methods that evaluate and train are where a batch begins
+    and ends.
+    """
+    frame: FrameType | None = sys._getframe(2)
+    while frame is not None:
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, Trainer):
+            return candidate
+        frame = frame.f_back
+    return None
+
+
+class NoGradTrainerCallback(TrainerCallback):
+    """lightning-nograd for the Hugging Face ``Trainer``: ``Trainer(..., callbacks=[NoGradTrainerCallback()])``.
+
+    Runs the ``NoGradAuditor`` of a Lightning run on the Hugging Face ``Trainer``'s events:
+
+    * every evaluation and prediction batch (``prediction_step``, the user's override included) is checked
+      for modules in train mode, forwards that record an autograd graph, and outputs that keep one;
+    * every training step (``training_step``) up to its optimizer step is checked for parameters that get no
+      gradient and why, trainable modules run under ``no_grad``, eval mode leaking into training, stray graphs,
+      inference tensors and gradients no optimizer applies;
+    * each evaluation's time, peak memory and the measured savings of ``no_grad`` are logged through
+      ``Trainer.log``, so every ``report_to`` integration shows them, as ``eval_nograd/<metric>``
+      (TensorBoard and W&B show ``eval/nograd/<metric>``), the training counts as ``nograd/<metric>``;
+    * at the end of ``train``, ``evaluate`` and ``predict`` rank zero prints the table a Lightning run prints,
+      and ``report`` holds every measurement and finding.
+
+    Args: those of ``lightning_nograd.NoGradAuditor``, with the same meaning.
+
+    Examples:
+        >>> callback = NoGradTrainerCallback(allow=[r"teacher"])
+        >>> callback.report.findings
+        []
+    """
+
+    def __init__(
+        self,
+        on_violation: OnViolation = "warn",
+        verbose: bool = True,
+        audit_eval: bool = True,
+        monitor_savings: bool = True,
+        guard_backprop: bool = True,
+        allow_train_mode: Iterable[str] = (),
+        allow_grad: Iterable[str] = (),
+        allow: Iterable[str] = (),
+        budget: float = 0.015,
+        repeats: int | None = None,
+        report_path: str | Path | None = None,
+    ) -> None:
+        self.auditor = NoGradAuditor(
+            on_violation, verbose, audit_eval, monitor_savings, guard_backprop,
+            allow_train_mode, allow_grad, allow, budget, repeats, report_path,
+        )  # fmt: skip
+        self._trainer: Trainer | None = None
+        self._driver: LoopDriver | None = None
+        self._epoch = 0
+        self._pending: Stage | None = None
+        self._eval_batches: int | None = None
+        self._step_inputs: Any = None
+
+    @property
+    def report(self) -> Report:
+        """Every evaluation's measurements and every finding (``lightning_nograd.core.report.Report``)."""
+        return self.auditor.report
+
+    # -- the trainer this callback watches --------------------------------------------------------
+
+    def _attach(self) -> LoopDriver | None:
+        """Find the trainer that called, once, and bracket its training and evaluation steps."""
+        if self._driver is not None:
+            return self._driver
+        trainer = _find_trainer()
+        if trainer is None:
+            return None
+        args = trainer.args
+        run = LoopRun([_TrainerLog(trainer)], torch.device(args.device), HOOK_NAMES)
+        run.world_size = int(args.world_size)
+        run.global_rank = int(args.process_index)
+        self._trainer = trainer
+        self._driver = LoopDriver(self.auditor, run)
+        # instance attributes over the trainer's (or its subclass's) own methods: a batch begins and ends there
+        trainer.training_step = self._around_training_step(trainer.training_step)  # type: ignore[method-assign]
+        trainer.compute_loss = self._around_compute_loss(trainer.compute_loss)  # type: ignore[method-assign]
+        trainer.prediction_step = self._around_prediction_step(trainer.prediction_step)  # type: ignore[method-assign]
+        trainer.evaluation_loop = self._around_evaluation_loop(trainer.evaluation_loop)  # type: ignore[method-assign]
+        return self._driver
+
+    def _sync(self, driver: LoopDriver) -> None:
+        trainer = self._trainer
+        if trainer is not None:
+            driver.run.global_step = int(trainer.state.global_step)
+            driver.run.strategy.model = getattr(trainer, "model_wrapped", None)
+
+    def _around_training_step(self, method: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(method)
+        def training_step(model: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+            driver = self._driver
+            if driver is None or not driver.fitting:
+                return method(model, inputs, *args, **kwargs)
+            self._sync(driver)
+            self._step_inputs = inputs  # the batch starts at `compute_loss`, once the step has called `model.train()`
+            try:
+                return method(model, inputs, *args, **kwargs)
+            except BaseException as err:
+                driver.failed(err)
+                raise
+            finally:
+                self._step_inputs = None
+
+        return training_step
+
+    def _around_compute_loss(self, method: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(method)
+        def compute_loss(model: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+            driver = self._driver
+            if driver is not None and self._step_inputs is not None and not driver.in_train_batch:
+                driver.train_batch_start(self._step_inputs)
+                driver.before_backward()  # (the step's backward follows `compute_loss` in `training_step`)
+            return method(model, inputs, *args, **kwargs)
+
+        return compute_loss
+
+    def _around_prediction_step(self, method: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(method)
+        def prediction_step(model: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+            driver = self._driver
+            if driver is None or (driver.stage is None and self._pending is None):
+                return method(model, inputs, *args, **kwargs)
+            self._sync(driver)
+            if driver.stage is None and self._pending is not None:
+                # the first batch: the loop has put the model in eval mode by now, as Lightning's has at its start
+                stage, self._pending = self._pending, None
+                driver.eval_start(stage, self._model(), self._eval_batches)
+            driver.eval_batch_start(inputs)
+            try:
+                outputs = method(model, inputs, *args, **kwargs)
+            except BaseException as err:
+                driver.failed(err)
+                raise
+            driver.eval_batch_end(outputs, inputs)
+            return outputs
+
+        return prediction_step
+
+    def _around_evaluation_loop(self, method: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(method)
+        def evaluation_loop(dataloader: Any, description: str, *args: Any, **kwargs: Any) -> Any:
+            driver = self._driver
+            if driver is None:
+                return method(dataloader, description, *args, **kwargs)
+            prefix = str(kwargs.get("metric_key_prefix", args[2] if len(args) > 2 else "eval"))
+            self._pending = "predict" if description == "Prediction" else "test" if prefix == "test" else "val"
+            try:
+                self._eval_batches = len(dataloader)
+            except TypeError:
+                self._eval_batches = None
+            try:
+                output = method(dataloader, description, *args, **kwargs)
+            except BaseException as err:
+                self._pending = None
+                driver.failed(err)
+                raise
+            self._pending = None
+            self._sync(driver)
+            driver.eval_end()
+            return output
+
+        return evaluation_loop
+
+    def _model(self) -> torch.nn.Module:
+        trainer = self._trainer
+        assert trainer is not None  # (only called once attached)
+        return trainer.model  # type: ignore[return-value]
+
+    # -- the Trainer's events ---------------------------------------------------------------------
+
+    def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        self._attach()
+
+    def on_prediction_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self._attach()  # added with `add_callback` just before `evaluate`: watching from the next loop on
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        driver = self._attach()
+        if driver is None:
+            return
+        self._sync(driver)
+        optimizer = kwargs.get("optimizer")
+        driver.run.max_epochs = int(args.num_train_epochs) if args.max_steps <= 0 else None
+        driver.fit_start(self._model(), [optimizer] if optimizer is not None else [])
+        self._epoch = 0
+
+    def on_epoch_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        driver = self._driver
+        if driver is not None and driver.fitting:
+            driver.train_epoch_start(self._epoch)
+
+    def on_pre_optimizer_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        driver = self._driver
+        trainer = self._trainer
+        if driver is not None and driver.fitting and trainer is not None and trainer.optimizer is not None:
+            driver.before_optimizer_step(trainer.optimizer)
+
+    def on_substep_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        driver = self._driver
+        if driver is not None and driver.in_train_batch:
+            driver.train_batch_end()
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        driver = self._driver
+        if driver is not None and driver.in_train_batch:
+            self._sync(driver)
+            driver.train_batch_end()
+
+    def on_epoch_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        driver = self._driver
+        if driver is not None and driver.fitting:
+            if driver.in_train_batch:
+                driver.train_batch_end()
+            self._sync(driver)
+            driver.train_epoch_end()
+            self._epoch += 1
+
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        driver = self._driver
+        if driver is not None:
+            self._sync(driver)
+            driver.fit_end()
