@@ -35,7 +35,7 @@ from lightning_nograd.core.recording import StepRecorder, Tape, call_hooks, reco
 from lightning_nograd.core.replay import EAGER_REPLAY_NOTE, Replay
 from lightning_nograd.core.report import Report
 from lightning_nograd.core.savings import savings_metrics
-from lightning_nograd.core.tensors import MIB, tally_tensors, weight_storages
+from lightning_nograd.core.tensors import MIB, module_device, tally_tensors, weight_storages
 from lightning_nograd.core.unstepped_gradients import UnsteppedGradients, describe_groups
 from lightning_nograd.errors import BrokenBackpropWarning
 
@@ -158,7 +158,7 @@ class _EvaluationAudit(Probe):
             return metrics, details
         if self.recorded.compiled:
             details["compiled"] = EAGER_REPLAY_NOTE
-        device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
+        device = module_device(self.model)
         refusal = torch_internals.replay_refusal(device)
         if refusal is not None:
             details["savings"] = refusal

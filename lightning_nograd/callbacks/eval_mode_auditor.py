@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+import torch
 from torch import nn
 from typing_extensions import override
 
@@ -102,6 +103,10 @@ class EvalModeAuditor(EvaluationLoopCallback):
         self._fixed_by_stage: dict[str, set[str]] = {}
         self._attributes = AttributeTensors()
         self._fitting = False
+        # gradients were off around the batch (Lightning's loops run under no_grad), so a graph means code inside
+        # switched them on; a loop that is not Lightning's may have forgotten `no_grad` instead
+        self._grad_off_around = True
+        self._step_disables_grad = False
 
     @override
     def _state_key_settings(self) -> dict[str, Any]:
@@ -120,6 +125,7 @@ class EvalModeAuditor(EvaluationLoopCallback):
         self._set_rank_zero(trainer)
         self._stage = stage
         self._fitting = getattr(getattr(trainer, "state", None), "fn", None) == "fit"  # a str enum
+        self._step_disables_grad = bool(getattr(trainer, "eval_step_disables_grad", False))
         step_hook = f"{LOOP_NAMES[stage]}_step"
         self._step_hook = self._hook_names.get(step_hook, step_hook)
         self._epoch = int(trainer.current_epoch)
@@ -140,6 +146,7 @@ class EvalModeAuditor(EvaluationLoopCallback):
         # every batch pays for this and the next hook: each does its cheap test inline and calls into a
         # check only when there is work (a mode to read or watch, a graph recorded, outputs to look at)
         self._batch_idx = batch_idx
+        self._grad_off_around = self._step_disables_grad or not torch.is_grad_enabled()
         modes = self._modes
         if modes is not None and modes.settled_at != mode_switches.count:
             modes.before_batch()
@@ -248,8 +255,7 @@ class EvalModeAuditor(EvaluationLoopCallback):
         self._add_finding(Finding(kind, subject, stage, hook, batch_idx, self._epoch, *text))
 
     def _graph_finding(self, event: GraphEvent, modules: list[str]) -> None:
-        # Lightning's loops run under no_grad / inference_mode: a graph means gradients were enabled inside
-        text = messages.grad_enabled(event, modules, self._root_type, grad_off_around=True)
+        text = messages.grad_enabled(event, modules, self._root_type, self._grad_off_around)
         self._finding("grad_enabled", event.module, event.hook or self._step_hook, text)
 
     @guarded("graph_in_outputs")
@@ -260,7 +266,7 @@ class EvalModeAuditor(EvaluationLoopCallback):
         tally = tally_tensors(outputs)
         if tally.attached:
             kept = tally.kept_bytes(weight_storages(pl_module)) / MIB
-            text = messages.graph_in_outputs(f"`{self._step_hook}`", subject, tally, kept, grad_off_around=True)
+            text = messages.graph_in_outputs(f"`{self._step_hook}`", subject, tally, kept, self._grad_off_around)
             self._finding("graph_in_outputs", subject, self._step_hook, text)
 
     @guarded("graph_in_attribute")

@@ -30,7 +30,7 @@ from lightning_nograd.core.module_paths import NamePatterns
 from lightning_nograd.core.recording import StepRecorder, Tape, recorded_modules
 from lightning_nograd.core.savings import ReplayResult, savings_metrics
 from lightning_nograd.core.schedule import Measurement, ReplayBudget
-from lightning_nograd.core.tensors import weight_storages
+from lightning_nograd.core.tensors import module_device, weight_storages
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ class SavingsMonitor(EvaluationLoopCallback):
         if is_sanity_checking(trainer):
             self._now = _StageEpoch()
             return
-        device = torch.device(pl_module.device)
+        device = module_device(pl_module)
         total = _total_batches(trainer, stage)
         now = self._now = self._epochs[stage] = _StageEpoch(
             stage=stage,

@@ -251,3 +251,18 @@ class AttributeTensors:
             )
             kept.append(KeptTensors(name, tally, name in self._attached_between, grows))
         return kept
+
+
+def module_device(module: torch.nn.Module) -> torch.device:
+    """The device ``module`` computes on: its ``device`` (a LightningModule's, a Hugging Face model's), else its
+    first parameter's, else the CPU.
+
+    Examples:
+        >>> module_device(torch.nn.Linear(2, 2))
+        device(type='cpu')
+    """
+    device = getattr(module, "device", None)
+    if isinstance(device, (torch.device, str)):
+        return torch.device(device)
+    return next((p.device for p in module.parameters()), torch.device("cpu"))
+

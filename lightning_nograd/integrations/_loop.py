@@ -74,6 +74,8 @@ class LoopRun:
         self.global_rank = 0
         self.strategy = LoopStrategy(device)
         self.callbacks: list[Any] = []
+        # the loop's evaluation step switches gradients off itself (the batch starts before it does)
+        self.eval_step_disables_grad = False
 
     @property
     def is_global_zero(self) -> bool:

@@ -160,6 +160,8 @@ class NoGradTrainerCallback(TrainerCallback):
         run = LoopRun([_TrainerLog(trainer)], torch.device(args.device), HOOK_NAMES)
         run.world_size = int(args.world_size)
         run.global_rank = int(args.process_index)
+        # the stock `prediction_step` runs the model under `no_grad`: a graph there means code inside enabled it
+        run.eval_step_disables_grad = type(trainer).prediction_step is Trainer.prediction_step
         self._trainer = trainer
         self._driver = LoopDriver(self.auditor, run)
         # instance attributes over the trainer's (or its subclass's) own methods: a batch begins and ends there

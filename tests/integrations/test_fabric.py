@@ -1,0 +1,78 @@
+"""NoGradFabricCallback on the Fabric loop of ``examples/fabric_loop.py`` (the shape of Fabric's docs)."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.fabric import Fabric
+
+from examples import fabric_loop
+from lightning_nograd import BrokenBackpropWarning, NoGradWarning
+from lightning_nograd.integrations.fabric import NoGradFabricCallback
+from tests.helpers import csv_values
+
+
+def test_arguments_are_checked_at_construction() -> None:
+    with pytest.raises(ValueError, match="on_violation"):
+        NoGradFabricCallback(on_violation="stop")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="budget"):
+        NoGradFabricCallback(budget=-1.0)
+
+
+def test_a_hook_before_setup_says_what_to_do() -> None:
+    callback = NoGradFabricCallback()
+    fabric = Fabric(accelerator="cpu", devices=1, callbacks=[callback])
+    with pytest.raises(RuntimeError, match="fabric.setup"):
+        fabric.call("on_train_start")
+
+
+def test_a_correct_loop_is_silent_and_its_metrics_reach_the_logger(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NoGradWarning)
+        callback, _ = fabric_loop.main(str(tmp_path), callback=NoGradFabricCallback())
+    assert callback is not None and callback.report.findings == []
+    epochs = [e for e in callback.report.epochs if e.stage == "val"]
+    assert len(epochs) == 3 and epochs[0].metrics["nograd/val/graph_memory_mib"] > 0
+    assert csv_values(tmp_path, "nograd/val/graph_memory_mib") == pytest.approx(
+        [e.metrics["nograd/val/graph_memory_mib"] for e in epochs]
+    )
+    assert csv_values(tmp_path, "nograd/train/params_without_grad") == [0.0, 0.0, 0.0]
+    assert "No findings" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("bug", "category", "kinds", "subject", "fix"),
+    [
+        ("train-mode", NoGradWarning, ["train_mode"], "", "call `model.eval()`"),
+        ("grad-enabled", NoGradWarning, ["grad_enabled", "graph_in_outputs"], "", "under `torch.no_grad()`"),
+        ("no-grad-branch", BrokenBackpropWarning, ["no_grad_module"], "block2", "remove the `torch.no_grad()`"),
+    ],
+)
+def test_seeded_bugs_are_found_and_named(
+    tmp_path: Path, bug: str, category: type[Warning], kinds: list[str], subject: str, fix: str
+) -> None:
+    with pytest.warns(category, match="lightning-nograd"):
+        callback, _ = fabric_loop.main(str(tmp_path), bug, epochs=2, callback=NoGradFabricCallback(verbose=False))
+    assert callback is not None
+    assert [f.kind for f in callback.report.findings] == kinds
+    first = callback.report.findings[0]
+    assert first.subject == subject and fix in first.fix
+    assert "batch" in first.hook  # the loop's words: "validation batch", "training batch"
+
+
+def test_weights_are_the_same_with_and_without_it(tmp_path: Path) -> None:
+    _, plain = fabric_loop.main(str(tmp_path / "plain"), callback=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NoGradWarning)
+        _, watched = fabric_loop.main(
+            str(tmp_path / "watched"), callback=NoGradFabricCallback(verbose=False, repeats=3)
+        )
+    for (name, a), (_, b) in zip(plain.state_dict().items(), watched.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    losses = [csv_values(tmp_path / run, "val_loss") for run in ("plain", "watched")]
+    assert losses[0] == losses[1] and len(losses[0]) == 3
