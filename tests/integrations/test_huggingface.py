@@ -192,7 +192,7 @@ def reentrant_without_input_grads() -> torch.nn.Module:
     ("make", "trainer_class", "lm", "kind", "subject", "hook", "fix"),
     [
         (bert, NoGradBackbone, False, "no_grad_module", "bert", "compute_loss", "remove the `torch.no_grad()`"),
-        (bert, GradInPrediction, False, "grad_enabled", "", "prediction_step", "torch.enable_grad()"),
+        (bert, GradInPrediction, False, "grad_enabled", "", "prediction_step", "under `torch.no_grad()`"),
         (
             reentrant_without_input_grads,
             Trainer,
