@@ -265,4 +265,3 @@ def module_device(module: torch.nn.Module) -> torch.device:
     if isinstance(device, (torch.device, str)):
         return torch.device(device)
     return next((p.device for p in module.parameters()), torch.device("cpu"))
-

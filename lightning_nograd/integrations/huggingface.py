@@ -107,7 +107,9 @@ class NoGradTrainerCallback(TrainerCallback):
       ``Trainer.log``, so every ``report_to`` integration shows them, as ``eval_nograd/<metric>``
       (TensorBoard and W&B show ``eval/nograd/<metric>``), the training counts as ``nograd/<metric>``;
     * at the end of ``train``, ``evaluate`` and ``predict`` rank zero prints the table a Lightning run prints,
-      and ``report`` holds every measurement and finding.
+      and ``report`` holds every measurement and finding;
+    * under DDP (``torchrun``, ``accelerate launch``) every rank checks its own batches, and rank zero warns
+      each finding once, naming the ranks that saw it.
 
     Args: those of ``lightning_nograd.NoGradAuditor``, with the same meaning.
 

@@ -25,7 +25,7 @@ def test_arguments_are_checked_at_construction() -> None:
 def test_a_hook_before_setup_says_what_to_do() -> None:
     callback = NoGradFabricCallback()
     fabric = Fabric(accelerator="cpu", devices=1, callbacks=[callback])
-    with pytest.raises(RuntimeError, match="fabric.setup"):
+    with pytest.raises(RuntimeError, match=r"fabric\.setup"):
         fabric.call("on_train_start")
 
 

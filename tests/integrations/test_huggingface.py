@@ -271,3 +271,32 @@ def test_importing_lightning_nograd_does_not_import_transformers() -> None:
 
     code = "import sys, lightning_nograd, lightning_nograd.integrations; assert 'transformers' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_ddp_through_accelerate_brings_every_ranks_findings_to_rank_zero(tmp_path: Path) -> None:
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    script = Path(__file__).with_name("hf_ddp_run.py")
+    env = dict(os.environ, PYTHONPATH=str(script.parents[2]))
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"]
+    with subprocess.Popen(
+        [*command, str(script), str(tmp_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True,
+    ) as process:  # fmt: skip
+        try:
+            _, stderr = process.communicate(timeout=300)  # a collective on one rank only would hang here
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            _, stderr = process.communicate()
+    assert process.returncode == 0, stderr[-3000:]
+    rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    # only rank 1 ran a dropout in train mode; rank 0 warned it once, naming rank 1, and rank 1 said nothing
+    assert rank0["findings"] == rank1["findings"] == [["train_mode", "bert.embeddings.dropout", [1]]]
+    assert len(rank0["warnings"]) == 1 and "on rank 1" in rank0["warnings"][0]
+    assert rank1["warnings"] == []
+    # the metrics of each evaluation, reduced over the ranks, at the evaluation's step
+    assert [row["eval_nograd/violations"] for row in rank0["metrics"] if "eval_nograd/violations" in row] == [1.0, 1.0]
