@@ -20,10 +20,10 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from lightning_nograd.core import messages, torch_internals
-from lightning_nograd.core.arguments import check_bool, check_choice, check_int
+from lightning_nograd.core.arguments import check_bool, check_int
 from lightning_nograd.core.eval_mode import eval_mode_under_trainable
 from lightning_nograd.core.faults import Probe, report_fault
-from lightning_nograd.core.findings import ON_VIOLATION_CHOICES, Finding, FindingLog, OnViolation
+from lightning_nograd.core.findings import Finding, FindingLog, OnViolation, Policy
 from lightning_nograd.core.gradient_gaps import GradModeProbe, explain_gradient_gaps
 from lightning_nograd.core.gradients import without_gradient
 from lightning_nograd.core.graph import GraphEvent, GraphProbe
@@ -70,11 +70,11 @@ class _EvaluationAudit(Probe):
             model,
             allow_train_mode,
             self._on_train_forward,
-            log.on_violation == "fix",
-            report_at_once=log.on_violation == "error",
+            log.policy.fixes,
+            report_at_once=log.policy.raises,
         )
         self.graph = GraphProbe(
-            model, frozenset(), self._graph_finding, allow_grad.matches, log.on_violation == "error"
+            model, frozenset(), self._graph_finding, allow_grad.matches, log.policy.raises
         )
         # one batch is what runs from one call of the model to the next (the loop's loss included); the second
         # batch is the one replayed: the first pays for lazy set-up and warm caches
@@ -228,10 +228,10 @@ def audit(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"Expected argument `model` to be a torch.nn.Module, but got {type(model).__name__}.")
-    choice = check_choice("on_violation", on_violation, ON_VIOLATION_CHOICES)
+    policy = Policy.of(on_violation)
     torch_internals.warn_missing()
     report = Report()
-    log = FindingLog(choice, on_new=report.add_finding)  # type: ignore[arg-type]
+    log = FindingLog(policy, on_new=report.add_finding)
     session = _EvaluationAudit(
         model,
         log,
@@ -306,11 +306,11 @@ def check_training_step(
         raise TypeError(f"Expected argument `model` to be a torch.nn.Module, but got {type(model).__name__}.")
     if not callable(loss_fn):
         raise TypeError(f"Expected argument `loss_fn` to be callable, but got {type(loss_fn).__name__}.")
-    choice = check_choice("on_violation", on_violation, ON_VIOLATION_CHOICES)
+    policy = Policy.of(on_violation)
     allowed = NamePatterns("allow", allow)
     torch_internals.warn_missing()
     report = Report()
-    log = FindingLog(choice, BrokenBackpropWarning, on_new=report.add_finding)  # type: ignore[arg-type]
+    log = FindingLog(policy, BrokenBackpropWarning, on_new=report.add_finding)
     root_type = type(model).__name__
 
     def add(kind: str, subject: str, hook: str, text: messages.Explanation) -> None:

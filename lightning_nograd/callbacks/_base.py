@@ -27,9 +27,8 @@ from lightning_nograd.callbacks._lightning import (
 )
 from lightning_nograd.callbacks.loggers import MetricSink, gather_objects
 from lightning_nograd.core import torch_internals
-from lightning_nograd.core.arguments import check_choice
 from lightning_nograd.core.faults import fault_message, isolating
-from lightning_nograd.core.findings import ON_VIOLATION_CHOICES, Finding, FindingLog, OnViolation, user_stacklevel
+from lightning_nograd.core.findings import Finding, FindingLog, OnViolation, Policy, user_stacklevel
 from lightning_nograd.core.report import Report
 from lightning_nograd.errors import NoGradWarning
 
@@ -73,7 +72,8 @@ class NoGradCallback(CallbackBase):
 
     def __init__(self, on_violation: OnViolation = "warn") -> None:
         super().__init__()
-        self.on_violation: OnViolation = check_choice("on_violation", on_violation, ON_VIOLATION_CHOICES)  # type: ignore[assignment]
+        self._policy = Policy.of(on_violation)  # decoded once: the checks ask it whether to fix or to raise
+        self.on_violation: OnViolation = on_violation
         torch_internals.warn_missing()  # what a check cannot do on this torch, said as the callback is built
         self._report = Report()
         # where a run in spawned or forked worker processes (`ddp_spawn`, `ddp_notebook`) leaves the report
@@ -83,7 +83,7 @@ class NoGradCallback(CallbackBase):
         weakref.finalize(self, _remove_handoff, self._handoff, self._origin_pid)
         self._switched_off: set[str] = set()
         self._findings = FindingLog(
-            self.on_violation, self._warning_category, on_new=self._on_new_finding, on_ranks_added=self._on_ranks_added
+            self._policy, self._warning_category, on_new=self._on_new_finding, on_ranks_added=self._on_ranks_added
         )
         self._run: str | None = None  # the Trainer call under way (setup's `stage`)
         self._sink = MetricSink()

@@ -308,12 +308,12 @@ class BackpropGuard(NoGradCallback):
         for leak in leaks:
             self._counts["eval_mode_modules"].add(leak.path)
             if leak.new:
-                fixed = self.on_violation == "fix"
+                fixed = self._policy.fixes
                 text = messages.eval_mode_leak(leak.path, leak.module, self._root_type, fixed, leak.layers)
                 self._add_finding(
                     Finding("eval_mode_leak", leak.path, "train", leak.where, leak.batch_idx, self._epoch, *text)
                 )
-        if self.on_violation == "fix":
+        if self._policy.fixes:
             for module in leaked:
                 module.training = True
 
@@ -472,7 +472,7 @@ class BackpropGuard(NoGradCallback):
             OUTSIDE_STEP_HOOKS,
             self._stray_finding,
             self.allow.matches,
-            self.on_violation == "error",
+            self._policy.raises,
             on_error=on_error,
         )
 

@@ -189,9 +189,9 @@ class EvalModeAuditor(EvaluationLoopCallback):
             pl_module,
             self.allow_train_mode,
             self._on_train_forward,
-            self.on_violation == "fix",
+            self._policy.fixes,
             on_error=lambda err: self._switch_off("train_mode", err),
-            report_at_once=self.on_violation == "error",
+            report_at_once=self._policy.raises,
             locate=lambda: calling_hook(None, EVAL_HOOK_NAMES),
         )
         self._modes.keep_fixing(self._fixed_by_stage.get(self._stage_name(), set()))
@@ -203,7 +203,7 @@ class EvalModeAuditor(EvaluationLoopCallback):
             EVAL_HOOK_NAMES,
             self._graph_finding,
             self.allow_grad.matches,
-            self.on_violation == "error",
+            self._policy.raises,
             on_error=lambda err: self._switch_off("grad_enabled", err),
         )
         self._graph.start()
@@ -242,7 +242,7 @@ class EvalModeAuditor(EvaluationLoopCallback):
         text = messages.train_mode(path, module, self._root_type, confirmed, "the step", layers)
         hook = hook or self._step_hook
         action = ""
-        if self.on_violation == "fix":
+        if self._policy.fixes:
             action = "; it was put in eval mode for the rest of the stage"
             action = action if confirmed else "; it is kept in eval mode from the next batch on"
         self._finding("train_mode", path, hook, text._replace(problem=text.problem + action))

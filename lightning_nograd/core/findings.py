@@ -11,10 +11,41 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal, get_args
 
+from lightning_nograd.core.arguments import check_choice
 from lightning_nograd.errors import NoGradError, NoGradWarning
 
 OnViolation = Literal["warn", "fix", "error"]
 ON_VIOLATION_CHOICES: tuple[str, ...] = get_args(OnViolation)
+
+
+@dataclass(frozen=True)
+class Policy:
+    """``on_violation`` decoded once, into what the checks do with a violation.
+
+    Attributes:
+        name: ``"warn"``, ``"fix"`` or ``"error"``, as given.
+        fixes: put what is wrong right where a check can (eval mode for a module evaluating in train mode,
+            train mode back for one whose eval mode leaked into training), and warn.
+        raises: stop the run with ``lightning_nograd.NoGradError`` at the first violation.
+
+    Examples:
+        >>> Policy.of("fix")
+        Policy(name='fix', fixes=True, raises=False)
+        >>> Policy.of("stop")
+        Traceback (most recent call last):
+        ...
+        ValueError: Expected argument `on_violation` to be one of 'warn', 'fix', 'error', but got 'stop'.
+    """
+
+    name: str
+    fixes: bool
+    raises: bool
+
+    @classmethod
+    def of(cls, on_violation: object) -> Policy:
+        """The policy of ``on_violation``; a ``ValueError`` naming the argument for any other value."""
+        name = check_choice("on_violation", on_violation, ON_VIOLATION_CHOICES)
+        return cls(name, fixes=name == "fix", raises=name == "error")
 
 
 @dataclass(frozen=True)
@@ -165,11 +196,11 @@ class FindingLog:
     """Collects findings, de-duplicates them per run and applies ``on_violation``.
 
     Args:
-        on_violation: ``"warn"`` or ``"fix"`` warn once per distinct finding; ``"error"`` raises.
+        policy: what a new finding does: warn once per distinct finding, or raise (``Policy.raises``).
         category: the warning class used for new findings.
 
     Examples:
-        >>> log = FindingLog("warn")
+        >>> log = FindingLog(Policy.of("warn"))
         >>> f = Finding("train_mode", "head", "val", "validation_step", 0, 0, "p", "f")
         >>> import warnings
         >>> with warnings.catch_warnings(record=True) as seen:
@@ -183,12 +214,12 @@ class FindingLog:
 
     def __init__(
         self,
-        on_violation: OnViolation = "warn",
+        policy: Policy,
         category: type[NoGradWarning] = NoGradWarning,
         on_new: Callable[[Finding], None] | None = None,
         on_ranks_added: Callable[[Finding, Finding], None] | None = None,
     ) -> None:
-        self.on_violation = on_violation
+        self.policy = policy
         self.category = category
         self.may_warn = True
         self.findings: list[Finding] = []
@@ -228,7 +259,7 @@ class FindingLog:
             self._unshared.append(finding)
         for listener in self.listeners:
             listener(finding)
-        if self.on_violation == "error" and local:  # a rank that saw it stops the run; the others only report it
+        if self.policy.raises and local:  # a rank that saw it stops the run; the others only report it
             raise NoGradError(finding.message)
         if self.may_warn:
             warnings.warn(finding.message, self.category, stacklevel=user_stacklevel())

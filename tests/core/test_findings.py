@@ -6,7 +6,7 @@ import warnings
 import pytest
 
 from lightning_nograd import NoGradError, NoGradWarning
-from lightning_nograd.core.findings import Finding, FindingLog, common_ancestor
+from lightning_nograd.core.findings import Finding, FindingLog, Policy, common_ancestor
 from lightning_nograd.core.report import Report
 
 
@@ -21,7 +21,7 @@ def test_message_names_subject_stage_hook_batch_and_fix() -> None:
 
 
 def test_each_distinct_finding_is_warned_once_and_counted_per_epoch() -> None:
-    log = FindingLog("warn")
+    log = FindingLog(Policy.of("warn"))
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         log.add(finding())
@@ -35,11 +35,11 @@ def test_each_distinct_finding_is_warned_once_and_counted_per_epoch() -> None:
 
 def test_error_mode_raises_and_state_round_trips() -> None:
     with pytest.raises(NoGradError, match="train mode"):
-        FindingLog("error").add(finding())
-    log = FindingLog("warn")
+        FindingLog(Policy.of("error")).add(finding())
+    log = FindingLog(Policy.of("warn"))
     log.may_warn = False
     log.add(finding())
-    restored = FindingLog("warn")
+    restored = FindingLog(Policy.of("warn"))
     restored.load_state(json.loads(json.dumps(log.state())))
     assert restored.state() == log.state()
     assert not restored.add(finding()), "a restored run does not report (or warn) the finding again"
