@@ -73,9 +73,7 @@ class _EvaluationAudit(Probe):
             log.policy.fixes,
             report_at_once=log.policy.raises,
         )
-        self.graph = GraphProbe(
-            model, frozenset(), self._graph_finding, allow_grad.matches, log.policy.raises
-        )
+        self.graph = GraphProbe(model, frozenset(), self._graph_finding, allow_grad.matches, log.policy.raises)
         # one batch is what runs from one call of the model to the next (the loop's loss included); the second
         # batch is the one replayed: the first pays for lazy set-up and warm caches
         self.recorder: StepRecorder | None = None

@@ -389,7 +389,7 @@ class BackpropGuard(NoGradCallback):
         by_name = {index.name(p): p for p in suspects}
         for gap in explain_gradient_gaps(index, suspects, None):
             if whole_epoch_only:
-                gap.evidence = "at every step of a whole epoch"
+                gap = dataclasses.replace(gap, evidence="at every step of a whole epoch")
             self._report_gap(gap, self._found_at(gap, by_name))
 
     @property
@@ -412,8 +412,9 @@ class BackpropGuard(NoGradCallback):
             members = [by_name[name] for name in gap.parameters if name in by_name]
             found_at = self._found_at(gap, by_name)
             if gap.definite or self._ddp_stops_on_unused:
-                gap.ddp_stops = self._ddp_stops_on_unused and not gap.definite
-                self._report_gap(gap, found_at)
+                self._report_gap(
+                    dataclasses.replace(gap, ddp_stops=self._ddp_stops_on_unused and not gap.definite), found_at
+                )
             else:
                 self._gradients.hold(gap, members, found_at, self._epoch)
 

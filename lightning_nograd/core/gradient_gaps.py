@@ -309,7 +309,7 @@ def _place(where: str | None, root_type: str) -> str:
     return f"in the forward of {display_name(where, root_type)}"
 
 
-@dataclass
+@dataclass(frozen=True)
 class GradientGap:
     """Trainable parameters that got no gradient for one root cause, named by the module it lies in.
 
