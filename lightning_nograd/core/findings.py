@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal, get_args
 
+from lightning_nograd.core import stack
 from lightning_nograd.core.arguments import check_choice
 from lightning_nograd.errors import NoGradError, NoGradWarning
 
@@ -176,19 +177,14 @@ def user_stacklevel() -> int:
     ``trainer.fit`` / ``validate`` / ``test``, or their own code that called into us. Falls back to
     our caller's caller when the whole stack is library code.
     """
-    import sys
-
     global _PACKAGE_DIRS
     if _PACKAGE_DIRS is None:
         _PACKAGE_DIRS = _package_dirs()
-    frame = sys._getframe(1)  # the function that will call warnings.warn: stacklevel 1
-    level = 1
-    while frame is not None:
+    # from the function that will call warnings.warn: stacklevel 1
+    for level, frame in enumerate(stack.outward(stack.caller()), start=1):
         filename = frame.f_code.co_filename
         if not filename.startswith(_PACKAGE_DIRS) and not filename.startswith("<") and not _installed(filename):
             return level
-        frame = frame.f_back  # type: ignore[assignment]
-        level += 1
     return 2
 
 

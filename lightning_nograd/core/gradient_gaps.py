@@ -18,10 +18,8 @@ under the one finding that names the region.
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from types import FrameType
 from typing import Any
 
 import torch
@@ -35,6 +33,7 @@ from lightning_nograd.core.messages import Explanation, allow_hint
 from lightning_nograd.core.model_index import ParamIndex, topmost_in
 from lightning_nograd.core.modes import is_grad_recording
 from lightning_nograd.core.recording import function_name
+from lightning_nograd.core.stack import running_function
 from lightning_nograd.core.torch_internals import tree_leaves
 
 # functions whose result carries no graph of its input: the gradient path ends there
@@ -206,13 +205,7 @@ class GradModeProbe(Probe):
 def _in_reentrant_checkpoint() -> bool:
     """Whether the forward under way runs inside ``torch.utils.checkpoint``'s reentrant function, which runs
     it with gradients off and gives its output a gradient only when one of its inputs requires one."""
-    frame: FrameType | None = sys._getframe(2)
-    while frame is not None:
-        code = frame.f_code
-        if code.co_name == "forward" and code.co_filename.endswith(_CHECKPOINT_FILE):
-            return True
-        frame = frame.f_back
-    return False
+    return running_function(_CHECKPOINT_FILE, "forward")
 
 
 _CHECKPOINT_FILE = os.path.join("torch", "utils", "checkpoint.py")

@@ -10,7 +10,6 @@ Lightning hook that called it.
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from types import FrameType
 import torch
 from torch import nn
 
-from lightning_nograd.core import torch_internals
+from lightning_nograd.core import stack, torch_internals
 from lightning_nograd.core.faults import Probe, isolated_method, report_fault
 from lightning_nograd.core.findings import common_ancestor
 from lightning_nograd.core.module_paths import named_modules
@@ -201,15 +200,14 @@ class GraphProbe(Probe):
         spectral norm, parametrizations computing ``weight = weight_orig * mask``): that is no forward.
         """
         module: str | None = None
-        while frame is not None:
-            if frame.f_code.co_filename.endswith(REPARAMETRIZATION_FILES):
+        for outer in stack.outward(frame):
+            if outer.f_code.co_filename.endswith(REPARAMETRIZATION_FILES):
                 return None, None
-            if module is None and frame.f_code is torch_internals.CALL_IMPL_CODE:
-                module = self._names.get(id(frame.f_locals.get("self")))
-            code_name = frame.f_code.co_name
+            if module is None and outer.f_code is torch_internals.CALL_IMPL_CODE:
+                module = self._names.get(id(outer.f_locals.get("self")))
+            code_name = outer.f_code.co_name
             if code_name in self.hook_names:
                 return (module if module is not None else ""), code_name
-            frame = frame.f_back
         return (module if module is not None else ""), None
 
 
@@ -253,7 +251,7 @@ class _SavedTensorsHub:
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
         if self._paused:
             return tensor.detach()
-        frame = sys._getframe(1)
+        frame = stack.caller()  # the autograd op that saves the tensor
         for probe in list(self.probes):
             probe.receive(tensor, frame)
         return tensor.detach()

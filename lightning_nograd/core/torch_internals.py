@@ -18,7 +18,6 @@ from __future__ import annotations
 import importlib
 import inspect
 import logging
-import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
+from lightning_nograd.core import stack
 from lightning_nograd.core.findings import user_stacklevel
 from lightning_nograd.errors import NoGradWarning
 
@@ -532,9 +532,7 @@ def register_forward_hook_with_kwargs(
             hook(module, args, None, output)
             return
         code = CALL_IMPL_CODE
-        frame = sys._getframe(1) if code is not None else None
-        while frame is not None and frame.f_code is not code:
-            frame = frame.f_back
+        frame = stack.frame_running(code, stack.caller()) if code is not None else None
         kwargs = frame.f_locals.get("kwargs") if frame is not None else None
         hook(module, args, kwargs if isinstance(kwargs, dict) else None, output)
 

@@ -12,10 +12,8 @@ integration. Checked against transformers 4.46 to 5.x.
 from __future__ import annotations
 
 import functools
-import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import torch
@@ -24,6 +22,7 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState,
 from lightning_nograd.callbacks.nograd_auditor import NoGradAuditor
 from lightning_nograd.core.findings import OnViolation
 from lightning_nograd.core.report import Report
+from lightning_nograd.core.stack import innermost_self
 from lightning_nograd.integrations._loop import LoopDriver, LoopRun, Stage
 
 __all__ = ["NoGradTrainerCallback", "hf_metric_name"]
@@ -84,13 +83,8 @@ def _find_trainer() -> Trainer | None:
     (transformers 4.46 to 5.x); the trainer's methods that evaluate and train are where a batch begins
     and ends.
     """
-    frame: FrameType | None = sys._getframe(2)
-    while frame is not None:
-        candidate = frame.f_locals.get("self")
-        if isinstance(candidate, Trainer):
-            return candidate
-        frame = frame.f_back
-    return None
+    found = innermost_self(lambda candidate: isinstance(candidate, Trainer))
+    return found if isinstance(found, Trainer) else None
 
 
 class NoGradTrainerCallback(TrainerCallback):
