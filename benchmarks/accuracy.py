@@ -22,7 +22,7 @@ from benchmarks.models import MODELS, BenchModule
 from benchmarks.overhead import Clock
 from benchmarks.timing import in_fresh_process
 from lightning_nograd import SavingsMonitor
-from lightning_nograd.core.savings import saved_share
+from lightning_nograd.core.savings.estimate import saved_share
 
 
 class GradOnValidation(pl.Callback):

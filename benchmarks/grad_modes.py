@@ -21,10 +21,10 @@ import torch
 
 from benchmarks.models import MODELS
 from benchmarks.timing import in_fresh_process
-from lightning_nograd.core.measure import peak_bytes_of, synchronize
-from lightning_nograd.core.recording import Tape
-from lightning_nograd.core.replay import graph_bytes_of
-from lightning_nograd.core.tensors import MIB
+from lightning_nograd.core.checks.tensors import MIB
+from lightning_nograd.core.savings.epoch_measures import peak_bytes_of, synchronize
+from lightning_nograd.core.savings.recording import Tape
+from lightning_nograd.core.savings.replay import graph_bytes_of
 
 MODES = ("grad", "no_grad", "inference_mode")
 

@@ -152,7 +152,7 @@ def report(results: dict[str, Any], quick: bool, cuda: bool) -> list[str]:
         f"Machine: {results['machine']}. {took(results)}"
         + at_commits(results)
         + ". Each model runs in a fresh process",
-        "with glibc's allocator settled (`SETTLED_MALLOC_ENV` in `lightning_nograd/core/measure.py`)",
+        "with glibc's allocator settled (`SETTLED_MALLOC_ENV` in `lightning_nograd/core/savings/epoch_measures.py`)",
         "unless a row says otherwise.",
         "",
     ]

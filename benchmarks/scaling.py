@@ -16,7 +16,7 @@ measurement, counted in the last column instead). Then the
 same for an empty ``Callback`` in a run of its own: between a forward and the next hook the CPU
 caches hold the model, so even an empty hook (and the clock around it) costs a microsecond or
 more, growing with the model. Also the share of the batch, and the most module/parameter visits
-of the checks in one such batch (``lightning_nograd.core.counters.visits``). Twice: with the savings
+of the checks in one such batch (``lightning_nograd.core.plumbing.counters.visits``). Twice: with the savings
 replays off (``monitor_savings=False``) and at the defaults. Then the one-time analyses on the
 largest model (indexing, grouping and explaining parameters without gradients, inference-tensor
 and eval-mode scans, allow-list matching, the check of which modules are frozen that each epoch
@@ -51,12 +51,13 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_nograd import NoGradAuditor
-from lightning_nograd.core.counters import GRADIENT_EVERY, visits
-from lightning_nograd.core.eval_mode import EvalModeLeaks, eval_mode_under_trainable
-from lightning_nograd.core.gradient_gaps import explain_gradient_gaps
-from lightning_nograd.core.inference_tensors import inference_tensors
-from lightning_nograd.core.model_index import ParamIndex
-from lightning_nograd.core.module_paths import NamePatterns, named_modules
+from lightning_nograd.core.checks.eval_mode_at_start import eval_mode_under_trainable
+from lightning_nograd.core.checks.eval_mode_leaks import EvalModeLeaks
+from lightning_nograd.core.checks.gradient_gaps import explain_gradient_gaps
+from lightning_nograd.core.checks.inference_tensors import inference_tensors
+from lightning_nograd.core.plumbing.counters import GRADIENT_EVERY, visits
+from lightning_nograd.core.plumbing.model_index import ParamIndex
+from lightning_nograd.core.plumbing.module_paths import NamePatterns, named_modules
 
 SIZES = (50, 500, 5_000, 50_000)
 QUICK_SIZES = (50, 500)

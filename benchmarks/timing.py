@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from lightning_nograd.core.measure import SETTLED_MALLOC_ENV
+from lightning_nograd.core.savings.epoch_measures import SETTLED_MALLOC_ENV
 
 HOOK_PREFIXES = ("on_", "setup", "teardown")
 

@@ -99,7 +99,7 @@ def _build(cls: Any, kwargs: dict[str, Any], argument: str) -> Any:
 def _check_writable(path: str) -> None:
     """Refuse a ``--json`` no report can be written to, before anything trains; missing folders are created
     when writing, as the callback's ``report_path`` does."""
-    from lightning_nograd.core.report import unwritable_reason
+    from lightning_nograd.core.reporting.report import unwritable_reason
 
     problem = unwritable_reason(Path(path))
     if problem == "it is a directory":
@@ -156,7 +156,7 @@ def parser() -> argparse.ArgumentParser:
 
 def run_audit(args: argparse.Namespace) -> int:
     from lightning_nograd.callbacks.nograd_auditor import NoGradAuditor
-    from lightning_nograd.core.summary import render
+    from lightning_nograd.core.reporting.summary import render
 
     for name in ("lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning_fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)  # our report is the output

@@ -2,7 +2,7 @@
 
 * ``with audit(model) as report:`` around a plain PyTorch evaluation loop finds modules that run
   in train mode and forwards that record a graph, and measures what ``no_grad`` saves, into the
-  same ``lightning_nograd.core.report.Report`` the callbacks fill.
+  same ``lightning_nograd.core.reporting.report.Report`` the callbacks fill.
 * ``check_training_step`` runs one training step's forward and backward and names what will
   not learn, then puts the model back as it was.
 """
@@ -19,24 +19,25 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from lightning_nograd.core import messages, torch_internals
-from lightning_nograd.core.arguments import check_bool, check_int
-from lightning_nograd.core.eval_mode import eval_mode_under_trainable
-from lightning_nograd.core.faults import Probe, report_fault
-from lightning_nograd.core.findings import Finding, FindingLog, OnViolation, Policy
-from lightning_nograd.core.gradient_gaps import GradModeProbe, explain_gradient_gaps
-from lightning_nograd.core.gradients import without_gradient
-from lightning_nograd.core.graph import GraphEvent, GraphProbe
-from lightning_nograd.core.inference_tensors import inference_tensors
-from lightning_nograd.core.model_index import ParamIndex
-from lightning_nograd.core.modes import ModeProbe
-from lightning_nograd.core.module_paths import NamePatterns, named_modules
-from lightning_nograd.core.recording import StepRecorder, Tape, call_hooks, recorded_modules, replayable
-from lightning_nograd.core.replay import EAGER_REPLAY_NOTE, Replay
-from lightning_nograd.core.report import Report
-from lightning_nograd.core.savings import savings_metrics
-from lightning_nograd.core.tensors import MIB, module_device, tally_tensors, weight_storages
-from lightning_nograd.core.unstepped_gradients import UnsteppedGradients, describe_groups
+from lightning_nograd.core.checks.eval_mode_at_start import eval_mode_under_trainable
+from lightning_nograd.core.checks.gradient_gaps import GradModeProbe, explain_gradient_gaps
+from lightning_nograd.core.checks.gradients import without_gradient
+from lightning_nograd.core.checks.graph import GraphEvent, GraphProbe
+from lightning_nograd.core.checks.inference_tensors import inference_tensors
+from lightning_nograd.core.checks.modes import ModeProbe
+from lightning_nograd.core.checks.tensors import MIB, module_device, tally_tensors, weight_storages
+from lightning_nograd.core.checks.unstepped_gradients import UnsteppedGradients, describe_groups
+from lightning_nograd.core.plumbing import torch_internals
+from lightning_nograd.core.plumbing.arguments import check_bool, check_int
+from lightning_nograd.core.plumbing.faults import Probe, report_fault
+from lightning_nograd.core.plumbing.model_index import ParamIndex
+from lightning_nograd.core.plumbing.module_paths import NamePatterns, named_modules
+from lightning_nograd.core.reporting import messages
+from lightning_nograd.core.reporting.findings import Finding, FindingLog, OnViolation, Policy
+from lightning_nograd.core.reporting.report import Report
+from lightning_nograd.core.savings.estimate import savings_metrics
+from lightning_nograd.core.savings.recording import StepRecorder, Tape, call_hooks, recorded_modules, replayable
+from lightning_nograd.core.savings.replay import EAGER_REPLAY_NOTE, Replay
 from lightning_nograd.errors import BrokenBackpropWarning
 
 __all__ = ["audit", "check_training_step"]
@@ -284,7 +285,7 @@ def check_training_step(
         allow: regular expressions of module paths never to report.
 
     Returns:
-        A ``lightning_nograd.core.report.Report`` whose ``findings`` name what will not learn.
+        A ``lightning_nograd.core.reporting.report.Report`` whose ``findings`` name what will not learn.
 
     Examples:
         >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))

@@ -21,7 +21,7 @@ from lightning.pytorch.loggers import CSVLogger
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lightning_nograd import BackpropGuard, NoGradAuditor, NoGradWarning, SavingsMonitor
-from lightning_nograd.core.findings import FindingLog
+from lightning_nograd.core.reporting.findings import FindingLog
 from tests.helpers import Regressor, loader, set_head_dropout_train
 from tests.test_nograd_auditor import EveryBug
 
@@ -66,7 +66,7 @@ class Sharded(Regressor):
         self.spare = torch.nn.Linear(16, 1)
 
     def configure_model(self) -> None:
-        from lightning_nograd.core.schedule import ReplayBudget
+        from lightning_nograd.core.savings.budget import ReplayBudget
 
         try:
             from torch.distributed.fsdp import fully_shard

@@ -174,7 +174,7 @@ ROOT_CAUSES = {
 @pytest.mark.parametrize("shape", list(ROOT_CAUSES))
 def test_one_root_cause_is_one_finding_with_every_parameter_it_starved(tmp_path: Path, shape: str) -> None:
     from lightning_nograd import check_training_step
-    from lightning_nograd.core.summary import rows
+    from lightning_nograd.core.reporting.summary import rows
 
     model = Attends(shape)
     if shape == "tied":
@@ -366,7 +366,7 @@ def test_stray_forward_is_named_by_the_probe_the_node_counter_arms(
 ) -> None:
     # the saved-tensor probe watches the first stretch of an epoch and the one after a validation; the
     # other stretches only read autograd's node counter, which arms the probe once it moved
-    from lightning_nograd.core.graph import SAVED_TENSOR_HOOKS
+    from lightning_nograd.core.checks.graph import SAVED_TENSOR_HOOKS
 
     registered: list[int] = []
     register = SAVED_TENSOR_HOOKS.register

@@ -12,9 +12,9 @@ from torch import nn
 
 from benchmarks.scaling import Experts  # the scaling benchmark's model: N parallel experts
 from lightning_nograd import NoGradAuditor
-from lightning_nograd.core.counters import GRADIENT_EVERY, GRADIENT_WINDOW, ModeSwitches, visits
-from lightning_nograd.core.gradient_window import NO_GRADIENT_STEPS
-from lightning_nograd.core.model_index import ParamIndex
+from lightning_nograd.core.checks.gradient_window import NO_GRADIENT_STEPS
+from lightning_nograd.core.plumbing.counters import GRADIENT_EVERY, GRADIENT_WINDOW, ModeSwitches, visits
+from lightning_nograd.core.plumbing.model_index import ParamIndex
 
 from .helpers import loader, nograd_warnings, trainer
 

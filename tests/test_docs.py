@@ -43,9 +43,9 @@ def test_every_docs_page_is_in_the_site_and_every_link_resolves() -> None:
 
 
 def test_every_finding_kind_has_its_section() -> None:
-    from lightning_nograd.core import messages
+    from lightning_nograd.core.reporting import messages
 
-    # each kind's text is built by the function of its name in `core/messages.py`
+    # each kind's text is built by the function of its name in `core/reporting/messages.py`
     emitted = {
         name for name, f in vars(messages).items() if inspect.isfunction(f) and f.__module__ == messages.__name__
     }

@@ -27,10 +27,10 @@ def frame(path: str, name: str) -> traceback.FrameSummary:
 def test_sync_origins_are_attributed_from_the_stack() -> None:
     lightning = frame("/site-packages/lightning/pytorch/loops/fit_loop.py", "run")
     hook = frame(f"{PACKAGE}/callbacks/nograd_auditor.py", "on_before_optimizer_step")
-    check = frame(f"{PACKAGE}/core/gradients.py", "observe")
+    check = frame(f"{PACKAGE}/core/checks/gradients.py", "observe")
     epoch = frame(f"{PACKAGE}/callbacks/savings_monitor.py", "on_validation_epoch_end")
-    clock = frame(f"{PACKAGE}/core/measure.py", "stop")
-    replay = frame(f"{PACKAGE}/core/replay.py", "_timed")
+    clock = frame(f"{PACKAGE}/core/savings/epoch_measures.py", "stop")
+    replay = frame(f"{PACKAGE}/core/savings/replay.py", "_timed")
     assert origin([lightning]) == "not_ours"
     assert origin([lightning, hook, check]) == "per_batch"
     assert origin([lightning, epoch, clock]) == "per_epoch"
@@ -207,8 +207,8 @@ def test_parts_kept_from_an_earlier_run_are_labelled_with_their_commit(tmp_path:
 def test_replay_and_check_training_step_restore_the_cuda_generator_too() -> None:
     # dropout on the GPU draws from the CUDA generator, which the CPU-side RNG tests never see
     from lightning_nograd import check_training_step
-    from lightning_nograd.core.recording import StepRecorder, replayable
-    from lightning_nograd.core.replay import Replay
+    from lightning_nograd.core.savings.recording import StepRecorder, replayable
+    from lightning_nograd.core.savings.replay import Replay
 
     device = torch.device("cuda")
     net = nn.Sequential(nn.Linear(4, 4), nn.Dropout(), nn.Linear(4, 1)).to(device).train()

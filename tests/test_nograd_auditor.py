@@ -14,7 +14,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torch import nn
 
 from lightning_nograd import BackpropGuard, EvalModeAuditor, NoGradAuditor, NoGradWarning, SavingsMonitor
-from lightning_nograd.core.summary import render
+from lightning_nograd.core.reporting.summary import render
 from tests.helpers import (
     Regressor,
     csv_values,
@@ -339,7 +339,7 @@ def test_the_readme_shows_the_real_defaults() -> None:
 
 
 def test_fit_validate_and_test_runs_get_rows_of_their_own(tmp_path: Path) -> None:
-    from lightning_nograd.core.summary import rows, summarise
+    from lightning_nograd.core.reporting.summary import rows, summarise
 
     class BuggyOnlyInFit(Regressor):
         def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:

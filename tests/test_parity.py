@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_nograd import NoGradAuditor, NoGradWarning, audit, check_training_step
-from lightning_nograd.core.report import Report
+from lightning_nograd.core.reporting.report import Report
 from lightning_nograd.integrations.fabric import NoGradFabricCallback
 
 # the findings about the model; what a loop does with the step's outputs (Lightning and Fabric hand them to a

@@ -304,7 +304,7 @@ def test_the_same_training_bugs_get_the_same_findings_from_check_training_step_a
 
 @pytest.mark.parametrize("settled", [False, True])
 def test_audit_notes_the_cpu_timing_caveat_as_the_callback_does(monkeypatch: pytest.MonkeyPatch, settled: bool) -> None:
-    from lightning_nograd.core.measure import SETTLED_MALLOC_ENV, cpu_timing_caveat
+    from lightning_nograd.core.savings.epoch_measures import SETTLED_MALLOC_ENV, cpu_timing_caveat
 
     if cpu_timing_caveat({}) is None:
         pytest.skip("the caveat is about glibc's malloc")

@@ -21,10 +21,10 @@ from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, default_collate
 
 from lightning_nograd import BackpropGuard, EvalModeAuditor, NoGradAuditor, NoGradWarning, SavingsMonitor
-from lightning_nograd.core.gradient_gaps import GradModeProbe
-from lightning_nograd.core.graph import SAVED_TENSOR_HOOKS, GraphProbe
-from lightning_nograd.core.modes import ModeProbe
-from lightning_nograd.core.recording import StepRecorder
+from lightning_nograd.core.checks.gradient_gaps import GradModeProbe
+from lightning_nograd.core.checks.graph import SAVED_TENSOR_HOOKS, GraphProbe
+from lightning_nograd.core.checks.modes import ModeProbe
+from lightning_nograd.core.savings.recording import StepRecorder
 from tests.helpers import Regressor, csv_values, loader, nograd_warnings, set_head_dropout_train, trainer
 from tests.test_backprop_guard import GAN, Net
 
@@ -428,7 +428,7 @@ def test_audit_never_raises_an_internal_failure_into_the_users_loop(
     monkeypatch: pytest.MonkeyPatch, where: str
 ) -> None:
     from lightning_nograd import audit
-    from lightning_nograd.core.replay import Replay
+    from lightning_nograd.core.savings.replay import Replay
     from lightning_nograd.plain_pytorch import _EvaluationAudit
 
     if where == "replay":
@@ -519,7 +519,7 @@ def test_the_readmes_architecture_map_matches_the_package() -> None:
     block = readme.split("# Architecture", 1)[1].split("```", 2)[1]
     named = set(re.findall(r"([\w]+\.py)", block))
     package = root / "lightning_nograd"
-    files = {p.name for p in package.glob("*.py")} | {p.name for p in package.glob("*/*.py")}
+    files = {p.name for p in package.rglob("*.py")}
     # every module is on the map (package __init__ and __main__ aside), and the map names no other
     assert files - named - {"__init__.py", "__main__.py"} == set()
     assert named <= files, named - files
@@ -536,7 +536,7 @@ def test_the_readmes_architecture_map_matches_the_package() -> None:
             if name != "Lightning":
                 assert name in defined, (path.name, name)
     # "never Lightning": no core module imports it
-    for path in (package / "core").glob("*.py"):
+    for path in (package / "core").rglob("*.py"):
         imported = {
             (n.module or "") if isinstance(n, ast.ImportFrom) else a.name
             for n in ast.walk(ast.parse(path.read_text()))

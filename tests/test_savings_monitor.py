@@ -15,8 +15,8 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torch import nn
 
 from lightning_nograd import NoGradAuditor, NoGradWarning, SavingsMonitor
-from lightning_nograd.core.measure import SETTLED_MALLOC_ENV, cpu_timing_caveat
-from lightning_nograd.core.summary import render
+from lightning_nograd.core.reporting.summary import render
+from lightning_nograd.core.savings.epoch_measures import SETTLED_MALLOC_ENV, cpu_timing_caveat
 from tests.helpers import Regressor, csv_values, loader, nograd_warnings, read_tensorboard_scalars, trainer
 
 KEYS = [

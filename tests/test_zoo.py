@@ -206,7 +206,7 @@ class Classifier(pl.LightningModule):
 
 
 def _path(model: pl.LightningModule, module: nn.Module) -> str:
-    from lightning_nograd.core.module_paths import user_path
+    from lightning_nograd.core.plumbing.module_paths import user_path
 
     return next(user_path(p) for p, m in model.named_modules() if m is module)
 

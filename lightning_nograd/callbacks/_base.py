@@ -26,10 +26,10 @@ from lightning_nograd.callbacks._lightning import (
     world_size,
 )
 from lightning_nograd.callbacks.loggers import MetricSink, gather_objects
-from lightning_nograd.core import torch_internals
-from lightning_nograd.core.faults import fault_message, isolating
-from lightning_nograd.core.findings import Finding, FindingLog, OnViolation, Policy, user_stacklevel
-from lightning_nograd.core.report import Report
+from lightning_nograd.core.plumbing import torch_internals
+from lightning_nograd.core.plumbing.faults import fault_message, isolating
+from lightning_nograd.core.reporting.findings import Finding, FindingLog, OnViolation, Policy, user_stacklevel
+from lightning_nograd.core.reporting.report import Report
 from lightning_nograd.errors import NoGradWarning
 
 log = logging.getLogger(__name__)

@@ -13,18 +13,19 @@ from typing_extensions import override
 from lightning_nograd.callbacks._base import NoGradCallback, guarded
 from lightning_nograd.callbacks._lightning import LightningModule, Trainer, ddp_stops_on_unused_parameters
 from lightning_nograd.callbacks.loggers import reduce_present_max
-from lightning_nograd.core import messages
-from lightning_nograd.core.arguments import check_int
-from lightning_nograd.core.eval_mode import EvalModeAtStart, EvalModeLeaks
-from lightning_nograd.core.findings import Finding, OnViolation
-from lightning_nograd.core.gradient_gaps import GradientGap, GradModeProbe, explain_gradient_gaps
-from lightning_nograd.core.gradients import GradientCheck
-from lightning_nograd.core.graph import GraphEvent, GraphProbe
-from lightning_nograd.core.inference_tensors import inference_tensors
-from lightning_nograd.core.model_index import trained_parameter_ids
-from lightning_nograd.core.module_paths import NamePatterns, class_name
-from lightning_nograd.core.stray_graphs import StrayGraphWatch
-from lightning_nograd.core.unstepped_gradients import UnsteppedGradients, describe_groups
+from lightning_nograd.core.checks.eval_mode_at_start import EvalModeAtStart
+from lightning_nograd.core.checks.eval_mode_leaks import EvalModeLeaks
+from lightning_nograd.core.checks.gradient_gaps import GradientGap, GradModeProbe, explain_gradient_gaps
+from lightning_nograd.core.checks.gradients import GradientCheck
+from lightning_nograd.core.checks.graph import GraphEvent, GraphProbe
+from lightning_nograd.core.checks.inference_tensors import inference_tensors
+from lightning_nograd.core.checks.stray_graphs import StrayGraphWatch
+from lightning_nograd.core.checks.unstepped_gradients import UnsteppedGradients, describe_groups
+from lightning_nograd.core.plumbing.arguments import check_int
+from lightning_nograd.core.plumbing.model_index import trained_parameter_ids
+from lightning_nograd.core.plumbing.module_paths import NamePatterns, class_name
+from lightning_nograd.core.reporting import messages
+from lightning_nograd.core.reporting.findings import Finding, OnViolation
 from lightning_nograd.errors import BrokenBackpropWarning
 
 OUTSIDE_STEP_HOOKS = frozenset(
@@ -61,7 +62,7 @@ class BackpropGuard(NoGradCallback):
       and reach its step with no gradient (``grad is None``, or, where gradients are zeroed with
       ``set_to_none=False``, all-zero for ``zero_grad_steps`` consecutive steps) at 32 steps in a row
       or at every step of a training epoch, so that conditional computation (expert routing, LayerDrop,
-      a head used every few steps) is no finding (``lightning_nograd.core.gradient_window``); under
+      a head used every few steps) is no finding (``lightning_nograd.core.checks.gradient_window``); under
       DDP without ``find_unused_parameters`` at once, before DDP's own error; frozen parameters
       (``requires_grad=False``, or in no optimizer) are never a finding; a skipped step
       (``training_step`` returned ``None``) is not checked;
@@ -405,7 +406,7 @@ class BackpropGuard(NoGradCallback):
     def _report_gaps(self, gaps: list[GradientGap], params: list[nn.Parameter]) -> None:
         """A module that ran only under ``no_grad`` is definite at once, and so is any gap under DDP without
         ``find_unused_parameters`` (its reducer stops the run at the next forward); any other is held until
-        the evidence is (``lightning_nograd.core.gradient_window``)."""
+        the evidence is (``lightning_nograd.core.checks.gradient_window``)."""
         index = self._gradients.index
         by_name = {index.name(p): p for p in params} if index is not None else {}
         for gap in gaps:

@@ -12,14 +12,14 @@ from typing_extensions import override
 from lightning_nograd.callbacks._base import LOOP_NAMES, EvaluationLoopCallback, guarded
 from lightning_nograd.callbacks._lightning import LightningModule, Trainer, is_sanity_checking
 from lightning_nograd.callbacks.loggers import reduce_present_max
-from lightning_nograd.core import messages
-from lightning_nograd.core.counters import mode_switches
-from lightning_nograd.core.findings import Finding, OnViolation
-from lightning_nograd.core.graph import GraphEvent, GraphProbe
-from lightning_nograd.core.modes import ModeProbe
-from lightning_nograd.core.module_paths import NamePatterns, class_name
-from lightning_nograd.core.stack import calling_hook
-from lightning_nograd.core.tensors import MIB, AttributeTensors, tally_tensors, weight_storages
+from lightning_nograd.core.checks.graph import GraphEvent, GraphProbe
+from lightning_nograd.core.checks.modes import ModeProbe
+from lightning_nograd.core.checks.tensors import MIB, AttributeTensors, tally_tensors, weight_storages
+from lightning_nograd.core.plumbing.counters import mode_switches
+from lightning_nograd.core.plumbing.module_paths import NamePatterns, class_name
+from lightning_nograd.core.plumbing.stack import calling_hook
+from lightning_nograd.core.reporting import messages
+from lightning_nograd.core.reporting.findings import Finding, OnViolation
 
 EVAL_HOOK_NAMES = frozenset(
     name

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from lightning_nograd.callbacks._lightning import Trainer, is_global_zero, is_logger, world_size
-from lightning_nograd.core.findings import user_stacklevel
+from lightning_nograd.core.reporting.findings import user_stacklevel
 from lightning_nograd.errors import NoGradWarning
 
 log = logging.getLogger(__name__)

@@ -16,11 +16,11 @@ from lightning_nograd.callbacks.backprop_guard import BackpropGuard
 from lightning_nograd.callbacks.eval_mode_auditor import EvalModeAuditor
 from lightning_nograd.callbacks.loggers import MetricSink, flat_summary, write_summaries
 from lightning_nograd.callbacks.savings_monitor import SavingsMonitor
-from lightning_nograd.core.arguments import check_bool, check_float, check_int
-from lightning_nograd.core.findings import FindingLog, OnViolation, user_stacklevel
-from lightning_nograd.core.module_paths import NamePatterns
-from lightning_nograd.core.report import unwritable_reason
-from lightning_nograd.core.summary import render, summarise
+from lightning_nograd.core.plumbing.arguments import check_bool, check_float, check_int
+from lightning_nograd.core.plumbing.module_paths import NamePatterns
+from lightning_nograd.core.reporting.findings import FindingLog, OnViolation, user_stacklevel
+from lightning_nograd.core.reporting.report import unwritable_reason
+from lightning_nograd.core.reporting.summary import render, summarise
 from lightning_nograd.errors import NoGradWarning
 
 log = logging.getLogger(__name__)

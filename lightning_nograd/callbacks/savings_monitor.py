@@ -22,15 +22,16 @@ from lightning_nograd.callbacks._lightning import (
     world_size,
 )
 from lightning_nograd.callbacks.loggers import gather_objects, reduce_vector
-from lightning_nograd.core import messages, torch_internals
-from lightning_nograd.core.arguments import check_float, check_int
-from lightning_nograd.core.findings import Finding
-from lightning_nograd.core.measure import EpochMeasures
-from lightning_nograd.core.module_paths import NamePatterns
-from lightning_nograd.core.recording import StepRecorder, Tape, recorded_modules
-from lightning_nograd.core.savings import ReplayResult, savings_metrics
-from lightning_nograd.core.schedule import Measurement, ReplayBudget
-from lightning_nograd.core.tensors import module_device, weight_storages
+from lightning_nograd.core.checks.tensors import module_device, weight_storages
+from lightning_nograd.core.plumbing import torch_internals
+from lightning_nograd.core.plumbing.arguments import check_float, check_int
+from lightning_nograd.core.plumbing.module_paths import NamePatterns
+from lightning_nograd.core.reporting import messages
+from lightning_nograd.core.reporting.findings import Finding
+from lightning_nograd.core.savings.budget import Measurement, ReplayBudget
+from lightning_nograd.core.savings.epoch_measures import EpochMeasures
+from lightning_nograd.core.savings.estimate import ReplayResult, savings_metrics
+from lightning_nograd.core.savings.recording import StepRecorder, Tape, recorded_modules
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ class SavingsMonitor(EvaluationLoopCallback):
     ``measure_batches`` batches of an epoch it records what the step runs that autograd would record
     (the outermost calls of the modules that do the model's work, the LightningModule's own forward
     included, and the torch functions between them, the loss too;
-    ``lightning_nograd.core.recording``), then replays that with gradients on and off, in eval mode,
+    ``lightning_nograd.core.savings.recording``), then replays that with gradients on and off, in eval mode,
     in settled blocks. No step or hook of the user is re-run, RNG state is restored and batch-norm
     statistics are untouched. A measurement is reused while what decides the graph stays the same
     (the modules and functions run, input shapes and dtypes, autocast, which parameters are
@@ -96,7 +97,7 @@ class SavingsMonitor(EvaluationLoopCallback):
         ``nograd/{stage}/time_saved_s``: ``(ratio - 1)`` times the replayed work's wall time per batch
             (at most the epoch's time per batch) times the epoch's batches, ``ratio`` how much longer
             the step runs with gradients on (a running estimate over the fit: each epoch the budget
-            allows adds timed blocks to it; ``lightning_nograd.core.savings``). Logged within noise too.
+            allows adds timed blocks to it; ``lightning_nograd.core.savings.estimate``). Logged within noise too.
         ``nograd/{stage}/time_saved_pct``: ``100 * time_saved_s / max(T_on, T)``, ``T`` the epoch's
             time and ``T_on`` its time with gradients on: strictly between -100 and 100.
         ``nograd/{stage}/time_saved_pct_err``: half-width (the larger side) of the 95% interval of
@@ -349,8 +350,8 @@ class SavingsMonitor(EvaluationLoopCallback):
     @guarded("replay")
     def _start_measurement(self, trainer: Trainer, pl_module: nn.Module) -> None:
         """Memory always (one replay with gradients on, one off); time as the budget allows
-        (``lightning_nograd.core.schedule``). A measurement is reused while what decides the graph stays the
-        same (``lightning_nograd.core.recording.tape_signature``)."""
+        (``lightning_nograd.core.savings.budget``). A measurement is reused while what decides the graph stays the
+        same (``lightning_nograd.core.savings.recording.tape_signature``)."""
         batches = [tape for tape in self._now.recorded if tape is not None]
         self._now.recorded = []
         signature = tuple(tape.signature for tape in batches)
@@ -513,7 +514,7 @@ def _shards_parameters(trainer: Trainer) -> bool:
 
 def _replay_refusal(trainer: Trainer, device: torch.device) -> str | None:
     """Why the replay must not run: under DeepSpeed (its engine runs module calls in ways a replay cannot
-    follow), or on this torch (``lightning_nograd.core.torch_internals.replay_refusal``)."""
+    follow), or on this torch (``lightning_nograd.core.plumbing.torch_internals.replay_refusal``)."""
     name = type(getattr(trainer, "strategy", None)).__name__
     if "DeepSpeed" in name:
         return (

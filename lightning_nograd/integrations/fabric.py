@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from lightning_nograd.callbacks.nograd_auditor import NoGradAuditor
-from lightning_nograd.core.findings import OnViolation
-from lightning_nograd.core.report import Report
+from lightning_nograd.core.reporting.findings import OnViolation
+from lightning_nograd.core.reporting.report import Report
 from lightning_nograd.integrations._loop import LoopDriver, LoopRun, Stage
 
 __all__ = ["NoGradFabricCallback"]
@@ -102,7 +102,7 @@ class NoGradFabricCallback:
 
     @property
     def report(self) -> Report:
-        """Every epoch's measurements and every finding (``lightning_nograd.core.report.Report``)."""
+        """Every epoch's measurements and every finding (``lightning_nograd.core.reporting.report.Report``)."""
         return self.auditor.report
 
     def _run(self) -> LoopDriver:

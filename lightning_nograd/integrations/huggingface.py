@@ -20,9 +20,9 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from lightning_nograd.callbacks.nograd_auditor import NoGradAuditor
-from lightning_nograd.core.findings import OnViolation
-from lightning_nograd.core.report import Report
-from lightning_nograd.core.stack import innermost_self
+from lightning_nograd.core.plumbing.stack import innermost_self
+from lightning_nograd.core.reporting.findings import OnViolation
+from lightning_nograd.core.reporting.report import Report
 from lightning_nograd.integrations._loop import LoopDriver, LoopRun, Stage
 
 __all__ = ["NoGradTrainerCallback", "hf_metric_name"]
@@ -140,7 +140,7 @@ class NoGradTrainerCallback(TrainerCallback):
 
     @property
     def report(self) -> Report:
-        """Every evaluation's measurements and every finding (``lightning_nograd.core.report.Report``)."""
+        """Every evaluation's measurements and every finding (``lightning_nograd.core.reporting.report.Report``)."""
         return self.auditor.report
 
     # -- the trainer this callback watches --------------------------------------------------------

@@ -4,13 +4,14 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_nograd.core.counters import ModeSwitches, mode_switches, visits
-from lightning_nograd.core.eval_mode import EvalModeLeaks, eval_mode_under_trainable
-from lightning_nograd.core.gradient_gaps import GradModeProbe, explain_gradient_gaps
-from lightning_nograd.core.gradients import GradientCheck, ZeroGradientStreaks
-from lightning_nograd.core.inference_tensors import inference_tensors
-from lightning_nograd.core.model_index import LearningModules, ParamIndex
-from lightning_nograd.core.module_paths import named_modules, parent_path
+from lightning_nograd.core.checks.eval_mode_at_start import eval_mode_under_trainable
+from lightning_nograd.core.checks.eval_mode_leaks import EvalModeLeaks
+from lightning_nograd.core.checks.gradient_gaps import GradModeProbe, explain_gradient_gaps
+from lightning_nograd.core.checks.gradients import GradientCheck, ZeroGradientStreaks
+from lightning_nograd.core.checks.inference_tensors import inference_tensors
+from lightning_nograd.core.plumbing.counters import ModeSwitches, mode_switches, visits
+from lightning_nograd.core.plumbing.model_index import LearningModules, ParamIndex
+from lightning_nograd.core.plumbing.module_paths import named_modules, parent_path
 
 
 def test_gaps_are_explained_by_cause() -> None:
@@ -93,7 +94,7 @@ def _train_step(net: nn.Module, optimizer: torch.optim.Optimizer, check: Gradien
 
 
 def test_gradient_check_first_step_then_windows_and_suspects_once_per_epoch() -> None:
-    from lightning_nograd.core.counters import GRADIENT_EVERY, visits
+    from lightning_nograd.core.plumbing.counters import GRADIENT_EVERY, visits
 
     net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
     optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
@@ -160,7 +161,7 @@ def test_eval_mode_leaks_read_only_after_a_switch_and_name_the_topmost_module() 
 
 
 def test_with_one_optimizer_steady_steps_are_skipped_on_the_same_schedule() -> None:
-    from lightning_nograd.core.counters import GRADIENT_EVERY
+    from lightning_nograd.core.plumbing.counters import GRADIENT_EVERY
 
     def checked_steps(optimizers: int) -> list[int]:
         torch.manual_seed(0)
@@ -276,7 +277,7 @@ def test_frozen_modules_are_found_in_one_visit_each_under_a_deep_stack() -> None
 
 
 def test_eval_mode_at_start_judges_each_block_at_its_first_full_check() -> None:
-    from lightning_nograd.core.eval_mode import EvalModeAtStart
+    from lightning_nograd.core.checks.eval_mode_at_start import EvalModeAtStart
 
     def block() -> nn.Module:
         return nn.Sequential(nn.Linear(2, 2), nn.Dropout()).eval()  # arrives in eval mode, as from_pretrained

@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 
 from lightning_nograd import NoGradError, NoGradWarning
-from lightning_nograd.core import faults
-from lightning_nograd.core.faults import isolated
+from lightning_nograd.core.plumbing import faults
+from lightning_nograd.core.plumbing.faults import isolated
 
 
 class Probe(faults.Probe):
@@ -40,7 +40,7 @@ def test_a_handler_gets_the_error_and_no_grad_error_passes() -> None:
 
 
 def test_a_failing_probe_method_goes_to_on_error_and_the_probe_then_does_nothing() -> None:
-    from lightning_nograd.core.faults import isolated_method
+    from lightning_nograd.core.plumbing.faults import isolated_method
 
     class Counter(Probe):
         calls = 0

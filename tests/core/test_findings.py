@@ -6,8 +6,8 @@ import warnings
 import pytest
 
 from lightning_nograd import NoGradError, NoGradWarning
-from lightning_nograd.core.findings import Finding, FindingLog, Policy, common_ancestor
-from lightning_nograd.core.report import Report
+from lightning_nograd.core.reporting.findings import Finding, FindingLog, Policy, common_ancestor
+from lightning_nograd.core.reporting.report import Report
 
 
 def finding(subject: str = "head", stage: str = "val") -> Finding:

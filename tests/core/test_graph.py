@@ -3,9 +3,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lightning_nograd.core.graph import SAVED_TENSOR_HOOKS, GraphEvent, GraphProbe
-from lightning_nograd.core.stray_graphs import StrayGraphWatch
-from lightning_nograd.core.tensors import tally_tensors, tensor_attributes
+from lightning_nograd.core.checks.graph import SAVED_TENSOR_HOOKS, GraphEvent, GraphProbe
+from lightning_nograd.core.checks.stray_graphs import StrayGraphWatch
+from lightning_nograd.core.checks.tensors import tally_tensors, tensor_attributes
 
 
 def _started_probe(net: nn.Module) -> tuple[GraphProbe, list[GraphEvent]]:

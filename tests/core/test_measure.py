@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from lightning_nograd.core.measure import (
+from lightning_nograd.core.savings.epoch_measures import (
     SETTLED_MALLOC_ENV,
     EpochClock,
     EpochPeakMemory,

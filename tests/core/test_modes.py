@@ -3,8 +3,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lightning_nograd.core.modes import ModeProbe
-from lightning_nograd.core.module_paths import NamePatterns
+from lightning_nograd.core.checks.modes import ModeProbe
+from lightning_nograd.core.plumbing.module_paths import NamePatterns
 
 
 def make() -> nn.Sequential:

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from lightning_nograd.core.module_paths import NamePatterns
+from lightning_nograd.core.plumbing.module_paths import NamePatterns
 
 
 def test_a_match_covers_submodules_and_the_empty_pattern_the_root() -> None:

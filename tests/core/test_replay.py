@@ -9,10 +9,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from lightning_nograd.core import torch_internals
-from lightning_nograd.core.recording import Slot, StepRecorder, Tape, function_name, replayable, run_tape
-from lightning_nograd.core.replay import Replay, graph_bytes_of
-from lightning_nograd.core.savings import ReplayResult, TimedBlock, time_savings
+from lightning_nograd.core.plumbing import torch_internals
+from lightning_nograd.core.savings.estimate import ReplayResult, TimedBlock, time_savings
+from lightning_nograd.core.savings.recording import Slot, StepRecorder, Tape, function_name, replayable, run_tape
+from lightning_nograd.core.savings.replay import Replay, graph_bytes_of
 
 
 def blocks(*ratios: float, runs: int = 3, work: float = 0.01) -> list[TimedBlock]:
@@ -263,7 +263,7 @@ def test_a_saving_is_what_the_ratio_makes_of_the_work_never_more_than_the_epochs
 
 def test_timed_replay_counts_freeing_the_graph(monkeypatch: pytest.MonkeyPatch) -> None:
     # a real grad-enabled batch frees its graph before the next one: that host work is a cost of gradients
-    from lightning_nograd.core import replay
+    from lightning_nograd.core.savings import replay
 
     events: list[str] = []
 

@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import pytest
 
-from lightning_nograd.core.findings import Finding
-from lightning_nograd.core.report import Report
-from lightning_nograd.core.summary import render, rows, summarise
+from lightning_nograd.core.reporting.findings import Finding
+from lightning_nograd.core.reporting.report import Report
+from lightning_nograd.core.reporting.summary import render, rows, summarise
 
 
 def timed(seconds: float, saved: float, low: float, high: float) -> tuple[dict[str, float], dict[str, object]]:

@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from lightning_nograd import NoGradAuditor, audit
-from lightning_nograd.core import torch_internals
-from lightning_nograd.core.recording import StepRecorder
-from lightning_nograd.core.torch_internals import INTERNALS, MissingTorchInternal, describe
+from lightning_nograd.core.plumbing import torch_internals
+from lightning_nograd.core.plumbing.torch_internals import INTERNALS, MissingTorchInternal, describe
+from lightning_nograd.core.savings.recording import StepRecorder
 from tests.core.torch_removal import without
 from tests.helpers import loader, nograd_warnings, trainer
 
@@ -222,7 +222,7 @@ def test_importing_and_building_work_with_every_internal_taken_away() -> None:
         from tests.core.torch_removal import without
         with without({names!r}):
             import lightning_nograd
-            from lightning_nograd.core import torch_internals
+            from lightning_nograd.core.plumbing import torch_internals
         assert sorted(torch_internals.missing()) == {sorted(_LOOKED_UP_AT_IMPORT)!r}, torch_internals.missing()
         with warnings.catch_warnings(record=True) as seen:
             warnings.simplefilter("always")

@@ -1,7 +1,7 @@
 """What each finding kind says: one constructor per kind, for the callbacks and the plain-PyTorch API.
 
 Each function returns an ``Explanation`` (problem, fix, details); the caller adds where
-and when it happened (stage, hook, batch) to make a ``lightning_nograd.core.findings.Finding``.
+and when it happened (stage, hook, batch) to make a ``lightning_nograd.core.reporting.findings.Finding``.
 Where the right fix depends on what was observed (a module already in train mode as the batch
 started, or switched to it inside; gradients on around the whole loop, or enabled inside it),
 the constructor takes that observation, never the caller's framework: the same bug gets the same
@@ -15,10 +15,10 @@ from typing import Any, NamedTuple
 
 from torch import nn
 
-from lightning_nograd.core.findings import display_name
-from lightning_nograd.core.graph import GraphEvent
-from lightning_nograd.core.module_paths import class_name
-from lightning_nograd.core.tensors import MIB, TensorTally, format_bytes
+from lightning_nograd.core.checks.graph import GraphEvent
+from lightning_nograd.core.checks.tensors import MIB, TensorTally, format_bytes
+from lightning_nograd.core.plumbing.module_paths import class_name
+from lightning_nograd.core.reporting.findings import display_name
 
 
 class Explanation(NamedTuple):
@@ -76,7 +76,7 @@ def train_mode(
     there (Lightning sets eval mode itself: then a ``.train()`` call in an evaluation hook put it
     back); else code inside the batch switched it, after some of its forward may have run.
     ``during`` names the unit of work (``"the step"``, ``"the batch"``). ``layers``: those in it that behave
-    differently in train mode and are not allowed to (``lightning_nograd.core.modes.train_mode_layers``), in
+    differently in train mode and are not allowed to (``lightning_nograd.core.checks.modes.train_mode_layers``), in
     the order the forward ran them; the pattern that silences the finding names them (or the module, if none).
     """
     listed = [f"{name} ({class_name(layer)})" for name, layer in layers if name != path]

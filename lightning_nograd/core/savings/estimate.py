@@ -30,8 +30,8 @@ from typing import Any
 
 import torch
 
-from lightning_nograd.core.measure import cpu_timing_caveat
-from lightning_nograd.core.tensors import MIB
+from lightning_nograd.core.checks.tensors import MIB
+from lightning_nograd.core.savings.epoch_measures import cpu_timing_caveat
 
 
 @dataclass

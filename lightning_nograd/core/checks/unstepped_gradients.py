@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from lightning_nograd.core.findings import common_ancestor
-from lightning_nograd.core.model_index import ParamIndex
-from lightning_nograd.core.tensors import MIB
+from lightning_nograd.core.checks.tensors import MIB
+from lightning_nograd.core.plumbing.model_index import ParamIndex
+from lightning_nograd.core.reporting.findings import common_ancestor
 
 
 @dataclass

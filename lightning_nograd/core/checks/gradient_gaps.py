@@ -26,15 +26,15 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from lightning_nograd.core import torch_internals
-from lightning_nograd.core.faults import Probe, isolated
-from lightning_nograd.core.findings import common_ancestor, display_name
-from lightning_nograd.core.messages import Explanation, allow_hint
-from lightning_nograd.core.model_index import ParamIndex, topmost_in
-from lightning_nograd.core.modes import is_grad_recording
-from lightning_nograd.core.recording import function_name
-from lightning_nograd.core.stack import running_function
-from lightning_nograd.core.torch_internals import tree_leaves
+from lightning_nograd.core.checks.modes import is_grad_recording
+from lightning_nograd.core.plumbing import torch_internals
+from lightning_nograd.core.plumbing.faults import Probe, isolated
+from lightning_nograd.core.plumbing.model_index import ParamIndex, topmost_in
+from lightning_nograd.core.plumbing.stack import running_function
+from lightning_nograd.core.plumbing.torch_internals import tree_leaves
+from lightning_nograd.core.reporting.findings import common_ancestor, display_name
+from lightning_nograd.core.reporting.messages import Explanation, allow_hint
+from lightning_nograd.core.savings.recording import function_name
 
 # functions whose result carries no graph of its input: the gradient path ends there
 _CUTS = {

@@ -18,11 +18,11 @@ from types import FrameType
 import torch
 from torch import nn
 
-from lightning_nograd.core import stack, torch_internals
-from lightning_nograd.core.faults import Probe, isolated_method, report_fault
-from lightning_nograd.core.findings import common_ancestor
-from lightning_nograd.core.module_paths import named_modules
-from lightning_nograd.core.tensors import _storage, storage_bytes, storage_key, weight_storages
+from lightning_nograd.core.checks.tensors import _storage, storage_bytes, storage_key, weight_storages
+from lightning_nograd.core.plumbing import stack, torch_internals
+from lightning_nograd.core.plumbing.faults import Probe, isolated_method, report_fault
+from lightning_nograd.core.plumbing.module_paths import named_modules
+from lightning_nograd.core.reporting.findings import common_ancestor
 from lightning_nograd.errors import NoGradError
 
 REPARAMETRIZATION_FILES = tuple(

@@ -12,9 +12,9 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from lightning_nograd.core.findings import STAGE_WORDS
-from lightning_nograd.core.report import Report
-from lightning_nograd.core.savings import saved_share
+from lightning_nograd.core.reporting.findings import STAGE_WORDS
+from lightning_nograd.core.reporting.report import Report
+from lightning_nograd.core.savings.estimate import saved_share
 
 
 @dataclass

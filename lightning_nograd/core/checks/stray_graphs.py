@@ -6,9 +6,9 @@ from collections.abc import Callable
 
 from torch import nn
 
-from lightning_nograd.core import torch_internals
-from lightning_nograd.core.faults import Probe, isolated, isolated_method, report_fault
-from lightning_nograd.core.graph import GraphProbe
+from lightning_nograd.core.checks.graph import GraphProbe
+from lightning_nograd.core.plumbing import torch_internals
+from lightning_nograd.core.plumbing.faults import Probe, isolated, isolated_method, report_fault
 
 
 class StrayGraphWatch(Probe):
@@ -18,7 +18,7 @@ class StrayGraphWatch(Probe):
     hooks around every training step costs a few microseconds a batch, more as the model grows (the
     CPU caches then hold the model). So the probe watches the first interval of each epoch and the
     interval after each validation; every other interval is watched by autograd's own node counter
-    (``lightning_nograd.core.torch_internals.node_counter``), read once as it starts and once
+    (``lightning_nograd.core.plumbing.torch_internals.node_counter``), read once as it starts and once
     as it ends; on a torch without that counter the probe watches every interval. When the counter
     moved, the probe watches the intervals that follow until it names the graph: a forward outside
     the step is named the first time it runs in a watched interval, or the next time it runs after that.

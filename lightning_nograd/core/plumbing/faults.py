@@ -14,8 +14,8 @@ import warnings
 from collections.abc import Callable
 from typing import Concatenate, ParamSpec, TypeVar
 
-from lightning_nograd.core.findings import user_stacklevel
-from lightning_nograd.core.torch_internals import MissingTorchInternal
+from lightning_nograd.core.plumbing.torch_internals import MissingTorchInternal
+from lightning_nograd.core.reporting.findings import user_stacklevel
 from lightning_nograd.errors import NoGradError, NoGradWarning
 
 P = ParamSpec("P")

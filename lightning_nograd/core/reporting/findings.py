@@ -11,8 +11,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal, get_args
 
-from lightning_nograd.core import stack
-from lightning_nograd.core.arguments import check_choice
+from lightning_nograd.core.plumbing import stack
+from lightning_nograd.core.plumbing.arguments import check_choice
 from lightning_nograd.errors import NoGradError, NoGradWarning
 
 OnViolation = Literal["warn", "fix", "error"]
@@ -150,8 +150,15 @@ def _package_dirs() -> tuple[str, ...]:
     import importlib.util
     import os
 
-    dirs = [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]  # lightning_nograd/
-    for name in ("lightning", "pytorch_lightning", "lightning_fabric", "lightning_utilities", "torch"):
+    dirs: list[str] = []
+    for name in (
+        "lightning_nograd",
+        "lightning",
+        "pytorch_lightning",
+        "lightning_fabric",
+        "lightning_utilities",
+        "torch",
+    ):
         try:
             spec = importlib.util.find_spec(name)
         except (ImportError, ValueError):

@@ -7,7 +7,7 @@ happens on a torch without it. A missing one never breaks the import or any othe
 public API does the same, that is used instead; where the loss is real (a figure not measured, a
 module not named), the callbacks say so once, when they are built (``warn_missing``), and the
 check that needs it is skipped with that reason. One that is there but behaves differently fails
-inside the check that uses it, which is switched off with one warning (``lightning_nograd.core.faults``).
+inside the check that uses it, which is switched off with one warning (``lightning_nograd.core.plumbing.faults``).
 
 Checked on torch 2.4.0 (Python 3.10), 2.13.0 (Python 3.11) and 2.14.1 (Python 3.13), the versions
 CI runs the suite on. ``tests/core/test_torch_internals.py`` removes each one in turn.
@@ -29,8 +29,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
-from lightning_nograd.core import stack
-from lightning_nograd.core.findings import user_stacklevel
+from lightning_nograd.core.plumbing import stack
+from lightning_nograd.core.reporting.findings import user_stacklevel
 from lightning_nograd.errors import NoGradWarning
 
 log = logging.getLogger(__name__)
@@ -204,7 +204,7 @@ CALL_IMPL_CODE: CodeType | None = None
 FORWARD_HOOKS_TAKE_KWARGS = False
 """Whether global forward hooks can receive a call's keyword arguments (``with_kwargs``, after torch 2.4)."""
 LiveTensorMemoryBase: type = object
-"""``TorchDispatchMode``, the base ``lightning_nograd.core.measure.LiveTensorMemory`` needs."""
+"""``TorchDispatchMode``, the base ``lightning_nograd.core.savings.epoch_measures.LiveTensorMemory`` needs."""
 
 _push_saved: Callable[..., None] | None = None
 _pop_saved: Callable[[], None] | None = None

@@ -7,7 +7,7 @@ from collections.abc import Iterable, Iterator, Mapping
 
 from torch import nn
 
-from lightning_nograd.core.torch_internals import WRAPPER_SEGMENTS, is_compile_wrapper
+from lightning_nograd.core.plumbing.torch_internals import WRAPPER_SEGMENTS, is_compile_wrapper
 
 
 def user_path(path: str) -> str:

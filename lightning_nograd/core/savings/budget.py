@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
-from lightning_nograd.core.recording import Tape, replayable
-from lightning_nograd.core.replay import EAGER_REPLAY_NOTE, RUNS_PER_PAIR, Replay
-from lightning_nograd.core.savings import ReplayResult
+from lightning_nograd.core.savings.estimate import ReplayResult
+from lightning_nograd.core.savings.recording import Tape, replayable
+from lightning_nograd.core.savings.replay import EAGER_REPLAY_NOTE, RUNS_PER_PAIR, Replay
 
 
 class ReplayBudget:

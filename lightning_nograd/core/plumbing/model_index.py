@@ -11,9 +11,9 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from lightning_nograd.core.counters import visits
-from lightning_nograd.core.module_paths import ancestors, named_modules
-from lightning_nograd.core.torch_internals import child_modules, has_children, own_parameters
+from lightning_nograd.core.plumbing.counters import visits
+from lightning_nograd.core.plumbing.module_paths import ancestors, named_modules
+from lightning_nograd.core.plumbing.torch_internals import child_modules, has_children, own_parameters
 
 
 class ParamIndex:

@@ -17,9 +17,9 @@ from typing import Any
 import psutil
 import torch
 
-from lightning_nograd.core import torch_internals
-from lightning_nograd.core.tensors import MIB, storage_key
-from lightning_nograd.core.torch_internals import MissingTorchInternal, tree_leaves
+from lightning_nograd.core.checks.tensors import MIB, storage_key
+from lightning_nograd.core.plumbing import torch_internals
+from lightning_nograd.core.plumbing.torch_internals import MissingTorchInternal, tree_leaves
 
 
 def synchronize(device: torch.device) -> None:
@@ -336,7 +336,7 @@ def peak_bytes_of(run: Callable[[], Any], device: torch.device) -> int:
 
     CUDA: allocator peak; CPU: the allocator's own events (``allocator_peak_bytes``), or
     ``LiveTensorMemory`` (tensors that ops return) while a profiler of the user's is active or on
-    a torch without the allocator's events (``lightning_nograd.core.torch_internals``).
+    a torch without the allocator's events (``lightning_nograd.core.plumbing.torch_internals``).
     Whatever ``run`` returns is dropped before the measurement ends, as a step's graph would be.
     """
     if device.type == "cuda":

@@ -26,9 +26,9 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 from torch.utils.weak import WeakTensorKeyDictionary
 
-from lightning_nograd.core import torch_internals
-from lightning_nograd.core.faults import Probe, isolated
-from lightning_nograd.core.torch_internals import (
+from lightning_nograd.core.plumbing import torch_internals
+from lightning_nograd.core.plumbing.faults import Probe, isolated
+from lightning_nograd.core.plumbing.torch_internals import (
     FunctionWatch,
     eager_module,
     register_forward_hook_with_kwargs,
@@ -173,7 +173,7 @@ def call_hooks(
     """Global hooks around every module call, isolated as ``probe``'s: ``pre(module, args)`` and
     ``post(module, args, kwargs, output)``, the latter also when the forward raises (``output`` None).
     ``kwargs`` is ``None`` where they are not known: the forward raised, or they cannot be read
-    (see ``lightning_nograd.core.torch_internals.register_forward_hook_with_kwargs``).
+    (see ``lightning_nograd.core.plumbing.torch_internals.register_forward_hook_with_kwargs``).
 
     Global hooks, unlike per-module ones, leave fused kernels (``nn.TransformerEncoderLayer``) on.
     """

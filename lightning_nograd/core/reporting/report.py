@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from lightning_nograd.core.findings import Finding
+from lightning_nograd.core.reporting.findings import Finding
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Detects modules whose forward runs in train mode while the model should be evaluating.
 
 Cost model: the modes are read by one pass over a cached module list at every stage and epoch
-start, and again only after a mode switch (``lightning_nograd.core.counters.ModeSwitches``): a
+start, and again only after a mode switch (``lightning_nograd.core.plumbing.counters.ModeSwitches``): a
 batch in which no module's mode changed visits no module. A clean model (everything in eval mode)
 gets no hooks at all, so fused inference paths (``nn.TransformerEncoderLayer``) stay on. Only when
 some module is found in train mode does a *global* forward pre-hook go in, for as long as it is
@@ -19,9 +19,9 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from lightning_nograd.core.counters import ModeSwitches, mode_switches, visits
-from lightning_nograd.core.faults import Probe, isolated, isolated_method
-from lightning_nograd.core.module_paths import NamePatterns, mode_modules, parent_path
+from lightning_nograd.core.plumbing.counters import ModeSwitches, mode_switches, visits
+from lightning_nograd.core.plumbing.faults import Probe, isolated, isolated_method
+from lightning_nograd.core.plumbing.module_paths import NamePatterns, mode_modules, parent_path
 
 MODE_SENSITIVE_TYPES: tuple[type[nn.Module], ...] = (
     nn.modules.dropout._DropoutNd,

@@ -9,7 +9,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from lightning_nograd.core.module_paths import named_modules
+from lightning_nograd.core.plumbing.module_paths import named_modules
 
 
 def inference_tensors(root: nn.Module, allowed: Callable[[str], bool] | None = None) -> list[tuple[str, str]]:

@@ -18,11 +18,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_nograd.core.counters import GRADIENT_EVERY, GRADIENT_WINDOW, visits
-from lightning_nograd.core.gradient_gaps import GradientGap
-from lightning_nograd.core.gradient_window import GradientWindow, HeldGap, has_gradient
-from lightning_nograd.core.model_index import ParamIndex
-from lightning_nograd.core.torch_internals import max_abs
+from lightning_nograd.core.checks.gradient_gaps import GradientGap
+from lightning_nograd.core.checks.gradient_window import GradientWindow, HeldGap, has_gradient
+from lightning_nograd.core.plumbing.counters import GRADIENT_EVERY, GRADIENT_WINDOW, visits
+from lightning_nograd.core.plumbing.model_index import ParamIndex
+from lightning_nograd.core.plumbing.torch_internals import max_abs
 
 
 @dataclass
@@ -141,7 +141,7 @@ def without_gradient(params: list[nn.Parameter]) -> list[nn.Parameter]:
 class GradientCheck:
     """Which parameters a stepped optimizer holds reach its step with no gradient, at a cost that does not grow
     with the model: every parameter at an epoch's first step, then ``GRADIENT_WINDOW`` of them every
-    ``GRADIENT_EVERY``-th step, round robin (see ``lightning_nograd.core.counters``).
+    ``GRADIENT_EVERY``-th step, round robin (see ``lightning_nograd.core.plumbing.counters``).
 
     Where gradients are zeroed with ``set_to_none=False`` a missing gradient is all zeros: that is
     learnt right after ``zero_grad`` at the start of each epoch (``backward``: one parameter that
@@ -364,7 +364,7 @@ class GradientCheck:
         return self.keeps_zeros and checks > 0 and self.streaks.streak.get(id(param), 0) >= checks
 
     def hold(self, gap: GradientGap, params: list[nn.Parameter], batch_idx: int | None, epoch: int) -> None:
-        """Hold ``gap``'s parameters in the window (see ``lightning_nograd.core.gradient_window``);
+        """Hold ``gap``'s parameters in the window (see ``lightning_nograd.core.checks.gradient_window``);
         read now, at the step after the one that found them: those with a gradient already are let go."""
         index = self.index
         if index is None:

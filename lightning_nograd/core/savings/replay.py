@@ -1,6 +1,6 @@
 """The replay that measures what disabling gradients saves, on the user's own model and data.
 
-``Replay`` runs the tape ``lightning_nograd.core.recording.StepRecorder`` recorded during one
+``Replay`` runs the tape ``lightning_nograd.core.savings.recording.StepRecorder`` recorded during one
 evaluation batch (its module calls and the functional code between them) again, with gradients on
 and off, in eval mode, with RNG state and the modules' attributes restored, and measures graph bytes,
 peak memory and time (settled blocks of timed runs). No user hook or step is re-run.
@@ -15,15 +15,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_nograd.core.counters import mode_switches
-from lightning_nograd.core.graph import SAVED_TENSOR_HOOKS
-from lightning_nograd.core.measure import peak_bytes_of, synchronize
-from lightning_nograd.core.recording import Tape, run_tape
-from lightning_nograd.core.savings import ReplayResult, TimedBlock
-from lightning_nograd.core.tensors import storage_bytes, storage_key
-from lightning_nograd.core.torch_internals import (
+from lightning_nograd.core.checks.graph import SAVED_TENSOR_HOOKS
+from lightning_nograd.core.checks.tensors import storage_bytes, storage_key
+from lightning_nograd.core.plumbing.counters import mode_switches
+from lightning_nograd.core.plumbing.torch_internals import (
     UserHooksOff,
 )
+from lightning_nograd.core.savings.epoch_measures import peak_bytes_of, synchronize
+from lightning_nograd.core.savings.estimate import ReplayResult, TimedBlock
+from lightning_nograd.core.savings.recording import Tape, run_tape
 
 EAGER_REPLAY_NOTE = (
     "compiled modules were replayed eagerly (their `_orig_mod`): the figures are those of the eager forward, "
@@ -173,13 +173,13 @@ class Replay:
 
     ``measure_memory`` runs once (graph bytes and both peaks; ``memory_run_seconds`` is
     what its two runs took, the profiler's start and stop left out);
-    ``time_pairs`` adds settled blocks of timed runs (``lightning_nograd.core.savings``), each block
+    ``time_pairs`` adds settled blocks of timed runs (``lightning_nograd.core.savings.estimate``), each block
     starting with the other grad mode than the one before, so a slow moment of the machine does not
     always fall on the same side. On a CPU the runs are timed by the process's CPU time as well as the
     wall clock (``ReplayResult.clock``).
 
     Args:
-        tape: what one batch ran (``lightning_nograd.core.recording.replayable``: inference-mode inputs cloned).
+        tape: what one batch ran (``lightning_nograd.core.savings.recording.replayable``: inference-mode inputs cloned).
         device: where the model runs (CUDA is synchronised around every timing).
         exclude_storages: parameter and buffer storages, not counted as graph memory.
 

@@ -1,0 +1,1 @@
+"""The checks: each module finds one kind of problem (or a few of one family), while it happens."""
