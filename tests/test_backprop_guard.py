@@ -361,7 +361,7 @@ class StrayOnSomeBatches(Net):
     [({0}, 0), ({3, 6}, 6), (set(), None)],
     ids=["first-batch", "recurring-mid-epoch", "clean"],
 )
-def test_stray_forward_is_named_by_the_probe_the_node_counter_arms(
+def test_a_stray_forward_is_named_at_the_batch_it_first_built_a_graph(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stray_batches: set[int], named_at: int | None
 ) -> None:
     # the saved-tensor probe watches the first stretch of an epoch and the one after a validation; the

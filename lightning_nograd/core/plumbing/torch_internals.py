@@ -10,7 +10,7 @@ check that needs it is skipped with that reason. One that is there but behaves d
 inside the check that uses it, which is switched off with one warning (``lightning_nograd.core.plumbing.faults``).
 
 Checked on torch 2.4.0 (Python 3.10), 2.13.0 (Python 3.11) and 2.14.1 (Python 3.13), the versions
-CI runs the suite on. ``tests/core/test_torch_internals.py`` removes each one in turn.
+CI runs the suite on. ``tests/core/plumbing/test_torch_internals.py`` removes each one in turn.
 """
 
 from __future__ import annotations

@@ -62,7 +62,7 @@ def test_tally_and_tensor_attributes() -> None:
     assert tally.nbytes == 8, "two views of one storage count once"
 
 
-def test_stray_graph_watch_fast_path_taken_by_the_loop_itself() -> None:
+def test_a_stray_graph_is_named_the_next_time_and_clean_intervals_cost_two_counter_reads() -> None:
     # what BackpropGuard does: while `counts_for` is the model an interval is only two counter reads;
     # a graph built in one arms the probe, which names it the next time and then steps aside again
     net = nn.Linear(2, 2)

@@ -22,7 +22,7 @@ from lightning_nograd import NoGradAuditor, audit
 from lightning_nograd.core.plumbing import torch_internals
 from lightning_nograd.core.plumbing.torch_internals import INTERNALS, MissingTorchInternal, describe
 from lightning_nograd.core.savings.recording import StepRecorder
-from tests.core.torch_removal import without
+from tests.core.plumbing.torch_removal import without
 from tests.helpers import loader, nograd_warnings, trainer
 
 
@@ -219,7 +219,7 @@ def test_importing_and_building_work_with_every_internal_taken_away() -> None:
     lost = [key for key in _LOOKED_UP_AT_IMPORT if INTERNALS[key].lost]
     script = f"""
         import warnings
-        from tests.core.torch_removal import without
+        from tests.core.plumbing.torch_removal import without
         with without({names!r}):
             import lightning_nograd
             from lightning_nograd.core.plumbing import torch_internals
@@ -236,7 +236,7 @@ def test_importing_and_building_work_with_every_internal_taken_away() -> None:
         [sys.executable, "-c", textwrap.dedent(script)],
         capture_output=True,
         text=True,
-        cwd=Path(__file__).resolve().parents[2],
+        cwd=Path(__file__).resolve().parents[3],
         timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
@@ -250,7 +250,7 @@ _PRIVATE_TORCH = re.compile(
 
 
 def test_no_private_torch_api_is_used_outside_torch_internals() -> None:
-    package = Path(__file__).resolve().parents[2] / "lightning_nograd"
+    package = Path(__file__).resolve().parents[3] / "lightning_nograd"
     found = []
     for path in sorted(package.rglob("*.py")):
         if path.name == "torch_internals.py":
@@ -267,7 +267,7 @@ def test_no_private_torch_api_is_used_outside_torch_internals() -> None:
 
 
 def test_the_readme_names_every_internal_and_what_happens_without_it() -> None:
-    readme = (Path(__file__).resolve().parents[2] / "docs" / "torch-internals.md").read_text()
+    readme = (Path(__file__).resolve().parents[3] / "docs" / "torch-internals.md").read_text()
     section = readme.split("# PyTorch internals\n", 1)[1]
     assert torch_internals.CHECKED_ON in section
     for internal in INTERNALS.values():
