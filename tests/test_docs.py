@@ -81,14 +81,14 @@ def test_every_savings_metric_is_in_the_metrics_table() -> None:
 
 
 def test_the_wandb_picture_is_photographed_from_a_real_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """``scripts/wandb_screenshot.py`` shows a real offline W&B run in W&B's own viewer: the charts and
+    """``docs/scripts/wandb_screenshot.py`` shows a real offline W&B run in W&B's own viewer: the charts and
     the run summary of the ``nograd/val`` keys, as the docs' picture does."""
     pytest.importorskip("wandb")
     browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
     if browser is None or shutil.which("tmux") is None:
         pytest.skip("needs tmux and headless Chromium")
     fit_logged_to_wandb_offline(tmp_path, monkeypatch, Regressor())
-    spec = importlib.util.spec_from_file_location("wandb_screenshot", ROOT / "scripts" / "wandb_screenshot.py")
+    spec = importlib.util.spec_from_file_location("wandb_screenshot", ROOT / "docs" / "scripts" / "wandb_screenshot.py")
     assert spec is not None and spec.loader is not None
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
@@ -118,13 +118,15 @@ def test_the_docs_front_page_shows_the_readme_s_table() -> None:
 
 
 def test_the_package_index_gets_the_readme_with_nothing_that_needs_a_clone() -> None:
-    spec = importlib.util.spec_from_file_location("package_description", ROOT / "scripts" / "package_description.py")
+    spec = importlib.util.spec_from_file_location(
+        "package_description", ROOT / "docs" / "scripts" / "package_description.py"
+    )
     assert spec is not None and spec.loader is not None
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     readme, pyproject = (ROOT / "README.md").read_text(), (ROOT / "pyproject.toml").read_text()
     described = (DOCS / "package-description.md").read_text()
-    assert described == script.render(readme, script.source_url(pyproject)), "run scripts/package_description.py"
+    assert described == script.render(readme, script.source_url(pyproject)), "run docs/scripts/package_description.py"
     assert 'readme = { file = "docs/package-description.md", content-type = "text/markdown" }' in pyproject
     # every link and picture on the index page is absolute, or none is a link at all
     targets = re.findall(r"\]\(([^)\s]+)\)", described)

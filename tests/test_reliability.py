@@ -575,3 +575,16 @@ def test_the_declared_floors_are_the_versions_ci_tests() -> None:
     assert row + f"{floors['torchmetrics']}.0 (floor) | {floors['psutil']}.0 (floor) |" in readme
     assert f"Programming Language :: Python :: {python_floor}" in project["classifiers"]
     assert '"$(pyenv_python 3.13)" -m venv "$tmp/newest"' in ci and "| 3.13 | newest that pip resolves" in readme
+
+
+def test_the_top_level_holds_only_what_the_layout_names() -> None:
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    listed = subprocess.run(["git", "ls-files"], cwd=root, capture_output=True, text=True)
+    if listed.returncode != 0:  # an sdist's test tree: no git
+        pytest.skip("not a git checkout")
+    top = {line.split("/", 1)[0] for line in listed.stdout.splitlines() if line}
+    layout = {"pyproject.toml", "lightning_nograd", "tests", "examples", "benchmarks", "docs", "mkdocs.yml"}
+    layout |= {"CHANGELOG.md", "README.md", "LICENSE", "MANIFEST.in", ".ci", ".gitignore"}
+    assert top <= layout, top - layout

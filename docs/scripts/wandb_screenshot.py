@@ -7,7 +7,7 @@ needed) inside a detached tmux session, filters the charts and the run summary t
 and photographs the screen: tmux's copy of it, colours included, drawn as HTML in headless
 Chromium (Debian: ``apt-get install tmux chromium``).
 
-    python scripts/wandb_screenshot.py [--out docs/images/wandb.png] [--run DIR]
+    python docs/scripts/wandb_screenshot.py [--out docs/images/wandb.png] [--run DIR]
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 COLUMNS, ROWS = 190, 50
 CELL_WIDTH, CELL_HEIGHT = 8.5, 17  # px: DejaVu Sans Mono at 14 px, one terminal cell
 FOREGROUND, BACKGROUND = "#d0d0d0", "#1c1c1c"

@@ -6,7 +6,7 @@ distribution, and each picture a line saying where it is; with a ``Source`` URL 
 the pictures link there instead. ``pyproject.toml`` takes the result as the long description, and a test
 keeps it up to date with the README.
 
-    python scripts/package_description.py          # rewrites docs/package-description.md
+    python docs/scripts/package_description.py          # rewrites docs/package-description.md
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import re
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TARGET = ROOT / "docs" / "package-description.md"
 
 _IMAGE = re.compile(r"!\[([^\]]*)\]\(([^)\s]+)\)")
@@ -54,7 +54,7 @@ def render(readme: str, source: str | None = None) -> str:
             return match.group(0)
         return f"{text} (`{url.split('#')[0]}` in the source distribution)"
 
-    header = "<!-- Written by scripts/package_description.py from README.md: edit the README, then run it. -->\n"
+    header = "<!-- Written by docs/scripts/package_description.py from README.md: edit the README, then run it. -->\n"
     return header + _LINK.sub(link, _IMAGE.sub(image, readme))
 
 

@@ -4,7 +4,7 @@ Runs ``examples/quickstart.py`` (``NoGradAuditor()`` at its defaults) into a tem
 serves its logs with a real TensorBoard and photographs the Scalars dashboard, filtered to
 ``nograd/val``, with headless Chromium (Debian: ``apt-get install chromium``).
 
-    python scripts/tensorboard_screenshot.py [--out docs/images/tensorboard.png]
+    python docs/scripts/tensorboard_screenshot.py [--out docs/images/tensorboard.png]
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:
