@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -15,10 +14,11 @@ from lightning_nograd.callbacks._lightning import LightningModule, Trainer, ddp_
 from lightning_nograd.callbacks.loggers import reduce_present_max
 from lightning_nograd.core.checks.eval_mode_at_start import EvalModeAtStart
 from lightning_nograd.core.checks.eval_mode_leaks import EvalModeLeaks
-from lightning_nograd.core.checks.gradient_gaps import GradientGap, GradModeProbe, explain_gradient_gaps
+from lightning_nograd.core.checks.gradient_gaps import GradientGap
 from lightning_nograd.core.checks.gradients import GradientCheck
 from lightning_nograd.core.checks.graph import GraphEvent, GraphProbe
 from lightning_nograd.core.checks.inference_tensors import inference_tensors
+from lightning_nograd.core.checks.missing_gradients import GapFound, MissingGradients
 from lightning_nograd.core.checks.stray_graphs import StrayGraphWatch
 from lightning_nograd.core.checks.unstepped_gradients import UnsteppedGradients, describe_groups
 from lightning_nograd.core.plumbing.arguments import check_int
@@ -113,24 +113,18 @@ class BackpropGuard(NoGradCallback):
         self.allow = NamePatterns("allow", allow)
         self.zero_grad_steps = check_int("zero_grad_steps", zero_grad_steps, 1)
         self._eval_at_start = EvalModeAtStart(self._report_eval_at_start)
-        self._gradients = GradientCheck(self.zero_grad_steps, self.allow.matches, self._eval_at_start.frozen_on_purpose)
+        check = GradientCheck(self.zero_grad_steps, self.allow.matches, self._eval_at_start.frozen_on_purpose)
+        self._missing = MissingGradients(check, self.allow.matches, self._probe_failed)
+        self._gradients = check
         self._leaks = EvalModeLeaks(self.allow.matches)
         self._unstepped = UnsteppedGradients(self.allow.matches)
         self._inference_reported: set[str] = set()
-        self._probe: GradModeProbe | None = None
-        self._pending_probe = False
         self._stray: StrayGraphWatch | None = None
         self._trained_ids: set[int] | None = None
         self._batch_idx: int | None = None
-        # the first batch whose gradients the next optimizer step reads (with gradient accumulation, the
-        # first of the accumulated batches): a parameter found without a gradient there has had none since
-        self._window_first_batch: int | None = None
         self._epoch = 0
         self._root_type = "LightningModule"
         self._counts: dict[str, set[str]] = {key: set() for key in _COUNTS}
-        self._missing_since: dict[int, int] = {}  # parameter id -> the batch it was first found without a gradient
-        # under DDP without `find_unused_parameters`, a parameter without a gradient ends the run at the next forward
-        self._ddp_stops_on_unused = False
 
     @override
     def _state_key_settings(self) -> dict[str, Any]:
@@ -154,14 +148,12 @@ class BackpropGuard(NoGradCallback):
         self._trained_ids = trained_parameter_ids(getattr(trainer, "optimizers", []), pl_module)
         self._start_gradient_checks(pl_module)
         self._check_eval_mode_at_start(pl_module)
-        self._ddp_stops_on_unused = ddp_stops_on_unused_parameters(trainer)
-        if self._ddp_stops_on_unused:
-            self._pending_probe = True  # the first step is watched: a gap found there is explained at once
+        self._missing.start(ddp_stops_on_unused_parameters(trainer))
 
     @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._epoch = int(trainer.current_epoch)
-        self._gradients.new_epoch(len(getattr(trainer, "optimizers", [])))
+        self._missing.new_epoch(self._epoch, len(getattr(trainer, "optimizers", [])))
         self._counts = {key: set() for key in _COUNTS}
         if self._stray is not None:
             self._stray.close()
@@ -182,12 +174,9 @@ class BackpropGuard(NoGradCallback):
         if self._stray is not None:
             self._stray.close()
         self._batch_idx = batch_idx
-        if self._window_first_batch is None:
-            self._window_first_batch = batch_idx
         if not self._leaks.unchanged("on_train_batch_start"):
             self._read_modes("on_train_batch_start")
-        if self._pending_probe:
-            self._start_grad_mode_probe()
+        self._watch_step(batch_idx)
 
     @override
     def on_before_zero_grad(
@@ -206,17 +195,15 @@ class BackpropGuard(NoGradCallback):
     def on_before_optimizer_step(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        if not self._gradients.passes_steady_step():
-            self._step_gradients(optimizer)
+        self._step_gradients(optimizer)
         if self._unstepped.armed:
             self._check_unstepped_gradients(trainer)
-        self._window_first_batch = None
 
     @override
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self._probe is not None:
+        if self._missing.probe is not None:
             self._finish_grad_mode_probe()
         if not self._leaks.unchanged("training_step"):
             self._read_modes("training_step")
@@ -226,7 +213,6 @@ class BackpropGuard(NoGradCallback):
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._eval_at_start.close()  # the blocks no gradient check judged in the first epoch are reported
-        self._collect_zero_gradients(wait=False)
         self._report_without_gradient_all_epoch()
         self._flush_stray_graphs()  # the interval goes on: Lightning calls the module's epoch-end hook next
         self._log_counts(trainer)
@@ -245,7 +231,7 @@ class BackpropGuard(NoGradCallback):
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._eval_at_start.close()
-        self._collect_zero_gradients(wait=True)
+        self._collect_zero_gradients()
         if self._stray is not None:
             self._stray.close()
         self._gather_findings(trainer)  # those of the last steps, from every rank, before the report is written
@@ -253,9 +239,8 @@ class BackpropGuard(NoGradCallback):
 
     @override
     def _release(self, check: str | None = None) -> None:
-        if check in (None, "no_grad_module") and self._probe is not None:
-            self._probe.stop()
-            self._probe = None
+        if check in (None, "no_grad_module"):
+            self._missing.stop_probe()
         if check in (None, "stray_graph"):
             stray, self._stray = self._stray, None
             if stray is not None:
@@ -264,7 +249,7 @@ class BackpropGuard(NoGradCallback):
             self._unstepped.close()
         if check is None:
             self._leaks.close()
-            self._gradients.close()
+            self._missing.close()
 
     # -- set-up ----------------------------------------------------------------------------------
 
@@ -324,107 +309,32 @@ class BackpropGuard(NoGradCallback):
     def _note_backward(self) -> None:
         self._gradients.backward()
 
-    @guarded("params_without_grad")
-    def _step_gradients(self, optimizer: torch.optim.Optimizer) -> None:
-        missing = self._gradients.step(optimizer)
-        if missing:
-            self._note_missing(missing)
-            if self._ddp_stops_on_unused and self._probe is not None:
-                self._finish_grad_mode_probe()  # now: DDP's reducer would stop the run before the next batch ends
-        self._report_held()
+    @guarded("no_grad_module")
+    def _watch_step(self, batch_idx: int) -> None:
+        self._missing.batch_start(batch_idx)
 
     @guarded("params_without_grad")
-    def _collect_zero_gradients(self, wait: bool) -> None:
-        self._note_missing(self._gradients.collect(wait))
+    def _step_gradients(self, optimizer: torch.optim.Optimizer) -> None:
+        self._report_gaps(self._missing.step(optimizer))
+
+    @guarded("params_without_grad")
+    def _collect_zero_gradients(self) -> None:
+        self._missing.end()
 
     @guarded("params_without_grad")
     def _report_without_gradient_all_epoch(self) -> None:
-        self._report_unexplained_suspects(whole_epoch_only=True)
-        self._report_held(epoch_end=True)
+        self._report_gaps(self._missing.epoch_end())
 
-    def _note_missing(self, missing: list[nn.Parameter]) -> None:
-        """Note when parameters were first found without a gradient; new suspects get the next step watched.
-
-        Also under on_violation="error": the watched step names the cause (a `no_grad` branch is
-        `no_grad_module`) before the run is stopped, one step later than the gap was seen."""
-        index = self._gradients.index
-        if not missing or index is None:
-            return
-        for param in missing:  # (counted once reported: a branch that learns on some steps is no finding)
-            self._missing_since.setdefault(id(param), self._window_first)
-        if self._gradients.suspects and self._probe is None:
-            self._pending_probe = True
-
-    @guarded("no_grad_module")
-    def _start_grad_mode_probe(self) -> None:
-        index = self._gradients.index
-        if not self._pending_probe or index is None:
-            return
-        self._pending_probe = False
-        watched = {id(m): path for path, m in index.modules.items() if not self.allow.matches(path)}
-        self._probe = GradModeProbe(watched, on_error=lambda err: self._switch_off("no_grad_module", err))
-        self._probe.start()
+    def _probe_failed(self, err: BaseException) -> None:
+        self._switch_off("no_grad_module", err)
 
     @guarded("no_grad_module")
     def _finish_grad_mode_probe(self) -> None:
-        probe, self._probe = self._probe, None
-        index = self._gradients.index
-        if probe is None or index is None:
-            return
-        probe.stop()
-        suspects = self._gradients.take_suspects()
-        gaps = explain_gradient_gaps(index, suspects, probe)
-        probe.release()
-        self._report_gaps(gaps, suspects)
+        self._report_gaps(self._missing.batch_end())
 
-    def _report_unexplained_suspects(self, whole_epoch_only: bool) -> None:
-        """Explain and report the suspects no watched step explained: at an epoch's end, those without a
-        gradient since its first step (an epoch of one step); at the end of training, none is definite."""
-        gradients = self._gradients
-        index = gradients.index
-        if index is None or not gradients.suspects:
-            return
-        suspects = gradients.take_suspects()
-        if whole_epoch_only:
-            suspects = [p for p in suspects if gradients.missing_all_epoch(p)]
-        by_name = {index.name(p): p for p in suspects}
-        for gap in explain_gradient_gaps(index, suspects, None):
-            if whole_epoch_only:
-                gap = dataclasses.replace(gap, evidence="at every step of a whole epoch")
-            self._report_gap(gap, self._found_at(gap, by_name))
-
-    @property
-    def _window_first(self) -> int:
-        first = self._window_first_batch if self._window_first_batch is not None else self._batch_idx
-        return first or 0
-
-    def _found_at(self, gap: GradientGap, by_name: dict[str, nn.Parameter]) -> int | None:
-        """The batch at which the first of ``gap``'s parameters was found without a gradient."""
-        members = [by_name[name] for name in gap.parameters if name in by_name]
-        return min((self._missing_since.get(id(p), self._batch_idx or 0) for p in members), default=self._batch_idx)
-
-    def _report_gaps(self, gaps: list[GradientGap], params: list[nn.Parameter]) -> None:
-        """A module that ran only under ``no_grad`` is definite at once, and so is any gap under DDP without
-        ``find_unused_parameters`` (its reducer stops the run at the next forward); any other is held until
-        the evidence is (``lightning_nograd.core.checks.gradient_window``)."""
-        index = self._gradients.index
-        by_name = {index.name(p): p for p in params} if index is not None else {}
-        for gap in gaps:
-            members = [by_name[name] for name in gap.parameters if name in by_name]
-            found_at = self._found_at(gap, by_name)
-            if gap.definite or self._ddp_stops_on_unused:
-                self._report_gap(
-                    dataclasses.replace(gap, ddp_stops=self._ddp_stops_on_unused and not gap.definite), found_at
-                )
-            else:
-                self._gradients.hold(gap, members, found_at, self._epoch)
-
-    def _report_held(self, epoch_end: bool = False) -> None:
-        for held in self._gradients.take_confirmed(epoch_end):
-            in_a_row = held.missed >= self._gradients.window.steps
-            evidence = f"at each of its last {held.missed} steps" if in_a_row else "at every step of a whole epoch"
-            gap = dataclasses.replace(held.gap, parameters=held.remaining_names(), evidence=evidence)
-            self._report_gap(gap, held.batch_idx, held.epoch)
+    def _report_gaps(self, found: list[GapFound]) -> None:
+        for gap, batch_idx, epoch in found:
+            self._report_gap(gap, batch_idx, epoch)
 
     def _report_gap(self, gap: GradientGap, batch_idx: int | None, epoch: int | None = None) -> None:
         if self.allow.matches(gap.subject):  # the pattern its fix names: a region kept on purpose
