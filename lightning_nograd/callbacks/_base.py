@@ -2,13 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
-import os
-import pickle
-import tempfile
-import uuid
 import warnings
 import weakref
 from collections.abc import Callable
@@ -25,6 +20,7 @@ from lightning_nograd.callbacks._lightning import (
     log_step,
     world_size,
 )
+from lightning_nograd.callbacks.handoff import ReportHandoff
 from lightning_nograd.callbacks.loggers import MetricSink, gather_objects
 from lightning_nograd.core.plumbing import torch_internals
 from lightning_nograd.core.plumbing.faults import fault_message, isolating
@@ -78,9 +74,7 @@ class NoGradCallback(CallbackBase):
         self._report = Report()
         # where a run in spawned or forked worker processes (`ddp_spawn`, `ddp_notebook`) leaves the report
         # for this object in the launching process (see `report`); a name only, no file is made here
-        self._origin_pid = os.getpid()
-        self._handoff = os.path.join(tempfile.gettempdir(), f"lightning-nograd-{self._origin_pid}-{uuid.uuid4().hex}")
-        weakref.finalize(self, _remove_handoff, self._handoff, self._origin_pid)
+        self._handoff = ReportHandoff()
         self._switched_off: set[str] = set()
         self._findings = FindingLog(
             self._policy, self._warning_category, on_new=self._on_new_finding, on_ranks_added=self._on_ranks_added
@@ -152,8 +146,9 @@ class NoGradCallback(CallbackBase):
         back from rank zero's worker when the Trainer call returns: this object in the launching process
         holds it as if it had watched the run itself.
         """
-        if os.getpid() == self._origin_pid and os.path.exists(self._handoff):
-            self._take_handoff()
+        handoff = self._handoff.take()
+        if handoff is not None and isinstance(handoff.get("report"), Report):
+            self._adopt(handoff)
         return self._report
 
     @report.setter
@@ -164,17 +159,6 @@ class NoGradCallback(CallbackBase):
         # pickled for the next spawned workers: they carry on from the report the last ones left
         _ = self.report
         return self.__dict__.copy()
-
-    def _take_handoff(self) -> None:
-        try:
-            with open(self._handoff, "rb") as handle:
-                report = pickle.load(handle)  # written by rank zero's worker of this very callback
-            os.remove(self._handoff)
-        except (OSError, pickle.UnpicklingError, EOFError) as err:
-            log.debug("could not read the report from the worker processes", exc_info=err)
-            return
-        if isinstance(report, dict) and isinstance(report.get("report"), Report):
-            self._adopt(report)
 
     def _handoff_logs(self) -> list[FindingLog]:
         """The finding logs that go with the report (``NoGradAuditor``: its parts')."""
@@ -188,16 +172,10 @@ class NoGradCallback(CallbackBase):
 
     def _hand_off(self, trainer: Trainer) -> None:
         """In rank zero's worker process (``ddp_spawn``, ``ddp_notebook``), leave the report for the launching one."""
-        if os.getpid() == self._origin_pid or self._shared or not is_global_zero(trainer):
+        if not self._handoff.in_worker or self._shared or not is_global_zero(trainer):
             return
-        try:
-            partial = f"{self._handoff}.{os.getpid()}"
-            logs = [(log_.findings, log_.state()) for log_ in self._handoff_logs()]
-            with open(partial, "wb") as handle:
-                pickle.dump({"report": self._report, "logs": logs}, handle)
-            os.replace(partial, self._handoff)
-        except Exception as err:  # the report stays in `report_path` and the loggers
-            log.debug("could not hand the report to the launching process", exc_info=err)
+        logs = [(log_.findings, log_.state()) for log_ in self._handoff_logs()]
+        self._handoff.leave({"report": self._report, "logs": logs})
 
     def _on_ranks_added(self, old: Finding, new: Finding) -> None:
         self.report.update_finding(old, new)
@@ -330,13 +308,6 @@ class NoGradCallback(CallbackBase):
         warned = state_dict.get("warned", [])
         if isinstance(warned, list):
             self._findings.load_state(warned)
-
-
-def _remove_handoff(path: str, origin_pid: int) -> None:
-    """A report no one read: removed when the callback in the launching process goes (not in a forked worker)."""
-    if os.getpid() == origin_pid:
-        with contextlib.suppress(OSError):
-            os.remove(path)
 
 
 LOOP_NAMES = {"val": "validation", "test": "test", "predict": "predict"}

@@ -174,9 +174,12 @@ class BackpropGuard(NoGradCallback):
         if self._stray is not None:
             self._stray.close()
         self._batch_idx = batch_idx
+        missing = self._missing
+        missing.batch_start(batch_idx)
         if not self._leaks.unchanged("on_train_batch_start"):
             self._read_modes("on_train_batch_start")
-        self._watch_step(batch_idx)
+        if missing.pending_probe:
+            self._watch_step()
 
     @override
     def on_before_zero_grad(
@@ -195,9 +198,11 @@ class BackpropGuard(NoGradCallback):
     def on_before_optimizer_step(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        self._step_gradients(optimizer)
+        if not self._gradients.passes_steady_step():
+            self._step_gradients(optimizer)
         if self._unstepped.armed:
             self._check_unstepped_gradients(trainer)
+        self._missing.stepped()
 
     @override
     def on_train_batch_end(
@@ -310,8 +315,8 @@ class BackpropGuard(NoGradCallback):
         self._gradients.backward()
 
     @guarded("no_grad_module")
-    def _watch_step(self, batch_idx: int) -> None:
-        self._missing.batch_start(batch_idx)
+    def _watch_step(self) -> None:
+        self._missing.start_probe()
 
     @guarded("params_without_grad")
     def _step_gradients(self, optimizer: torch.optim.Optimizer) -> None:

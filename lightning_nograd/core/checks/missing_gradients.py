@@ -69,25 +69,26 @@ class MissingGradients:
         self.check.new_epoch(optimizers)
 
     def batch_start(self, batch_idx: int) -> None:
-        """A training batch starts: watched when an earlier step found a parameter without a gradient."""
+        """A training batch starts (every batch pays for this: two assignments; ``pending_probe`` then says
+        whether ``start_probe`` should watch it, after an earlier step found a parameter without a gradient)."""
         self.batch_idx = batch_idx
         if self._window_first_batch is None:
             self._window_first_batch = batch_idx
-        if self.pending_probe:
-            self._start_probe()
 
     def step(self, optimizer: torch.optim.Optimizer) -> list[GapFound]:
-        """``optimizer`` is about to step: its parameters' gradients are checked (on the check's schedule)."""
+        """``optimizer`` is about to step and the check's schedule says to check it (``check.passes_steady_step``
+        said no): its parameters' gradients are checked."""
         found: list[GapFound] = []
-        if not self.check.passes_steady_step():
-            missing = self.check.step(optimizer)
-            if missing:
-                self._note_missing(missing)
-                if self.ddp_stops and self.probe is not None:
-                    found += self.finish_probe()  # now: DDP's reducer would stop the run before the batch ends
-            found += self._held(epoch_end=False)
+        missing = self.check.step(optimizer)
+        if missing:
+            self._note_missing(missing)
+            if self.ddp_stops and self.probe is not None:
+                found += self.finish_probe()  # now: DDP's reducer would stop the run before the batch ends
+        return found + self._held(epoch_end=False)
+
+    def stepped(self) -> None:
+        """An optimizer step is done, checked or not: the next batch opens the next step's window."""
         self._window_first_batch = None
-        return found
 
     def batch_end(self) -> list[GapFound]:
         """A training batch ended: a watched step tells why its suspects got no gradient."""
@@ -126,7 +127,8 @@ class MissingGradients:
         if self.check.suspects and self.probe is None:
             self.pending_probe = True
 
-    def _start_probe(self) -> None:
+    def start_probe(self) -> None:
+        """Watch the batch under way with ``GradModeProbe``, to tell why its suspects get no gradient."""
         index = self.check.index
         if not self.pending_probe or index is None:
             return
