@@ -10,6 +10,7 @@ when its framework's events happen.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from collections.abc import Callable
 from typing import Any, Literal, Protocol
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from lightning_nograd.callbacks.nograd_auditor import NoGradAuditor
+from lightning_nograd.core.reporting.report import Report
 
 Stage = Literal["val", "test", "predict"]
 _LOOP = {"val": "validation", "test": "test", "predict": "predict"}
@@ -194,3 +196,24 @@ class LoopDriver:
             self._hooks.on_exception(self.run, self.model, exception)
         self.fitting = False
         self.stage = None
+
+
+class LoopFrontEnd:
+    """What the front ends of other loops share: the ``NoGradAuditor`` they drive, built from the same arguments.
+
+    Args: those of ``lightning_nograd.NoGradAuditor``, with the same meaning (and the same errors for bad
+    ones, naming the argument).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.auditor = NoGradAuditor(*args, **kwargs)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # the signature a reader (and `help()`, and the docs) sees is NoGradAuditor's, written once
+        cls.__init__.__signature__ = inspect.signature(NoGradAuditor.__init__)  # type: ignore[misc,attr-defined]
+
+    @property
+    def report(self) -> Report:
+        """Every evaluation's measurements and every finding (``lightning_nograd.core.reporting.report.Report``)."""
+        return self.auditor.report

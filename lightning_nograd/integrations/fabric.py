@@ -6,17 +6,12 @@ Fabric's docs put them. It runs the ``NoGradAuditor`` of a Lightning run on thos
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from lightning_nograd.callbacks.nograd_auditor import NoGradAuditor
-from lightning_nograd.core.reporting.findings import OnViolation
-from lightning_nograd.core.reporting.report import Report
-from lightning_nograd.integrations._loop import LoopDriver, LoopRun, Stage
+from lightning_nograd.integrations._loop import LoopDriver, LoopFrontEnd, LoopRun, Stage
 
 __all__ = ["NoGradFabricCallback"]
 
@@ -35,7 +30,7 @@ def _original(module: nn.Module) -> nn.Module:
     return inner if isinstance(inner, nn.Module) and hasattr(module, "_forward_module") else module
 
 
-class NoGradFabricCallback:
+class NoGradFabricCallback(LoopFrontEnd):
     """lightning-nograd for a Lightning Fabric loop: ``Fabric(callbacks=[NoGradFabricCallback()])``.
 
     The loop calls the hooks below with ``fabric.call(...)``; each does what the Lightning hook of the same
@@ -77,33 +72,12 @@ class NoGradFabricCallback:
         >>> fabric = Fabric(accelerator="cpu", callbacks=[NoGradFabricCallback()])
     """
 
-    def __init__(
-        self,
-        on_violation: OnViolation = "warn",
-        verbose: bool = True,
-        audit_eval: bool = True,
-        monitor_savings: bool = True,
-        guard_backprop: bool = True,
-        allow_train_mode: Iterable[str] = (),
-        allow_grad: Iterable[str] = (),
-        allow: Iterable[str] = (),
-        budget: float = 0.015,
-        repeats: int | None = None,
-        report_path: str | Path | None = None,
-    ) -> None:
-        self.auditor = NoGradAuditor(
-            on_violation, verbose, audit_eval, monitor_savings, guard_backprop,
-            allow_train_mode, allow_grad, allow, budget, repeats, report_path,
-        )  # fmt: skip
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self._driver: LoopDriver | None = None
         self._model: nn.Module | None = None
         self._epoch = -1
         self._stepped = False
-
-    @property
-    def report(self) -> Report:
-        """Every epoch's measurements and every finding (``lightning_nograd.core.reporting.report.Report``)."""
-        return self.auditor.report
 
     def _run(self) -> LoopDriver:
         if self._driver is None:

@@ -12,18 +12,14 @@ integration. Checked against transformers 4.46 to 5.x.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from lightning_nograd.callbacks.nograd_auditor import NoGradAuditor
 from lightning_nograd.core.plumbing.stack import innermost_self
-from lightning_nograd.core.reporting.findings import OnViolation
-from lightning_nograd.core.reporting.report import Report
-from lightning_nograd.integrations._loop import LoopDriver, LoopRun, Stage
+from lightning_nograd.integrations._loop import LoopDriver, LoopFrontEnd, LoopRun, Stage
 
 __all__ = ["NoGradTrainerCallback", "hf_metric_name"]
 
@@ -87,7 +83,7 @@ def _find_trainer() -> Trainer | None:
     return found if isinstance(found, Trainer) else None
 
 
-class NoGradTrainerCallback(TrainerCallback):
+class NoGradTrainerCallback(LoopFrontEnd, TrainerCallback):
     """lightning-nograd for the Hugging Face ``Trainer``: ``Trainer(..., callbacks=[NoGradTrainerCallback()])``.
 
     Runs the ``NoGradAuditor`` of a Lightning run on the Hugging Face ``Trainer``'s events:
@@ -113,35 +109,14 @@ class NoGradTrainerCallback(TrainerCallback):
         []
     """
 
-    def __init__(
-        self,
-        on_violation: OnViolation = "warn",
-        verbose: bool = True,
-        audit_eval: bool = True,
-        monitor_savings: bool = True,
-        guard_backprop: bool = True,
-        allow_train_mode: Iterable[str] = (),
-        allow_grad: Iterable[str] = (),
-        allow: Iterable[str] = (),
-        budget: float = 0.015,
-        repeats: int | None = None,
-        report_path: str | Path | None = None,
-    ) -> None:
-        self.auditor = NoGradAuditor(
-            on_violation, verbose, audit_eval, monitor_savings, guard_backprop,
-            allow_train_mode, allow_grad, allow, budget, repeats, report_path,
-        )  # fmt: skip
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self._trainer: Trainer | None = None
         self._driver: LoopDriver | None = None
         self._epoch = 0
         self._pending: Stage | None = None
         self._eval_batches: int | None = None
         self._step_inputs: Any = None
-
-    @property
-    def report(self) -> Report:
-        """Every evaluation's measurements and every finding (``lightning_nograd.core.reporting.report.Report``)."""
-        return self.auditor.report
 
     # -- the trainer this callback watches --------------------------------------------------------
 
