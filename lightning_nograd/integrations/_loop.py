@@ -201,8 +201,8 @@ class LoopDriver:
 class LoopFrontEnd:
     """What the front ends of other loops share: the ``NoGradAuditor`` they drive, built from the same arguments.
 
-    Args: those of ``lightning_nograd.NoGradAuditor``, with the same meaning (and the same errors for bad
-    ones, naming the argument).
+    Its arguments are those of ``lightning_nograd.NoGradAuditor``, with the same meaning (and the same errors
+    for bad ones, naming the argument).
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

@@ -65,7 +65,7 @@ class NoGradFabricCallback(LoopFrontEnd):
     ``report`` as ``NoGradAuditor``. ``on_test_start`` ... ``on_test_end`` audit a test loop; called outside
     training, an evaluation is a run of its own with its own table.
 
-    Args: those of ``lightning_nograd.NoGradAuditor``, with the same meaning.
+    Its arguments are those of ``lightning_nograd.NoGradAuditor``, with the same meaning.
 
     Examples:
         >>> from lightning.fabric import Fabric

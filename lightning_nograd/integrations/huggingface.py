@@ -101,7 +101,7 @@ class NoGradTrainerCallback(LoopFrontEnd, TrainerCallback):
     * under DDP (``torchrun``, ``accelerate launch``) every rank checks its own batches, and rank zero warns
       each finding once, naming the ranks that saw it.
 
-    Args: those of ``lightning_nograd.NoGradAuditor``, with the same meaning.
+    Its arguments are those of ``lightning_nograd.NoGradAuditor``, with the same meaning.
 
     Examples:
         >>> callback = NoGradTrainerCallback(allow=[r"teacher"])
