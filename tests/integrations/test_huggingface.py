@@ -300,3 +300,25 @@ def test_ddp_through_accelerate_brings_every_ranks_findings_to_rank_zero(tmp_pat
     assert rank1["warnings"] == []
     # the metrics of each evaluation, reduced over the ranks, at the evaluation's step
     assert [row["eval_nograd/violations"] for row in rank0["metrics"] if "eval_nograd/violations" in row] == [1.0, 1.0]
+
+
+def test_the_savings_reach_wandb_beside_the_trainers_eval_metrics(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("wandb")
+    from tests.helpers import read_wandb_offline
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_PROJECT", "nograd-test")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NoGradWarning)
+        _, callback = fit(tmp_path, bert(), callback=NoGradTrainerCallback(verbose=False), report_to=["wandb"])
+    import wandb
+
+    wandb.finish()
+    assert callback is not None
+    history, _ = read_wandb_offline(tmp_path)
+    keys = {key for row in history for key in row}
+    assert {"eval/nograd/graph_memory_mib", "eval/nograd/violations", "eval/loss"} <= keys, sorted(keys)
