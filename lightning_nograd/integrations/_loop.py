@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any, Literal, Protocol
 
@@ -19,7 +20,10 @@ import torch
 from torch import nn
 
 from lightning_nograd.callbacks.nograd_auditor import NoGradAuditor
+from lightning_nograd.core.plumbing.faults import fault_message
+from lightning_nograd.core.reporting.findings import user_stacklevel
 from lightning_nograd.core.reporting.report import Report
+from lightning_nograd.errors import NoGradError, NoGradWarning
 
 Stage = Literal["val", "test", "predict"]
 _LOOP = {"val": "validation", "test": "test", "predict": "predict"}
@@ -207,6 +211,21 @@ class LoopFrontEnd:
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.auditor = NoGradAuditor(*args, **kwargs)
+        self._broken = False  # an internal failure of this front end: it stopped watching, the run goes on
+
+    def _safely(self, work: Callable[..., Any], *args: Any) -> Any:
+        """``work(*args)``, where a failure of ours never reaches the user's loop: ``NoGradError`` passes (the user
+        asked to stop), anything else is one warning and this front end watches no more."""
+        if self._broken:
+            return None
+        try:
+            return work(*args)
+        except NoGradError:
+            raise
+        except Exception as err:
+            self._broken = True
+            warnings.warn(fault_message(type(self).__name__, err), NoGradWarning, stacklevel=user_stacklevel())
+            return None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -94,10 +94,13 @@ class NoGradFabricCallback(LoopFrontEnd):
             raise RuntimeError("NoGradFabricCallback has no model: pass `model=` to the hook or `fabric.setup` one.")
         return self._model
 
-    # -- Fabric's own event -----------------------------------------------------------------------
+    # -- Fabric's own event (each hook's work runs `_safely`: a failure of ours never reaches the loop) ----
 
     def on_after_setup(self, fabric: Any, module: nn.Module) -> None:
         """``fabric.setup`` calls it: the model to watch (the first one set up), its device and the loggers."""
+        self._safely(self._set_up, fabric, module)
+
+    def _set_up(self, fabric: Any, module: nn.Module) -> None:
         if self._model is None:
             self._model = _original(module)
         if self._driver is None:
@@ -114,42 +117,49 @@ class NoGradFabricCallback(LoopFrontEnd):
         driver = self._run()
         if isinstance(optimizers, torch.optim.Optimizer):
             optimizers = [optimizers]
-        driver.fit_start(self._model_of(model), list(optimizers or []))
         self._epoch = -1
+        self._safely(driver.fit_start, self._model_of(model), list(optimizers or []))
 
     def on_train_epoch_start(self, epoch: int | None = None) -> None:
+        driver = self._run()
         self._epoch = self._epoch + 1 if epoch is None else int(epoch)
-        self._run().train_epoch_start(self._epoch)
+        self._safely(driver.train_epoch_start, self._epoch)
 
     def on_train_batch_start(self, batch: Any = None, *args: Any) -> None:
-        driver = self._run()
+        self._safely(self._train_batch_start, self._run(), batch)
+
+    def _train_batch_start(self, driver: LoopDriver, batch: Any) -> None:
         driver.train_batch_start(batch)
         driver.before_backward()  # (Fabric's `backward` calls no hook: the backward follows in this batch)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        driver = self._run()
+        self._safely(self._before_optimizer_step, self._run(), optimizer)
+
+    def _before_optimizer_step(self, driver: LoopDriver, optimizer: torch.optim.Optimizer) -> None:
         self._stepped = True
         if optimizer not in driver.run.optimizers:  # an optimizer not passed to `on_train_start`
             driver.run.optimizers.append(optimizer)
         driver.before_optimizer_step(optimizer)
 
     def on_train_batch_end(self, outputs: Any = None, batch: Any = None, *args: Any) -> None:
-        driver = self._run()
+        self._safely(self._train_batch_end, self._run(), outputs, batch)
+
+    def _train_batch_end(self, driver: LoopDriver, outputs: Any, batch: Any) -> None:
         if self._stepped:  # (Lightning's `global_step` counts the batches that stepped)
             driver.run.global_step += 1
             self._stepped = False
         driver.train_batch_end(outputs, batch)
 
     def on_train_epoch_end(self) -> None:
-        self._run().train_epoch_end()
+        self._safely(self._run().train_epoch_end)
 
     def on_train_end(self) -> None:
-        self._run().fit_end()
+        self._safely(self._run().fit_end)
 
     # -- evaluation -------------------------------------------------------------------------------
 
     def _eval_start(self, stage: Stage, model: nn.Module | None, batches: int | None) -> None:
-        self._run().eval_start(stage, self._model_of(model), batches)
+        self._safely(self._run().eval_start, stage, self._model_of(model), batches)
 
     def on_validation_start(self, model: nn.Module | None = None, batches: int | None = None) -> None:
         self._eval_start("val", model, batches)
@@ -158,16 +168,16 @@ class NoGradFabricCallback(LoopFrontEnd):
         self._eval_start("test", model, batches)
 
     def on_validation_batch_start(self, batch: Any = None, *args: Any) -> None:
-        self._run().eval_batch_start(batch)
+        self._safely(self._run().eval_batch_start, batch)
 
     on_test_batch_start = on_validation_batch_start
 
     def on_validation_batch_end(self, outputs: Any = None, batch: Any = None, *args: Any) -> None:
-        self._run().eval_batch_end(outputs, batch)
+        self._safely(self._run().eval_batch_end, outputs, batch)
 
     on_test_batch_end = on_validation_batch_end
 
     def on_validation_end(self) -> None:
-        self._run().eval_end()
+        self._safely(self._run().eval_end)
 
     on_test_end = on_validation_end

@@ -148,18 +148,22 @@ class NoGradTrainerCallback(LoopFrontEnd, TrainerCallback):
             driver.run.global_step = int(trainer.state.global_step)
             driver.run.strategy.model = getattr(trainer, "model_wrapped", None)
 
+    def _watching(self) -> LoopDriver | None:
+        """The driver, while this callback watches (not after an internal failure of its own)."""
+        return None if self._broken else self._driver
+
     def _around_training_step(self, method: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(method)
         def training_step(model: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
-            driver = self._driver
+            driver = self._watching()
             if driver is None or not driver.fitting:
                 return method(model, inputs, *args, **kwargs)
-            self._sync(driver)
+            self._safely(self._sync, driver)
             self._step_inputs = inputs  # the batch starts at `compute_loss`, once the step has called `model.train()`
             try:
                 return method(model, inputs, *args, **kwargs)
             except BaseException as err:
-                driver.failed(err)
+                self._safely(driver.failed, err)
                 raise
             finally:
                 self._step_inputs = None
@@ -169,40 +173,46 @@ class NoGradTrainerCallback(LoopFrontEnd, TrainerCallback):
     def _around_compute_loss(self, method: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(method)
         def compute_loss(model: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
-            driver = self._driver
+            driver = self._watching()
             if driver is not None and self._step_inputs is not None and not driver.in_train_batch:
-                driver.train_batch_start(self._step_inputs)
-                driver.before_backward()  # (the step's backward follows `compute_loss` in `training_step`)
+                self._safely(self._train_batch_start, driver)
             return method(model, inputs, *args, **kwargs)
 
         return compute_loss
 
+    def _train_batch_start(self, driver: LoopDriver) -> None:
+        driver.train_batch_start(self._step_inputs)
+        driver.before_backward()  # (the step's backward follows `compute_loss` in `training_step`)
+
     def _around_prediction_step(self, method: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(method)
         def prediction_step(model: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
-            driver = self._driver
+            driver = self._watching()
             if driver is None or (driver.stage is None and self._pending is None):
                 return method(model, inputs, *args, **kwargs)
-            self._sync(driver)
-            if driver.stage is None and self._pending is not None:
-                # the first batch: the loop has put the model in eval mode by now, as Lightning's has at its start
-                stage, self._pending = self._pending, None
-                driver.eval_start(stage, self._model(), self._eval_batches)
-            driver.eval_batch_start(inputs)
+            self._safely(self._eval_batch_start, driver, inputs)
             try:
                 outputs = method(model, inputs, *args, **kwargs)
             except BaseException as err:
-                driver.failed(err)
+                self._safely(driver.failed, err)
                 raise
-            driver.eval_batch_end(outputs, inputs)
+            self._safely(driver.eval_batch_end, outputs, inputs)
             return outputs
 
         return prediction_step
 
+    def _eval_batch_start(self, driver: LoopDriver, inputs: Any) -> None:
+        self._sync(driver)
+        if driver.stage is None and self._pending is not None:
+            # the first batch: the loop has put the model in eval mode by now, as Lightning's has at its start
+            stage, self._pending = self._pending, None
+            driver.eval_start(stage, self._model(), self._eval_batches)
+        driver.eval_batch_start(inputs)
+
     def _around_evaluation_loop(self, method: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(method)
         def evaluation_loop(dataloader: Any, description: str, *args: Any, **kwargs: Any) -> Any:
-            driver = self._driver
+            driver = self._watching()
             if driver is None:
                 return method(dataloader, description, *args, **kwargs)
             prefix = str(kwargs.get("metric_key_prefix", args[2] if len(args) > 2 else "eval"))
@@ -215,85 +225,101 @@ class NoGradTrainerCallback(LoopFrontEnd, TrainerCallback):
                 output = method(dataloader, description, *args, **kwargs)
             except BaseException as err:
                 self._pending = None
-                driver.failed(err)
+                self._safely(driver.failed, err)
                 raise
             self._pending = None
-            self._sync(driver)
-            driver.eval_end()
+            self._safely(self._eval_end, driver)
             return output
 
         return evaluation_loop
+
+    def _eval_end(self, driver: LoopDriver) -> None:
+        self._sync(driver)
+        driver.eval_end()
 
     def _model(self) -> torch.nn.Module:
         trainer = self._trainer
         assert trainer is not None  # (only called once attached)
         return trainer.model  # type: ignore[return-value]
 
-    # -- the Trainer's events ---------------------------------------------------------------------
+    # -- the Trainer's events (each one's work runs `_safely`: a failure of ours never reaches the run) ----
 
     def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
-        self._attach()
+        self._safely(self._attach)
 
     def on_prediction_step(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        self._attach()  # added with `add_callback` just before `evaluate`: watching from the next loop on
+        self._safely(self._attach)  # added with `add_callback` just before `evaluate`: watching from the next loop on
 
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        driver = self._attach()
-        if driver is None:
-            return
-        self._sync(driver)
-        optimizer = kwargs.get("optimizer")
-        driver.run.max_epochs = int(args.num_train_epochs) if args.max_steps <= 0 else None
-        driver.fit_start(self._model(), [optimizer] if optimizer is not None else [])
-        self._epoch = 0
+        self._safely(self._train_begin, args, kwargs.get("optimizer"))
 
     def on_epoch_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        driver = self._driver
+        driver = self._watching()
         if driver is not None and driver.fitting:
-            driver.train_epoch_start(self._epoch)
+            self._safely(driver.train_epoch_start, self._epoch)
 
     def on_pre_optimizer_step(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        driver = self._driver
+        driver = self._watching()
         trainer = self._trainer
         if driver is not None and driver.fitting and trainer is not None and trainer.optimizer is not None:
-            driver.before_optimizer_step(trainer.optimizer)
+            self._safely(driver.before_optimizer_step, trainer.optimizer)
 
     def on_substep_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        driver = self._driver
+        driver = self._watching()
         if driver is not None and driver.in_train_batch:
-            driver.train_batch_end()
+            self._safely(driver.train_batch_end)
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
-        driver = self._driver
+        driver = self._watching()
         if driver is not None and driver.in_train_batch:
-            self._sync(driver)
-            driver.train_batch_end()
+            self._safely(self._step_end, driver)
 
     def on_epoch_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        driver = self._driver
+        driver = self._watching()
         if driver is not None and driver.fitting:
-            if driver.in_train_batch:
-                driver.train_batch_end()
-            self._sync(driver)
-            driver.train_epoch_end()
-            self._epoch += 1
+            self._safely(self._epoch_end, driver)
 
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        driver = self._driver
+        driver = self._watching()
         if driver is not None:
-            self._sync(driver)
-            driver.fit_end()
+            self._safely(self._train_end, driver)
+
+    # -- what the events do -----------------------------------------------------------------------
+
+    def _train_begin(self, args: TrainingArguments, optimizer: Any) -> None:
+        driver = self._attach()
+        if driver is None:
+            return
+        self._sync(driver)
+        driver.run.max_epochs = int(args.num_train_epochs) if args.max_steps <= 0 else None
+        driver.fit_start(self._model(), [optimizer] if optimizer is not None else [])
+        self._epoch = 0
+
+    def _step_end(self, driver: LoopDriver) -> None:
+        self._sync(driver)
+        driver.train_batch_end()
+
+    def _epoch_end(self, driver: LoopDriver) -> None:
+        if driver.in_train_batch:
+            driver.train_batch_end()
+        self._sync(driver)
+        driver.train_epoch_end()
+        self._epoch += 1
+
+    def _train_end(self, driver: LoopDriver) -> None:
+        self._sync(driver)
+        driver.fit_end()

@@ -76,3 +76,20 @@ def test_weights_are_the_same_with_and_without_it(tmp_path: Path) -> None:
         assert torch.equal(a, b), name
     losses = [csv_values(tmp_path / run, "val_loss") for run in ("plain", "watched")]
     assert losses[0] == losses[1] and len(losses[0]) == 3
+
+
+def test_an_internal_failure_is_one_warning_and_the_loop_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lightning_nograd.integrations._loop import LoopDriver
+
+    def broken(self: LoopDriver, *args: object) -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(LoopDriver, "train_batch_end", broken)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fabric_loop.main(str(tmp_path), callback=NoGradFabricCallback(verbose=False))
+    said = [str(w.message) for w in caught if issubclass(w.category, NoGradWarning)]
+    assert len(said) == 1 and "internal error in NoGradFabricCallback: RuntimeError: boom" in said[0]
+    assert len(csv_values(tmp_path, "val_loss")) == 3  # every epoch ran

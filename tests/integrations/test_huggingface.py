@@ -322,3 +322,20 @@ def test_the_savings_reach_wandb_beside_the_trainers_eval_metrics(
     history, _ = read_wandb_offline(tmp_path)
     keys = {key for row in history for key in row}
     assert {"eval/nograd/graph_memory_mib", "eval/nograd/violations", "eval/loss"} <= keys, sorted(keys)
+
+
+def test_an_internal_failure_is_one_warning_and_the_run_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lightning_nograd.integrations._loop import LoopDriver
+
+    def broken(self: LoopDriver, batch: Any = None) -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(LoopDriver, "eval_batch_start", broken)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer, _ = fit(tmp_path, bert(), callback=NoGradTrainerCallback(verbose=False))
+    said = [str(w.message) for w in caught if issubclass(w.category, NoGradWarning)]
+    assert len(said) == 1 and "internal error in NoGradTrainerCallback: RuntimeError: boom" in said[0]
+    assert [row["epoch"] for row in trainer.state.log_history if "eval_loss" in row] == [1.0, 2.0]
