@@ -251,6 +251,16 @@ def test_a_callback_added_after_construction_watches_evaluate(tmp_path: Path) ->
     assert [e.stage for e in callback.report.epochs] == ["val"]
 
 
+def test_a_callback_added_after_construction_watches_train_from_its_start(tmp_path: Path) -> None:
+    trainer = Trainer(model=bert(), args=arguments(tmp_path), train_dataset=Tokens(32), eval_dataset=Tokens(16))
+    callback = NoGradTrainerCallback(verbose=False)
+    trainer.add_callback(callback)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NoGradWarning)
+        trainer.train()
+    assert [e.stage for e in callback.report.epochs] == ["train", "val", "train", "val"]
+
+
 def test_predict_outside_training_is_audited_and_gets_its_table(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
