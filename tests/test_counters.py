@@ -15,6 +15,7 @@ from lightning_nograd import NoGradAuditor
 from lightning_nograd.core.checks.gradient_window import NO_GRADIENT_STEPS
 from lightning_nograd.core.plumbing.counters import GRADIENT_EVERY, GRADIENT_WINDOW, ModeSwitches, visits
 from lightning_nograd.core.plumbing.model_index import ParamIndex
+from lightning_nograd.core.plumbing.torch_internals import ModuleTrainPatch
 
 from .helpers import loader, nograd_warnings, trainer
 
@@ -102,7 +103,7 @@ def test_the_mode_switch_counter_is_gone_after_the_run(tmp_path: Path) -> None:
     run.fit(Experts(3), loader(), loader())
     run.validate(Experts(3), loader(), verbose=False)
     assert not ModeSwitches.listening()
-    assert nn.Module.train is ModeSwitches.original
+    assert nn.Module.train is ModuleTrainPatch.forward_to
 
 
 def test_an_owner_dropped_without_stop_stops_listening_as_it_is_freed() -> None:
@@ -120,12 +121,12 @@ def test_an_owner_dropped_without_stop_stops_listening_as_it_is_freed() -> None:
     assert ModeSwitches.listening(), "the other owner still listens"
     ModeSwitches.stop(kept)
     assert not ModeSwitches.listening()
-    assert nn.Module.train is ModeSwitches.original
+    assert nn.Module.train is ModuleTrainPatch.forward_to
     lost = Owner()
     ModeSwitches.listen(lost)
     del lost  # the last owner, never stopped
     gc.collect()
-    assert nn.Module.train is ModeSwitches.original, "no trace in the process"
+    assert nn.Module.train is ModuleTrainPatch.forward_to, "no trace in the process"
 
 
 def test_a_gap_mid_epoch_is_found_by_the_rotating_window(tmp_path: Path) -> None:

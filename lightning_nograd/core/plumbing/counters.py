@@ -4,7 +4,8 @@
   and the tests read it: in steady state (after the first batch of each stage) a batch costs a
   number of visits that does not grow with the model.
 * ``ModeSwitches`` learns that some module's mode changed from the change itself: while any
-  check listens, ``nn.Module.train`` (which ``eval()`` calls) is wrapped by a forwarder that counts
+  check listens, ``nn.Module.train`` (which ``eval()`` calls) is wrapped (``torch_internals.ModuleTrainPatch``,
+  with the other torch patches) by a forwarder that counts
   the calls that change a module's mode (a model that puts its batch-norm layers in eval on every
   forward, already in eval, moves nothing). A check rescans the modules' modes only when the count
   moved (or when its owner knows that modes were assigned directly, as Lightning does when it
@@ -15,9 +16,11 @@ from __future__ import annotations
 
 import functools
 import weakref
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from torch import nn
+
+from lightning_nograd.core.plumbing.torch_internals import ModuleTrainPatch
 
 #: Once the first step of an epoch checked every parameter for a gradient, every ``GRADIENT_EVERY``-th
 #: step checks the next ``GRADIENT_WINDOW`` of them, round robin. Between a forward and its backward
@@ -60,8 +63,8 @@ class ModeSwitches:
         >>> mode_switches.count - before
         2
         >>> ModeSwitches.stop(owner)
-        >>> nn.Module.train is ModeSwitches.original
-        True
+        >>> ModeSwitches.listening()
+        False
 
     An owner that can be weakly referenced (any instance of a class without ``__slots__``) and is
     dropped without ``stop`` (a run that died between its set-up and its teardown) stops
@@ -69,7 +72,6 @@ class ModeSwitches:
     """
 
     __slots__ = ("count",)
-    original: ClassVar[Any] = nn.Module.train
     _owners: ClassVar[set[int]] = set()
 
     def __init__(self) -> None:
@@ -85,10 +87,7 @@ class ModeSwitches:
                 weakref.finalize(owner, ModeSwitches._forget, key)
             except TypeError:  # not weakly referable (a bare `object()`): only stop() ends it
                 pass
-        if nn.Module.train is not _counting_train:
-            if nn.Module.train is not ModeSwitches.original:  # someone wrapped it since import: forward to them
-                ModeSwitches.original = nn.Module.train
-            nn.Module.train = _counting_train  # type: ignore[method-assign,assignment]
+        ModuleTrainPatch.install(_counting_train)
 
     @staticmethod
     def stop(owner: object) -> None:
@@ -98,12 +97,12 @@ class ModeSwitches:
     @staticmethod
     def _forget(key: int) -> None:
         ModeSwitches._owners.discard(key)
-        if not ModeSwitches._owners and nn.Module.train is _counting_train:
-            nn.Module.train = ModeSwitches.original  # type: ignore[method-assign]
+        if not ModeSwitches._owners:
+            ModuleTrainPatch.remove(_counting_train)
 
     @staticmethod
     def listening() -> bool:
-        return nn.Module.train is _counting_train
+        return ModuleTrainPatch.installed(_counting_train)
 
 
 #: The counter every check reads (``mode_switches.count``).
@@ -114,4 +113,4 @@ mode_switches = ModeSwitches()
 def _counting_train(self: nn.Module, mode: bool = True) -> nn.Module:
     if self.training is not mode:  # (a mode that is not a bool is counted; `train` then refuses it)
         mode_switches.count += 1
-    return ModeSwitches.original(self, mode)  # type: ignore[no-any-return]
+    return ModuleTrainPatch.forward_to(self, mode)  # type: ignore[no-any-return]

@@ -539,6 +539,44 @@ def register_forward_hook_with_kwargs(
     return nn.modules.module.register_module_forward_hook(isolate(positional), always_call=True)
 
 
+class ModuleTrainPatch:
+    """The one patch of a public torch method: ``nn.Module.train`` (which ``eval()`` calls) replaced by a wrapper
+    while some check counts mode switches (``lightning_nograd.core.plumbing.counters.ModeSwitches``), and put back
+    when the last one stops.
+
+    ``forward_to`` is the method the wrapper calls: torch's own, or the wrapper another library installed
+    before ours (it is kept, and is what comes back).
+
+    Examples:
+        >>> def wrapper(self, mode=True):
+        ...     return ModuleTrainPatch.forward_to(self, mode)
+        >>> ModuleTrainPatch.install(wrapper); nn.Module.train is wrapper
+        True
+        >>> ModuleTrainPatch.remove(wrapper); nn.Module.train is ModuleTrainPatch.forward_to
+        True
+    """
+
+    forward_to: Any = nn.Module.train
+
+    @staticmethod
+    def install(wrapper: Callable[..., nn.Module]) -> None:
+        """Put ``wrapper`` in place (once; another library's wrapper installed since is forwarded to)."""
+        if nn.Module.train is not wrapper:
+            if nn.Module.train is not ModuleTrainPatch.forward_to:
+                ModuleTrainPatch.forward_to = nn.Module.train
+            nn.Module.train = wrapper  # type: ignore[method-assign,assignment]
+
+    @staticmethod
+    def remove(wrapper: Callable[..., nn.Module]) -> None:
+        """Put back what ``wrapper`` forwards to, if ``wrapper`` is still the one in place."""
+        if nn.Module.train is wrapper:
+            nn.Module.train = ModuleTrainPatch.forward_to  # type: ignore[method-assign]
+
+    @staticmethod
+    def installed(wrapper: Callable[..., nn.Module]) -> bool:
+        return nn.Module.train is wrapper
+
+
 COMPILE_WRAPPER_SEGMENT = "_orig_mod"
 """The name under which a ``torch.compile`` wrapper holds its eager module (``OptimizedModule._orig_mod``):
 a segment of ``named_modules()`` paths that the user never wrote."""
