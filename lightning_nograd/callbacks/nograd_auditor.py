@@ -30,7 +30,14 @@ PartT = TypeVar("PartT", bound=NoGradCallback)
 
 #: The hooks Lightning calls on every batch (or step).
 PER_BATCH_HOOKS = (
-    *(f"on_{loop}_batch_{when}" for loop in ("train", "validation", "test", "predict") for when in ("start", "end")),
+    "on_train_batch_start",
+    "on_train_batch_end",
+    "on_validation_batch_start",
+    "on_validation_batch_end",
+    "on_test_batch_start",
+    "on_test_batch_end",
+    "on_predict_batch_start",
+    "on_predict_batch_end",
     *("on_before_zero_grad", "on_before_backward", "on_after_backward", "on_before_optimizer_step"),
 )
 

@@ -14,7 +14,7 @@ import inspect
 import math
 import warnings
 from collections.abc import Callable
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, NamedTuple, Protocol
 
 import torch
 from torch import nn
@@ -26,8 +26,33 @@ from lightning_nograd.core.reporting.report import Report
 from lightning_nograd.errors import NoGradError, NoGradWarning
 
 Stage = Literal["val", "test", "predict"]
-_LOOP = {"val": "validation", "test": "test", "predict": "predict"}
 _RUN = {"val": "validate", "test": "test", "predict": "predict"}
+
+
+class _EvalHooks(NamedTuple):
+    start: str
+    epoch_start: str
+    batch_start: str
+    batch_end: str
+    epoch_end: str
+    end: str
+
+
+#: The auditor's hooks of each evaluation loop, by name (a search for a hook's name lands here).
+_EVAL_HOOKS = {
+    "val": _EvalHooks(
+        "on_validation_start", "on_validation_epoch_start", "on_validation_batch_start", "on_validation_batch_end",
+        "on_validation_epoch_end", "on_validation_end",
+    ),
+    "test": _EvalHooks(
+        "on_test_start", "on_test_epoch_start", "on_test_batch_start", "on_test_batch_end", "on_test_epoch_end",
+        "on_test_end",
+    ),
+    "predict": _EvalHooks(
+        "on_predict_start", "on_predict_epoch_start", "on_predict_batch_start", "on_predict_batch_end",
+        "on_predict_epoch_end", "on_predict_end",
+    ),
+}  # fmt: skip
 
 
 class MetricWriter(Protocol):
@@ -168,28 +193,28 @@ class LoopDriver:
             self.run.num_val_batches = counts
         elif stage == "test":
             self.run.num_test_batches = counts
-        loop = _LOOP[stage]
-        self._hook(f"on_{loop}_start")(self.run, model)
-        self._hook(f"on_{loop}_epoch_start")(self.run, model)
+        hooks = _EVAL_HOOKS[stage]
+        self._hook(hooks.start)(self.run, model)
+        self._hook(hooks.epoch_start)(self.run, model)
 
     def eval_batch_start(self, batch: Any = None) -> None:
         if self.stage is None:
             return
         self.eval_batch += 1
-        self._hook(f"on_{_LOOP[self.stage]}_batch_start")(self.run, self.model, batch, self.eval_batch)
+        self._hook(_EVAL_HOOKS[self.stage].batch_start)(self.run, self.model, batch, self.eval_batch)
 
     def eval_batch_end(self, outputs: Any, batch: Any = None) -> None:
         if self.stage is None:
             return
-        self._hook(f"on_{_LOOP[self.stage]}_batch_end")(self.run, self.model, outputs, batch, self.eval_batch)
+        self._hook(_EVAL_HOOKS[self.stage].batch_end)(self.run, self.model, outputs, batch, self.eval_batch)
 
     def eval_end(self) -> None:
         stage, self.stage = self.stage, None
         if stage is None:
             return
-        loop = _LOOP[stage]
-        self._hook(f"on_{loop}_epoch_end")(self.run, self.model)
-        self._hook(f"on_{loop}_end")(self.run, self.model)
+        hooks = _EVAL_HOOKS[stage]
+        self._hook(hooks.epoch_end)(self.run, self.model)
+        self._hook(hooks.end)(self.run, self.model)
         if not self.fitting:
             self._hooks.teardown(self.run, self.model, _RUN[stage])
             self.run.state.fn = None
