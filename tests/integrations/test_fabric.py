@@ -93,3 +93,22 @@ def test_an_internal_failure_is_one_warning_and_the_loop_goes_on(
     said = [str(w.message) for w in caught if issubclass(w.category, NoGradWarning)]
     assert len(said) == 1 and "internal error in NoGradFabricCallback: RuntimeError: boom" in said[0]
     assert len(csv_values(tmp_path, "val_loss")) == 3  # every epoch ran
+
+
+def test_a_test_loop_outside_training_is_audited_and_gets_its_table(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    callback = NoGradFabricCallback()
+    fabric = Fabric(accelerator="cpu", devices=1, callbacks=[callback])
+    model = fabric.setup(fabric_loop.Classifier())
+    _, val_loader = fabric_loop.loaders()
+    model.eval()
+    fabric.call("on_test_start", batches=len(val_loader))
+    with pytest.warns(NoGradWarning, match="test batch"):
+        for x, y in val_loader:  # forgot torch.no_grad()
+            fabric.call("on_test_batch_start", (x, y))
+            fabric.call("on_test_batch_end", torch.nn.functional.cross_entropy(model(x), y).detach(), (x, y))
+        fabric.call("on_test_end")
+    assert [(f.kind, f.stage) for f in callback.report.findings] == [("grad_enabled", "test")]
+    assert [e.stage for e in callback.report.epochs] == ["test"]
+    assert "lightning-nograd report" in capsys.readouterr().out
