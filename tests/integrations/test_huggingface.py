@@ -349,3 +349,16 @@ def test_an_internal_failure_is_one_warning_and_the_run_goes_on(
     said = [str(w.message) for w in caught if issubclass(w.category, NoGradWarning)]
     assert len(said) == 1 and "internal error in NoGradTrainerCallback: RuntimeError: boom" in said[0]
     assert [row["epoch"] for row in trainer.state.log_history if "eval_loss" in row] == [1.0, 2.0]
+
+
+@pytest.mark.parametrize("settings", [{"gradient_accumulation_steps": 2}, {"max_steps": 3}, {"eval_on_start": True}])
+def test_accumulation_a_step_budget_and_an_evaluation_first_stay_silent(
+    tmp_path: Path, settings: dict[str, Any]
+) -> None:
+    if "eval_on_start" in settings and "eval_on_start" not in TrainingArguments.__dataclass_fields__:
+        pytest.skip("this transformers has no `eval_on_start`")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NoGradWarning)
+        _, callback = fit(tmp_path, bert(), callback=NoGradTrainerCallback(verbose=False), **settings)
+    assert callback is not None and callback.report.findings == []
+    assert any(e.stage == "val" for e in callback.report.epochs)
