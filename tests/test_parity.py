@@ -113,7 +113,8 @@ def with_fabric(model: Net, tmp_path: Path) -> Report:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     wrapped, optimizer = fabric.setup(model, optimizer)
     train, val = loaders()
-    fabric.call("on_train_start", optimizers=optimizer)
+    # (no keyword arguments: Fabric before 2.5 hands them to the LightningModule's own hooks too)
+    fabric.call("on_train_start")
     fabric.call("on_train_epoch_start")
     wrapped.train()
     for batch_idx, batch in enumerate(train):  # (Fabric calls the LightningModule's hooks too: Lightning's arguments)
@@ -126,7 +127,7 @@ def with_fabric(model: Net, tmp_path: Path) -> Report:
         fabric.call("on_train_batch_end", loss, batch, batch_idx)
     fabric.call("on_train_epoch_end")
     wrapped.eval()
-    fabric.call("on_validation_start", batches=len(val))
+    fabric.call("on_validation_start")
     with torch.no_grad():
         for batch_idx, batch in enumerate(val):
             fabric.call("on_validation_batch_start", batch, batch_idx)

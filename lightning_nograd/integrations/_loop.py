@@ -9,6 +9,7 @@ when its framework's events happen.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import math
@@ -236,6 +237,7 @@ class LoopFrontEnd:
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.auditor = NoGradAuditor(*args, **kwargs)
+        self._driver: LoopDriver | None = None
         self._broken = False  # an internal failure of this front end: it stopped watching, the run goes on
 
     def _safely(self, work: Callable[..., Any], *args: Any) -> Any:
@@ -250,7 +252,15 @@ class LoopFrontEnd:
         except Exception as err:
             self._broken = True
             warnings.warn(fault_message(type(self).__name__, err), NoGradWarning, stacklevel=user_stacklevel())
+            self._let_go(err)
             return None
+
+    def _let_go(self, err: BaseException) -> None:
+        """After a failure of ours: the auditor removes every hook and lets go of the model."""
+        driver = self._driver
+        if driver is not None:
+            with contextlib.suppress(Exception):
+                driver.failed(err)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -61,6 +61,7 @@ class NoGradFabricCallback(LoopFrontEnd):
             fabric.call("on_validation_end")
         fabric.call("on_train_end")
 
+    Each hook takes (and passes over) whatever else the loop hands the other callbacks with the same call.
     The same findings, fixes, metrics (through ``fabric.log_dict`` to ``fabric.loggers``), table and
     ``report`` as ``NoGradAuditor``. ``on_test_start`` ... ``on_test_end`` audit a test loop; called outside
     training, an evaluation is a run of its own with its own table.
@@ -74,7 +75,6 @@ class NoGradFabricCallback(LoopFrontEnd):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._driver: LoopDriver | None = None
         self._model: nn.Module | None = None
         self._epoch = -1
         self._stepped = False
@@ -96,7 +96,7 @@ class NoGradFabricCallback(LoopFrontEnd):
 
     # -- Fabric's own event (each hook's work runs `_safely`: a failure of ours never reaches the loop) ----
 
-    def on_after_setup(self, fabric: Any, module: nn.Module) -> None:
+    def on_after_setup(self, fabric: Any, module: nn.Module, **kwargs: Any) -> None:
         """``fabric.setup`` calls it: the model to watch (the first one set up), its device and the loggers."""
         self._safely(self._set_up, fabric, module)
 
@@ -113,26 +113,26 @@ class NoGradFabricCallback(LoopFrontEnd):
 
     # -- training ---------------------------------------------------------------------------------
 
-    def on_train_start(self, model: nn.Module | None = None, optimizers: Any = None) -> None:
+    def on_train_start(self, model: nn.Module | None = None, optimizers: Any = None, **kwargs: Any) -> None:
         driver = self._run()
         if isinstance(optimizers, torch.optim.Optimizer):
             optimizers = [optimizers]
         self._epoch = -1
         self._safely(driver.fit_start, self._model_of(model), list(optimizers or []))
 
-    def on_train_epoch_start(self, epoch: int | None = None) -> None:
+    def on_train_epoch_start(self, epoch: int | None = None, **kwargs: Any) -> None:
         driver = self._run()
         self._epoch = self._epoch + 1 if epoch is None else int(epoch)
         self._safely(driver.train_epoch_start, self._epoch)
 
-    def on_train_batch_start(self, batch: Any = None, *args: Any) -> None:
+    def on_train_batch_start(self, batch: Any = None, *args: Any, **kwargs: Any) -> None:
         self._safely(self._train_batch_start, self._run(), batch)
 
     def _train_batch_start(self, driver: LoopDriver, batch: Any) -> None:
         driver.train_batch_start(batch)
         driver.before_backward()  # (Fabric's `backward` calls no hook: the backward follows in this batch)
 
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> None:
         self._safely(self._before_optimizer_step, self._run(), optimizer)
 
     def _before_optimizer_step(self, driver: LoopDriver, optimizer: torch.optim.Optimizer) -> None:
@@ -141,7 +141,7 @@ class NoGradFabricCallback(LoopFrontEnd):
             driver.run.optimizers.append(optimizer)
         driver.before_optimizer_step(optimizer)
 
-    def on_train_batch_end(self, outputs: Any = None, batch: Any = None, *args: Any) -> None:
+    def on_train_batch_end(self, outputs: Any = None, batch: Any = None, *args: Any, **kwargs: Any) -> None:
         self._safely(self._train_batch_end, self._run(), outputs, batch)
 
     def _train_batch_end(self, driver: LoopDriver, outputs: Any, batch: Any) -> None:
@@ -150,10 +150,10 @@ class NoGradFabricCallback(LoopFrontEnd):
             self._stepped = False
         driver.train_batch_end(outputs, batch)
 
-    def on_train_epoch_end(self) -> None:
+    def on_train_epoch_end(self, *args: Any, **kwargs: Any) -> None:
         self._safely(self._run().train_epoch_end)
 
-    def on_train_end(self) -> None:
+    def on_train_end(self, *args: Any, **kwargs: Any) -> None:
         self._safely(self._run().fit_end)
 
     # -- evaluation -------------------------------------------------------------------------------
@@ -161,23 +161,23 @@ class NoGradFabricCallback(LoopFrontEnd):
     def _eval_start(self, stage: Stage, model: nn.Module | None, batches: int | None) -> None:
         self._safely(self._run().eval_start, stage, self._model_of(model), batches)
 
-    def on_validation_start(self, model: nn.Module | None = None, batches: int | None = None) -> None:
+    def on_validation_start(self, model: nn.Module | None = None, batches: int | None = None, **kwargs: Any) -> None:
         self._eval_start("val", model, batches)
 
-    def on_test_start(self, model: nn.Module | None = None, batches: int | None = None) -> None:
+    def on_test_start(self, model: nn.Module | None = None, batches: int | None = None, **kwargs: Any) -> None:
         self._eval_start("test", model, batches)
 
-    def on_validation_batch_start(self, batch: Any = None, *args: Any) -> None:
+    def on_validation_batch_start(self, batch: Any = None, *args: Any, **kwargs: Any) -> None:
         self._safely(self._run().eval_batch_start, batch)
 
     on_test_batch_start = on_validation_batch_start
 
-    def on_validation_batch_end(self, outputs: Any = None, batch: Any = None, *args: Any) -> None:
+    def on_validation_batch_end(self, outputs: Any = None, batch: Any = None, *args: Any, **kwargs: Any) -> None:
         self._safely(self._run().eval_batch_end, outputs, batch)
 
     on_test_batch_end = on_validation_batch_end
 
-    def on_validation_end(self) -> None:
+    def on_validation_end(self, *args: Any, **kwargs: Any) -> None:
         self._safely(self._run().eval_end)
 
     on_test_end = on_validation_end

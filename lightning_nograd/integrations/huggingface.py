@@ -112,7 +112,6 @@ class NoGradTrainerCallback(LoopFrontEnd, TrainerCallback):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._trainer: Trainer | None = None
-        self._driver: LoopDriver | None = None
         self._epoch = 0
         self._pending: Stage | None = None
         self._eval_batches: int | None = None

@@ -11,6 +11,8 @@ from lightning.fabric import Fabric
 
 from examples import fabric_loop
 from lightning_nograd import BrokenBackpropWarning, NoGradWarning
+from lightning_nograd.core.checks.graph import SAVED_TENSOR_HOOKS
+from lightning_nograd.core.plumbing.counters import ModeSwitches
 from lightning_nograd.integrations.fabric import NoGradFabricCallback
 from tests.helpers import csv_values
 
@@ -93,6 +95,8 @@ def test_an_internal_failure_is_one_warning_and_the_loop_goes_on(
     said = [str(w.message) for w in caught if issubclass(w.category, NoGradWarning)]
     assert len(said) == 1 and "internal error in NoGradFabricCallback: RuntimeError: boom" in said[0]
     assert len(csv_values(tmp_path, "val_loss")) == 3  # every epoch ran
+    # it let go: no hook of ours is left in the process
+    assert not ModeSwitches.listening() and not SAVED_TENSOR_HOOKS.probes
 
 
 def test_a_test_loop_outside_training_is_audited_and_gets_its_table(

@@ -13,6 +13,8 @@ import torch
 from torch.utils.data import Dataset
 
 from lightning_nograd import NoGradWarning
+from lightning_nograd.core.checks.graph import SAVED_TENSOR_HOOKS
+from lightning_nograd.core.plumbing.counters import ModeSwitches
 from tests.helpers import read_tensorboard_scalars
 
 transformers = pytest.importorskip("transformers")
@@ -349,6 +351,8 @@ def test_an_internal_failure_is_one_warning_and_the_run_goes_on(
     said = [str(w.message) for w in caught if issubclass(w.category, NoGradWarning)]
     assert len(said) == 1 and "internal error in NoGradTrainerCallback: RuntimeError: boom" in said[0]
     assert [row["epoch"] for row in trainer.state.log_history if "eval_loss" in row] == [1.0, 2.0]
+    # it let go: no hook of ours is left in the process
+    assert not ModeSwitches.listening() and not SAVED_TENSOR_HOOKS.probes
 
 
 @pytest.mark.parametrize("settings", [{"gradient_accumulation_steps": 2}, {"max_steps": 3}, {"eval_on_start": True}])
