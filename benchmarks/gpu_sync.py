@@ -26,24 +26,11 @@ from pathlib import Path
 from typing import Any
 
 import lightning_nograd
+from lightning_nograd.callbacks.nograd_auditor import PER_BATCH_HOOKS as PER_BATCH_HOOKS_OF_THE_AUDITOR
 
 PACKAGE = str(Path(lightning_nograd.__file__).resolve().parent)
-PER_BATCH_HOOKS = frozenset(
-    {
-        "on_train_batch_start",
-        "on_train_batch_end",
-        "on_validation_batch_start",
-        "on_validation_batch_end",
-        "on_test_batch_start",
-        "on_test_batch_end",
-        "on_predict_batch_start",
-        "on_predict_batch_end",
-        "on_before_backward",
-        "on_after_backward",
-        "on_before_optimizer_step",
-        "on_before_zero_grad",
-    }
-)
+# the hooks Lightning calls on every batch or step: the auditor's own list
+PER_BATCH_HOOKS = frozenset(PER_BATCH_HOOKS_OF_THE_AUDITOR)
 
 
 def origin(stack: list[traceback.FrameSummary]) -> str:
