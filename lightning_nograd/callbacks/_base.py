@@ -174,8 +174,10 @@ class NoGradCallback(CallbackBase):
         """In rank zero's worker process (``ddp_spawn``, ``ddp_notebook``), leave the report for the launching one."""
         if not self._handoff.in_worker or self._shared or not is_global_zero(trainer):
             return
-        logs = [(log_.findings, log_.state()) for log_ in self._handoff_logs()]
-        self._handoff.leave({"report": self._report, "logs": logs})
+        self._handoff.leave(self._handoff_payload)
+
+    def _handoff_payload(self) -> dict[str, Any]:
+        return {"report": self._report, "logs": [(log_.findings, log_.state()) for log_ in self._handoff_logs()]}
 
     def _on_ranks_added(self, old: Finding, new: Finding) -> None:
         self.report.update_finding(old, new)

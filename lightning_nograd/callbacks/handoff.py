@@ -14,6 +14,7 @@ import pickle
 import tempfile
 import uuid
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -46,12 +47,13 @@ class ReportHandoff:
             return None
         return payload if isinstance(payload, dict) else None
 
-    def leave(self, payload: dict[str, Any]) -> None:
-        """In rank zero's worker: leave ``payload`` for the launching process (whole, or not at all)."""
+    def leave(self, payload: Callable[[], dict[str, Any]]) -> None:
+        """In rank zero's worker: leave what ``payload()`` gives for the launching process (whole, or not at all;
+        a failure to build or write it is logged, never raised into the run's teardown)."""
         try:
             partial = f"{self.path}.{os.getpid()}"
             with open(partial, "wb") as handle:
-                pickle.dump(payload, handle)
+                pickle.dump(payload(), handle)
             os.replace(partial, self.path)
         except Exception as err:  # the report stays in `report_path` and the loggers
             log.debug("could not hand the report to the launching process", exc_info=err)
