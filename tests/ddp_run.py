@@ -20,7 +20,8 @@ from lightning.pytorch.loggers import CSVLogger
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lightning_nograd import BackpropGuard, NoGradAuditor, NoGradWarning, SavingsMonitor
+from lightning_nograd import NoGradAuditor, NoGradWarning, SavingsMonitor
+from lightning_nograd.callbacks.training_findings import TrainingFindings
 from lightning_nograd.core.reporting.findings import FindingLog
 from tests.helpers import Regressor, loader, set_head_dropout_train
 from tests.test_nograd_auditor import EveryBug
@@ -36,7 +37,7 @@ def break_metrics_on_rank_one() -> None:
 
     FindingLog.epoch_count = broken  # type: ignore[method-assign]  # EvalModeAuditor's violations
     SavingsMonitor._epoch_metrics = broken  # type: ignore[method-assign,assignment]
-    BackpropGuard._epoch_counts = broken  # type: ignore[method-assign,assignment]
+    TrainingFindings.metrics = broken  # type: ignore[method-assign,assignment]
 
 
 def grad_on_rank_one(model: Regressor, x: torch.Tensor) -> torch.Tensor:

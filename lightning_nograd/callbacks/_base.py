@@ -26,7 +26,7 @@ from lightning_nograd.core.plumbing import torch_internals
 from lightning_nograd.core.plumbing.faults import fault_message, isolating
 from lightning_nograd.core.reporting.findings import Finding, FindingLog, OnViolation, Policy, user_stacklevel
 from lightning_nograd.core.reporting.report import Report
-from lightning_nograd.errors import NoGradWarning
+from lightning_nograd.errors import NoGradError, NoGradWarning
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,9 @@ def guarded(check: str) -> Callable[[Callable[Concatenate[C, P], R]], Callable[C
         callback._switch_off(check, err)
 
     return isolating(switched_off, switch_off)
+
+
+W = TypeVar("W")
 
 
 _LIVE_STATE_KEYS: dict[str, weakref.WeakSet[NoGradCallback]] = {}
@@ -77,7 +80,10 @@ class NoGradCallback(CallbackBase):
         self._handoff = ReportHandoff()
         self._switched_off: set[str] = set()
         self._findings = FindingLog(
-            self._policy, self._warning_category, on_new=self._on_new_finding, on_ranks_added=self._on_ranks_added
+            self._policy,
+            self._warning_category,
+            on_new=lambda finding: self._report.add_finding(finding),
+            on_ranks_added=lambda old, new: self._report.update_finding(old, new),
         )
         self._run: str | None = None  # the Trainer call under way (setup's `stage`)
         self._sink = MetricSink()
@@ -85,6 +91,9 @@ class NoGradCallback(CallbackBase):
         self._shared = False
         # the names the loop under watch gives Lightning's hooks (a Hugging Face or Fabric loop's): findings use them
         self._hook_names: dict[str, str] = {}
+        # named counts of distinct members (the modules or parameters behind a metric), brought together over
+        # the ranks with the findings
+        self._counts: dict[str, set[str]] = {}
 
     def _state_key_settings(self) -> dict[str, Any]:
         """The constructor settings that tell two instances of this callback apart in a checkpoint."""
@@ -135,9 +144,6 @@ class NoGradCallback(CallbackBase):
         if not self._shared:  # a shared report is counted by its owner
             self.report.start_call()
 
-    def _on_new_finding(self, finding: Finding) -> None:
-        self.report.add_finding(finding)
-
     @property
     def report(self) -> Report:
         """Every epoch's measurements and every finding of the runs this callback watched.
@@ -146,14 +152,8 @@ class NoGradCallback(CallbackBase):
         back from rank zero's worker when the Trainer call returns: this object in the launching process
         holds it as if it had watched the run itself.
         """
-        handoff = self._handoff.take()
-        if handoff is not None and isinstance(handoff.get("report"), Report):
-            self._adopt(handoff)
+        self._handoff.take(self._report, self._handoff_logs())
         return self._report
-
-    @report.setter
-    def report(self, report: Report) -> None:
-        self._report = report
 
     def __getstate__(self) -> dict[str, Any]:
         # pickled for the next spawned workers: they carry on from the report the last ones left
@@ -164,27 +164,14 @@ class NoGradCallback(CallbackBase):
         """The finding logs that go with the report (``NoGradAuditor``: its parts')."""
         return [self._findings]
 
-    def _adopt(self, handoff: dict[str, Any]) -> None:
-        """Use the report and the finding logs brought back from the worker processes."""
-        self._report = handoff["report"]
-        for log_, (findings, warned) in zip(self._handoff_logs(), handoff["logs"], strict=False):
-            log_.adopt(findings, warned)
-
     def _hand_off(self, trainer: Trainer) -> None:
         """In rank zero's worker process (``ddp_spawn``, ``ddp_notebook``), leave the report for the launching one."""
-        if not self._handoff.in_worker or self._shared or not is_global_zero(trainer):
-            return
-        self._handoff.leave(self._handoff_payload)
-
-    def _handoff_payload(self) -> dict[str, Any]:
-        return {"report": self._report, "logs": [(log_.findings, log_.state()) for log_ in self._handoff_logs()]}
-
-    def _on_ranks_added(self, old: Finding, new: Finding) -> None:
-        self.report.update_finding(old, new)
+        if self._handoff.in_worker and not self._shared and is_global_zero(trainer):
+            self._handoff.leave(self._report, self._handoff_logs())
 
     def _share(self, report: Report, sink: MetricSink) -> None:
         """Use ``report`` and ``sink`` shared with sibling callbacks (used by ``NoGradAuditor``)."""
-        self.report = report
+        self._report = report
         self._sink = sink
         self._shared = True
 
@@ -211,7 +198,7 @@ class NoGradCallback(CallbackBase):
         payload: dict[str, Any] = {}
         try:
             payload = self._findings.export()
-            payload["counts"] = self._shared_counts()
+            payload["counts"] = {name: sorted(members) for name, members in self._counts.items()}
         except Exception as err:
             self._switch_off("findings", err)
         gathered = gather_objects(trainer, payload)
@@ -219,16 +206,25 @@ class NoGradCallback(CallbackBase):
             return
         try:
             self._findings.merge(gathered)
-            self._merge_counts([p.get("counts", {}) for p in gathered])
+            for rank_counts in (p.get("counts", {}) for p in gathered):
+                for name, members in rank_counts.items():
+                    if name in self._counts:
+                        self._counts[name].update(members)
         except Exception as err:
             self._switch_off("findings", err)
 
-    def _shared_counts(self) -> dict[str, list[str]]:
-        """Named counts to bring together over the ranks with the findings (``name -> members``)."""
-        return {}
-
-    def _merge_counts(self, counts: list[dict[str, list[str]]]) -> None:
-        """Take in every rank's ``_shared_counts``."""
+    def _checked(self, check: str, work: Callable[..., W], *args: Any) -> W | None:
+        """``work(*args)`` as part of ``check``, as ``@guarded(check)`` runs a method: nothing once ``check`` is
+        switched off, and an internal failure switches it off (``NoGradError`` passes)."""
+        if check in self._switched_off:
+            return None
+        try:
+            return work(*args)
+        except NoGradError:
+            raise
+        except Exception as err:
+            self._switch_off(check, err)
+            return None
 
     def _switch_off(self, check: str, err: BaseException) -> None:
         """Turn ``check`` off after an internal failure, warning once."""

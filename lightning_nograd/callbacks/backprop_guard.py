@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -12,20 +13,18 @@ from typing_extensions import override
 from lightning_nograd.callbacks._base import NoGradCallback, guarded
 from lightning_nograd.callbacks._lightning import LightningModule, Trainer, ddp_stops_on_unused_parameters
 from lightning_nograd.callbacks.loggers import reduce_present_max
+from lightning_nograd.callbacks.training_findings import COUNTS, TrainingFindings
 from lightning_nograd.core.checks.eval_mode_at_start import EvalModeAtStart
 from lightning_nograd.core.checks.eval_mode_leaks import EvalModeLeaks
-from lightning_nograd.core.checks.gradient_gaps import GradientGap
 from lightning_nograd.core.checks.gradients import GradientCheck
-from lightning_nograd.core.checks.graph import GraphEvent, GraphProbe
-from lightning_nograd.core.checks.inference_tensors import inference_tensors
-from lightning_nograd.core.checks.missing_gradients import GapFound, MissingGradients
+from lightning_nograd.core.checks.graph import GraphProbe
+from lightning_nograd.core.checks.missing_gradients import MissingGradients
 from lightning_nograd.core.checks.stray_graphs import StrayGraphWatch
-from lightning_nograd.core.checks.unstepped_gradients import UnsteppedGradients, describe_groups
+from lightning_nograd.core.checks.unstepped_gradients import UnsteppedGradients
 from lightning_nograd.core.plumbing.arguments import check_int
 from lightning_nograd.core.plumbing.model_index import trained_parameter_ids
 from lightning_nograd.core.plumbing.module_paths import NamePatterns, class_name
-from lightning_nograd.core.reporting import messages
-from lightning_nograd.core.reporting.findings import Finding, OnViolation
+from lightning_nograd.core.reporting.findings import OnViolation
 from lightning_nograd.errors import BrokenBackpropWarning
 
 OUTSIDE_STEP_HOOKS = frozenset(
@@ -42,12 +41,6 @@ OUTSIDE_STEP_HOOKS = frozenset(
         "on_before_zero_grad",
     }
 )
-
-_COUNTS = {
-    "no_grad_modules": "nograd/train/no_grad_modules",
-    "params_without_grad": "nograd/train/params_without_grad",
-    "eval_mode_modules": "nograd/train/eval_mode_modules",
-}
 
 
 class BackpropGuard(NoGradCallback):
@@ -112,49 +105,49 @@ class BackpropGuard(NoGradCallback):
         super().__init__(on_violation)
         self.allow = NamePatterns("allow", allow)
         self.zero_grad_steps = check_int("zero_grad_steps", zero_grad_steps, 1)
-        self._eval_at_start = EvalModeAtStart(self._report_eval_at_start)
+        # each check sees in its own terms; `_found` writes what they see as findings, and counts them
+        self._found = TrainingFindings(self._add_finding, self.allow, self._counts)
+        self._eval_at_start = EvalModeAtStart(self._found.eval_at_start)
         check = GradientCheck(self.zero_grad_steps, self.allow.matches, self._eval_at_start.frozen_on_purpose)
-        self._missing = MissingGradients(check, self.allow.matches, self._probe_failed)
         self._gradients = check
+        self._missing = MissingGradients(
+            check, self.allow.matches, functools.partial(self._switch_off, "no_grad_module")
+        )
         self._leaks = EvalModeLeaks(self.allow.matches)
         self._unstepped = UnsteppedGradients(self.allow.matches)
-        self._inference_reported: set[str] = set()
         self._stray: StrayGraphWatch | None = None
         self._trained_ids: set[int] | None = None
-        self._batch_idx: int | None = None
-        self._epoch = 0
-        self._root_type = "LightningModule"
-        self._counts: dict[str, set[str]] = {key: set() for key in _COUNTS}
 
     @override
     def _state_key_settings(self) -> dict[str, Any]:
         settings = super()._state_key_settings()
         return {**settings, "allow": self.allow.patterns, "zero_grad_steps": self.zero_grad_steps}
 
-    # -- Lightning hooks -------------------------------------------------------------------------
+    # -- Lightning hooks: each runs the checks' cheap tests inline, and calls into a check (`_checked`, or a
+    # -- `@guarded` method below) only when there is work: modes switched, a gap to explain, a graph to report
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # before the sanity check, which already runs forwards that may use the inference tensor
         self._set_rank_zero(trainer)
-        self._root_type = class_name(pl_module)
-        self._check_inference_tensors(pl_module, "on_fit_start")
+        self._found.root_type = class_name(pl_module)
+        self._checked("inference_tensor", self._found.inference_tensors, pl_module, "on_fit_start")
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._set_rank_zero(trainer)
-        self._root_type = class_name(pl_module)
-        self._epoch = int(trainer.current_epoch)
+        self._found.root_type = class_name(pl_module)
+        self._found.epoch = int(trainer.current_epoch)
         self._trained_ids = trained_parameter_ids(getattr(trainer, "optimizers", []), pl_module)
         self._start_gradient_checks(pl_module)
-        self._check_eval_mode_at_start(pl_module)
+        self._checked("eval_mode_at_start", self._eval_at_start.start, pl_module, self._trained_ids, self.allow.matches)
         self._missing.start(ddp_stops_on_unused_parameters(trainer))
 
     @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._epoch = int(trainer.current_epoch)
-        self._missing.new_epoch(self._epoch, len(getattr(trainer, "optimizers", [])))
-        self._counts = {key: set() for key in _COUNTS}
+        epoch = int(trainer.current_epoch)
+        self._found.new_epoch(epoch)
+        self._missing.new_epoch(epoch, len(getattr(trainer, "optimizers", [])))
         if self._stray is not None:
             self._stray.close()
             self._stray.new_epoch()
@@ -164,22 +157,21 @@ class BackpropGuard(NoGradCallback):
             self._start_gradient_checks(pl_module)
         else:
             self._note_train_mode("on_train_epoch_start")
-        self._check_inference_tensors(pl_module, "on_train_epoch_start")
-        self._arm_unstepped_gradients(trainer)
+        self._checked("inference_tensor", self._found.inference_tensors, pl_module, "on_train_epoch_start")
+        if self._gradients.index is not None:
+            self._checked("grad_without_step", self._unstepped.start, self._gradients.index)
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        # every batch pays for this hook and the next four: each does its cheap test inline and calls
-        # into a check only when there is work (modes switched, a gap to explain, a graph to report)
         if self._stray is not None:
             self._stray.close()
-        self._batch_idx = batch_idx
+        self._found.batch_idx = batch_idx
         missing = self._missing
         missing.batch_start(batch_idx)
         if not self._leaks.unchanged("on_train_batch_start"):
             self._read_modes("on_train_batch_start")
         if missing.pending_probe:
-            self._watch_step()
+            self._checked("no_grad_module", missing.start_probe)
 
     @override
     def on_before_zero_grad(
@@ -190,18 +182,18 @@ class BackpropGuard(NoGradCallback):
     @override
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor) -> None:
         if not self._gradients.before_backward():
-            self._note_backward()
+            self._checked("params_without_grad", self._gradients.backward)
         if self._unstepped.armed:
-            self._note_unstepped_gradients(trainer)
+            self._checked("grad_without_step", self._unstepped.before_backward, getattr(trainer, "optimizers", []))
 
     @override
     def on_before_optimizer_step(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         if not self._gradients.passes_steady_step():
-            self._step_gradients(optimizer)
+            self._checked("params_without_grad", self._report_gaps, self._missing.step, optimizer)
         if self._unstepped.armed:
-            self._check_unstepped_gradients(trainer)
+            self._check_unstepped_gradients(getattr(trainer, "optimizers", []))
         self._missing.stepped()
 
     @override
@@ -209,7 +201,7 @@ class BackpropGuard(NoGradCallback):
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if self._missing.probe is not None:
-            self._finish_grad_mode_probe()
+            self._checked("no_grad_module", self._report_gaps, self._missing.batch_end)
         if not self._leaks.unchanged("training_step"):
             self._read_modes("training_step")
         if self._stray is None or not self._stray.counting(pl_module):
@@ -218,9 +210,13 @@ class BackpropGuard(NoGradCallback):
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._eval_at_start.close()  # the blocks no gradient check judged in the first epoch are reported
-        self._report_without_gradient_all_epoch()
-        self._flush_stray_graphs()  # the interval goes on: Lightning calls the module's epoch-end hook next
-        self._log_counts(trainer)
+        self._checked("params_without_grad", self._report_gaps, self._missing.epoch_end)
+        if self._stray is not None:  # the interval goes on: Lightning calls the module's epoch-end hook next
+            self._checked("stray_graph", self._stray.flush)
+        keys = list(COUNTS.values())
+        self._emit_epoch_metrics(
+            trainer, "train", lambda: (self._found.metrics(), {}), lambda t, m: reduce_present_max(t, keys, m)
+        )
 
     @override
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -236,7 +232,7 @@ class BackpropGuard(NoGradCallback):
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._eval_at_start.close()
-        self._collect_zero_gradients()
+        self._checked("params_without_grad", self._missing.end)
         if self._stray is not None:
             self._stray.close()
         self._gather_findings(trainer)  # those of the last steps, from every rank, before the report is written
@@ -256,7 +252,7 @@ class BackpropGuard(NoGradCallback):
             self._leaks.close()
             self._missing.close()
 
-    # -- set-up ----------------------------------------------------------------------------------
+    # -- the checks' work, where more than one call ----------------------------------------------
 
     @guarded("index")
     def _start_gradient_checks(self, pl_module: nn.Module) -> None:
@@ -269,158 +265,33 @@ class BackpropGuard(NoGradCallback):
         index = self._gradients.index
         self._leaks.note_train_mode(index.modules if index is not None else {}, self._trained_ids, hook)
 
-    def _finding(self, kind: str, subject: str, hook: str, text: messages.Explanation) -> None:
-        self._add_finding(Finding(kind, subject, "train", hook, self._batch_idx, self._epoch, *text))
-
-    # -- inference tensors ----------------------------------------------------------------------
-
-    @guarded("inference_tensor")
-    def _check_inference_tensors(self, pl_module: nn.Module, hook: str) -> None:
-        for path, kind in inference_tensors(pl_module, self.allow.matches):
-            if path in self._inference_reported:
-                continue
-            self._inference_reported.add(path)
-            self._finding("inference_tensor", path, hook, messages.inference_tensor(path, kind))
-
-    # -- modes -----------------------------------------------------------------------------------
-
-    @guarded("eval_mode_at_start")
-    def _check_eval_mode_at_start(self, pl_module: nn.Module) -> None:
-        self._eval_at_start.start(pl_module, self._trained_ids, self.allow.matches)
-
-    def _report_eval_at_start(self, path: str, layers: list[tuple[str, str]]) -> None:
-        text = messages.eval_mode_at_start(path, layers, self._root_type)
-        self._add_finding(Finding("eval_mode_at_start", path, "train", "on_train_start", None, self._epoch, *text))
-
     @guarded("eval_mode_leak")
     def _read_modes(self, hook: str) -> None:
         """Called only when some mode switched since the last reading (the batch hooks compare counts)."""
-        leaked, leaks = self._leaks.read(hook, self._batch_idx)
-        for leak in leaks:
-            self._counts["eval_mode_modules"].add(leak.path)
-            if leak.new:
-                fixed = self._policy.fixes
-                text = messages.eval_mode_leak(leak.path, leak.module, self._root_type, fixed, leak.layers)
-                self._add_finding(
-                    Finding("eval_mode_leak", leak.path, "train", leak.where, leak.batch_idx, self._epoch, *text)
-                )
+        leaked, leaks = self._leaks.read(hook, self._found.batch_idx)
+        self._found.leaks(leaks, fixed=self._policy.fixes)
         if self._policy.fixes:
             for module in leaked:
                 module.training = True
 
-    # -- gradients -------------------------------------------------------------------------------
-
-    @guarded("params_without_grad")
-    def _note_backward(self) -> None:
-        self._gradients.backward()
-
-    @guarded("no_grad_module")
-    def _watch_step(self) -> None:
-        self._missing.start_probe()
-
-    @guarded("params_without_grad")
-    def _step_gradients(self, optimizer: torch.optim.Optimizer) -> None:
-        self._report_gaps(self._missing.step(optimizer))
-
-    @guarded("params_without_grad")
-    def _collect_zero_gradients(self) -> None:
-        self._missing.end()
-
-    @guarded("params_without_grad")
-    def _report_without_gradient_all_epoch(self) -> None:
-        self._report_gaps(self._missing.epoch_end())
-
-    def _probe_failed(self, err: BaseException) -> None:
-        self._switch_off("no_grad_module", err)
-
-    @guarded("no_grad_module")
-    def _finish_grad_mode_probe(self) -> None:
-        self._report_gaps(self._missing.batch_end())
-
-    def _report_gaps(self, found: list[GapFound]) -> None:
-        for gap, batch_idx, epoch in found:
-            self._report_gap(gap, batch_idx, epoch)
-
-    def _report_gap(self, gap: GradientGap, batch_idx: int | None, epoch: int | None = None) -> None:
-        if self.allow.matches(gap.subject):  # the pattern its fix names: a region kept on purpose
-            return
-        if gap.kind == "no_grad_module":
-            self._counts["no_grad_modules"].add(gap.subject)
-        self._counts["params_without_grad"].update(gap.parameters)
-        hook = "training_step" if gap.definite else "on_before_optimizer_step"
-        text = gap.explanation(self._root_type)
-        first_epoch = self._epoch if epoch is None else epoch
-        self._add_finding(Finding(gap.kind, gap.subject, "train", hook, batch_idx, first_epoch, *text))
-
-    # -- gradients no optimizer steps ---------------------------------------------------------
+    def _report_gaps(self, find: Callable[..., Any], *args: Any) -> None:
+        self._found.gaps(find(*args))
 
     @guarded("grad_without_step")
-    def _arm_unstepped_gradients(self, trainer: Trainer) -> None:
-        index = self._gradients.index
-        if index is not None:
-            self._unstepped.start(index)
-
-    @guarded("grad_without_step")
-    def _note_unstepped_gradients(self, trainer: Trainer) -> None:
-        self._unstepped.before_backward(getattr(trainer, "optimizers", []))
-
-    @guarded("grad_without_step")
-    def _check_unstepped_gradients(self, trainer: Trainer) -> None:
-        optimizers = getattr(trainer, "optimizers", [])
-        groups = describe_groups(optimizers)
-        for group in self._unstepped.step(optimizers):
-            text = messages.grad_without_step(
-                group.subject, group.parameters, group.modules, group.kinds, group.mib, groups, self._root_type
-            )
-            self._finding("grad_without_step", group.subject, "on_before_optimizer_step", text)
-
-    # -- stray graphs ----------------------------------------------------------------------------
+    def _check_unstepped_gradients(self, optimizers: list[torch.optim.Optimizer]) -> None:
+        self._found.unstepped(self._unstepped.step(optimizers), optimizers)
 
     @guarded("stray_graph")
     def _watch_stray_graphs(self, pl_module: nn.Module, probe: bool = False) -> None:
         """Start the interval outside the training step; ``probe`` watches it with the saved-tensor probe."""
         if self._stray is None:
-            self._stray = StrayGraphWatch(self._new_graph_probe, on_error=self._stray_graph_failed)
+            self._stray = StrayGraphWatch(
+                self._new_graph_probe, on_error=functools.partial(self._switch_off, "stray_graph")
+            )
         self._stray.open(pl_module, probe)
 
     def _new_graph_probe(self, pl_module: nn.Module, on_error: Callable[[BaseException], None]) -> GraphProbe:
+        found = self._found.stray_graph
         return GraphProbe(
-            pl_module,
-            OUTSIDE_STEP_HOOKS,
-            self._stray_finding,
-            self.allow.matches,
-            self._policy.raises,
-            on_error=on_error,
+            pl_module, OUTSIDE_STEP_HOOKS, found, self.allow.matches, self._policy.raises, on_error=on_error
         )
-
-    def _stray_graph_failed(self, err: BaseException) -> None:
-        self._switch_off("stray_graph", err)
-
-    @guarded("stray_graph")
-    def _flush_stray_graphs(self) -> None:
-        if self._stray is not None:
-            self._stray.flush()
-
-    def _stray_finding(self, event: GraphEvent, modules: list[str]) -> None:
-        hook = event.hook or "on_train_batch_end"
-        self._finding("stray_graph", event.module, hook, messages.stray_graph(event, modules, hook, self._root_type))
-
-    # -- metrics ---------------------------------------------------------------------------------
-
-    @override
-    def _shared_counts(self) -> dict[str, list[str]]:
-        return {name: sorted(members) for name, members in self._counts.items()}
-
-    @override
-    def _merge_counts(self, counts: list[dict[str, list[str]]]) -> None:
-        for rank_counts in counts:
-            for name, members in rank_counts.items():
-                if name in self._counts:
-                    self._counts[name].update(members)
-
-    def _epoch_counts(self) -> tuple[dict[str, float], dict[str, Any]]:
-        return {key: float(len(self._counts[name])) for name, key in _COUNTS.items()}, {}
-
-    def _log_counts(self, trainer: Trainer) -> None:
-        keys = list(_COUNTS.values())
-        self._emit_epoch_metrics(trainer, "train", self._epoch_counts, lambda t, m: reduce_present_max(t, keys, m))

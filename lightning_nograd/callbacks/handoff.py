@@ -14,8 +14,9 @@ import pickle
 import tempfile
 import uuid
 import weakref
-from collections.abc import Callable
-from typing import Any
+
+from lightning_nograd.core.reporting.findings import FindingLog
+from lightning_nograd.core.reporting.report import Report
 
 log = logging.getLogger(__name__)
 
@@ -34,26 +35,32 @@ class ReportHandoff:
         """Whether this process is a worker (a copy of the callback was pickled or forked into it)."""
         return os.getpid() != self.origin_pid
 
-    def take(self) -> dict[str, Any] | None:
-        """In the launching process: what a worker left, once (``None``: nothing, or nothing readable)."""
+    def take(self, report: Report, logs: list[FindingLog]) -> None:
+        """In the launching process: ``report`` and ``logs`` take over what a worker left for them, once
+        (nothing when it left nothing, or nothing readable)."""
         if self.in_worker or not os.path.exists(self.path):
-            return None
+            return
         try:
             with open(self.path, "rb") as handle:
                 payload = pickle.load(handle)  # written by rank zero's worker of this very callback
             os.remove(self.path)
         except (OSError, pickle.UnpicklingError, EOFError) as err:
             log.debug("could not read the report from the worker processes", exc_info=err)
-            return None
-        return payload if isinstance(payload, dict) else None
+            return
+        if not isinstance(payload, dict) or not isinstance(payload.get("report"), Report):
+            return
+        report.take_over(payload["report"])
+        for log_, (findings, warned) in zip(logs, payload.get("logs", []), strict=False):
+            log_.adopt(findings, warned)
 
-    def leave(self, payload: Callable[[], dict[str, Any]]) -> None:
-        """In rank zero's worker: leave what ``payload()`` gives for the launching process (whole, or not at all;
-        a failure to build or write it is logged, never raised into the run's teardown)."""
+    def leave(self, report: Report, logs: list[FindingLog]) -> None:
+        """In rank zero's worker: leave ``report`` and what ``logs`` found and warned for the launching process
+        (whole, or not at all; a failure to write it is logged, never raised into the run's teardown)."""
         try:
+            payload = {"report": report, "logs": [(log_.findings, log_.state()) for log_ in logs]}
             partial = f"{self.path}.{os.getpid()}"
             with open(partial, "wb") as handle:
-                pickle.dump(payload(), handle)
+                pickle.dump(payload, handle)
             os.replace(partial, self.path)
         except Exception as err:  # the report stays in `report_path` and the loggers
             log.debug("could not hand the report to the launching process", exc_info=err)

@@ -162,12 +162,6 @@ class NoGradAuditor(NoGradCallback):
     def _handoff_logs(self) -> list[FindingLog]:
         return [part._findings for part in self._parts]
 
-    @override
-    def _adopt(self, handoff: dict[str, Any]) -> None:
-        super()._adopt(handoff)
-        for part in self._parts:
-            part.report = self._report
-
     def part(self, kind: type[PartT]) -> PartT | None:
         """The part of type ``kind`` (``EvalModeAuditor``, ``SavingsMonitor``, ``BackpropGuard``), if switched on.
 

@@ -111,13 +111,8 @@ class NoGradTrainerCallback(LoopFrontEnd, TrainerCallback):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._trainer: Trainer | None = None
+        self._steps: _TrainerSteps | None = None
         self._epoch = 0
-        self._pending: Stage | None = None
-        self._eval_batches: int | None = None
-        self._step_inputs: Any = None
-
-    # -- the trainer this callback watches --------------------------------------------------------
 
     def _attach(self) -> LoopDriver | None:
         """Find the trainer that called, once, and bracket its training and evaluation steps."""
@@ -132,114 +127,17 @@ class NoGradTrainerCallback(LoopFrontEnd, TrainerCallback):
         run.global_rank = int(args.process_index)
         # the stock `prediction_step` runs the model under `no_grad`: a graph there means code inside enabled it
         run.eval_step_disables_grad = type(trainer).prediction_step is Trainer.prediction_step
-        self._trainer = trainer
         self._driver = LoopDriver(self.auditor, run)
-        # instance attributes over the trainer's (or its subclass's) own methods: a batch begins and ends there
-        trainer.training_step = self._around_training_step(trainer.training_step)  # type: ignore[method-assign]
-        trainer.compute_loss = self._around_compute_loss(trainer.compute_loss)  # type: ignore[method-assign]
-        trainer.prediction_step = self._around_prediction_step(trainer.prediction_step)  # type: ignore[method-assign]
-        trainer.evaluation_loop = self._around_evaluation_loop(trainer.evaluation_loop)  # type: ignore[method-assign]
+        self._steps = _TrainerSteps(self, trainer, self._driver)
         return self._driver
 
-    def _sync(self, driver: LoopDriver) -> None:
-        trainer = self._trainer
-        if trainer is not None:
-            driver.run.global_step = int(trainer.state.global_step)
-            driver.run.strategy.model = getattr(trainer, "model_wrapped", None)
+    def _sync(self) -> None:
+        if self._steps is not None:
+            self._steps.sync()
 
     def _watching(self) -> LoopDriver | None:
         """The driver, while this callback watches (not after an internal failure of its own)."""
         return None if self._broken else self._driver
-
-    def _around_training_step(self, method: Callable[..., Any]) -> Callable[..., Any]:
-        @functools.wraps(method)
-        def training_step(model: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
-            driver = self._watching()
-            if driver is None or not driver.fitting:
-                return method(model, inputs, *args, **kwargs)
-            self._safely(self._sync, driver)
-            self._step_inputs = inputs  # the batch starts at `compute_loss`, once the step has called `model.train()`
-            try:
-                return method(model, inputs, *args, **kwargs)
-            except BaseException as err:
-                self._safely(driver.failed, err)
-                raise
-            finally:
-                self._step_inputs = None
-
-        return training_step
-
-    def _around_compute_loss(self, method: Callable[..., Any]) -> Callable[..., Any]:
-        @functools.wraps(method)
-        def compute_loss(model: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
-            driver = self._watching()
-            if driver is not None and self._step_inputs is not None and not driver.in_train_batch:
-                self._safely(self._train_batch_start, driver)
-            return method(model, inputs, *args, **kwargs)
-
-        return compute_loss
-
-    def _train_batch_start(self, driver: LoopDriver) -> None:
-        driver.train_batch_start(self._step_inputs)
-        driver.before_backward()  # (the step's backward follows `compute_loss` in `training_step`)
-
-    def _around_prediction_step(self, method: Callable[..., Any]) -> Callable[..., Any]:
-        @functools.wraps(method)
-        def prediction_step(model: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
-            driver = self._watching()
-            if driver is None or (driver.stage is None and self._pending is None):
-                return method(model, inputs, *args, **kwargs)
-            self._safely(self._eval_batch_start, driver, inputs)
-            try:
-                outputs = method(model, inputs, *args, **kwargs)
-            except BaseException as err:
-                self._safely(driver.failed, err)
-                raise
-            self._safely(driver.eval_batch_end, outputs, inputs)
-            return outputs
-
-        return prediction_step
-
-    def _eval_batch_start(self, driver: LoopDriver, inputs: Any) -> None:
-        self._sync(driver)
-        if driver.stage is None and self._pending is not None:
-            # the first batch: the loop has put the model in eval mode by now, as Lightning's has at its start
-            stage, self._pending = self._pending, None
-            driver.eval_start(stage, self._model(), self._eval_batches)
-        driver.eval_batch_start(inputs)
-
-    def _around_evaluation_loop(self, method: Callable[..., Any]) -> Callable[..., Any]:
-        @functools.wraps(method)
-        def evaluation_loop(dataloader: Any, description: str, *args: Any, **kwargs: Any) -> Any:
-            driver = self._watching()
-            if driver is None:
-                return method(dataloader, description, *args, **kwargs)
-            prefix = str(kwargs.get("metric_key_prefix", args[2] if len(args) > 2 else "eval"))
-            self._pending = "predict" if description == "Prediction" else "test" if prefix == "test" else "val"
-            try:
-                self._eval_batches = len(dataloader)
-            except TypeError:
-                self._eval_batches = None
-            try:
-                output = method(dataloader, description, *args, **kwargs)
-            except BaseException as err:
-                self._pending = None
-                self._safely(driver.failed, err)
-                raise
-            self._pending = None
-            self._safely(self._eval_end, driver)
-            return output
-
-        return evaluation_loop
-
-    def _eval_end(self, driver: LoopDriver) -> None:
-        self._sync(driver)
-        driver.eval_end()
-
-    def _model(self) -> torch.nn.Module:
-        trainer = self._trainer
-        assert trainer is not None  # (only called once attached)
-        return trainer.model  # type: ignore[return-value]
 
     # -- the Trainer's events (each one's work runs `_safely`: a failure of ours never reaches the run) ----
 
@@ -267,9 +165,9 @@ class NoGradTrainerCallback(LoopFrontEnd, TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         driver = self._watching()
-        trainer = self._trainer
-        if driver is not None and driver.fitting and trainer is not None and trainer.optimizer is not None:
-            self._safely(driver.before_optimizer_step, trainer.optimizer)
+        optimizer = self._steps.trainer.optimizer if self._steps is not None else None
+        if driver is not None and driver.fitting and optimizer is not None:
+            self._safely(driver.before_optimizer_step, optimizer)
 
     def on_substep_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -301,24 +199,139 @@ class NoGradTrainerCallback(LoopFrontEnd, TrainerCallback):
 
     def _train_begin(self, args: TrainingArguments, optimizer: Any) -> None:
         driver = self._attach()
-        if driver is None:
+        if driver is None or self._steps is None:
             return
-        self._sync(driver)
+        self._sync()
         driver.run.max_epochs = int(args.num_train_epochs) if args.max_steps <= 0 else None
-        driver.fit_start(self._model(), [optimizer] if optimizer is not None else [])
+        driver.fit_start(self._steps.model(), [optimizer] if optimizer is not None else [])
         self._epoch = 0
 
     def _step_end(self, driver: LoopDriver) -> None:
-        self._sync(driver)
+        self._sync()
         driver.train_batch_end()
 
     def _epoch_end(self, driver: LoopDriver) -> None:
         if driver.in_train_batch:
             driver.train_batch_end()
-        self._sync(driver)
+        self._sync()
         driver.train_epoch_end()
         self._epoch += 1
 
     def _train_end(self, driver: LoopDriver) -> None:
-        self._sync(driver)
+        self._sync()
         driver.fit_end()
+
+
+class _TrainerSteps:
+    """Where a batch begins and ends on one Hugging Face ``Trainer``: its ``training_step``, ``compute_loss``,
+    ``prediction_step`` and ``evaluation_loop``, bracketed on the instance (instance attributes over its
+    class's methods, so that a user's override of any of them is bracketed too).
+
+    The brackets tell the driver of the ``NoGradTrainerCallback`` that made them, while it watches; what they do
+    runs through its ``_safely``.
+    """
+
+    def __init__(self, front: NoGradTrainerCallback, trainer: Trainer, driver: LoopDriver) -> None:
+        self._front = front
+        self.trainer = trainer
+        self._driver = driver
+        self._pending: Stage | None = None  # the evaluation loop begun, until its first batch
+        self._eval_batches: int | None = None
+        self._step_inputs: Any = None  # the training step under way, until `compute_loss` starts its batch
+        trainer.training_step = self._around_training_step(trainer.training_step)  # type: ignore[method-assign]
+        trainer.compute_loss = self._around_compute_loss(trainer.compute_loss)  # type: ignore[method-assign]
+        trainer.prediction_step = self._around_prediction_step(trainer.prediction_step)  # type: ignore[method-assign]
+        trainer.evaluation_loop = self._around_evaluation_loop(trainer.evaluation_loop)  # type: ignore[method-assign]
+
+    def sync(self) -> None:
+        """What the auditor reads of the trainer, brought up to date."""
+        self._driver.run.global_step = int(self.trainer.state.global_step)
+        self._driver.run.strategy.model = getattr(self.trainer, "model_wrapped", None)
+
+    def model(self) -> torch.nn.Module:
+        return self.trainer.model  # type: ignore[return-value]
+
+    def _around_training_step(self, method: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(method)
+        def training_step(model: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+            driver, safely = self._front._watching(), self._front._safely
+            if driver is None or not driver.fitting:
+                return method(model, inputs, *args, **kwargs)
+            safely(self.sync)
+            self._step_inputs = inputs  # the batch starts at `compute_loss`, once the step has called `model.train()`
+            try:
+                return method(model, inputs, *args, **kwargs)
+            except BaseException as err:
+                safely(driver.failed, err)
+                raise
+            finally:
+                self._step_inputs = None
+
+        return training_step
+
+    def _around_compute_loss(self, method: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(method)
+        def compute_loss(model: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+            driver = self._front._watching()
+            if driver is not None and self._step_inputs is not None and not driver.in_train_batch:
+                self._front._safely(self._train_batch_start, driver)
+            return method(model, inputs, *args, **kwargs)
+
+        return compute_loss
+
+    def _train_batch_start(self, driver: LoopDriver) -> None:
+        driver.train_batch_start(self._step_inputs)
+        driver.before_backward()  # (the step's backward follows `compute_loss` in `training_step`)
+
+    def _around_prediction_step(self, method: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(method)
+        def prediction_step(model: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+            driver, safely = self._front._watching(), self._front._safely
+            if driver is None or (driver.stage is None and self._pending is None):
+                return method(model, inputs, *args, **kwargs)
+            safely(self._eval_batch_start, driver, inputs)
+            try:
+                outputs = method(model, inputs, *args, **kwargs)
+            except BaseException as err:
+                safely(driver.failed, err)
+                raise
+            safely(driver.eval_batch_end, outputs, inputs)
+            return outputs
+
+        return prediction_step
+
+    def _eval_batch_start(self, driver: LoopDriver, inputs: Any) -> None:
+        self.sync()
+        if driver.stage is None and self._pending is not None:
+            # the first batch: the loop has put the model in eval mode by now, as Lightning's has at its start
+            stage, self._pending = self._pending, None
+            driver.eval_start(stage, self.model(), self._eval_batches)
+        driver.eval_batch_start(inputs)
+
+    def _around_evaluation_loop(self, method: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(method)
+        def evaluation_loop(dataloader: Any, description: str, *args: Any, **kwargs: Any) -> Any:
+            driver, safely = self._front._watching(), self._front._safely
+            if driver is None:
+                return method(dataloader, description, *args, **kwargs)
+            prefix = str(kwargs.get("metric_key_prefix", args[2] if len(args) > 2 else "eval"))
+            self._pending = "predict" if description == "Prediction" else "test" if prefix == "test" else "val"
+            try:
+                self._eval_batches = len(dataloader)
+            except TypeError:
+                self._eval_batches = None
+            try:
+                output = method(dataloader, description, *args, **kwargs)
+            except BaseException as err:
+                self._pending = None
+                safely(driver.failed, err)
+                raise
+            self._pending = None
+            safely(self._eval_end, driver)
+            return output
+
+        return evaluation_loop
+
+    def _eval_end(self, driver: LoopDriver) -> None:
+        self.sync()
+        driver.eval_end()

@@ -65,6 +65,10 @@ class Report:
                 self.findings[i] = new if new.call else replace(new, call=held.call)
                 return
 
+    def take_over(self, other: Report) -> None:
+        """Hold what ``other`` holds instead (the same run's report, handed back by the worker that watched it)."""
+        self.findings, self.epochs, self.calls = other.findings, other.epochs, other.calls
+
     def start_call(self) -> int:
         """Count one more Trainer call; epochs recorded from now on belong to it."""
         self.calls += 1
