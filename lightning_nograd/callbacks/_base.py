@@ -12,7 +12,6 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 from typing_extensions import override
 
 from lightning_nograd.callbacks._lightning import (
-    CallbackBase,
     LightningModule,
     Trainer,
     forget_lightning_module,
@@ -22,6 +21,7 @@ from lightning_nograd.callbacks._lightning import (
 )
 from lightning_nograd.callbacks.handoff import ReportHandoff
 from lightning_nograd.callbacks.loggers import MetricSink, gather_objects
+from lightning_nograd.callbacks.namespaces import CallbackBase
 from lightning_nograd.core.plumbing import torch_internals
 from lightning_nograd.core.plumbing.faults import fault_message, isolating
 from lightning_nograd.core.reporting.findings import Finding, FindingLog, OnViolation, Policy, user_stacklevel
@@ -57,6 +57,43 @@ W = TypeVar("W")
 _LIVE_STATE_KEYS: dict[str, weakref.WeakSet[NoGradCallback]] = {}
 
 
+def _settings_key(callback: NoGradCallback) -> str:
+    """The checkpoint key of ``callback``'s class and settings, in Lightning's own format
+    (``Callback._generate_state_key``, 2.2 to 2.6), written out: the same in both namespaces."""
+    return f"{type(callback).__qualname__}{callback._state_key_settings()!r}"
+
+
+def _claim_state_key(callback: NoGradCallback) -> str:
+    """The settings key, or ``key#N`` when another instance with the same settings is in use now.
+
+    Only for Lightning's duplicate check when the ``Trainer`` is built, before any callback sees its
+    trainer; ``setup`` then sets the key from the order in the trainer's list. An instance whose run
+    ended (torn down) holds no number, so a fresh one in the same process (a notebook, a resuming
+    script) gets the key a fresh process would give it.
+    """
+    base = _settings_key(callback)
+    in_use = _LIVE_STATE_KEYS.setdefault(base, weakref.WeakSet())
+    taken = {other._state_key for other in in_use if other is not callback}
+    key, number = base, 1
+    while key in taken:
+        number += 1
+        key = f"{base}#{number}"
+    in_use.add(callback)
+    return key
+
+
+def _state_key_by_order(callback: NoGradCallback, callbacks: list[Any]) -> str | None:
+    """The key from ``callback``'s place among the instances with its settings in the trainer's list (``None``:
+    not in it); the instance is then in use."""
+    base = _settings_key(callback)
+    same = [cb for cb in callbacks if isinstance(cb, NoGradCallback) and _settings_key(cb) == base]
+    position = next((i for i, cb in enumerate(same) if cb is callback), None)
+    _LIVE_STATE_KEYS.setdefault(base, weakref.WeakSet()).add(callback)
+    if position is None:
+        return None
+    return base if position == 0 else f"{base}#{position + 1}"
+
+
 class NoGradCallback(CallbackBase):
     """Base of the lightning-nograd callbacks.
 
@@ -82,8 +119,8 @@ class NoGradCallback(CallbackBase):
         self._findings = FindingLog(
             self._policy,
             self._warning_category,
-            on_new=lambda finding: self._report.add_finding(finding),
-            on_ranks_added=lambda old, new: self._report.update_finding(old, new),
+            on_new=self._on_new_finding,
+            on_ranks_added=self._on_ranks_added,
         )
         self._run: str | None = None  # the Trainer call under way (setup's `stage`)
         self._sink = MetricSink()
@@ -104,45 +141,23 @@ class NoGradCallback(CallbackBase):
     def state_key(self) -> str:
         # Lightning reads this on every hook call (profiler names), so it is computed once.
         if self._state_key is None:
-            self._state_key = self._claim_state_key(self._base_state_key())
+            self._state_key = _claim_state_key(self)
         return self._state_key
-
-    def _base_state_key(self) -> str:
-        # Lightning's own format (`Callback._generate_state_key`, 2.2 to 2.6), written out: the parts of a
-        # NoGradAuditor need not derive from a Lightning `Callback`
-        return f"{type(self).__qualname__}{self._state_key_settings()!r}"
-
-    def _claim_state_key(self, base: str) -> str:
-        """``base``, or ``base#N`` when another instance with the same settings is in use now.
-
-        Only for Lightning's duplicate check when the ``Trainer`` is built, before any callback
-        sees its trainer; ``setup`` then sets the key from the order in the trainer's list. An
-        instance whose run ended (torn down) holds no number, so a fresh one in the same process (a
-        notebook, a resuming script) gets the key a fresh process would give it.
-        """
-        in_use = _LIVE_STATE_KEYS.setdefault(base, weakref.WeakSet())
-        taken = {other._state_key for other in in_use if other is not self}
-        key, number = base, 1
-        while key in taken:
-            number += 1
-            key = f"{base}#{number}"
-        in_use.add(self)
-        return key
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         """Key the checkpoint state by settings and, for identical instances, by order in ``trainer.callbacks``."""
-        base = self._base_state_key()
-        same = [cb for cb in getattr(trainer, "callbacks", []) if isinstance(cb, NoGradCallback)]
-        same = [cb for cb in same if cb._base_state_key() == base]
-        position = next((i for i, cb in enumerate(same) if cb is self), None)
-        if position is not None:
-            self._state_key = base if position == 0 else f"{base}#{position + 1}"
-        _LIVE_STATE_KEYS.setdefault(base, weakref.WeakSet()).add(self)
+        self._state_key = _state_key_by_order(self, getattr(trainer, "callbacks", [])) or self._state_key
         self._hook_names = dict(getattr(trainer, "hook_names", None) or {})
         self._run = stage  # Lightning's `stage` here is the Trainer call: fit, validate, test, predict
         if not self._shared:  # a shared report is counted by its owner
             self.report.start_call()
+
+    def _on_new_finding(self, finding: Finding) -> None:
+        self._report.add_finding(finding)
+
+    def _on_ranks_added(self, old: Finding, new: Finding) -> None:
+        self._report.update_finding(old, new)
 
     @property
     def report(self) -> Report:
@@ -295,7 +310,7 @@ class NoGradCallback(CallbackBase):
         self._release()
         self._hand_off(trainer)
         forget_lightning_module(self)
-        _LIVE_STATE_KEYS.get(self._base_state_key(), weakref.WeakSet()).discard(self)
+        _LIVE_STATE_KEYS.get(_settings_key(self), weakref.WeakSet()).discard(self)
 
     @override
     def state_dict(self) -> dict[str, Any]:

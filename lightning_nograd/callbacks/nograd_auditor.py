@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 from typing_extensions import override
 
 from lightning_nograd.callbacks._base import LOOP_NAMES, EvaluationLoopCallback, NoGradCallback
-from lightning_nograd.callbacks._lightning import LightningModule, Trainer, building_parts, is_global_zero, is_logger
+from lightning_nograd.callbacks._lightning import LightningModule, Trainer, is_global_zero, is_logger
 from lightning_nograd.callbacks.backprop_guard import BackpropGuard
 from lightning_nograd.callbacks.eval_mode_auditor import EvalModeAuditor
 from lightning_nograd.callbacks.loggers import MetricSink, flat_summary, write_summaries
@@ -124,13 +124,12 @@ class NoGradAuditor(NoGradCallback):
         ):
             NamePatterns(argument, patterns)
         self._parts: list[NoGradCallback] = []
-        with building_parts():
-            if check_bool("audit_eval", audit_eval):
-                self._parts.append(EvalModeAuditor(on_violation, allow_train_mode, allow_grad, allow))
-            if check_bool("monitor_savings", monitor_savings):
-                self._parts.append(SavingsMonitor(budget=budget, repeats=repeats, allow=allow))
-            if check_bool("guard_backprop", guard_backprop):
-                self._parts.append(BackpropGuard(on_violation, allow))
+        if check_bool("audit_eval", audit_eval):
+            self._parts.append(EvalModeAuditor(on_violation, allow_train_mode, allow_grad, allow))
+        if check_bool("monitor_savings", monitor_savings):
+            self._parts.append(SavingsMonitor(budget=budget, repeats=repeats, allow=allow))
+        if check_bool("guard_backprop", guard_backprop):
+            self._parts.append(BackpropGuard(on_violation, allow))
         self._findings_printed = 0
         self._sink = MetricSink(holding=True)  # one row per step for each logger, whatever the parts log
         for part in self._parts:
