@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import warnings
 import weakref
@@ -23,7 +24,7 @@ from lightning_nograd.callbacks.handoff import ReportHandoff
 from lightning_nograd.callbacks.loggers import MetricSink, gather_objects
 from lightning_nograd.callbacks.namespaces import CallbackBase
 from lightning_nograd.core.plumbing import torch_internals
-from lightning_nograd.core.plumbing.faults import fault_message, isolating
+from lightning_nograd.core.plumbing.faults import fault_message
 from lightning_nograd.core.reporting.findings import Finding, FindingLog, OnViolation, Policy, user_stacklevel
 from lightning_nograd.core.reporting.report import Report
 from lightning_nograd.errors import NoGradError, NoGradWarning
@@ -36,22 +37,17 @@ C = TypeVar("C", bound="NoGradCallback")
 
 
 def guarded(check: str) -> Callable[[Callable[Concatenate[C, P], R]], Callable[Concatenate[C, P], R | None]]:
-    """Run a hook body as part of ``check``; an internal failure switches that check off.
+    """Run a method as part of ``check`` (``NoGradCallback._checked``): nothing once ``check`` is switched off,
+    and an internal failure switches it off with one warning; ``NoGradError`` (the user asked to stop) passes."""
 
-    ``NoGradError`` (the user asked to stop) passes through; anything else becomes one warning
-    and the run goes on without that check.
-    """
+    def decorate(method: Callable[Concatenate[C, P], R]) -> Callable[Concatenate[C, P], R | None]:
+        @functools.wraps(method)
+        def run(callback: C, *args: P.args, **kwargs: P.kwargs) -> R | None:
+            return callback._checked(check, method, callback, *args, **kwargs)
 
-    def switched_off(callback: C) -> bool:
-        return check in callback._switched_off
+        return run  # type: ignore[return-value]
 
-    def switch_off(callback: C, err: Exception) -> None:
-        callback._switch_off(check, err)
-
-    return isolating(switched_off, switch_off)
-
-
-W = TypeVar("W")
+    return decorate
 
 
 _LIVE_STATE_KEYS: dict[str, weakref.WeakSet[NoGradCallback]] = {}
@@ -228,13 +224,14 @@ class NoGradCallback(CallbackBase):
         except Exception as err:
             self._switch_off("findings", err)
 
-    def _checked(self, check: str, work: Callable[..., W], *args: Any) -> W | None:
-        """``work(*args)`` as part of ``check``, as ``@guarded(check)`` runs a method: nothing once ``check`` is
-        switched off, and an internal failure switches it off (``NoGradError`` passes)."""
+    def _checked(self, check: str, work: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R | None:
+        """``work(*args, **kwargs)`` as part of ``check``: nothing once ``check`` is switched off, and an internal
+        failure switches it off with one warning (``_switch_off``); ``NoGradError`` (the user asked to stop)
+        passes. ``@guarded(check)`` runs a method so."""
         if check in self._switched_off:
             return None
         try:
-            return work(*args)
+            return work(*args, **kwargs)
         except NoGradError:
             raise
         except Exception as err:

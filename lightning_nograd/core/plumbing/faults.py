@@ -93,7 +93,7 @@ def isolating(
 ) -> Callable[[Callable[Concatenate[S, P], R]], Callable[Concatenate[S, P], R | None]]:
     """A decorator that makes a method safe to call from the user's run: nothing while ``skip(self)``,
     ``lightning_nograd.NoGradError`` passes (the user asked to stop), any other failure goes to
-    ``fault(self, err)`` and the method returns ``None``. The callbacks' ``guarded(check)`` is one."""
+    ``fault(self, err)`` and the method returns ``None``."""
 
     def decorate(method: Callable[Concatenate[S, P], R]) -> Callable[Concatenate[S, P], R | None]:
         @functools.wraps(method)
