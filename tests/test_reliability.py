@@ -413,6 +413,48 @@ def test_a_failing_hook_inside_the_users_forward_never_reaches_the_user(
     assert len(internal) == 1 and f"`{check}`" in internal[0], internal
 
 
+def _each_training_check_step() -> list[tuple[type, str, str]]:
+    from lightning_nograd.callbacks.training_findings import TrainingFindings
+    from lightning_nograd.core.checks.eval_mode_at_start import EvalModeAtStart
+    from lightning_nograd.core.checks.eval_mode_leaks import EvalModeLeaks
+    from lightning_nograd.core.checks.missing_gradients import MissingGradients
+    from lightning_nograd.core.checks.stray_graphs import StrayGraphWatch
+    from lightning_nograd.core.checks.unstepped_gradients import UnsteppedGradients
+
+    return [
+        (TrainingFindings, "inference_tensors", "inference_tensor"),
+        (EvalModeAtStart, "start", "eval_mode_at_start"),
+        (UnsteppedGradients, "start", "grad_without_step"),
+        (EvalModeLeaks, "read", "eval_mode_leak"),
+        (StrayGraphWatch, "open", "stray_graph"),
+        (MissingGradients, "step", "params_without_grad"),
+        (MissingGradients, "epoch_end", "params_without_grad"),
+        (TrainingFindings, "gaps", "params_without_grad no_grad_module"),  # both checks report gaps
+    ]
+
+
+@pytest.mark.parametrize(
+    ("target", "method", "check"),
+    _each_training_check_step(),
+    ids=lambda v: v if isinstance(v, str) else v.__name__,
+)
+def test_a_failing_training_check_is_switched_off_alone_and_the_run_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, target: type, method: str, check: str
+) -> None:
+    monkeypatch.setattr(target, method, _raise)
+    model = Net("no_grad")
+    t = trainer(tmp_path, [BackpropGuard()])
+    with nograd_warnings() as seen:
+        t.fit(model, loader(), loader())
+    assert t.state.finished and t.current_epoch == 2
+    internal = [str(w.message) for w in seen if "internal error" in str(w.message)]
+    # one warning for each check that failed, naming it
+    assert sorted(m.split("`")[1] for m in internal) == sorted(check.split()), internal
+    assert all(m.startswith("[lightning-nograd] internal error in BackpropGuard check") for m in internal)
+    if "params_without_grad" not in check:  # the other checks still watch: the encoder run under no_grad is named
+        assert ("no_grad_module", "encoder") in {(f.kind, f.subject) for f in t.callbacks[0].report.findings}
+
+
 class DropoutOnAtEpochStart(Regressor):
     def on_validation_epoch_start(self) -> None:
         self.head[0].train()
