@@ -1,11 +1,11 @@
+"""The graph probe: autograd graphs built while a model should be evaluating (``grad_enabled``)."""
+
 from __future__ import annotations
 
 import torch
 from torch import nn
 
 from lightning_nograd.core.checks.graph import SAVED_TENSOR_HOOKS, GraphEvent, GraphProbe
-from lightning_nograd.core.checks.stray_graphs import StrayGraphWatch
-from lightning_nograd.core.checks.tensors import tally_tensors, tensor_attributes
 
 
 def _started_probe(net: nn.Module) -> tuple[GraphProbe, list[GraphEvent]]:
@@ -32,7 +32,7 @@ def test_probe_sees_graphs_only_and_names_the_deepest_common_module() -> None:
     assert not SAVED_TENSOR_HOOKS.pushed
 
 
-def test_two_probes_share_one_hook_entry_and_pause_hides_graphs() -> None:
+def test_a_stopped_audit_sees_no_graph_another_still_does_and_replays_are_never_seen() -> None:
     net = nn.Linear(2, 2)
     seen_a: list[GraphEvent] = []
     seen_b: list[GraphEvent] = []
@@ -48,46 +48,6 @@ def test_two_probes_share_one_hook_entry_and_pause_hides_graphs() -> None:
     a.close()
     assert seen_a == [] and len(seen_b) == 1
     assert SAVED_TENSOR_HOOKS.probes == [] and not SAVED_TENSOR_HOOKS.pushed
-
-
-def test_tally_and_tensor_attributes() -> None:
-    module = nn.Linear(2, 2)
-    attached = module(torch.ones(1, 2))
-    module.kept = [attached, attached.detach()]
-    module.name = "not a tensor"
-    names = [name for name, _ in tensor_attributes(module)]
-    assert names == ["kept"]
-    tally = tally_tensors(module.kept)
-    assert (tally.tensors, tally.attached) == (2, 1)
-    assert tally.nbytes == 8, "two views of one storage count once"
-
-
-def test_a_stray_graph_is_named_the_next_time_and_clean_intervals_cost_two_counter_reads() -> None:
-    # what BackpropGuard does: while `counts_for` is the model an interval is only two counter reads;
-    # a graph built in one arms the probe, which names it the next time and then steps aside again
-    net = nn.Linear(2, 2)
-    found: list[str] = []
-    watch = StrayGraphWatch(lambda root, on_error: GraphProbe(root, frozenset(), lambda e, m: found.append(e.module),
-                                                    lambda name: False))  # fmt: skip
-    watch.new_epoch()
-    assert watch.counts_for is None, "the epoch's first stretch is the probe's"
-    fast = []
-    for step in range(5):
-        # the step's end
-        if watch.counting(net):
-            fast.append(step)
-        else:
-            watch.open(net)
-        if step in (1, 2):
-            net(torch.ones(1, 2))  # a forward outside the step
-        # the next step's start
-        watch.close()
-    assert fast == [1, 3, 4], "probed: the epoch's first stretch and the one after the counter moved"
-    assert found == [""]
-    watch.failed = True
-    assert watch.counts_for is None, "a failed watch takes no fast path"
-    watch.release()
-    assert not SAVED_TENSOR_HOOKS.pushed
 
 
 def test_probe_reads_the_model_at_the_first_graph_not_at_start() -> None:

@@ -11,7 +11,7 @@ def make() -> nn.Sequential:
     return nn.Sequential(nn.Linear(2, 2), nn.Sequential(nn.Dropout(), nn.BatchNorm1d(2))).eval()
 
 
-def test_clean_model_installs_no_hook() -> None:
+def test_a_model_all_in_eval_mode_costs_no_forward_hook() -> None:
     net = make()
     probe = ModeProbe(net, NamePatterns("a", ()), lambda *a: None, fix=False)
     probe.refresh()
@@ -37,7 +37,7 @@ def test_topmost_train_mode_module_is_reported_once_per_epoch() -> None:
     assert not nn.modules.module._global_forward_pre_hooks
 
 
-def test_allow_listed_and_switched_during_batch() -> None:
+def test_an_allowed_module_is_not_reported_and_one_switched_inside_the_batch_is_reported_unconfirmed() -> None:
     net = make()
     net[1][0].train()
     seen: list[tuple[str, bool]] = []

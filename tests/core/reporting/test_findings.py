@@ -45,7 +45,7 @@ def test_error_mode_raises_and_state_round_trips() -> None:
     assert not restored.add(finding()), "a restored run does not report (or warn) the finding again"
 
 
-def test_common_ancestor() -> None:
+def test_a_finding_on_several_modules_names_their_deepest_common_module() -> None:
     assert common_ancestor(["a.b.c", "a.b.d"]) == "a.b"
     assert common_ancestor(["a", "b"]) == ""
     assert common_ancestor(["a.b"]) == "a.b"
