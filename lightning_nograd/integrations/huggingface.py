@@ -238,6 +238,8 @@ class _TrainerSteps:
         self._pending: Stage | None = None  # the evaluation loop begun, until its first batch
         self._eval_batches: int | None = None
         self._step_inputs: Any = None  # the training step under way, until `compute_loss` starts its batch
+        # a `training_step` of the user's may never call `compute_loss`: its batch starts at the model's forward
+        self._own_training_step = type(trainer).training_step is not Trainer.training_step
         trainer.training_step = self._around_training_step(trainer.training_step)  # type: ignore[method-assign]
         trainer.compute_loss = self._around_compute_loss(trainer.compute_loss)  # type: ignore[method-assign]
         trainer.prediction_step = self._around_prediction_step(trainer.prediction_step)  # type: ignore[method-assign]
@@ -259,6 +261,7 @@ class _TrainerSteps:
                 return method(model, inputs, *args, **kwargs)
             safely(self.sync)
             self._step_inputs = inputs  # the batch starts at `compute_loss`, once the step has called `model.train()`
+            forward_hook = safely(self._at_forward, model) if self._own_training_step else None
             try:
                 return method(model, inputs, *args, **kwargs)
             except BaseException as err:
@@ -266,6 +269,8 @@ class _TrainerSteps:
                 raise
             finally:
                 self._step_inputs = None
+                if forward_hook is not None:
+                    forward_hook.remove()
 
         return training_step
 
@@ -278,6 +283,19 @@ class _TrainerSteps:
             return method(model, inputs, *args, **kwargs)
 
         return compute_loss
+
+    def _at_forward(self, model: Any) -> Any:
+        """A forward pre-hook on ``model`` that starts the training batch, if ``compute_loss`` has not, at the
+        step's first call of the model (after a ``model.train()`` of the step's own); its handle, or None."""
+        if not isinstance(model, torch.nn.Module):
+            return None
+
+        def start_batch(module: torch.nn.Module, args: Any) -> None:
+            driver = self._front._watching()
+            if driver is not None and self._step_inputs is not None and not driver.in_train_batch:
+                self._front._safely(self._train_batch_start, driver)
+
+        return model.register_forward_pre_hook(start_batch)
 
     def _train_batch_start(self, driver: LoopDriver) -> None:
         driver.train_batch_start(self._step_inputs)

@@ -219,6 +219,36 @@ def test_seeded_bugs_are_found_and_named(
     assert fix in callback.report.findings[0].fix
 
 
+class OwnTrainingStep(Trainer):
+    """A ``training_step`` of the user's that never calls ``compute_loss``; ``forgets_train`` leaves out the
+    ``model.train()`` the stock one starts with, so every epoch after an evaluation trains in eval mode."""
+
+    forgets_train = False
+
+    def training_step(self, model: Any, inputs: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if not self.forgets_train:
+            model.train()
+        out = model(**self._prepare_inputs(inputs))
+        self.accelerator.backward(out.loss)
+        return out.loss.detach()
+
+
+class ForgetsTrainMode(OwnTrainingStep):
+    forgets_train = True
+
+
+def test_a_training_step_of_the_users_is_watched_from_the_models_forward(tmp_path: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NoGradWarning)
+        _, callback = fit(tmp_path / "own", bert(), OwnTrainingStep, NoGradTrainerCallback(verbose=False))
+    assert callback is not None and callback.report.findings == []
+    with pytest.warns(NoGradWarning, match="is in eval mode during training"):
+        _, callback = fit(tmp_path / "forgets", bert(), ForgetsTrainMode, NoGradTrainerCallback(verbose=False))
+    assert callback is not None
+    assert [(f.kind, f.subject, f.stage) for f in callback.report.findings] == [("eval_mode_leak", "", "train")]
+    assert "call `.train()` again" in callback.report.findings[0].fix
+
+
 def test_the_reentrant_checkpoint_fix_names_both_ways_out(tmp_path: Path) -> None:
     with pytest.warns(NoGradWarning):
         _, callback = fit(tmp_path, reentrant_without_input_grads(), callback=NoGradTrainerCallback(verbose=False),
