@@ -56,4 +56,9 @@ def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    try:
+        main(Path(sys.argv[1]))
+    finally:
+        # the Trainer leaves the process group up; gloo's threads can then abort the interpreter's exit (pytorch#179291)
+        if dist.is_initialized():
+            dist.destroy_process_group()
