@@ -66,8 +66,12 @@ class TrainingFindings:
         """The epoch's counts, under their metric keys."""
         return {key: float(len(self.counts[name])) for name, key in COUNTS.items()}
 
-    def _finding(self, kind: str, subject: str, hook: str, text: messages.Explanation) -> None:
-        self._add(Finding(kind, subject, "train", hook, self.batch_idx, self.epoch, *text))
+    def _finding(
+        self, kind: str, subject: str, hook: str, text: messages.Explanation, at: tuple[int | None, int] | None = None
+    ) -> None:
+        """Report a training finding, at the batch and epoch under way unless ``at`` says where it was first seen."""
+        batch_idx, epoch = (self.batch_idx, self.epoch) if at is None else at
+        self._add(Finding(kind, subject, "train", hook, batch_idx, epoch, *text))
 
     def inference_tensors(self, model: nn.Module, hook: str) -> None:
         """Buffers and tensor attributes of ``model`` made under ``torch.inference_mode`` (each named once a fit)."""
@@ -79,7 +83,7 @@ class TrainingFindings:
     def eval_at_start(self, path: str, layers: list[tuple[str, str]]) -> None:
         """A trainable block with layers in eval mode as training started."""
         text = messages.eval_mode_at_start(path, layers, self.root_type)
-        self._add(Finding("eval_mode_at_start", path, "train", "on_train_start", None, self.epoch, *text))
+        self._finding("eval_mode_at_start", path, "on_train_start", text, at=(None, self.epoch))
 
     def leaks(self, leaks: list[Leak], fixed: bool) -> None:
         """Modules that trained earlier and are in eval mode now (``fixed``: they are put back in train mode)."""
@@ -87,7 +91,7 @@ class TrainingFindings:
             self.counts["eval_mode_modules"].add(leak.path)
             if leak.new:
                 text = messages.eval_mode_leak(leak.path, leak.module, self.root_type, fixed, leak.layers)
-                self._add(Finding("eval_mode_leak", leak.path, "train", leak.where, leak.batch_idx, self.epoch, *text))
+                self._finding("eval_mode_leak", leak.path, leak.where, text, at=(leak.batch_idx, self.epoch))
 
     def gaps(self, found: list[GapFound]) -> None:
         """Parameters without a gradient, and the regions that cut them off."""
@@ -98,8 +102,7 @@ class TrainingFindings:
                 self.counts["no_grad_modules"].add(gap.subject)
             self.counts["params_without_grad"].update(gap.parameters)
             hook = "training_step" if gap.definite else "on_before_optimizer_step"
-            text = gap.explanation(self.root_type)
-            self._add(Finding(gap.kind, gap.subject, "train", hook, batch_idx, epoch, *text))
+            self._finding(gap.kind, gap.subject, hook, gap.explanation(self.root_type), at=(batch_idx, epoch))
 
     def unstepped(self, groups: list[UnsteppedGroup], optimizers: list[torch.optim.Optimizer]) -> None:
         """Gradients computed for parameters no optimizer steps."""

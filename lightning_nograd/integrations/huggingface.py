@@ -277,9 +277,7 @@ class _TrainerSteps:
     def _around_compute_loss(self, method: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(method)
         def compute_loss(model: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
-            driver = self._front._watching()
-            if driver is not None and self._step_inputs is not None and not driver.in_train_batch:
-                self._front._safely(self._train_batch_start, driver)
+            self._start_train_batch()
             return method(model, inputs, *args, **kwargs)
 
         return compute_loss
@@ -289,13 +287,13 @@ class _TrainerSteps:
         step's first call of the model (after a ``model.train()`` of the step's own); its handle, or None."""
         if not isinstance(model, torch.nn.Module):
             return None
+        return model.register_forward_pre_hook(lambda module, args: self._start_train_batch())
 
-        def start_batch(module: torch.nn.Module, args: Any) -> None:
-            driver = self._front._watching()
-            if driver is not None and self._step_inputs is not None and not driver.in_train_batch:
-                self._front._safely(self._train_batch_start, driver)
-
-        return model.register_forward_pre_hook(start_batch)
+    def _start_train_batch(self) -> None:
+        """Start the training batch, once, inside a training step the driver watches."""
+        driver = self._front._watching()
+        if driver is not None and self._step_inputs is not None and not driver.in_train_batch:
+            self._front._safely(self._train_batch_start, driver)
 
     def _train_batch_start(self, driver: LoopDriver) -> None:
         driver.train_batch_start(self._step_inputs)
