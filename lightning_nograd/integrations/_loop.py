@@ -179,6 +179,7 @@ class LoopDriver:
         self._hook("on_train_end")(self.run, self.model)
         self._hook("on_fit_end")(self.run, self.model)
         self._hooks.teardown(self.run, self.model, "fit")
+        self._let_go()
 
     # -- evaluation --------------------------------------------------------------------------------
 
@@ -219,6 +220,7 @@ class LoopDriver:
         if not self.fitting:
             self._hooks.teardown(self.run, self.model, _RUN[stage])
             self.run.state.fn = None
+            self._let_go()
 
     def failed(self, exception: BaseException) -> None:
         """The loop raised: the auditor lets go of the model (and writes its report)."""
@@ -226,6 +228,13 @@ class LoopDriver:
             self._hooks.on_exception(self.run, self.model, exception)
         self.fitting = False
         self.stage = None
+        self._let_go()
+
+    def _let_go(self) -> None:
+        """The loop's call is over: nothing of ours keeps its model (or the DDP wrapper, and with it the process
+        group) alive; the next call hands them in again."""
+        self.model = None
+        self.run.strategy.model = None
 
 
 class LoopFrontEnd:

@@ -12,6 +12,7 @@ integration. Checked against transformers 4.46 to 5.x.
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -63,13 +64,31 @@ HOOK_NAMES = {
 
 
 class _TrainerLog:
-    """Metrics into ``Trainer.log``: its ``log_history`` and every ``report_to`` integration."""
+    """Metrics into ``Trainer.log``: its ``log_history`` and every ``report_to`` integration (the trainer held
+    weakly, as everything of ours it holds refers back to it)."""
 
     def __init__(self, trainer: Trainer) -> None:
-        self.trainer = trainer
+        self._trainer = weakref.ref(trainer)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        self.trainer.log({hf_metric_name(key): value for key, value in metrics.items()})
+        trainer = self._trainer()
+        if trainer is not None:
+            trainer.log({hf_metric_name(key): value for key, value in metrics.items()})
+
+
+def _weakly_bound(method: Callable[..., Any]) -> Callable[..., Any]:
+    """``method`` (a bound method) holding its object weakly: a bracket stored on the trainer that calls the
+    trainer's own method must not keep the trainer, and with it the model, alive past the user's last reference."""
+    func, owner = getattr(method, "__func__", None), getattr(method, "__self__", None)
+    if func is None or owner is None:
+        return method
+    ref = weakref.ref(owner)
+
+    @functools.wraps(func)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return func(ref(), *args, **kwargs)
+
+    return call
 
 
 def _find_trainer() -> Trainer | None:
@@ -165,7 +184,8 @@ class NoGradTrainerCallback(LoopFrontEnd, TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         driver = self._watching()
-        optimizer = self._steps.trainer.optimizer if self._steps is not None else None
+        trainer = self._steps.trainer() if self._steps is not None else None
+        optimizer = trainer.optimizer if trainer is not None else None
         if driver is not None and driver.fitting and optimizer is not None:
             self._safely(driver.before_optimizer_step, optimizer)
 
@@ -233,25 +253,32 @@ class _TrainerSteps:
 
     def __init__(self, front: NoGradTrainerCallback, trainer: Trainer, driver: LoopDriver) -> None:
         self._front = front
-        self.trainer = trainer
+        # held weakly: the trainer holds the brackets, which hold this, so a strong reference would be a cycle that
+        # keeps the trainer and its (DDP-wrapped) model alive until the garbage collector finds it
+        self.trainer = weakref.ref(trainer)
         self._driver = driver
         self._pending: Stage | None = None  # the evaluation loop begun, until its first batch
         self._eval_batches: int | None = None
         self._step_inputs: Any = None  # the training step under way, until `compute_loss` starts its batch
         # a `training_step` of the user's may never call `compute_loss`: its batch starts at the model's forward
         self._own_training_step = type(trainer).training_step is not Trainer.training_step
-        trainer.training_step = self._around_training_step(trainer.training_step)  # type: ignore[method-assign]
-        trainer.compute_loss = self._around_compute_loss(trainer.compute_loss)  # type: ignore[method-assign]
-        trainer.prediction_step = self._around_prediction_step(trainer.prediction_step)  # type: ignore[method-assign]
-        trainer.evaluation_loop = self._around_evaluation_loop(trainer.evaluation_loop)  # type: ignore[method-assign]
+        for name, around in (
+            ("training_step", self._around_training_step),
+            ("compute_loss", self._around_compute_loss),
+            ("prediction_step", self._around_prediction_step),
+            ("evaluation_loop", self._around_evaluation_loop),
+        ):
+            setattr(trainer, name, around(_weakly_bound(getattr(trainer, name))))
 
     def sync(self) -> None:
         """What the auditor reads of the trainer, brought up to date."""
-        self._driver.run.global_step = int(self.trainer.state.global_step)
-        self._driver.run.strategy.model = getattr(self.trainer, "model_wrapped", None)
+        trainer = self.trainer()
+        if trainer is not None:
+            self._driver.run.global_step = int(trainer.state.global_step)
+            self._driver.run.strategy.model = getattr(trainer, "model_wrapped", None)
 
     def model(self) -> torch.nn.Module:
-        return self.trainer.model  # type: ignore[return-value]
+        return self.trainer().model  # type: ignore[union-attr,return-value]
 
     def _around_training_step(self, method: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(method)

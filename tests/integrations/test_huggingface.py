@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import warnings
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -270,6 +272,22 @@ def test_weights_and_losses_are_the_same_with_and_without_it(tmp_path: Path) -> 
         assert torch.equal(a, b), name
     losses = [[row["loss"] for row in t.state.log_history if "loss" in row] for t in (plain, watched)]
     assert losses[0] == losses[1] and losses[0]
+
+
+def test_nothing_of_ours_keeps_the_trainer_alive_after_the_users_last_reference(tmp_path: Path) -> None:
+    # a trainer left to the garbage collector keeps its DDP-wrapped model, and so the process group, until the
+    # interpreter's exit, where gloo aborted a `torchrun` script that had finished
+    gc.collect()
+    gc.disable()
+    try:
+        trainer, callback = fit(tmp_path, bert(), callback=NoGradTrainerCallback(verbose=False), num_train_epochs=1)
+        assert callback is not None and [e.stage for e in callback.report.epochs] == ["train", "val"]
+        trainer.evaluate()
+        freed = weakref.ref(trainer)
+        del trainer
+        assert freed() is None, "a reference cycle through the callback holds the trainer"
+    finally:
+        gc.enable()
 
 
 def test_a_callback_added_after_construction_watches_evaluate(tmp_path: Path) -> None:
